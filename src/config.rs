@@ -1,0 +1,168 @@
+//! The admin-editable configuration of a standalone data dir: pools, their
+//! tiers and failure domains, and the overcommit ratio. Written once with
+//! defaults on first start, read on every start after.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::class::Tier;
+use crate::error::{Error, Result};
+use crate::store::atomic_write;
+
+pub const CONFIG_FILE: &str = "terna.toml";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Allocatable bytes of a pool = its capacity × this ratio (thin provisioning).
+    #[serde(default = "default_overcommit")]
+    pub overcommit_ratio: f64,
+    #[serde(default)]
+    pub pools: Vec<PoolConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub name: String,
+    /// Directory holding the pool's replica files; relative paths are under the data dir.
+    pub path: PathBuf,
+    pub tier: Tier,
+    /// Failure domain for `failureDomain: node`: replicas of a volume never
+    /// share one. Defaults to the node the pool is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// Failure domain for `failureDomain: zone`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Capacity to account with; defaults to the size of the filesystem holding `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_bytes: Option<u64>,
+}
+
+fn default_overcommit() -> f64 {
+    1.0
+}
+
+const HEADER: &str = "\
+# Terna standalone configuration, written with defaults on first start.
+# Each pool is a directory standing for one disk. Edit tiers (fast | standard | slow),
+# failure domains, zones, capacities and the overcommit ratio, then restart terna.
+# Allocatable bytes of a pool = capacity_bytes (default: its filesystem's size) x overcommit_ratio.
+";
+
+impl Config {
+    /// Three pools under `data_dir/pools`, each its own failure domain, so a
+    /// 3-replica volume can be placed with no further configuration.
+    pub fn default_standalone() -> Config {
+        let pools = (1..=3)
+            .map(|i| PoolConfig {
+                name: format!("disk-{i}"),
+                path: PathBuf::from(format!("pools/disk-{i}")),
+                tier: Tier::Standard,
+                domain: Some(format!("disk-{i}")),
+                zone: Some(format!("zone-{i}")),
+                capacity_bytes: None,
+            })
+            .collect();
+        Config {
+            overcommit_ratio: 1.0,
+            pools,
+        }
+    }
+
+    /// Loads `data_dir/terna.toml`, writing the default first when it is absent.
+    pub fn load_or_init(data_dir: &Path) -> Result<Config> {
+        let path = data_dir.join(CONFIG_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Self::parse(&text, &path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let config = Self::default_standalone();
+                let body = toml::to_string_pretty(&config)
+                    .map_err(|e| Error::internal(format!("cannot encode default config: {e}")))?;
+                atomic_write(&path, format!("{HEADER}\n{body}").as_bytes())?;
+                Ok(config)
+            }
+            Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
+        }
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        if !(self.overcommit_ratio.is_finite() && self.overcommit_ratio > 0.0) {
+            return Err(Error::invalid(format!(
+                "{}: overcommit_ratio must be a positive number, got {}",
+                path.display(),
+                self.overcommit_ratio
+            )));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for pool in &self.pools {
+            if pool.name.is_empty()
+                || !pool
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            {
+                return Err(Error::invalid(format!(
+                    "{}: pool name {:?} must be non-empty and use only letters, digits, '-', '_' and '.'",
+                    path.display(),
+                    pool.name
+                )));
+            }
+            if !names.insert(pool.name.as_str()) {
+                return Err(Error::invalid(format!(
+                    "{}: pool name {:?} is used twice",
+                    path.display(),
+                    pool.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pool_path(&self, data_dir: &Path, pool: &PoolConfig) -> PathBuf {
+        if pool.path.is_absolute() {
+            pool.path.clone()
+        } else {
+            data_dir.join(&pool.path)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_round_trips_through_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = Config::load_or_init(dir.path()).unwrap();
+        let read = Config::load_or_init(dir.path()).unwrap();
+        assert_eq!(written, read);
+        assert_eq!(read.pools.len(), 3);
+        let text = std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap();
+        assert!(text.starts_with("# Terna standalone configuration"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected_with_the_file_named() {
+        let p = Path::new("/x/terna.toml");
+        let err = Config::parse("overcommit = 2.0\n", p).unwrap_err();
+        assert!(err.message.contains("/x/terna.toml"), "{}", err.message);
+        assert!(err.message.contains("overcommit"), "{}", err.message);
+        let err = Config::parse("overcommit_ratio = 0.0\n", p).unwrap_err();
+        assert!(err.message.contains("positive"), "{}", err.message);
+        let dup = "[[pools]]\nname='a'\npath='a'\ntier='fast'\n[[pools]]\nname='a'\npath='b'\ntier='slow'\n";
+        assert!(Config::parse(dup, p).unwrap_err().message.contains("twice"));
+        let bad_tier = "[[pools]]\nname='a'\npath='a'\ntier='blazing'\n";
+        assert!(Config::parse(bad_tier, p).is_err());
+    }
+}

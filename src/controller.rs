@@ -1,0 +1,404 @@
+//! The controller side of a volume: place replicas, create them, expand and
+//! delete them, and answer what exists. The same core serves CSI
+//! CreateVolume and (later) the Kubernetes provisioner.
+//!
+//! Create, step by step (each step idempotent, so a retry after a crash
+//! resumes where the first attempt stopped):
+//! 1. derive the volume id from the name; an existing record is the answer
+//!    (if compatible) or the place to resume from;
+//! 2. choose pools (`placement::choose`) against free space counted from
+//!    every other record;
+//! 3. write the record in phase `Creating` (fsynced) — from here on nothing
+//!    can leak, since the record names every replica;
+//! 4. create each replica file (sparse, fsynced);
+//! 5. write the record in phase `Ready`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use tracing::info;
+
+use crate::capability::Capability;
+use crate::class::{Tier, VolumeClass};
+use crate::error::{Error, ErrorKind, Result};
+use crate::placement::{self, Candidate, PlacementError};
+use crate::pools::Pools;
+use crate::store::StateStore;
+use crate::volume::{
+    DEFAULT_SIZE, Phase, ReplicaRecord, ReplicaState, VolumeRecord, is_valid_volume_id,
+    replica_file_name, round_size, volume_id_for,
+};
+
+pub struct ControllerCore {
+    store: Arc<dyn StateStore>,
+    pools: Arc<Pools>,
+    overcommit_ratio: f64,
+    /// Placement reads free space and then claims it: one at a time.
+    placing: Mutex<()>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub name: String,
+    pub required_bytes: u64,
+    pub limit_bytes: u64,
+    pub parameters: BTreeMap<String, String>,
+    pub capabilities: Vec<Capability>,
+    pub preferred_node: Option<String>,
+}
+
+impl From<PlacementError> for Error {
+    fn from(e: PlacementError) -> Error {
+        Error::new(ErrorKind::ResourceExhausted, e.to_string())
+    }
+}
+
+impl From<crate::class::ClassError> for Error {
+    fn from(e: crate::class::ClassError) -> Error {
+        Error::invalid(e.to_string())
+    }
+}
+
+/// The size a request gets: the required bytes (or the default) rounded up
+/// to whole mebibytes, and never over the limit.
+pub fn size_for(required: u64, limit: u64) -> Result<u64> {
+    let wanted = if required == 0 {
+        if limit != 0 {
+            limit.min(DEFAULT_SIZE)
+        } else {
+            DEFAULT_SIZE
+        }
+    } else {
+        required
+    };
+    let size = round_size(wanted).ok_or_else(|| {
+        Error::new(
+            ErrorKind::OutOfRange,
+            format!("{wanted} bytes is too large"),
+        )
+    })?;
+    if limit != 0 && size > limit {
+        // Rounding up past the limit: fall back to the largest whole size under it.
+        let down = limit / crate::volume::SIZE_UNIT * crate::volume::SIZE_UNIT;
+        if down >= required && down > 0 {
+            return Ok(down);
+        }
+        return Err(Error::new(
+            ErrorKind::OutOfRange,
+            format!(
+                "required {required} bytes rounds up to {size} (whole MiB), above the limit of {limit} bytes"
+            ),
+        ));
+    }
+    Ok(size)
+}
+
+/// Position of a volume in listings; also the ListVolumes page token.
+pub fn list_key(r: &VolumeRecord) -> (u64, String) {
+    (r.created_at_ns, r.id.clone())
+}
+
+pub fn list_token(r: &VolumeRecord) -> String {
+    format!("{}.{}", r.created_at_ns, r.id)
+}
+
+pub fn parse_list_token(token: &str) -> Option<(u64, String)> {
+    let (ns, id) = token.split_once('.')?;
+    is_valid_volume_id(id).then_some((ns.parse().ok()?, id.to_string()))
+}
+
+impl ControllerCore {
+    pub fn new(
+        store: Arc<dyn StateStore>,
+        pools: Arc<Pools>,
+        overcommit_ratio: f64,
+    ) -> ControllerCore {
+        ControllerCore {
+            store,
+            pools,
+            overcommit_ratio,
+            placing: Mutex::new(()),
+        }
+    }
+
+    pub fn get(&self, volume_id: &str) -> Result<Option<VolumeRecord>> {
+        if !is_valid_volume_id(volume_id) {
+            return Ok(None);
+        }
+        self.store.get(volume_id)
+    }
+
+    /// Ready volumes in creation order.
+    pub fn list(&self) -> Result<Vec<VolumeRecord>> {
+        let mut records: Vec<VolumeRecord> = self
+            .store
+            .list()?
+            .into_iter()
+            .filter(|r| r.phase == Phase::Ready)
+            .collect();
+        records.sort_by_key(list_key);
+        Ok(records)
+    }
+
+    /// Every pool with its allocatable bytes left, not counting `except`.
+    pub fn candidates(&self, except: Option<&str>) -> Result<Vec<Candidate>> {
+        let records = self.store.list()?;
+        let mut allocated: BTreeMap<&str, u64> = BTreeMap::new();
+        for r in records.iter().filter(|r| Some(r.id.as_str()) != except) {
+            for rep in &r.replicas {
+                *allocated.entry(rep.pool.as_str()).or_default() += r.capacity_bytes;
+            }
+        }
+        self.pools
+            .iter()
+            .map(|p| {
+                let capacity = p.backend.capacity()?;
+                let allocatable = (capacity as f64 * self.overcommit_ratio) as u64;
+                Ok(Candidate {
+                    pool: p.name.clone(),
+                    node: p.node.clone(),
+                    tier: p.tier,
+                    domain: p.domain.clone(),
+                    zone: p.zone.clone(),
+                    free_bytes: allocatable
+                        .saturating_sub(*allocated.get(p.name.as_str()).unwrap_or(&0)),
+                })
+            })
+            .collect()
+    }
+
+    pub fn create(&self, req: &CreateRequest) -> Result<VolumeRecord> {
+        if req.name.is_empty() {
+            return Err(Error::invalid("volume name is required"));
+        }
+        if req.capabilities.is_empty() {
+            return Err(Error::invalid("at least one volume capability is required"));
+        }
+        for cap in &req.capabilities {
+            cap.check()?;
+        }
+        let class = VolumeClass::parse(&req.parameters)?;
+        let size = size_for(req.required_bytes, req.limit_bytes)?;
+        let id = volume_id_for(&req.name);
+
+        let _placing = self
+            .placing
+            .lock()
+            .map_err(|_| Error::internal("placement lock poisoned"))?;
+        let record = match self.store.get(&id)? {
+            Some(existing) => {
+                self.check_compatible(&existing, req, &class)?;
+                if existing.phase == Phase::Deleting {
+                    return Err(Error::new(
+                        ErrorKind::Aborted,
+                        format!("volume {:?} is being deleted; retry", req.name),
+                    ));
+                }
+                existing
+            }
+            None => {
+                let chosen = placement::choose(
+                    &placement::Request {
+                        size,
+                        replicas: class.replicas,
+                        tier: class.tier,
+                        failure_domain: class.failure_domain,
+                        preferred_node: req.preferred_node.clone(),
+                        taken_domains: vec![],
+                    },
+                    &self.candidates(None)?,
+                )?;
+                let record = VolumeRecord {
+                    id: id.clone(),
+                    name: req.name.clone(),
+                    capacity_bytes: size,
+                    class,
+                    parameters: req.parameters.clone(),
+                    phase: Phase::Creating,
+                    created_at_ns: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos() as u64)
+                        .unwrap_or(0),
+                    generation: 1,
+                    replicas: chosen
+                        .into_iter()
+                        .map(|c| ReplicaRecord {
+                            pool: c.pool,
+                            node: c.node,
+                            domain: c.domain,
+                            zone: c.zone,
+                            state: ReplicaState::Healthy,
+                        })
+                        .collect(),
+                    staged_on: None,
+                    published: vec![],
+                };
+                self.store.put(&record)?;
+                record
+            }
+        };
+        if record.phase == Phase::Ready {
+            return Ok(record);
+        }
+        for (index, replica) in record.replicas.iter().enumerate() {
+            self.pools
+                .get(&replica.pool)?
+                .backend
+                .create(&replica_file_name(&id, index), record.capacity_bytes)?;
+        }
+        let ready = self
+            .store
+            .update(&id, &mut |r| {
+                r.phase = Phase::Ready;
+                Ok(true)
+            })?
+            .ok_or_else(|| Error::internal(format!("volume {id} vanished while being created")))?;
+        let pools: Vec<&str> = ready.replicas.iter().map(|r| r.pool.as_str()).collect();
+        info!(volume_id = %id, name = %req.name, bytes = size, pools = ?pools, "volume created");
+        Ok(ready)
+    }
+
+    fn check_compatible(
+        &self,
+        existing: &VolumeRecord,
+        req: &CreateRequest,
+        class: &VolumeClass,
+    ) -> Result<()> {
+        let cap = existing.capacity_bytes;
+        if cap < req.required_bytes || (req.limit_bytes != 0 && cap > req.limit_bytes) {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "volume {:?} exists with {cap} bytes, outside the requested range {}..{}",
+                    req.name, req.required_bytes, req.limit_bytes
+                ),
+            ));
+        }
+        if &existing.class != class || existing.parameters != req.parameters {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("volume {:?} exists with different parameters", req.name),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn delete(&self, volume_id: &str) -> Result<()> {
+        let Some(record) = self.get(volume_id)? else {
+            return Ok(());
+        };
+        if let Some(s) = &record.staged_on {
+            return Err(Error::precondition(format!(
+                "volume {volume_id} is staged on node {}; unstage it first",
+                s.node
+            )));
+        }
+        self.store.update(volume_id, &mut |r| {
+            let changed = r.phase != Phase::Deleting;
+            r.phase = Phase::Deleting;
+            Ok(changed)
+        })?;
+        for (index, replica) in record.replicas.iter().enumerate() {
+            self.pools
+                .get(&replica.pool)?
+                .backend
+                .delete(&replica_file_name(volume_id, index))?;
+        }
+        self.store.remove(volume_id)?;
+        info!(volume_id, "volume deleted");
+        Ok(())
+    }
+
+    /// Grows every replica, then the record. Returns the new size.
+    pub fn expand(&self, volume_id: &str, required: u64, limit: u64) -> Result<u64> {
+        let record = self
+            .get(volume_id)?
+            .ok_or_else(|| Error::not_found(format!("volume {volume_id} does not exist")))?;
+        let size = size_for(required, limit)?;
+        if size <= record.capacity_bytes {
+            return Ok(record.capacity_bytes);
+        }
+        let _placing = self
+            .placing
+            .lock()
+            .map_err(|_| Error::internal("placement lock poisoned"))?;
+        let free = self.candidates(Some(volume_id))?;
+        for replica in record.replicas.iter().filter(|r| r.is_healthy()) {
+            let pool_free = free
+                .iter()
+                .find(|c| c.pool == replica.pool)
+                .map(|c| c.free_bytes)
+                .unwrap_or(0);
+            if pool_free < size {
+                return Err(Error::new(
+                    ErrorKind::ResourceExhausted,
+                    format!(
+                        "pool {} has {pool_free} bytes free, cannot grow a replica to {size}",
+                        replica.pool
+                    ),
+                ));
+            }
+        }
+        for (index, replica) in record.replicas.iter().enumerate() {
+            if replica.is_healthy() {
+                self.pools
+                    .get(&replica.pool)?
+                    .backend
+                    .grow(&replica_file_name(volume_id, index), size)?;
+            }
+        }
+        self.store.update(volume_id, &mut |r| {
+            r.capacity_bytes = r.capacity_bytes.max(size);
+            Ok(true)
+        })?;
+        info!(volume_id, bytes = size, "volume expanded");
+        Ok(size)
+    }
+
+    /// Bytes available to new volumes of this class, and the largest single
+    /// volume that would fit now.
+    pub fn capacity(&self, parameters: &BTreeMap<String, String>) -> Result<(u64, u64)> {
+        let class = VolumeClass::parse(parameters)?;
+        let candidates = self.candidates(None)?;
+        let req = placement::Request {
+            size: 0,
+            replicas: class.replicas,
+            tier: class.tier,
+            failure_domain: class.failure_domain,
+            preferred_node: None,
+            taken_domains: vec![],
+        };
+        let max = placement::max_volume_size(&req, &candidates);
+        let available = candidates
+            .iter()
+            .filter(|c| class.tier.is_none_or(|t: Tier| t == c.tier))
+            .map(|c| c.free_bytes)
+            .sum::<u64>()
+            / u64::from(class.replicas.max(1));
+        Ok((available, max))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_round_up_within_limits() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(size_for(0, 0).unwrap(), DEFAULT_SIZE);
+        assert_eq!(size_for(1, 0).unwrap(), MIB);
+        assert_eq!(size_for(MIB + 1, 0).unwrap(), 2 * MIB);
+        assert_eq!(size_for(0, 10 * MIB).unwrap(), 10 * MIB);
+        assert_eq!(size_for(5 * MIB, 5 * MIB).unwrap(), 5 * MIB);
+        assert_eq!(size_for(MIB + 1, 2 * MIB).unwrap(), 2 * MIB);
+        assert_eq!(
+            size_for(MIB + 1, MIB + 10).unwrap_err().kind,
+            ErrorKind::OutOfRange
+        );
+        assert_eq!(
+            size_for(u64::MAX, 0).unwrap_err().kind,
+            ErrorKind::OutOfRange
+        );
+    }
+}

@@ -1,0 +1,148 @@
+//! The CSI gRPC surface. The only code that sees CSI protobuf types: it
+//! parses requests into domain requests, runs the core off the async
+//! runtime, and maps `Error` kinds to gRPC codes exactly once.
+//!
+//! Secrets in requests are never logged: handlers log ids and paths only.
+
+pub mod controller;
+pub mod identity;
+pub mod node;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use tonic::{Code, Status};
+
+use crate::capability::{AccessMode, AccessType, Capability};
+use crate::class::FsType;
+use crate::error::{Error, ErrorKind};
+use crate::proto::csi as pb;
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let code = match e.kind {
+            ErrorKind::InvalidArgument => Code::InvalidArgument,
+            ErrorKind::NotFound => Code::NotFound,
+            ErrorKind::AlreadyExists => Code::AlreadyExists,
+            ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+            ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+            ErrorKind::OutOfRange => Code::OutOfRange,
+            ErrorKind::Aborted => Code::Aborted,
+            ErrorKind::Unavailable => Code::Unavailable,
+            ErrorKind::Internal => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+pub(crate) fn require<'a>(value: &'a str, what: &str) -> Result<&'a str, Status> {
+    if value.is_empty() {
+        Err(Status::invalid_argument(format!("{what} is required")))
+    } else {
+        Ok(value)
+    }
+}
+
+pub(crate) fn parse_capability(cap: &pb::VolumeCapability) -> Result<Capability, Status> {
+    use pb::volume_capability::access_mode::Mode;
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("volume capability has no access mode"))?;
+    let mode = match Mode::try_from(mode.mode) {
+        Ok(Mode::SingleNodeWriter) => AccessMode::SingleNodeWriter,
+        Ok(Mode::SingleNodeReaderOnly) => AccessMode::SingleNodeReaderOnly,
+        Ok(Mode::SingleNodeSingleWriter) => AccessMode::SingleNodeSingleWriter,
+        Ok(Mode::SingleNodeMultiWriter) => AccessMode::SingleNodeMultiWriter,
+        Ok(Mode::MultiNodeReaderOnly) => AccessMode::MultiNodeReaderOnly,
+        Ok(Mode::MultiNodeSingleWriter) => AccessMode::MultiNodeSingleWriter,
+        Ok(Mode::MultiNodeMultiWriter) => AccessMode::MultiNodeMultiWriter,
+        _ => {
+            return Err(Status::invalid_argument(format!(
+                "volume capability access mode {} is unknown",
+                mode.mode
+            )));
+        }
+    };
+    let access_type = match &cap.access_type {
+        Some(pb::volume_capability::AccessType::Block(_)) => AccessType::Block,
+        Some(pb::volume_capability::AccessType::Mount(m)) => {
+            let fs_type = if m.fs_type.is_empty() {
+                None
+            } else {
+                Some(FsType::parse(&m.fs_type).ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "fs_type {:?} is not supported: use ext4 or xfs",
+                        m.fs_type
+                    ))
+                })?)
+            };
+            AccessType::Mount {
+                fs_type,
+                mount_flags: m.mount_flags.clone(),
+            }
+        }
+        None => {
+            return Err(Status::invalid_argument(
+                "volume capability has no access type",
+            ));
+        }
+    };
+    Ok(Capability { access_type, mode })
+}
+
+pub(crate) fn sorted(params: &HashMap<String, String>) -> BTreeMap<String, String> {
+    params.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// Runs blocking core work off the async runtime, inside `span`.
+pub(crate) async fn blocking<T: Send + 'static>(
+    span: tracing::Span,
+    f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(move || span.in_scope(f))
+        .await
+        .map_err(|e| Status::internal(format!("operation panicked: {e}")))?
+        .map_err(|e| {
+            tracing::warn!(error = %e, "operation failed");
+            Status::from(e)
+        })
+}
+
+/// One operation per volume at a time; a second one gets Aborted, as the
+/// CSI spec asks, and the caller retries.
+#[derive(Clone, Default)]
+pub struct VolumeLocks {
+    held: Arc<Mutex<HashSet<String>>>,
+}
+
+pub struct VolumeLock {
+    held: Arc<Mutex<HashSet<String>>>,
+    key: String,
+}
+
+impl VolumeLocks {
+    pub fn try_lock(&self, key: &str) -> Result<VolumeLock, Status> {
+        let mut held = self
+            .held
+            .lock()
+            .map_err(|_| Status::internal("volume lock table poisoned"))?;
+        if !held.insert(key.to_string()) {
+            return Err(Status::aborted(format!(
+                "an operation on {key} is already in progress"
+            )));
+        }
+        Ok(VolumeLock {
+            held: self.held.clone(),
+            key: key.to_string(),
+        })
+    }
+}
+
+impl Drop for VolumeLock {
+    fn drop(&mut self) {
+        if let Ok(mut held) = self.held.lock() {
+            held.remove(&self.key);
+        }
+    }
+}

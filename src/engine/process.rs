@@ -1,0 +1,159 @@
+//! `terna engine`: the process that runs one staged volume's engine and its
+//! FUSE export. It lives apart from the node plugin so that restarting the
+//! plugin never takes a mounted volume down with it.
+//!
+//! It prints `ready` on stdout once the export is mounted, ends when the
+//! FUSE mount goes away (SIGTERM unmounts it), and re-reads the volume's
+//! size from the state store on SIGUSR1 (after an expansion).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::{SigSet, Signal};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::engine::{Engine, EngineReplica};
+use crate::error::{Error, Result};
+use crate::frontend::BlockDevice;
+use crate::frontend::fuse::{self, FuseExport, FuseOptions};
+use crate::pools::Pools;
+use crate::store::{FileStore, StateStore};
+use crate::volume::replica_file_name;
+
+pub struct EngineArgs {
+    pub data_dir: PathBuf,
+    pub node_id: String,
+    pub volume_id: String,
+    pub mountpoint: PathBuf,
+}
+
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+const REPLICA_IO_THREADS: usize = 64;
+
+pub fn run(args: EngineArgs) -> Result<()> {
+    let signals = SigSet::from_iter([Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1]);
+    // Blocked before any thread starts, so only the signal thread sees them.
+    signals
+        .thread_block()
+        .map_err(|e| Error::io("cannot block signals", e.into()))?;
+
+    let config = Config::load_or_init(&args.data_dir)?;
+    let store: Arc<dyn StateStore> = Arc::new(FileStore::open(&crate::state_dir(&args.data_dir))?);
+    let pools = Pools::from_config(&config, &args.data_dir, &args.node_id)?;
+    let volume_id = args.volume_id.as_str();
+    let record = store
+        .get(volume_id)?
+        .ok_or_else(|| Error::not_found(format!("volume {volume_id} does not exist")))?;
+
+    let mut replicas = Vec::new();
+    for (index, replica) in record.replicas.iter().enumerate() {
+        if !replica.is_healthy() {
+            continue;
+        }
+        let opened = pools
+            .get(&replica.pool)
+            .and_then(|p| p.backend.open(&replica_file_name(volume_id, index)));
+        match opened {
+            Ok(io) => replicas.push(EngineReplica { index, io }),
+            Err(e) => {
+                // Nothing has been written through this engine yet, so
+                // recording the fault now is in time.
+                warn!(volume_id, replica = index, error = %e, "replica cannot be opened");
+                let reason = format!("cannot open at engine start: {e}");
+                store.update(volume_id, &mut |r| Ok(r.fault_replica(index, &reason)))?;
+            }
+        }
+    }
+    let min_healthy = usize::from(record.class.min_healthy);
+    if replicas.len() < min_healthy {
+        return Err(Error::new(
+            crate::error::ErrorKind::Unavailable,
+            format!(
+                "volume {volume_id} has {} usable replica(s), its class needs {min_healthy}",
+                replicas.len()
+            ),
+        ));
+    }
+    let engine = Arc::new(
+        Engine::new(
+            volume_id,
+            record.capacity_bytes,
+            replicas,
+            min_healthy,
+            store.clone(),
+            REPLICA_IO_THREADS,
+        )
+        .map_err(|e| Error::io("cannot start replica I/O threads", e))?,
+    );
+    let export = FuseExport::mount(&args.mountpoint, engine.clone(), FuseOptions::default())
+        .map_err(|e| {
+            Error::with_source(
+                crate::error::ErrorKind::Internal,
+                "cannot mount FUSE export",
+                e,
+            )
+        })?;
+    info!(volume_id, healthy = engine.healthy_count(), "engine ready");
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "ready").and_then(|()| stdout.flush());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let checker = {
+        let engine = engine.clone();
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("replica-check".into())
+            .spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    engine.check_replicas();
+                    std::thread::sleep(CHECK_INTERVAL);
+                }
+            })
+            .map_err(|e| Error::io("cannot start replica checker", e))?
+    };
+    {
+        let engine = engine.clone();
+        let store = store.clone();
+        let mountpoint = args.mountpoint.clone();
+        let volume_id = volume_id.to_string();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                loop {
+                    match signals.wait() {
+                        Ok(Signal::SIGUSR1) => match store.get(&volume_id) {
+                            Ok(Some(r)) => {
+                                info!(volume_id, size = r.capacity_bytes, "engine size reloaded");
+                                engine.set_size(r.capacity_bytes);
+                            }
+                            other => warn!(volume_id, ?other, "cannot reload volume size"),
+                        },
+                        Ok(_) => {
+                            if let Err(e) = fuse::unmount(&mountpoint) {
+                                warn!(volume_id, error = %e, "cannot unmount FUSE export");
+                            }
+                            return;
+                        }
+                        Err(e) => {
+                            warn!(volume_id, error = %e, "sigwait failed");
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::io("cannot start signal thread", e))?;
+    }
+
+    export.wait();
+    stop.store(true, Ordering::SeqCst);
+    let _ = checker.join();
+    if let Err(e) = engine.flush() {
+        warn!(volume_id, error = %e, "final flush failed");
+    }
+    info!(volume_id, "engine stopped");
+    Ok(())
+}

@@ -1,0 +1,27 @@
+//! How the kernel sees a volume: the engine is exported as one file through
+//! FUSE, and that file is attached to a loop device with direct I/O. The
+//! filesystem (or the pod, in Block mode) uses the loop device.
+
+pub mod fuse;
+pub mod loopdev;
+
+use std::io;
+
+/// A byte-addressable volume as the frontend needs it. The engine implements
+/// this; the frontend knows nothing about replicas.
+///
+/// Every method may be called from many threads at once. `write_at` returns
+/// only once the data is durable on every healthy replica that will serve it
+/// (the engine's contract), so the frontend can acknowledge the kernel directly.
+pub trait BlockDevice: Send + Sync + 'static {
+    /// Current size in bytes.
+    fn size(&self) -> u64;
+    /// Fill `buf` from `offset`. Reads past the end are an error (EINVAL).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Write all of `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Make every acknowledged write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// The range no longer holds data; reads of it return zeroes afterwards.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+}

@@ -1,0 +1,35 @@
+//! Terna: a CSI driver and dynamic provisioner whose volumes are
+//! synchronously replicated across failure domains. See ARCHITECTURE.md.
+
+pub mod capability;
+pub mod class;
+pub mod config;
+pub mod controller;
+pub mod csi;
+pub mod engine;
+pub mod error;
+pub mod frontend;
+pub mod node;
+pub mod placement;
+pub mod pools;
+pub mod replica;
+pub mod standalone;
+pub mod store;
+pub mod volume;
+
+pub mod proto {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    pub mod csi {
+        tonic::include_proto!("csi.v1");
+    }
+}
+
+/// CSI driver name, as in the CSIDriver object and StorageClass provisioner.
+pub const DRIVER_NAME: &str = "csi.terna.dev";
+/// Topology key carrying the node id.
+pub const TOPOLOGY_NODE_KEY: &str = "topology.terna.dev/node";
+
+/// Where the file state store keeps volume records inside a data dir.
+pub fn state_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("state").join("volumes")
+}

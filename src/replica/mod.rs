@@ -1,0 +1,39 @@
+//! Where replica bytes live. A `Pool` creates, sizes and deletes replicas; a
+//! `ReplicaIo` reads and writes one. Local files today; the remote agent and
+//! NFS backends implement the same two traits.
+
+pub mod aligned;
+pub mod local;
+
+use std::io;
+
+use crate::error::Result;
+
+/// One replica's data. Called from many threads at once.
+pub trait ReplicaIo: Send + Sync {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Returns once the replica has the data (in its device cache at least;
+    /// `flush` makes it durable).
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    fn flush(&self) -> io::Result<()>;
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Cheap liveness probe: `Err` says why the replica can no longer be trusted
+    /// (its file was removed, its server is gone).
+    fn check(&self) -> std::result::Result<(), String>;
+}
+
+/// A place replicas live: a directory on a disk, an agent, an NFS export.
+pub trait Pool: Send + Sync {
+    /// Creates a sparse replica of `size` bytes. Idempotent: an existing
+    /// replica of that size is success.
+    fn create(&self, name: &str, size: u64) -> Result<()>;
+    /// Grows (never shrinks) the replica to `size` bytes.
+    fn grow(&self, name: &str, size: u64) -> Result<()>;
+    /// Deleting what is already gone is success.
+    fn delete(&self, name: &str) -> Result<()>;
+    /// `None` when the replica does not exist.
+    fn size_of(&self, name: &str) -> Result<Option<u64>>;
+    fn open(&self, name: &str) -> Result<Box<dyn ReplicaIo>>;
+    /// Total bytes of the storage behind the pool.
+    fn capacity(&self) -> Result<u64>;
+}

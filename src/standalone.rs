@@ -1,0 +1,198 @@
+//! `terna standalone`: controller and node in one process, on a data dir
+//! holding the configuration, the state store and the default pools.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::controller::ControllerCore;
+use crate::csi::VolumeLocks;
+use crate::csi::controller::ControllerService;
+use crate::csi::identity::IdentityService;
+use crate::csi::node::NodeService;
+use crate::error::{Error, Result};
+use crate::node::NodeCore;
+use crate::pools::Pools;
+use crate::proto::csi::controller_server::ControllerServer;
+use crate::proto::csi::identity_server::IdentityServer;
+use crate::proto::csi::node_server::NodeServer;
+use crate::store::{FileStore, StateStore};
+use crate::volume::Phase;
+
+pub struct Options {
+    pub data_dir: PathBuf,
+    pub endpoint: String,
+    pub node_id: String,
+}
+
+/// The socket path of a `unix://` endpoint.
+pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
+    let path = endpoint
+        .strip_prefix("unix://")
+        .ok_or_else(|| Error::invalid(format!("endpoint {endpoint:?} must start with unix://")))?;
+    if path.is_empty() {
+        return Err(Error::invalid(format!(
+            "endpoint {endpoint:?} names no socket path"
+        )));
+    }
+    Ok(PathBuf::from(path))
+}
+
+pub async fn run(opts: Options) -> Result<()> {
+    let data_dir = &opts.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| Error::io(format!("cannot create data dir {}", data_dir.display()), e))?;
+    let config = Config::load_or_init(data_dir)?;
+    let store: Arc<dyn StateStore> = Arc::new(FileStore::open(&crate::state_dir(data_dir))?);
+    let pools = Arc::new(Pools::from_config(&config, data_dir, &opts.node_id)?);
+    let controller = Arc::new(ControllerCore::new(
+        store.clone(),
+        pools,
+        config.overcommit_ratio,
+    ));
+    let node = Arc::new(NodeCore::new(data_dir, &opts.node_id, store.clone()));
+    resume_interrupted(&controller, &store);
+
+    let socket = socket_path(&opts.endpoint)?;
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
+    }
+    match std::fs::remove_file(&socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(Error::io(
+                format!("cannot remove stale socket {}", socket.display()),
+                e,
+            ));
+        }
+    }
+    let listener = UnixListener::bind(&socket)
+        .map_err(|e| Error::io(format!("cannot listen on {}", socket.display()), e))?;
+    info!(
+        endpoint = %opts.endpoint,
+        node_id = %opts.node_id,
+        data_dir = %data_dir.display(),
+        pools = config.pools.len(),
+        "terna standalone serving"
+    );
+    let locks = VolumeLocks::default();
+    tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(IdentityService { controller: true }))
+        .add_service(ControllerServer::new(ControllerService {
+            core: controller,
+            topology_node: Some(opts.node_id.clone()),
+            locks: locks.clone(),
+        }))
+        .add_service(NodeServer::new(NodeService { core: node, locks }))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .await
+        .map_err(|e| {
+            Error::with_source(crate::error::ErrorKind::Internal, "gRPC server failed", e)
+        })?;
+    let _ = std::fs::remove_file(&socket);
+    info!("terna standalone stopped; staged volumes keep running in their engines");
+    Ok(())
+}
+
+/// Finishes creates and deletes a crash interrupted, so no replica leaks
+/// and no half-made volume lingers.
+fn resume_interrupted(controller: &ControllerCore, store: &Arc<dyn StateStore>) {
+    let Ok(records) = store.list() else { return };
+    for r in records {
+        let outcome = match r.phase {
+            Phase::Ready => continue,
+            // The CreateVolume caller did not get an answer; it retries with
+            // the same name and resumes. Creating files now is just as idempotent.
+            Phase::Creating => controller
+                .create(&crate::controller::CreateRequest {
+                    name: r.name.clone(),
+                    required_bytes: r.capacity_bytes,
+                    limit_bytes: 0,
+                    parameters: r.parameters.clone(),
+                    capabilities: vec![crate::capability::Capability {
+                        access_type: crate::capability::AccessType::Block,
+                        mode: crate::capability::AccessMode::SingleNodeWriter,
+                    }],
+                    preferred_node: None,
+                })
+                .map(|_| ()),
+            Phase::Deleting => controller.delete(&r.id),
+        };
+        if let Err(e) = outcome {
+            warn!(volume_id = %r.id, error = %e, "cannot finish interrupted operation");
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+/// `terna volumes`: the volumes of a standalone data dir, as a table or JSON.
+pub fn volumes_report(data_dir: &Path, output: &str) -> Result<String> {
+    let store = FileStore::open(&crate::state_dir(data_dir))?;
+    let records = store.list()?;
+    match output {
+        "json" => serde_json::to_string_pretty(&records)
+            .map(|s| s + "\n")
+            .map_err(|e| Error::internal(format!("cannot encode volumes: {e}"))),
+        "table" => {
+            let mut out = format!(
+                "{:<28} {:<32} {:>10} {:>8} {:<8} {:<10} {}\n",
+                "ID", "NAME", "SIZE", "REPLICAS", "PHASE", "HEALTH", "STAGED ON"
+            );
+            for r in &records {
+                let health = if r.degradation().is_some() {
+                    "degraded"
+                } else {
+                    "healthy"
+                };
+                out.push_str(&format!(
+                    "{:<28} {:<32} {:>10} {:>8} {:<8} {:<10} {}\n",
+                    r.id,
+                    r.name,
+                    human_bytes(r.capacity_bytes),
+                    format!("{}/{}", r.healthy_count(), r.replicas.len()),
+                    format!("{:?}", r.phase).to_lowercase(),
+                    health,
+                    r.staged_on.as_ref().map(|s| s.node.as_str()).unwrap_or("-"),
+                ));
+            }
+            Ok(out)
+        }
+        other => Err(Error::invalid(format!(
+            "output format {other:?} is unknown: use table or json"
+        ))),
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b}B")
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
+}

@@ -1,0 +1,225 @@
+//! What the state store knows about a volume: its class, size, replicas and
+//! their health. Plain data plus the pure rules about replica state.
+
+use serde::{Deserialize, Serialize};
+
+use crate::class::VolumeClass;
+
+/// Volume sizes are whole mebibytes.
+pub const SIZE_UNIT: u64 = 1 << 20;
+/// What a request without a size gets.
+pub const DEFAULT_SIZE: u64 = 1 << 30;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Record written, replicas being created; CreateVolume has not answered yet.
+    Creating,
+    Ready,
+    /// DeleteVolume began; replicas being removed.
+    Deleting,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum ReplicaState {
+    /// Holds every acknowledged write.
+    Healthy,
+    /// Missed writes from `generation` on; must never serve reads again until
+    /// rebuilt. `reason` says what failed, for people.
+    Faulted { generation: u64, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    pub pool: String,
+    pub node: String,
+    pub domain: String,
+    pub zone: String,
+    pub state: ReplicaState,
+}
+
+impl ReplicaRecord {
+    pub fn is_healthy(&self) -> bool {
+        self.state == ReplicaState::Healthy
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedOn {
+    pub node: String,
+    pub staging_path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: String,
+    pub name: String,
+    pub capacity_bytes: u64,
+    pub class: VolumeClass,
+    pub parameters: std::collections::BTreeMap<String, String>,
+    pub phase: Phase,
+    /// Creation time (ns since the epoch): the order ListVolumes pages in, so
+    /// volumes created during a listing appear at its end.
+    #[serde(default)]
+    pub created_at_ns: u64,
+    /// Bumped whenever the set of healthy replicas changes, so a replica's
+    /// fault is tied to the moment it stopped receiving writes.
+    pub generation: u64,
+    pub replicas: Vec<ReplicaRecord>,
+    #[serde(default)]
+    pub staged_on: Option<StagedOn>,
+    /// Target paths this volume is published at (for NodeUnpublish bookkeeping
+    /// and LIST_VOLUMES_PUBLISHED_NODES).
+    #[serde(default)]
+    pub published: Vec<String>,
+}
+
+/// Volume ids are derived from the CreateVolume name, so a retried create
+/// after a crash finds the record its first attempt wrote.
+pub fn volume_id_for(name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(name.as_bytes());
+    let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    format!("tv-{hex}")
+}
+
+pub fn is_valid_volume_id(id: &str) -> bool {
+    id.len() == 27
+        && id.starts_with("tv-")
+        && id[3..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// File name of replica `index` of a volume inside its pool.
+pub fn replica_file_name(volume_id: &str, index: usize) -> String {
+    format!("{volume_id}.r{index}.img")
+}
+
+impl VolumeRecord {
+    pub fn healthy_count(&self) -> usize {
+        self.replicas.iter().filter(|r| r.is_healthy()).count()
+    }
+
+    /// `None` when every replica is healthy, else a sentence for people.
+    pub fn degradation(&self) -> Option<String> {
+        let faulted: Vec<String> = self
+            .replicas
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| match &r.state {
+                ReplicaState::Healthy => None,
+                ReplicaState::Faulted { generation, reason } => Some(format!(
+                    "replica {i} on pool {} (node {}) faulted at generation {generation}: {reason}",
+                    r.pool, r.node
+                )),
+            })
+            .collect();
+        if faulted.is_empty() {
+            None
+        } else {
+            Some(format!(
+                "degraded: {} of {} replicas healthy; {}",
+                self.healthy_count(),
+                self.replicas.len(),
+                faulted.join("; ")
+            ))
+        }
+    }
+
+    /// Marks replica `index` faulted. Returns false when it already was, so
+    /// the first recorded fault (the earliest missed generation) is kept.
+    pub fn fault_replica(&mut self, index: usize, reason: &str) -> bool {
+        let next = self.generation + 1;
+        match self.replicas.get_mut(index) {
+            Some(r) if r.is_healthy() => {
+                r.state = ReplicaState::Faulted {
+                    generation: next,
+                    reason: reason.to_string(),
+                };
+                self.generation = next;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Bytes rounded up to whole mebibytes.
+pub fn round_size(bytes: u64) -> Option<u64> {
+    bytes
+        .checked_add(SIZE_UNIT - 1)
+        .map(|b| b / SIZE_UNIT * SIZE_UNIT)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::class::{FailureDomain, FsType};
+
+    pub(crate) fn record(replicas: usize) -> VolumeRecord {
+        VolumeRecord {
+            id: volume_id_for("x"),
+            name: "x".into(),
+            capacity_bytes: SIZE_UNIT,
+            class: VolumeClass {
+                tier: None,
+                replicas: replicas as u8,
+                failure_domain: FailureDomain::Node,
+                fs_type: FsType::Ext4,
+                min_healthy: 1,
+            },
+            parameters: Default::default(),
+            phase: Phase::Ready,
+            created_at_ns: 0,
+            generation: 1,
+            replicas: (0..replicas)
+                .map(|i| ReplicaRecord {
+                    pool: format!("p{i}"),
+                    node: "n".into(),
+                    domain: format!("d{i}"),
+                    zone: "z".into(),
+                    state: ReplicaState::Healthy,
+                })
+                .collect(),
+            staged_on: None,
+            published: vec![],
+        }
+    }
+
+    #[test]
+    fn ids_are_stable_valid_and_distinct() {
+        let a = volume_id_for("pvc-1");
+        assert_eq!(a, volume_id_for("pvc-1"));
+        assert_ne!(a, volume_id_for("pvc-2"));
+        assert!(is_valid_volume_id(&a), "{a}");
+        assert!(!is_valid_volume_id("tv-../../etc"));
+        assert!(!is_valid_volume_id(""));
+    }
+
+    #[test]
+    fn sizes_round_up_to_mebibytes() {
+        assert_eq!(round_size(0), Some(0));
+        assert_eq!(round_size(1), Some(SIZE_UNIT));
+        assert_eq!(round_size(SIZE_UNIT), Some(SIZE_UNIT));
+        assert_eq!(round_size(SIZE_UNIT + 1), Some(2 * SIZE_UNIT));
+        assert_eq!(round_size(u64::MAX), None);
+    }
+
+    #[test]
+    fn first_fault_wins_and_bumps_the_generation() {
+        let mut v = record(3);
+        assert!(v.degradation().is_none());
+        assert!(v.fault_replica(1, "file removed"));
+        assert_eq!(v.generation, 2);
+        assert!(!v.fault_replica(1, "again"));
+        assert_eq!(v.generation, 2);
+        assert!(!v.fault_replica(7, "no such replica"));
+        let text = v.degradation().unwrap();
+        assert!(
+            text.contains("2 of 3") && text.contains("pool p1") && text.contains("file removed"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,88 @@
+//! A CSI client over the driver's Unix socket, with the node calls a test
+//! makes in the kubelet's place.
+
+use std::path::Path;
+
+use hyper_util::rt::TokioIo;
+use terna::proto::csi as pb;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub struct Csi {
+    pub controller: pb::controller_client::ControllerClient<Channel>,
+    pub node: pb::node_client::NodeClient<Channel>,
+    pub identity: pb::identity_client::IdentityClient<Channel>,
+}
+
+impl Csi {
+    pub async fn connect(socket: &Path) -> Csi {
+        let socket = socket.to_path_buf();
+        let channel = Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let socket = socket.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(socket).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        Csi {
+            controller: pb::controller_client::ControllerClient::new(channel.clone()),
+            node: pb::node_client::NodeClient::new(channel.clone()),
+            identity: pb::identity_client::IdentityClient::new(channel),
+        }
+    }
+
+    pub async fn stage(&mut self, id: &str, staging: &Path, cap: pb::VolumeCapability) {
+        self.node
+            .node_stage_volume(pb::NodeStageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.to_string_lossy().into_owned(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    pub async fn publish(
+        &mut self,
+        id: &str,
+        staging: &Path,
+        target: &Path,
+        cap: pb::VolumeCapability,
+    ) {
+        self.node
+            .node_publish_volume(pb::NodePublishVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.to_string_lossy().into_owned(),
+                target_path: target.to_string_lossy().into_owned(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    pub async fn unpublish(&mut self, id: &str, target: &Path) {
+        self.node
+            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: target.to_string_lossy().into_owned(),
+            })
+            .await
+            .unwrap();
+    }
+
+    pub async fn unstage(&mut self, id: &str, staging: &Path) {
+        self.node
+            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.to_string_lossy().into_owned(),
+            })
+            .await
+            .unwrap();
+    }
+}

@@ -1,0 +1,188 @@
+//! What the integration tests share: starting `terna standalone` on a
+//! temporary data dir and stopping it by its pid, and checking that nothing
+//! (mount, loop device) is left behind.
+#![allow(dead_code, clippy::unwrap_used)]
+
+pub mod csi_client;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The tests mount filesystems and attach loop devices: they need root.
+/// Returns false (after saying why) when the test cannot run here.
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test} needs root (mounts, loop devices, FUSE) and CI runs as root");
+    }
+    eprintln!("SKIPPING {test}: needs root for mounts, loop devices and FUSE");
+    false
+}
+
+pub struct Standalone {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Standalone {
+    pub fn start() -> Standalone {
+        let dir = tempfile::Builder::new()
+            .prefix("terna-test-")
+            .tempdir()
+            .unwrap();
+        let data_dir = dir.path().join("data");
+        let socket = dir.path().join("csi.sock");
+        let log = std::fs::File::create(dir.path().join("terna.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_terna"))
+            .arg("standalone")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--node-id")
+            .arg("test-node")
+            .env("TERNA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut s = Standalone {
+            dir,
+            socket,
+            data_dir,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !s.socket.exists() {
+            if let Some(status) = s.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("terna exited early ({status}):\n{}", s.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "terna did not listen:\n{}",
+                s.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("terna.log")).unwrap_or_default()
+    }
+
+    /// The file of replica `index` of `volume_id`, in whichever pool holds it.
+    pub fn find_replica(&self, volume_id: &str, index: usize) -> Option<PathBuf> {
+        let name = format!("{volume_id}.r{index}.img");
+        std::fs::read_dir(self.data_dir.join("pools"))
+            .ok()?
+            .flatten()
+            .map(|pool| pool.path().join(&name))
+            .find(|p| p.exists())
+    }
+
+    /// Stops terna by its pid (SIGTERM, then waits), then fails if any
+    /// mount or loop device under the test's directory remains.
+    pub fn stop_and_check_clean(mut self) {
+        self.stop();
+        let leftovers = leftovers(self.dir.path());
+        cleanup(self.dir.path());
+        assert!(
+            leftovers.is_empty(),
+            "left behind: {leftovers:?}\n{}",
+            self.log()
+        );
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!("---- terna log ----\n{}", self.log());
+        }
+        cleanup(self.dir.path());
+    }
+}
+
+/// Mounts and loop devices that reference anything under `dir`.
+pub fn leftovers(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for m in terna::node::mounts::parse_mountinfo(&mountinfo) {
+        if m.mount_point.starts_with(dir) {
+            found.push(format!("mount {} ({})", m.mount_point.display(), m.fs_type));
+        }
+    }
+    for entry in std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(b) = std::fs::read_to_string(entry.path().join("loop/backing_file"))
+            && b.trim().starts_with(&*dir.to_string_lossy())
+        {
+            found.push(format!(
+                "loop {} -> {}",
+                entry.file_name().to_string_lossy(),
+                b.trim()
+            ));
+        }
+    }
+    found
+}
+
+/// Best effort: unmount everything under `dir` (deepest first), detach
+/// loop devices backed by files under it, and stop engines serving it.
+pub fn cleanup(dir: &Path) {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = terna::node::mounts::parse_mountinfo(&mountinfo)
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    // Filesystems and bind mounts first, so loop devices and FUSE go free.
+    for p in points.iter().filter(|p| !p.ends_with("fuse")) {
+        let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+    }
+    for entry in std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(b) = std::fs::read_to_string(entry.path().join("loop/backing_file"))
+            && b.trim().starts_with(&*dir.to_string_lossy())
+        {
+            let dev = Path::new("/dev").join(entry.file_name());
+            let _ = terna::frontend::loopdev::LoopDevice::open(&dev).detach();
+        }
+    }
+    for p in points.iter().filter(|p| p.ends_with("fuse")) {
+        let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
