@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use crate::capability::{AccessType, Capability};
+use crate::capability::{AccessMode, AccessType, Capability};
 use crate::error::{Error, ErrorKind, Result};
 use crate::frontend::fuse;
 use crate::frontend::loopdev::{LoopDevice, LoopOptions};
@@ -314,6 +314,14 @@ impl NodeCore {
         if mounts::is_mounted(target)? {
             return Ok(());
         }
+        let t = target.to_string_lossy().into_owned();
+        if cap.mode == AccessMode::SingleNodeSingleWriter
+            && let Some(other) = record.published.iter().find(|p| **p != t)
+        {
+            return Err(Error::precondition(format!(
+                "volume {volume_id} is single-writer and already published at {other}"
+            )));
+        }
         match &cap.access_type {
             AccessType::Mount { mount_flags, .. } => {
                 if !mounts::is_mounted(staging_path)? {
@@ -343,7 +351,6 @@ impl NodeCore {
                 mounts::bind_mount(dev.path(), target, read_only, &[])?;
             }
         }
-        let t = target.to_string_lossy().into_owned();
         self.store.update(volume_id, &mut |r| {
             if r.published.contains(&t) {
                 Ok(false)
