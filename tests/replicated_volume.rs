@@ -16,18 +16,7 @@ use sha2::{Digest, Sha256};
 use terna::proto::csi as pb;
 
 fn mount_cap() -> pb::VolumeCapability {
-    pb::VolumeCapability {
-        access_type: Some(pb::volume_capability::AccessType::Mount(
-            pb::volume_capability::MountVolume {
-                fs_type: "ext4".into(),
-                mount_flags: vec![],
-                volume_mount_group: String::new(),
-            },
-        )),
-        access_mode: Some(pb::volume_capability::AccessMode {
-            mode: pb::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
-        }),
-    }
+    common::csi_client::mount_cap("ext4")
 }
 
 /// Deterministic pseudo-random content, so a wrong byte anywhere shows.

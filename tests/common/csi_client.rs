@@ -86,3 +86,66 @@ impl Csi {
             .unwrap();
     }
 }
+
+pub fn mount_cap(fs_type: &str) -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_type: Some(pb::volume_capability::AccessType::Mount(
+            pb::volume_capability::MountVolume {
+                fs_type: fs_type.into(),
+                mount_flags: vec![],
+                volume_mount_group: String::new(),
+            },
+        )),
+        access_mode: Some(pb::volume_capability::AccessMode {
+            mode: pb::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+pub fn block_cap() -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_type: Some(pb::volume_capability::AccessType::Block(
+            pb::volume_capability::BlockVolume {},
+        )),
+        access_mode: Some(pb::volume_capability::AccessMode {
+            mode: pb::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+impl Csi {
+    pub async fn create(
+        &mut self,
+        name: &str,
+        bytes: i64,
+        params: &[(&str, &str)],
+        cap: pb::VolumeCapability,
+    ) -> Result<pb::Volume, tonic::Status> {
+        self.controller
+            .create_volume(pb::CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(pb::CapacityRange {
+                    required_bytes: bytes,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![cap],
+                parameters: params
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().volume.unwrap())
+    }
+
+    pub async fn delete(&mut self, id: &str) {
+        self.controller
+            .delete_volume(pb::DeleteVolumeRequest {
+                volume_id: id.into(),
+                secrets: Default::default(),
+            })
+            .await
+            .unwrap();
+    }
+}

@@ -37,13 +37,43 @@ impl Standalone {
             .unwrap();
         let data_dir = dir.path().join("data");
         let socket = dir.path().join("csi.sock");
-        let log = std::fs::File::create(dir.path().join("terna.log")).unwrap();
+        let mut s = Standalone {
+            dir,
+            socket,
+            data_dir,
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    /// Kills the process with SIGKILL, as a crash would: no cleanup runs.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Starts terna again on the same data dir and socket.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("terna.log"))
+            .unwrap();
+        let _ = std::fs::remove_file(&self.socket);
         let child = Command::new(env!("CARGO_BIN_EXE_terna"))
             .arg("standalone")
             .arg("--data-dir")
-            .arg(&data_dir)
+            .arg(&self.data_dir)
             .arg("--endpoint")
-            .arg(format!("unix://{}", socket.display()))
+            .arg(format!("unix://{}", self.socket.display()))
             .arg("--node-id")
             .arg("test-node")
             .env("TERNA_LOG", "info")
@@ -52,25 +82,19 @@ impl Standalone {
             .stderr(log)
             .spawn()
             .unwrap();
-        let mut s = Standalone {
-            dir,
-            socket,
-            data_dir,
-            child: Some(child),
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !s.socket.exists() {
-            if let Some(status) = s.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("terna exited early ({status}):\n{}", s.log());
+        while !self.socket.exists() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("terna exited early ({status}):\n{}", self.log());
             }
             assert!(
                 Instant::now() < deadline,
                 "terna did not listen:\n{}",
-                s.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        s
     }
 
     pub fn log(&self) -> String {

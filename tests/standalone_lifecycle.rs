@@ -1,0 +1,284 @@
+//! Volume lifecycles through CSI against `terna standalone`: Block mode,
+//! xfs with online expansion, a crash of the plugin while a volume is in
+//! use, and the errors bad requests get. Needs root.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+
+use common::csi_client::{Csi, block_cap, mount_cap};
+use terna::proto::csi as pb;
+use tonic::Code;
+
+const MIB: i64 = 1 << 20;
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+/// 4 KiB-aligned buffer for O_DIRECT.
+fn aligned(data: &[u8]) -> terna::replica::aligned::AlignedBuf {
+    terna::replica::aligned::AlignedBuf::copy_of(data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_volume_serves_raw_device_and_keeps_data_across_restage() {
+    if !common::require_root("block_volume_serves_raw_device_and_keeps_data_across_restage") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let vol = csi
+        .create("block-vol", 64 * MIB, &[("replicas", "3")], block_cap())
+        .await
+        .unwrap();
+    let id = vol.volume_id;
+    let staging = terna.dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let target = terna.dir.path().join("pods/p1/dev");
+    csi.stage(&id, &staging, block_cap()).await;
+    csi.publish(&id, &staging, &target, block_cap()).await;
+    // Repeating both is success.
+    csi.stage(&id, &staging, block_cap()).await;
+    csi.publish(&id, &staging, &target, block_cap()).await;
+
+    let data = pattern(7, 4 * MIB as usize);
+    {
+        let mut dev = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&target)
+            .unwrap();
+        assert_eq!(dev.seek(SeekFrom::End(0)).unwrap(), 64 * MIB as u64);
+        dev.seek(SeekFrom::Start(8 * MIB as u64)).unwrap();
+        dev.write_all(aligned(&data).as_slice()).unwrap();
+        dev.sync_all().unwrap();
+    }
+    csi.unpublish(&id, &target).await;
+    assert!(!target.exists(), "unpublish removes the target file");
+    csi.unstage(&id, &staging).await;
+    csi.unstage(&id, &staging).await;
+
+    csi.stage(&id, &staging, block_cap()).await;
+    csi.publish(&id, &staging, &target, block_cap()).await;
+    let mut back = terna::replica::aligned::AlignedBuf::zeroed(data.len());
+    let mut dev = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&target)
+        .unwrap();
+    dev.seek(SeekFrom::Start(8 * MIB as u64)).unwrap();
+    dev.read_exact(back.as_mut_slice()).unwrap();
+    assert!(
+        back.as_slice() == data.as_slice(),
+        "block data differs after restage"
+    );
+    drop(dev);
+    // Each replica file holds the data too.
+    for i in 0..3 {
+        let f = std::fs::read(terna.find_replica(&id, i).unwrap()).unwrap();
+        assert!(
+            f[8 * MIB as usize..12 * MIB as usize] == data[..],
+            "replica {i} differs"
+        );
+    }
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+    csi.delete(&id).await;
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xfs_volume_expands_online_with_data_intact() {
+    if !common::require_root("xfs_volume_expands_online_with_data_intact") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let vol = csi
+        .create("xfs-vol", 320 * MIB, &[("fsType", "xfs")], mount_cap(""))
+        .await
+        .unwrap();
+    let id = vol.volume_id;
+    let staging = terna.dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let target = terna.dir.path().join("target");
+    csi.stage(&id, &staging, mount_cap("")).await;
+    csi.publish(&id, &staging, &target, mount_cap("")).await;
+    let fs = terna::node::mounts::mount_at(&staging).unwrap().unwrap();
+    assert_eq!(fs.fs_type, "xfs");
+    let data = pattern(3, 2 * MIB as usize);
+    std::fs::write(target.join("before"), &data).unwrap();
+    let before = nix::sys::statvfs::statvfs(&target).unwrap();
+
+    let grown = csi
+        .controller
+        .controller_expand_volume(pb::ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(pb::CapacityRange {
+                required_bytes: 640 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 640 * MIB);
+    assert!(grown.node_expansion_required);
+    let node = csi
+        .node
+        .node_expand_volume(pb::NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: target.to_string_lossy().into_owned(),
+            capacity_range: Some(pb::CapacityRange {
+                required_bytes: 640 * MIB,
+                limit_bytes: 0,
+            }),
+            staging_target_path: staging.to_string_lossy().into_owned(),
+            volume_capability: Some(mount_cap("")),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node.capacity_bytes, 640 * MIB);
+    let after = nix::sys::statvfs::statvfs(&target).unwrap();
+    assert!(
+        after.blocks() * after.fragment_size()
+            > before.blocks() * before.fragment_size() + 250 * MIB as u64,
+        "filesystem did not grow"
+    );
+    assert_eq!(std::fs::read(target.join("before")).unwrap(), data);
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_crash_leaves_mounted_volume_serving_and_restart_adopts_it() {
+    if !common::require_root("plugin_crash_leaves_mounted_volume_serving_and_restart_adopts_it") {
+        return;
+    }
+    let mut terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let id = csi
+        .create("crash-vol", 128 * MIB, &[], mount_cap("ext4"))
+        .await
+        .unwrap()
+        .volume_id;
+    let staging = terna.dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let target = terna.dir.path().join("target");
+    csi.stage(&id, &staging, mount_cap("ext4")).await;
+    csi.publish(&id, &staging, &target, mount_cap("ext4")).await;
+    std::fs::write(target.join("a"), pattern(1, MIB as usize)).unwrap();
+
+    terna.kill_hard();
+    // The engine runs on: the pod's filesystem still works.
+    let mut f = std::fs::File::create(target.join("b")).unwrap();
+    f.write_all(&pattern(2, MIB as usize)).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    terna.restart();
+    let mut csi = Csi::connect(&terna.socket).await;
+    // The kubelet repeats stage and publish after a plugin restart.
+    csi.stage(&id, &staging, mount_cap("ext4")).await;
+    csi.publish(&id, &staging, &target, mount_cap("ext4")).await;
+    assert_eq!(
+        std::fs::read(target.join("a")).unwrap(),
+        pattern(1, MIB as usize)
+    );
+    assert_eq!(
+        std::fs::read(target.join("b")).unwrap(),
+        pattern(2, MIB as usize)
+    );
+    // An engine the new process did not start is still stopped cleanly.
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+    // Restaging reads what the old engine wrote, from the replicas.
+    csi.stage(&id, &staging, mount_cap("ext4")).await;
+    csi.publish(&id, &staging, &target, mount_cap("ext4")).await;
+    assert_eq!(
+        std::fs::read(target.join("b")).unwrap(),
+        pattern(2, MIB as usize)
+    );
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_specific_codes_and_messages() {
+    if !common::require_root("bad_requests_get_specific_codes_and_messages") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let err = csi
+        .create(
+            "bad-1",
+            MIB,
+            &[("replica", "3"), ("speed", "x")],
+            mount_cap(""),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("replica, speed"),
+        "{}",
+        err.message()
+    );
+
+    let err = csi
+        .create("bad-2", MIB, &[("replicas", "4")], mount_cap(""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("only 3 exist"), "{}", err.message());
+
+    let err = csi
+        .create("bad-3", MIB, &[("tier", "fast")], mount_cap(""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("tier fast"), "{}", err.message());
+
+    let err = csi
+        .create("bad-4", MIB, &[], mount_cap("btrfs"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("btrfs"), "{}", err.message());
+
+    let err = csi
+        .create("bad-5", 1 << 62, &[], mount_cap(""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+
+    // Nothing was created by any of them.
+    let list = csi
+        .controller
+        .list_volumes(pb::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.entries.is_empty());
+    let pools = std::fs::read_dir(terna.data_dir.join("pools")).unwrap();
+    for pool in pools {
+        assert_eq!(std::fs::read_dir(pool.unwrap().path()).unwrap().count(), 0);
+    }
+    terna.stop_and_check_clean();
+}
