@@ -22,6 +22,15 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+/// Like `require_root`, but never skips: a test that must not pass silently.
+pub fn assert_root(test: &str) {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "{test} needs root (it mounts filesystems, attaches loop devices and uses FUSE): \
+         run it as root, e.g. `sudo -E cargo test --test {test}`"
+    );
+}
+
 pub struct Standalone {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
@@ -111,34 +120,51 @@ impl Standalone {
             .find(|p| p.exists())
     }
 
-    /// Stops terna by its pid (SIGTERM, then waits), then fails if any
-    /// mount or loop device under the test's directory remains.
+    /// Stops terna by its pid (SIGTERM, then waits), then fails if it did not
+    /// exit cleanly or if any mount, loop device or process referencing the
+    /// test's directory remains (after cleaning that up).
     pub fn stop_and_check_clean(mut self) {
-        self.stop();
-        let leftovers = leftovers(self.dir.path());
-        cleanup(self.dir.path());
+        let problems = self.stop_and_find_leftovers();
         assert!(
-            leftovers.is_empty(),
-            "left behind: {leftovers:?}\n{}",
+            problems.is_empty(),
+            "left behind: {problems:#?}\n{}",
             self.log()
         );
     }
 
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while child.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
+    /// Stops terna, then returns what is wrong (an unclean exit, leftover
+    /// mounts, loop devices, processes), having cleaned up best-effort.
+    pub fn stop_and_find_leftovers(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(status) = self.stop()
+            && !status.success()
+        {
+            problems.push(format!("terna did not exit cleanly on SIGTERM: {status}"));
+        }
+        problems.extend(leftovers(self.dir.path()));
+        cleanup(self.dir.path());
+        problems
+    }
+
+    /// SIGTERM by pid, then waits up to 20 s (then SIGKILL). Returns the exit
+    /// status if terna was running.
+    fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
             }
+            if Instant::now() > deadline {
+                eprintln!("terna did not exit within 20 s of SIGTERM: killing it");
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
@@ -153,7 +179,7 @@ impl Drop for Standalone {
     }
 }
 
-/// Mounts and loop devices that reference anything under `dir`.
+/// Mounts, loop devices and processes that reference anything under `dir`.
 pub fn leftovers(dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -168,7 +194,7 @@ pub fn leftovers(dir: &Path) -> Vec<String> {
         .flatten()
     {
         if let Ok(b) = std::fs::read_to_string(entry.path().join("loop/backing_file"))
-            && b.trim().starts_with(&*dir.to_string_lossy())
+            && Path::new(b.trim()).starts_with(dir)
         {
             found.push(format!(
                 "loop {} -> {}",
@@ -177,7 +203,29 @@ pub fn leftovers(dir: &Path) -> Vec<String> {
             ));
         }
     }
+    for (pid, cmd) in processes_under(dir) {
+        found.push(format!("process {pid}: {cmd}"));
+    }
     found
+}
+
+/// Processes other than this one whose command line names a path under
+/// `dir`, such as volume engines that outlived their node plugin.
+fn processes_under(dir: &Path) -> Vec<(i32, String)> {
+    let needle = dir.to_string_lossy().into_owned() + "/";
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter_map(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.contains(&needle).then(|| (pid, cmd.trim().to_owned()))
+        })
+        .collect()
 }
 
 /// Best effort: unmount everything under `dir` (deepest first), detach
@@ -200,7 +248,7 @@ pub fn cleanup(dir: &Path) {
         .flatten()
     {
         if let Ok(b) = std::fs::read_to_string(entry.path().join("loop/backing_file"))
-            && b.trim().starts_with(&*dir.to_string_lossy())
+            && Path::new(b.trim()).starts_with(dir)
         {
             let dev = Path::new("/dev").join(entry.file_name());
             let _ = terna::frontend::loopdev::LoopDevice::open(&dev).detach();
@@ -208,5 +256,16 @@ pub fn cleanup(dir: &Path) {
     }
     for p in points.iter().filter(|p| p.ends_with("fuse")) {
         let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+    }
+    for (pid, _) in processes_under(dir) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    // SIGKILL takes effect asynchronously; a dead process's cmdline is empty.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_under(dir).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
