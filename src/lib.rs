@@ -1,6 +1,7 @@
 //! Terna: a CSI driver and dynamic provisioner whose volumes are
 //! synchronously replicated across failure domains. See ARCHITECTURE.md.
 
+pub mod agent;
 pub mod capability;
 pub mod class;
 pub mod config;

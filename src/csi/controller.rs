@@ -285,12 +285,13 @@ impl Controller for ControllerService {
             R::ListVolumes,
             R::GetCapacity,
             R::ExpandVolume,
-            R::ListVolumesPublishedNodes,
             R::VolumeCondition,
             R::GetVolume,
             R::SingleNodeMultiWriter,
         ]
         .into_iter()
+        // LIST_VOLUMES_PUBLISHED_NODES requires PUBLISH_UNPUBLISH_VOLUME by the
+        // spec; both come with ControllerPublish (attach tracking) later.
         .map(|t| pb::ControllerServiceCapability {
             r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
         })

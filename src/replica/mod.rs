@@ -3,7 +3,10 @@
 //! NFS backends implement the same two traits.
 
 pub mod aligned;
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod local;
+pub mod remote;
 
 use std::io;
 

@@ -1,0 +1,263 @@
+//! The agent's server side: one thread per connection, requests answered in
+//! order. Engines open several connections to get several requests in flight.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+
+use crate::agent::protocol::{self, FrameError, HEADER_LEN, Request, Response};
+use crate::replica::aligned::AlignedBuf;
+use crate::replica::{Pool, ReplicaIo};
+
+/// An idle connection is dropped after this long, so dead peers do not pin threads.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub struct AgentState {
+    node: String,
+    token: Vec<u8>,
+    pools: BTreeMap<String, Box<dyn Pool>>,
+    open: Mutex<HashMap<(String, String), Arc<dyn ReplicaIo>>>,
+}
+
+impl AgentState {
+    pub fn new(node: &str, token: &[u8], pools: BTreeMap<String, Box<dyn Pool>>) -> AgentState {
+        AgentState {
+            node: node.to_string(),
+            token: token.to_vec(),
+            pools,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn pool(&self, name: &str) -> Result<&dyn Pool, Response> {
+        self.pools
+            .get(name)
+            .map(|p| p.as_ref())
+            .ok_or_else(|| Response::Error {
+                errno: libc::ENOENT,
+                message: format!("pool {name:?} is not served by node {}", self.node),
+            })
+    }
+
+    fn replica(&self, pool: &str, name: &str) -> Result<Arc<dyn ReplicaIo>, Response> {
+        let key = (pool.to_string(), name.to_string());
+        let mut open = self.open.lock().map_err(|_| Response::Error {
+            errno: libc::EIO,
+            message: "agent replica table poisoned".into(),
+        })?;
+        if let Some(r) = open.get(&key) {
+            return Ok(r.clone());
+        }
+        let io: Arc<dyn ReplicaIo> =
+            Arc::from(self.pool(pool)?.open(name).map_err(error_response)?);
+        open.insert(key, io.clone());
+        Ok(io)
+    }
+
+    fn forget(&self, pool: &str, name: &str) {
+        if let Ok(mut open) = self.open.lock() {
+            open.remove(&(pool.to_string(), name.to_string()));
+        }
+    }
+
+    pub fn handle(&self, req: Request) -> Response {
+        match self.dispatch(req) {
+            Ok(r) | Err(r) => r,
+        }
+    }
+
+    fn dispatch(&self, req: Request) -> Result<Response, Response> {
+        let io_err = |e: io::Error| Response::Error {
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+            message: e.to_string(),
+        };
+        Ok(match req {
+            Request::Hello { .. } => Response::Hello {
+                node: self.node.clone(),
+            },
+            Request::Create { pool, name, size } => {
+                self.pool(&pool)?
+                    .create(&name, size)
+                    .map_err(error_response)?;
+                Response::Ok
+            }
+            Request::Grow { pool, name, size } => {
+                self.pool(&pool)?
+                    .grow(&name, size)
+                    .map_err(error_response)?;
+                Response::Ok
+            }
+            Request::Delete { pool, name } => {
+                self.forget(&pool, &name);
+                self.pool(&pool)?.delete(&name).map_err(error_response)?;
+                Response::Ok
+            }
+            Request::Stat { pool, name } => Response::Stat {
+                size: self.pool(&pool)?.size_of(&name).map_err(error_response)?,
+            },
+            Request::Capacity { pool } => Response::Capacity {
+                bytes: self.pool(&pool)?.capacity().map_err(error_response)?,
+            },
+            Request::Read {
+                pool,
+                name,
+                offset,
+                len,
+            } => {
+                if len > protocol::MAX_PAYLOAD - 64 {
+                    return Err(Response::Error {
+                        errno: libc::EINVAL,
+                        message: format!("read of {len} bytes exceeds the frame limit"),
+                    });
+                }
+                let mut buf = AlignedBuf::zeroed(len as usize);
+                self.replica(&pool, &name)?
+                    .read_at(buf.as_mut_slice(), offset)
+                    .map_err(io_err)?;
+                Response::Data {
+                    data: buf.as_slice().to_vec(),
+                }
+            }
+            Request::Write {
+                pool,
+                name,
+                offset,
+                data,
+            } => {
+                let buf = AlignedBuf::copy_of(&data);
+                self.replica(&pool, &name)?
+                    .write_at(buf.as_slice(), offset)
+                    .map_err(io_err)?;
+                Response::Ok
+            }
+            Request::Flush { pool, name } => {
+                self.replica(&pool, &name)?.flush().map_err(io_err)?;
+                Response::Ok
+            }
+            Request::Discard {
+                pool,
+                name,
+                offset,
+                len,
+            } => {
+                self.replica(&pool, &name)?
+                    .discard(offset, len)
+                    .map_err(io_err)?;
+                Response::Ok
+            }
+            Request::Check { pool, name } => {
+                let r = self.replica(&pool, &name)?;
+                if let Err(reason) = r.check() {
+                    // A replaced or removed file must be reopened, not reused.
+                    self.forget(&pool, &name);
+                    return Err(Response::Error {
+                        errno: libc::ENOENT,
+                        message: reason,
+                    });
+                }
+                Response::Ok
+            }
+        })
+    }
+}
+
+fn error_response(e: crate::error::Error) -> Response {
+    let errno = e
+        .source
+        .as_ref()
+        .and_then(|s| s.downcast_ref::<io::Error>())
+        .and_then(|e| e.raw_os_error())
+        .unwrap_or(libc::EIO);
+    Response::Error {
+        errno,
+        message: e.to_string(),
+    }
+}
+
+/// Reads one frame; `Ok(None)` at a clean end of stream.
+pub fn read_frame(stream: &mut impl Read) -> io::Result<Option<(protocol::Header, Vec<u8>)>> {
+    let mut head = [0u8; HEADER_LEN];
+    match stream.read_exact(&mut head) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let header = protocol::decode_header(&head).map_err(invalid)?;
+    let mut payload = vec![0u8; header.len as usize];
+    stream.read_exact(&mut payload)?;
+    protocol::check_payload(&header, &payload).map_err(invalid)?;
+    Ok(Some((header, payload)))
+}
+
+pub fn invalid(e: FrameError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Token comparison that takes the same time wherever the first difference is.
+fn token_matches(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn serve_connection(state: &AgentState, mut stream: TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
+    let mut authenticated = false;
+    while let Some((header, payload)) = read_frame(&mut stream)? {
+        let req = Request::decode(header.kind, &payload).map_err(invalid)?;
+        let resp = match (&req, authenticated) {
+            (Request::Hello { token, .. }, _) => {
+                if token_matches(token, &state.token) {
+                    authenticated = true;
+                    state.handle(req)
+                } else {
+                    let resp = Response::Error {
+                        errno: libc::EACCES,
+                        message: "cluster token rejected".into(),
+                    };
+                    stream.write_all(&resp.encode(header.id))?;
+                    return Err(io::Error::new(io::ErrorKind::PermissionDenied, "bad token"));
+                }
+            }
+            (_, false) => {
+                let resp = Response::Error {
+                    errno: libc::EACCES,
+                    message: "Hello with the cluster token must come first".into(),
+                };
+                stream.write_all(&resp.encode(header.id))?;
+                return Err(io::Error::new(io::ErrorKind::PermissionDenied, "no hello"));
+            }
+            (_, true) => state.handle(req),
+        };
+        stream.write_all(&resp.encode(header.id))?;
+    }
+    Ok(())
+}
+
+/// Accepts connections until the listener fails; each runs on its own thread.
+pub fn serve(listener: TcpListener, state: Arc<AgentState>) -> io::Result<()> {
+    info!(addr = %listener.local_addr()?, node = %state.node, "replica agent listening");
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let peer = stream.peer_addr().ok();
+        let state = state.clone();
+        std::thread::Builder::new()
+            .name("agent-conn".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                if let Err(e) = serve_connection(&state, stream) {
+                    debug!(?peer, error = %e, "agent connection closed");
+                }
+            })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,116 @@
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::protocol::{Request, Response};
+use super::server::{AgentState, serve};
+use crate::replica::Pool;
+use crate::replica::local::LocalPool;
+use crate::replica::remote::{Client, RemotePool};
+
+const TOKEN: &[u8] = b"cluster-secret";
+
+fn start_agent(dir: &std::path::Path) -> SocketAddr {
+    let mut pools: BTreeMap<String, Box<dyn Pool>> = BTreeMap::new();
+    pools.insert("p".into(), Box::new(LocalPool::new(dir, None).unwrap()));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = Arc::new(AgentState::new("node-a", TOKEN, pools));
+    std::thread::spawn(move || serve(listener, state));
+    addr
+}
+
+fn client(addr: SocketAddr, token: &[u8]) -> Arc<Client> {
+    Arc::new(Client::new(addr, token, "node-b", Duration::from_secs(2)))
+}
+
+#[test]
+fn remote_pool_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start_agent(dir.path());
+    let pool = RemotePool::new(client(addr, TOKEN), "p");
+    crate::replica::conformance::run(&pool, &|name| {
+        std::fs::remove_file(dir.path().join(name)).unwrap()
+    });
+}
+
+#[test]
+fn wrong_token_and_unknown_pool_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start_agent(dir.path());
+    let bad = RemotePool::new(client(addr, b"guess"), "p");
+    let err = bad.create("x", 4096).unwrap_err().to_string();
+    assert!(err.contains("token rejected"), "{err}");
+    assert!(!dir.path().join("x").exists());
+    let other = RemotePool::new(client(addr, TOKEN), "nope");
+    let err = other.create("x", 4096).unwrap_err().to_string();
+    assert!(
+        err.contains("\"nope\" is not served by node node-a"),
+        "{err}"
+    );
+}
+
+#[test]
+fn requests_before_hello_and_garbage_close_the_connection_and_the_agent_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start_agent(dir.path());
+    // A valid request without Hello: refused, connection closed.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(
+        &Request::Create {
+            pool: "p".into(),
+            name: "x".into(),
+            size: 4096,
+        }
+        .encode(1),
+    )
+    .unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    let (h, p) = super::protocol::split_frame(&rest).unwrap();
+    assert!(matches!(
+        Response::decode(h.kind, p).unwrap(),
+        Response::Error {
+            errno: libc::EACCES,
+            ..
+        }
+    ));
+    assert!(!dir.path().join("x").exists());
+    // Garbage: closed without an answer.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: agent\r\n\r\n")
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    // Still serving.
+    let pool = RemotePool::new(client(addr, TOKEN), "p");
+    pool.create("y", 4096).unwrap();
+    assert_eq!(pool.size_of("y").unwrap(), Some(4096));
+}
+
+#[test]
+fn a_silent_agent_turns_into_an_error_within_the_timeout() {
+    // Accepts connections and never answers: a hung peer.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = std::thread::spawn(move || {
+        let conns: Vec<_> = listener.incoming().take(1).collect();
+        std::thread::sleep(Duration::from_secs(4));
+        drop(conns);
+    });
+    let pool = RemotePool::new(
+        Arc::new(Client::new(addr, TOKEN, "n", Duration::from_millis(300))),
+        "p",
+    );
+    let start = Instant::now();
+    assert!(pool.create("x", 4096).is_err());
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        start.elapsed()
+    );
+    held.join().unwrap();
+}

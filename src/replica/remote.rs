@@ -1,0 +1,280 @@
+//! Replicas on another node, reached through that node's replica agent.
+//!
+//! A `Client` keeps a few idle connections to one agent; each call takes one
+//! (or dials a new one), sends a request and waits for its answer with a
+//! deadline. Any failure drops that connection, so a dead agent or a cut
+//! link becomes an error within the timeout, never a hang, and the engine
+//! faults the replica.
+//!
+//! Hot path: `RemoteReplica::{read_at, write_at}`.
+
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::agent::protocol::{Request, Response};
+use crate::agent::server::{invalid, read_frame};
+use crate::error::{Error, ErrorKind, Result};
+use crate::replica::{Pool, ReplicaIo};
+
+const MAX_IDLE: usize = 32;
+
+pub struct Client {
+    addr: SocketAddr,
+    token: Vec<u8>,
+    node: String,
+    timeout: Duration,
+    idle: Mutex<Vec<TcpStream>>,
+    next_id: AtomicU64,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr, token: &[u8], node: &str, timeout: Duration) -> Client {
+        Client {
+            addr,
+            token: token.to_vec(),
+            node: node.to_string(),
+            timeout,
+            idle: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn exchange(&self, stream: &mut TcpStream, req: &Request) -> io::Result<Response> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        stream.write_all(&req.encode(id))?;
+        let (header, payload) = read_frame(stream)?.ok_or_else(|| {
+            io::Error::new(io::ErrorKind::UnexpectedEof, "agent closed the connection")
+        })?;
+        if header.id != id {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("answer to request {} arrived for {id}", header.id),
+            ));
+        }
+        Response::decode(header.kind, &payload).map_err(invalid)
+    }
+
+    fn dial(&self) -> io::Result<TcpStream> {
+        let mut stream = TcpStream::connect_timeout(&self.addr, self.timeout)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(self.timeout))?;
+        stream.set_write_timeout(Some(self.timeout))?;
+        let hello = Request::Hello {
+            token: self.token.clone(),
+            node: self.node.clone(),
+        };
+        match self.exchange(&mut stream, &hello)? {
+            Response::Hello { .. } => Ok(stream),
+            Response::Error { errno, message } => Err(io::Error::new(
+                io::Error::from_raw_os_error(errno).kind(),
+                format!("agent {} refused us: {message}", self.addr),
+            )),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected answer to hello: {other:?}"),
+            )),
+        }
+    }
+
+    /// Sends `req` and returns the agent's answer; an agent-side error comes
+    /// back as an io::Error carrying the agent's errno.
+    pub fn call(&self, req: &Request) -> io::Result<Response> {
+        let idle = self.idle.lock().ok().and_then(|mut v| v.pop());
+        let mut stream = match idle {
+            Some(s) => s,
+            None => self.dial()?,
+        };
+        let resp = self.exchange(&mut stream, req)?;
+        if let Ok(mut v) = self.idle.lock()
+            && v.len() < MAX_IDLE
+        {
+            v.push(stream);
+        }
+        match resp {
+            Response::Error { errno, message } => Err(io::Error::new(
+                io::Error::from_raw_os_error(errno).kind(),
+                format!("agent {}: {message} (errno {errno})", self.addr),
+            )),
+            other => Ok(other),
+        }
+    }
+}
+
+fn unexpected(resp: Response) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("unexpected agent answer {resp:?}"),
+    )
+}
+
+pub struct RemotePool {
+    client: Arc<Client>,
+    pool: String,
+}
+
+impl RemotePool {
+    pub fn new(client: Arc<Client>, pool: &str) -> RemotePool {
+        RemotePool {
+            client,
+            pool: pool.to_string(),
+        }
+    }
+
+    fn call(&self, what: &str, req: Request) -> Result<Response> {
+        self.client.call(&req).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Unavailable,
+                format!(
+                    "{what} on pool {} via agent {}",
+                    self.pool, self.client.addr
+                ),
+                e,
+            )
+        })
+    }
+}
+
+impl Pool for RemotePool {
+    fn create(&self, name: &str, size: u64) -> Result<()> {
+        self.call(
+            "create replica",
+            Request::Create {
+                pool: self.pool.clone(),
+                name: name.into(),
+                size,
+            },
+        )
+        .map(drop)
+    }
+
+    fn grow(&self, name: &str, size: u64) -> Result<()> {
+        self.call(
+            "grow replica",
+            Request::Grow {
+                pool: self.pool.clone(),
+                name: name.into(),
+                size,
+            },
+        )
+        .map(drop)
+    }
+
+    fn delete(&self, name: &str) -> Result<()> {
+        self.call(
+            "delete replica",
+            Request::Delete {
+                pool: self.pool.clone(),
+                name: name.into(),
+            },
+        )
+        .map(drop)
+    }
+
+    fn size_of(&self, name: &str) -> Result<Option<u64>> {
+        match self.call(
+            "stat replica",
+            Request::Stat {
+                pool: self.pool.clone(),
+                name: name.into(),
+            },
+        )? {
+            Response::Stat { size } => Ok(size),
+            other => Err(Error::internal(unexpected(other).to_string())),
+        }
+    }
+
+    fn open(&self, name: &str) -> Result<Box<dyn ReplicaIo>> {
+        let replica = RemoteReplica {
+            client: self.client.clone(),
+            pool: self.pool.clone(),
+            name: name.to_string(),
+        };
+        // Opening proves the replica exists and the agent answers.
+        replica
+            .check()
+            .map_err(|reason| Error::new(ErrorKind::Unavailable, reason))?;
+        Ok(Box::new(replica))
+    }
+
+    fn capacity(&self) -> Result<u64> {
+        match self.call(
+            "read capacity",
+            Request::Capacity {
+                pool: self.pool.clone(),
+            },
+        )? {
+            Response::Capacity { bytes } => Ok(bytes),
+            other => Err(Error::internal(unexpected(other).to_string())),
+        }
+    }
+}
+
+pub struct RemoteReplica {
+    client: Arc<Client>,
+    pool: String,
+    name: String,
+}
+
+impl RemoteReplica {
+    fn ok(&self, req: Request) -> io::Result<()> {
+        match self.client.call(&req)? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+impl ReplicaIo for RemoteReplica {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let resp = self.client.call(&Request::Read {
+            pool: self.pool.clone(),
+            name: self.name.clone(),
+            offset,
+            len: buf.len() as u32,
+        })?;
+        match resp {
+            Response::Data { data } if data.len() == buf.len() => {
+                buf.copy_from_slice(&data);
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.ok(Request::Write {
+            pool: self.pool.clone(),
+            name: self.name.clone(),
+            offset,
+            data: buf.to_vec(),
+        })
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.ok(Request::Flush {
+            pool: self.pool.clone(),
+            name: self.name.clone(),
+        })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.ok(Request::Discard {
+            pool: self.pool.clone(),
+            name: self.name.clone(),
+            offset,
+            len,
+        })
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        self.ok(Request::Check {
+            pool: self.pool.clone(),
+            name: self.name.clone(),
+        })
+        .map_err(|e| format!("replica {}/{} unreachable: {e}", self.pool, self.name))
+    }
+}
