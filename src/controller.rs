@@ -228,6 +228,7 @@ impl ControllerCore {
                             domain: c.domain,
                             zone: c.zone,
                             state: ReplicaState::Healthy,
+                            last_catch_up_bytes: None,
                         })
                         .collect(),
                     staged_on: None,

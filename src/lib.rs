@@ -7,6 +7,7 @@ pub mod class;
 pub mod config;
 pub mod controller;
 pub mod csi;
+pub mod dirty;
 pub mod engine;
 pub mod error;
 pub mod frontend;

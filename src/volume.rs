@@ -37,6 +37,9 @@ pub struct ReplicaRecord {
     pub domain: String,
     pub zone: String,
     pub state: ReplicaState,
+    /// Bytes copied the last time this replica caught up after a fault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_catch_up_bytes: Option<u64>,
 }
 
 impl ReplicaRecord {
@@ -128,6 +131,20 @@ impl VolumeRecord {
         }
     }
 
+    /// Marks replica `index` healthy again after it caught up on `bytes`.
+    pub fn heal_replica(&mut self, index: usize, bytes: u64) -> bool {
+        let next = self.generation + 1;
+        match self.replicas.get_mut(index) {
+            Some(r) if !r.is_healthy() => {
+                r.state = ReplicaState::Healthy;
+                r.last_catch_up_bytes = Some(bytes);
+                self.generation = next;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Marks replica `index` faulted. Returns false when it already was, so
     /// the first recorded fault (the earliest missed generation) is kept.
     pub fn fault_replica(&mut self, index: usize, reason: &str) -> bool {
@@ -181,6 +198,7 @@ pub(crate) mod tests {
                     domain: format!("d{i}"),
                     zone: "z".into(),
                     state: ReplicaState::Healthy,
+                    last_catch_up_bytes: None,
                 })
                 .collect(),
             staged_on: None,

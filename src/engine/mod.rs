@@ -18,12 +18,16 @@
 pub mod process;
 pub mod workers;
 
+use std::collections::BTreeMap;
 use std::io;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use tracing::{error, warn};
+use tracing::{error, info, warn};
+
+use crate::dirty::{DEFAULT_REGION, DirtyMap};
 
 use crate::frontend::BlockDevice;
 use crate::replica::ReplicaIo;
@@ -50,6 +54,9 @@ struct Slot {
     read_latency_ns: AtomicU64,
 }
 
+/// Writes to a region hold its stripe shared; catch-up holds it exclusive.
+const STRIPES: usize = 256;
+
 pub struct Engine {
     volume_id: String,
     size: AtomicU64,
@@ -60,11 +67,26 @@ pub struct Engine {
     fault_lock: Mutex<()>,
     workers: Workers,
     next_read: AtomicUsize,
+    /// What each faulted replica (by replica index) has missed.
+    dirty: Mutex<BTreeMap<usize, DirtyMap>>,
+    /// Where dirty maps are persisted (`dirty-<index>.map`); `None` keeps
+    /// them in memory only (tests).
+    dirty_dir: Option<PathBuf>,
+    stripes: Vec<RwLock<()>>,
+    /// Writes hold it shared; a replica rejoining holds it exclusive.
+    membership: RwLock<()>,
 }
 
 pub struct EngineReplica {
     pub index: usize,
     pub io: Box<dyn ReplicaIo>,
+    /// `Some(map)`: the replica is faulted and has missed `map`'s regions.
+    pub missed: Option<DirtyMap>,
+}
+
+/// Persisted name of replica `index`'s dirty map.
+pub fn dirty_map_file(index: usize) -> String {
+    format!("dirty-{index}.map")
 }
 
 impl Engine {
@@ -75,19 +97,29 @@ impl Engine {
         min_healthy: usize,
         store: Arc<dyn StateStore>,
         worker_threads: usize,
+        dirty_dir: Option<PathBuf>,
     ) -> io::Result<Engine> {
+        let mut dirty = BTreeMap::new();
         let slots = replicas
             .into_iter()
             .map(|r| {
+                let healthy = r.missed.is_none();
+                if let Some(map) = r.missed {
+                    dirty.insert(r.index, map);
+                }
                 Arc::new(Slot {
                     index: r.index,
                     io: r.io,
-                    healthy: AtomicBool::new(true),
+                    healthy: AtomicBool::new(healthy),
                     read_latency_ns: AtomicU64::new(0),
                 })
             })
             .collect();
         Ok(Engine {
+            dirty: Mutex::new(dirty),
+            dirty_dir,
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            membership: RwLock::new(()),
             volume_id: volume_id.to_string(),
             size: AtomicU64::new(size),
             slots,
@@ -101,6 +133,11 @@ impl Engine {
 
     pub fn set_size(&self, size: u64) {
         self.size.store(size, Ordering::SeqCst);
+        if let Ok(mut dirty) = self.dirty.lock() {
+            for map in dirty.values_mut() {
+                map.resize(size);
+            }
+        }
     }
 
     pub fn healthy_count(&self) -> usize {
@@ -135,6 +172,15 @@ impl Engine {
             .update(&self.volume_id, &mut |r| Ok(r.fault_replica(index, reason)));
         match persisted {
             Ok(_) => {
+                // The map exists before any write skips this replica, so
+                // every skipped write is marked in it.
+                let mut dirty = self.lock_dirty()?;
+                if let std::collections::btree_map::Entry::Vacant(e) = dirty.entry(index) {
+                    let map = DirtyMap::new(self.size(), DEFAULT_REGION);
+                    self.persist_map(index, &map)?;
+                    e.insert(map);
+                }
+                drop(dirty);
                 slot.healthy.store(false, Ordering::SeqCst);
                 error!(volume_id = %self.volume_id, replica = index, %reason, "replica faulted");
                 Ok(())
@@ -190,6 +236,168 @@ impl Engine {
         } else {
             Err(first_error.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO)))
         }
+    }
+
+    fn lock_dirty(&self) -> io::Result<std::sync::MutexGuard<'_, BTreeMap<usize, DirtyMap>>> {
+        self.dirty
+            .lock()
+            .map_err(|_| io::Error::other("dirty map lock poisoned"))
+    }
+
+    fn persist_map(&self, index: usize, map: &DirtyMap) -> io::Result<()> {
+        let Some(dir) = &self.dirty_dir else {
+            return Ok(());
+        };
+        crate::store::atomic_write(&dir.join(dirty_map_file(index)), &map.encode())
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+
+    /// Records `[offset, offset+len)` as missed by every faulted replica,
+    /// persisting maps that gained a region. Must succeed before the write
+    /// is acknowledged.
+    fn mark_missed(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut dirty = self.lock_dirty()?;
+        for (index, map) in dirty.iter_mut() {
+            if map.mark(offset, len) {
+                self.persist_map(*index, map)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn stripe_range(&self, offset: u64, len: u64) -> Vec<usize> {
+        if len == 0 {
+            return Vec::new();
+        }
+        let first = offset / DEFAULT_REGION;
+        let last = (offset + len - 1) / DEFAULT_REGION;
+        let mut s: Vec<usize> = (first..=last.min(first + STRIPES as u64 - 1))
+            .map(|r| (r % STRIPES as u64) as usize)
+            .collect();
+        s.sort_unstable();
+        s.dedup();
+        s
+    }
+
+    /// Runs a data-changing operation the way every write must: stripes
+    /// shared, fanned out, and recorded in the dirty maps before returning.
+    fn mutate(
+        &self,
+        what: &'static str,
+        offset: u64,
+        len: u64,
+        op: impl Fn(&dyn ReplicaIo) -> io::Result<()> + Send + Sync + 'static,
+    ) -> io::Result<()> {
+        let _member = self
+            .membership
+            .read()
+            .map_err(|_| io::Error::other("membership lock poisoned"))?;
+        let stripes = self.stripe_range(offset, len);
+        let _guards: Vec<_> = stripes
+            .iter()
+            .map(|&i| self.stripes[i].read())
+            .collect::<Result<_, _>>()
+            .map_err(|_| io::Error::other("stripe lock poisoned"))?;
+        let result = self.fan_out(what, op);
+        // Marked even when the operation failed: some replicas may have it.
+        self.mark_missed(offset, len)?;
+        result
+    }
+
+    /// Copies what faulted-but-reachable replicas missed and lets them
+    /// rejoin. Returns the bytes copied. Safe to run while I/O continues.
+    pub fn catch_up(&self) -> u64 {
+        let pending: Vec<Arc<Slot>> = {
+            let Ok(dirty) = self.dirty.lock() else {
+                return 0;
+            };
+            self.slots
+                .iter()
+                .filter(|s| !s.healthy.load(Ordering::SeqCst) && dirty.contains_key(&s.index))
+                .cloned()
+                .collect()
+        };
+        let mut total = 0;
+        for slot in pending {
+            if slot.io.check().is_err() {
+                continue;
+            }
+            match self.catch_up_one(&slot) {
+                Ok(bytes) => total += bytes,
+                Err(e) => {
+                    warn!(volume_id = %self.volume_id, replica = slot.index, error = %e, "catch-up interrupted; will retry");
+                }
+            }
+        }
+        total
+    }
+
+    fn copy_region(&self, slot: &Slot, start: u64, len: u64) -> io::Result<()> {
+        let mut buf = AlignedBuf::zeroed(len as usize);
+        self.read_at(buf.as_mut_slice(), start)?;
+        slot.io.write_at(buf.as_slice(), start)
+    }
+
+    /// Copies the regions of `slot`'s map that are dirty now; each under
+    /// its stripe lock unless `paused` (all writes already stopped).
+    fn copy_dirty(&self, slot: &Slot, paused: bool) -> io::Result<u64> {
+        let regions: Vec<(u64, u64, u64)> = {
+            let dirty = self.lock_dirty()?;
+            let Some(map) = dirty.get(&slot.index) else {
+                return Ok(0);
+            };
+            map.dirty_regions()
+                .map(|r| {
+                    let (start, len) = map.range(r);
+                    (r, start, len)
+                })
+                .collect()
+        };
+        let mut bytes = 0;
+        for (region, start, len) in regions {
+            {
+                let _stripe = if paused {
+                    None
+                } else {
+                    Some(
+                        self.stripes[(region % STRIPES as u64) as usize]
+                            .write()
+                            .map_err(|_| io::Error::other("stripe lock poisoned"))?,
+                    )
+                };
+                self.copy_region(slot, start, len)?;
+                if let Some(map) = self.lock_dirty()?.get_mut(&slot.index) {
+                    map.clear(region);
+                }
+            }
+            bytes += len;
+        }
+        // Persist progress so an interrupted catch-up resumes, never restarts.
+        if let Some(map) = self.lock_dirty()?.get(&slot.index) {
+            self.persist_map(slot.index, map)?;
+        }
+        Ok(bytes)
+    }
+
+    fn catch_up_one(&self, slot: &Slot) -> io::Result<u64> {
+        let mut bytes = self.copy_dirty(slot, false)?;
+        let _paused = self
+            .membership
+            .write()
+            .map_err(|_| io::Error::other("membership lock poisoned"))?;
+        bytes += self.copy_dirty(slot, true)?;
+        slot.io.flush()?;
+        let index = slot.index;
+        self.store
+            .update(&self.volume_id, &mut |r| Ok(r.heal_replica(index, bytes)))
+            .map_err(|e| io::Error::other(format!("cannot record replica healthy: {e}")))?;
+        self.lock_dirty()?.remove(&index);
+        if let Some(dir) = &self.dirty_dir {
+            let _ = std::fs::remove_file(dir.join(dirty_map_file(index)));
+        }
+        slot.healthy.store(true, Ordering::SeqCst);
+        info!(volume_id = %self.volume_id, replica = index, bytes, "replica caught up and rejoined");
+        Ok(bytes)
     }
 
     /// Probes every healthy replica and faults those that are gone. Run
@@ -263,7 +471,9 @@ impl BlockDevice for Engine {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check_range(offset, buf.len())?;
         let data = Arc::new(AlignedBuf::copy_of(buf));
-        self.fan_out("write", move |io| io.write_at(data.as_slice(), offset))
+        self.mutate("write", offset, buf.len() as u64, move |io| {
+            io.write_at(data.as_slice(), offset)
+        })
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -272,7 +482,7 @@ impl BlockDevice for Engine {
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         let len = len.min(self.size().saturating_sub(offset));
-        self.fan_out("discard", move |io| io.discard(offset, len))
+        self.mutate("discard", offset, len, move |io| io.discard(offset, len))
     }
 }
 

@@ -16,7 +16,8 @@ use nix::sys::signal::{SigSet, Signal};
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::engine::{Engine, EngineReplica};
+use crate::dirty::{DEFAULT_REGION, DirtyMap};
+use crate::engine::{Engine, EngineReplica, dirty_map_file};
 use crate::error::{Error, Result};
 use crate::frontend::BlockDevice;
 use crate::frontend::fuse::{self, FuseExport, FuseOptions};
@@ -49,32 +50,60 @@ pub fn run(args: EngineArgs) -> Result<()> {
         .get(volume_id)?
         .ok_or_else(|| Error::not_found(format!("volume {volume_id} does not exist")))?;
 
+    // Dirty maps live beside the FUSE mountpoint, in the volume's run dir.
+    let dirty_dir = args
+        .mountpoint
+        .parent()
+        .map(|p| p.to_path_buf())
+        .ok_or_else(|| Error::invalid("mountpoint has no parent dir"))?;
     let mut replicas = Vec::new();
     for (index, replica) in record.replicas.iter().enumerate() {
-        if !replica.is_healthy() {
-            continue;
-        }
         let opened = pools
             .get(&replica.pool)
             .and_then(|p| p.backend.open(&replica_file_name(volume_id, index)));
+        if !replica.is_healthy() {
+            // A faulted replica that is still there can catch up: on what
+            // its dirty map says, or on everything when the map is lost.
+            if let Ok(io) = opened {
+                let map = std::fs::read(dirty_dir.join(dirty_map_file(index)))
+                    .ok()
+                    .and_then(|b| DirtyMap::decode(&b))
+                    .unwrap_or_else(|| {
+                        let mut m = DirtyMap::new(record.capacity_bytes, DEFAULT_REGION);
+                        m.mark_all();
+                        m
+                    });
+                replicas.push(EngineReplica {
+                    index,
+                    io,
+                    missed: Some(map),
+                });
+            }
+            continue;
+        }
         match opened {
-            Ok(io) => replicas.push(EngineReplica { index, io }),
+            Ok(io) => replicas.push(EngineReplica {
+                index,
+                io,
+                missed: None,
+            }),
             Err(e) => {
                 // Nothing has been written through this engine yet, so
-                // recording the fault now is in time.
+                // recording the fault now is in time; without a map the
+                // replica copies everything if it returns.
                 warn!(volume_id, replica = index, error = %e, "replica cannot be opened");
                 let reason = format!("cannot open at engine start: {e}");
                 store.update(volume_id, &mut |r| Ok(r.fault_replica(index, &reason)))?;
             }
         }
     }
+    let healthy = replicas.iter().filter(|r| r.missed.is_none()).count();
     let min_healthy = usize::from(record.class.min_healthy);
-    if replicas.len() < min_healthy {
+    if healthy < min_healthy {
         return Err(Error::new(
             crate::error::ErrorKind::Unavailable,
             format!(
-                "volume {volume_id} has {} usable replica(s), its class needs {min_healthy}",
-                replicas.len()
+                "volume {volume_id} has {healthy} usable replica(s), its class needs {min_healthy}"
             ),
         ));
     }
@@ -86,6 +115,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
             min_healthy,
             store.clone(),
             REPLICA_IO_THREADS,
+            Some(dirty_dir),
         )
         .map_err(|e| Error::io("cannot start replica I/O threads", e))?,
     );
@@ -110,6 +140,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
             .spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     engine.check_replicas();
+                    engine.catch_up();
                     std::thread::sleep(CHECK_INTERVAL);
                 }
             })

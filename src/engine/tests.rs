@@ -80,6 +80,7 @@ fn setup(
         .map(|(index, m)| EngineReplica {
             index,
             io: Box::new(m.clone()),
+            missed: None,
         })
         .collect();
     let engine = Engine::new(
@@ -89,9 +90,126 @@ fn setup(
         min_healthy,
         store.clone(),
         4,
+        None,
     )
     .unwrap();
     (dir, store, mems, engine)
+}
+
+const BIG: usize = 8 << 20;
+
+/// Like `setup`, with 8 regions and dirty maps persisted under `run/`.
+fn setup_big(
+    n: usize,
+) -> (
+    tempfile::TempDir,
+    Arc<FileStore>,
+    Vec<MemReplica>,
+    Arc<Engine>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FileStore::open(dir.path()).unwrap());
+    let mut rec: VolumeRecord = crate::volume::tests::record(n);
+    rec.id = "tv-test".into();
+    rec.capacity_bytes = BIG as u64;
+    store.put(&rec).unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let mems: Vec<MemReplica> = (0..n).map(|_| MemReplica::new(BIG)).collect();
+    let replicas = mems
+        .iter()
+        .enumerate()
+        .map(|(index, m)| EngineReplica {
+            index,
+            io: Box::new(m.clone()),
+            missed: None,
+        })
+        .collect();
+    let engine = Engine::new(
+        "tv-test",
+        BIG as u64,
+        replicas,
+        1,
+        store.clone(),
+        4,
+        Some(run),
+    )
+    .unwrap();
+    (dir, store, mems, Arc::new(engine))
+}
+
+#[test]
+fn returning_replica_catches_up_on_exactly_what_it_missed() {
+    let (dir, store, mems, e) = setup_big(3);
+    e.write_at(&[1u8; 4096], 0).unwrap();
+    mems[1].fail.store(true, Ordering::SeqCst);
+    e.write_at(&[2u8; 4096], 2 << 20).unwrap();
+    e.write_at(&[3u8; 8192], (5 << 20) + 4096).unwrap();
+    e.write_at(&[4u8; 10], (5 << 20) + 100).unwrap();
+    // The map on disk already covers every acknowledged write it missed.
+    let map =
+        crate::dirty::DirtyMap::decode(&std::fs::read(dir.path().join("run/dirty-1.map")).unwrap())
+            .unwrap();
+    assert_eq!(map.dirty_regions().collect::<Vec<_>>(), [2, 5]);
+    // Still unreachable: nothing happens.
+    mems[1].gone.store(true, Ordering::SeqCst);
+    assert_eq!(e.catch_up(), 0);
+    assert_eq!(e.healthy_count(), 2);
+    // Back: exactly the two dirty regions are copied.
+    mems[1].gone.store(false, Ordering::SeqCst);
+    mems[1].fail.store(false, Ordering::SeqCst);
+    assert_eq!(e.catch_up(), 2 << 20);
+    assert_eq!(e.healthy_count(), 3);
+    assert!(*mems[1].data.lock().unwrap() == *mems[0].data.lock().unwrap());
+    let rec = store.get("tv-test").unwrap().unwrap();
+    assert!(rec.replicas[1].is_healthy());
+    assert_eq!(rec.replicas[1].last_catch_up_bytes, Some(2 << 20));
+    assert!(!dir.path().join("run/dirty-1.map").exists());
+    // It takes writes again.
+    e.write_at(&[9u8; 4096], 0).unwrap();
+    assert_eq!(mems[1].data.lock().unwrap()[0], 9);
+}
+
+#[test]
+fn catch_up_under_concurrent_writes_converges_to_identical_replicas() {
+    let (_dir, _store, mems, e) = setup_big(3);
+    mems[2].fail.store(true, Ordering::SeqCst);
+    for i in 0..8u64 {
+        e.write_at(&[i as u8 + 1; 4096], i << 20).unwrap();
+    }
+    mems[2].fail.store(false, Ordering::SeqCst);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..3u64)
+        .map(|t| {
+            let e = e.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = t * 7919 + 1;
+                while !stop.load(Ordering::SeqCst) {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let off = (x >> 33) % (BIG as u64 / 4096) * 4096;
+                    e.write_at(&[(x >> 20) as u8; 4096], off).unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut copied = 0;
+    while e.healthy_count() < 3 {
+        copied += e.catch_up();
+    }
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert!(copied >= 8 << 20);
+    let a = mems[0].data.lock().unwrap().clone();
+    assert!(*mems[1].data.lock().unwrap() == a);
+    assert!(
+        *mems[2].data.lock().unwrap() == a,
+        "caught-up replica diverged"
+    );
 }
 
 #[test]
