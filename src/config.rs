@@ -20,13 +20,35 @@ pub struct Config {
     pub overcommit_ratio: f64,
     #[serde(default)]
     pub pools: Vec<PoolConfig>,
+    /// Other nodes whose replica agents serve pools to this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeConfig>,
+    /// File holding the cluster token agents and engines authenticate with;
+    /// relative paths are under the data dir.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_token_file: Option<PathBuf>,
+    /// How long a replica agent may take to answer before its replica is faulted.
+    #[serde(default = "default_agent_timeout_ms")]
+    pub agent_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: String,
+    /// host:port of the node's replica agent.
+    pub agent: std::net::SocketAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     pub name: String,
-    /// Directory holding the pool's replica files; relative paths are under the data dir.
+    /// The node whose disk holds the pool; absent means this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Directory holding the pool's replica files on its node; relative
+    /// paths are under that node's data dir.
     pub path: PathBuf,
     pub tier: Tier,
     /// Failure domain for `failureDomain: node`: replicas of a volume never
@@ -45,6 +67,10 @@ fn default_overcommit() -> f64 {
     1.0
 }
 
+fn default_agent_timeout_ms() -> u64 {
+    5000
+}
+
 const HEADER: &str = "\
 # Terna standalone configuration, written with defaults on first start.
 # Each pool is a directory standing for one disk. Edit tiers (fast | standard | slow),
@@ -59,6 +85,7 @@ impl Config {
         let pools = (1..=3)
             .map(|i| PoolConfig {
                 name: format!("disk-{i}"),
+                node: None,
                 path: PathBuf::from(format!("pools/disk-{i}")),
                 tier: Tier::Standard,
                 domain: Some(format!("disk-{i}")),
@@ -69,6 +96,9 @@ impl Config {
         Config {
             overcommit_ratio: 1.0,
             pools,
+            nodes: Vec::new(),
+            cluster_token_file: None,
+            agent_timeout_ms: default_agent_timeout_ms(),
         }
     }
 
@@ -117,6 +147,15 @@ impl Config {
                     pool.name
                 )));
             }
+            if let Some(node) = &pool.node
+                && !self.nodes.iter().any(|n| &n.name == node)
+            {
+                return Err(Error::invalid(format!(
+                    "{}: pool {:?} is on node {node:?}, which has no [[nodes]] entry with its agent address",
+                    path.display(),
+                    pool.name
+                )));
+            }
             if !names.insert(pool.name.as_str()) {
                 return Err(Error::invalid(format!(
                     "{}: pool name {:?} is used twice",
@@ -126,6 +165,22 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The cluster token, or an empty one when no token file is configured
+    /// (agents then accept only peers that also have none).
+    pub fn cluster_token(&self, data_dir: &Path) -> Result<Vec<u8>> {
+        let Some(file) = &self.cluster_token_file else {
+            return Ok(Vec::new());
+        };
+        let path = if file.is_absolute() {
+            file.clone()
+        } else {
+            data_dir.join(file)
+        };
+        let token = std::fs::read(&path)
+            .map_err(|e| Error::io(format!("cannot read cluster token {}", path.display()), e))?;
+        Ok(token.trim_ascii().to_vec())
     }
 
     pub fn pool_path(&self, data_dir: &Path, pool: &PoolConfig) -> PathBuf {
@@ -164,5 +219,14 @@ mod tests {
         assert!(Config::parse(dup, p).unwrap_err().message.contains("twice"));
         let bad_tier = "[[pools]]\nname='a'\npath='a'\ntier='blazing'\n";
         assert!(Config::parse(bad_tier, p).is_err());
+        let orphan = "[[pools]]\nname='a'\nnode='n9'\npath='a'\ntier='fast'\n";
+        let err = Config::parse(orphan, p).unwrap_err();
+        assert!(
+            err.message.contains("no [[nodes]] entry"),
+            "{}",
+            err.message
+        );
+        let ok = "[[nodes]]\nname='n9'\nagent='10.1.0.9:7420'\n[[pools]]\nname='a'\nnode='n9'\npath='a'\ntier='fast'\n";
+        Config::parse(ok, p).unwrap();
     }
 }

@@ -39,6 +39,18 @@ enum Command {
         #[arg(long)]
         mountpoint: PathBuf,
     },
+    /// Serves this node's pools to engines on other nodes (the replica agent).
+    Agent {
+        /// Holds terna.toml (pools with no `node`, or this node's, are served).
+        #[arg(long, default_value = "/var/lib/terna")]
+        data_dir: PathBuf,
+        /// Address to listen on, host:port.
+        #[arg(long, default_value = "0.0.0.0:7420")]
+        listen: std::net::SocketAddr,
+        /// Node id; defaults to the hostname.
+        #[arg(long)]
+        node_id: Option<String>,
+    },
     /// Lists volumes with replica health.
     Volumes {
         #[arg(long, default_value = "/var/lib/terna")]
@@ -89,6 +101,17 @@ fn main() -> anyhow::Result<()> {
             volume_id: volume,
             mountpoint,
         })?,
+        Command::Agent {
+            data_dir,
+            listen,
+            node_id,
+        } => {
+            let node_id = match node_id {
+                Some(n) => n,
+                None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+            };
+            terna::agent::run(&data_dir, listen, &node_id)?;
+        }
         Command::Volumes { data_dir, output } => {
             print!("{}", terna::standalone::volumes_report(&data_dir, &output)?);
         }

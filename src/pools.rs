@@ -9,6 +9,9 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::replica::Pool;
 use crate::replica::local::LocalPool;
+use crate::replica::remote::{Client, RemotePool};
+use std::sync::Arc;
+use std::time::Duration;
 
 pub struct PoolEntry {
     pub name: String,
@@ -24,20 +27,42 @@ pub struct Pools {
 }
 
 impl Pools {
-    /// Every configured pool, as local pools of `node`.
+    /// Every configured pool: this node's as local pools, other nodes'
+    /// through their replica agents.
     pub fn from_config(config: &Config, data_dir: &Path, node: &str) -> Result<Pools> {
+        let token = config.cluster_token(data_dir)?;
+        let timeout = Duration::from_millis(config.agent_timeout_ms);
+        let clients: BTreeMap<&str, Arc<Client>> = config
+            .nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.name.as_str(),
+                    Arc::new(Client::new(n.agent, &token, node, timeout)),
+                )
+            })
+            .collect();
         let mut entries = BTreeMap::new();
         for pool in &config.pools {
-            let backend = LocalPool::new(&config.pool_path(data_dir, pool), pool.capacity_bytes)?;
+            let pool_node = pool.node.clone().unwrap_or_else(|| node.to_string());
+            let backend: Box<dyn Pool> = match clients.get(pool_node.as_str()) {
+                Some(client) if pool_node != node => {
+                    Box::new(RemotePool::new(client.clone(), &pool.name))
+                }
+                _ => Box::new(LocalPool::new(
+                    &config.pool_path(data_dir, pool),
+                    pool.capacity_bytes,
+                )?),
+            };
             entries.insert(
                 pool.name.clone(),
                 PoolEntry {
                     name: pool.name.clone(),
-                    node: node.to_string(),
+                    node: pool_node.clone(),
                     tier: pool.tier,
-                    domain: pool.domain.clone().unwrap_or_else(|| node.to_string()),
+                    domain: pool.domain.clone().unwrap_or_else(|| pool_node.clone()),
                     zone: pool.zone.clone().unwrap_or_else(|| "default".to_string()),
-                    backend: Box::new(backend),
+                    backend,
                 },
             );
         }
@@ -55,5 +80,26 @@ impl Pools {
 
     pub fn iter(&self) -> impl Iterator<Item = &PoolEntry> {
         self.entries.values()
+    }
+
+    /// The pools on `node`'s own disks, for its replica agent to serve.
+    pub fn local_to(
+        config: &Config,
+        data_dir: &Path,
+        node: &str,
+    ) -> Result<BTreeMap<String, Box<dyn Pool>>> {
+        let mut out: BTreeMap<String, Box<dyn Pool>> = BTreeMap::new();
+        for pool in &config.pools {
+            if pool.node.as_deref().is_none_or(|n| n == node) {
+                out.insert(
+                    pool.name.clone(),
+                    Box::new(LocalPool::new(
+                        &config.pool_path(data_dir, pool),
+                        pool.capacity_bytes,
+                    )?),
+                );
+            }
+        }
+        Ok(out)
     }
 }

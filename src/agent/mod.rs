@@ -4,5 +4,24 @@
 pub mod protocol;
 pub mod server;
 
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::pools::Pools;
+
+/// `terna agent`: serves the pools on this node's disks until killed.
+pub fn run(data_dir: &Path, listen: SocketAddr, node: &str) -> Result<()> {
+    let config = Config::load_or_init(data_dir)?;
+    let token = config.cluster_token(data_dir)?;
+    let pools = Pools::local_to(&config, data_dir, node)?;
+    let listener = TcpListener::bind(listen)
+        .map_err(|e| Error::io(format!("cannot listen on {listen}"), e))?;
+    let state = Arc::new(server::AgentState::new(node, &token, pools));
+    server::serve(listener, state).map_err(|e| Error::io("replica agent stopped", e))
+}
+
 #[cfg(test)]
 mod tests;

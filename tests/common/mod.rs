@@ -40,11 +40,18 @@ pub struct Standalone {
 
 impl Standalone {
     pub fn start() -> Standalone {
+        Self::start_with(|_| {})
+    }
+
+    /// Starts terna after `prepare` has had the chance to write into the
+    /// (not yet existing) data dir, e.g. a terna.toml.
+    pub fn start_with(prepare: impl FnOnce(&Path)) -> Standalone {
         let dir = tempfile::Builder::new()
             .prefix("terna-test-")
             .tempdir()
             .unwrap();
         let data_dir = dir.path().join("data");
+        prepare(&data_dir);
         let socket = dir.path().join("csi.sock");
         let mut s = Standalone {
             dir,

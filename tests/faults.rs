@@ -1,0 +1,394 @@
+//! Replicas on other nodes, under real faults. Three replica agents run in
+//! their own network namespaces (veth links to this one); `terna standalone`
+//! here stages a 3-replica volume whose replicas all live on those agents,
+//! and a writer keeps writing checksummed files through the mounted
+//! filesystem while agents are killed with SIGKILL and links are cut.
+//! Nothing acknowledged may be lost, the volume must report itself degraded
+//! and heal by itself, catch-up must copy only dirty regions, and in the end
+//! all three replica files must be byte-identical. Needs root.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::csi_client::{Csi, mount_cap};
+use sha2::{Digest, Sha256};
+use terna::proto::csi as pb;
+
+const TOKEN: &str = "faults-test-token";
+const MIB: u64 = 1 << 20;
+const VOLUME: u64 = 256 * MIB;
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One replica agent in its own network namespace.
+struct AgentNode {
+    ns: String,
+    host_if: String,
+    addr: String,
+    dir: PathBuf,
+    name: String,
+    child: Option<Child>,
+}
+
+impl AgentNode {
+    fn new(base: &Path, i: u32) -> AgentNode {
+        let tag = std::process::id() % 10_000;
+        let ns = format!("terna-f{tag}-{i}");
+        let host_if = format!("tf{tag}h{i}");
+        let node_if = format!("tf{tag}n{i}");
+        ip(&["netns", "add", &ns]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &node_if,
+        ]);
+        ip(&["link", "set", &node_if, "netns", &ns]);
+        ip(&["addr", "add", &format!("10.231.{i}.1/24"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("10.231.{i}.2/24"),
+            "dev",
+            &node_if,
+        ]);
+        ip(&["-n", &ns, "link", "set", &node_if, "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        let name = format!("a{i}");
+        let dir = base.join(&name);
+        std::fs::create_dir_all(dir.join("pool")).unwrap();
+        std::fs::write(dir.join("token"), TOKEN).unwrap();
+        std::fs::write(
+            dir.join("terna.toml"),
+            format!(
+                "cluster_token_file = \"token\"\n[[pools]]\nname = \"{name}-disk\"\npath = \"pool\"\ntier = \"standard\"\n"
+            ),
+        )
+        .unwrap();
+        let mut node = AgentNode {
+            ns,
+            host_if,
+            addr: format!("10.231.{i}.2:7420"),
+            dir,
+            name,
+            child: None,
+        };
+        node.start();
+        node
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
+        // `ip netns exec` execs terna in place: the child's pid is the agent's.
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                env!("CARGO_BIN_EXE_terna"),
+                "agent",
+            ])
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--listen", &self.addr, "--node-id", &self.name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect_timeout(
+            &self.addr.parse().unwrap(),
+            Duration::from_millis(200),
+        )
+        .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "agent {} did not listen",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn link(&self, up: bool) {
+        ip(&["link", "set", &self.host_if, if up { "up" } else { "down" }]);
+    }
+
+    fn replica_file(&self, volume_id: &str, index: usize) -> PathBuf {
+        self.dir
+            .join("pool")
+            .join(format!("{volume_id}.r{index}.img"))
+    }
+}
+
+impl Drop for AgentNode {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+/// Writes checksummed files until stopped; remembers only what fsync acknowledged.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    written: Arc<AtomicU64>,
+    acked: Arc<Mutex<HashMap<PathBuf, Vec<u8>>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(dir: &Path) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicU64::new(0));
+        let acked = Arc::new(Mutex::new(HashMap::new()));
+        let (s, w, a, dir) = (
+            stop.clone(),
+            written.clone(),
+            acked.clone(),
+            dir.to_path_buf(),
+        );
+        let thread = std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !s.load(Ordering::SeqCst) {
+                // Reuse 64 names so the filesystem stays small and rewrites happen.
+                let path = dir.join(format!("f{}", i % 64));
+                let data: Vec<u8> = (0..256 * 1024u64)
+                    .map(|b| (b * 131 + i * 7) as u8)
+                    .collect();
+                let mut f = std::fs::File::create(&path).unwrap();
+                f.write_all(&data).unwrap();
+                f.sync_all().unwrap();
+                a.lock()
+                    .unwrap()
+                    .insert(path, Sha256::digest(&data).to_vec());
+                w.fetch_add(data.len() as u64, Ordering::SeqCst);
+                i += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Writer {
+            stop,
+            written,
+            acked,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(&mut self) -> HashMap<PathBuf, Vec<u8>> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("writer saw an I/O error");
+        }
+        self.acked.lock().unwrap().clone()
+    }
+}
+
+fn verify(sums: &HashMap<PathBuf, Vec<u8>>) {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    for (path, want) in sums {
+        let got = Sha256::digest(std::fs::read(path).unwrap()).to_vec();
+        assert_eq!(&got, want, "{} lost acknowledged data", path.display());
+    }
+}
+
+async fn condition(csi: &mut Csi, id: &str) -> pb::VolumeCondition {
+    csi.controller
+        .controller_get_volume(pb::ControllerGetVolumeRequest {
+            volume_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+        .volume_condition
+        .unwrap()
+}
+
+async fn wait_condition(
+    csi: &mut Csi,
+    id: &str,
+    abnormal: bool,
+    what: &str,
+) -> pb::VolumeCondition {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = condition(csi, id).await;
+        if c.abnormal == abnormal {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: volume condition stayed {c:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn record(terna: &common::Standalone, id: &str) -> serde_json::Value {
+    let text =
+        std::fs::read_to_string(terna.data_dir.join(format!("state/volumes/{id}.json"))).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_lose_no_acknowledged_write_and_heal_by_catching_up_dirty_regions() {
+    if !common::require_root(
+        "faults_lose_no_acknowledged_write_and_heal_by_catching_up_dirty_regions",
+    ) {
+        return;
+    }
+    let base = tempfile::Builder::new()
+        .prefix("terna-faults-")
+        .tempdir()
+        .unwrap();
+    let mut agents: Vec<AgentNode> = (1..=3).map(|i| AgentNode::new(base.path(), i)).collect();
+
+    // The engine side: no pools of its own, the three agents' pools.
+    let mut config = String::from("cluster_token_file = \"token\"\nagent_timeout_ms = 1500\n");
+    for a in &agents {
+        config += &format!("[[nodes]]\nname = \"{}\"\nagent = \"{}\"\n", a.name, a.addr);
+    }
+    for a in &agents {
+        config += &format!(
+            "[[pools]]\nname = \"{0}-disk\"\nnode = \"{0}\"\npath = \"pool\"\ntier = \"standard\"\n",
+            a.name
+        );
+    }
+    let terna = common::Standalone::start_with(|data_dir| {
+        std::fs::create_dir_all(data_dir).unwrap();
+        std::fs::write(data_dir.join("terna.toml"), &config).unwrap();
+        std::fs::write(data_dir.join("token"), TOKEN).unwrap();
+    });
+    let mut csi = Csi::connect(&terna.socket).await;
+    let id = csi
+        .create(
+            "faults",
+            VOLUME as i64,
+            &[("replicas", "3")],
+            mount_cap("ext4"),
+        )
+        .await
+        .unwrap()
+        .volume_id;
+    let staging = terna.dir.path().join("staging");
+    let target = terna.dir.path().join("target");
+    std::fs::create_dir_all(&staging).unwrap();
+    csi.stage(&id, &staging, mount_cap("ext4")).await;
+    csi.publish(&id, &staging, &target, mount_cap("ext4")).await;
+
+    // Which replica index lives on which agent.
+    let rec = record(&terna, &id);
+    let index_of = |agent: &str| -> usize {
+        rec["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|r| r["node"] == agent)
+            .unwrap()
+    };
+
+    let mut writer = Writer::start(&target);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Fault 1: an agent killed with SIGKILL, then restarted.
+    // Fault 2: the link to an agent cut, then restored.
+    for (fault, a) in [("kill -9", 1usize), ("link cut", 2usize)] {
+        let replica = index_of(&agents[a].name);
+        if fault == "kill -9" {
+            agents[a].kill9();
+        } else {
+            agents[a].link(false);
+        }
+        let c = wait_condition(&mut csi, &id, true, fault).await;
+        assert!(
+            c.message.contains(&format!("replica {replica}")),
+            "{fault}: {}",
+            c.message
+        );
+        let before = writer.written.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let away = writer.written.load(Ordering::SeqCst) - before;
+        assert!(away > 0, "{fault}: writes stopped while degraded");
+        if fault == "kill -9" {
+            agents[a].start();
+        } else {
+            agents[a].link(true);
+        }
+        wait_condition(&mut csi, &id, false, &format!("{fault} recovery")).await;
+        let copied = record(&terna, &id)["replicas"][replica]["last_catch_up_bytes"]
+            .as_u64()
+            .unwrap();
+        println!("{fault}: {away} bytes written while away, catch-up copied {copied} bytes");
+        assert!(copied > 0, "{fault}: nothing copied");
+        assert!(
+            copied <= VOLUME / 2,
+            "{fault}: catch-up copied {copied} of {VOLUME}: not incremental"
+        );
+    }
+
+    let sums = writer.stop();
+    assert!(sums.len() >= 32, "writer made too little progress");
+    verify(&sums);
+
+    // With every replica healthy and the volume unstaged, the three replica
+    // files must be identical: the caught-up ones hold every write too.
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+    let files: Vec<Vec<u8>> = agents
+        .iter()
+        .map(|a| std::fs::read(a.replica_file(&id, index_of(&a.name))).unwrap())
+        .collect();
+    assert!(files[0] == files[1], "replica on a2 differs from a1");
+    assert!(files[0] == files[2], "replica on a3 differs from a1");
+
+    csi.stage(&id, &staging, mount_cap("ext4")).await;
+    csi.publish(&id, &staging, &target, mount_cap("ext4")).await;
+    verify(&sums);
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+    csi.delete(&id).await;
+    for a in &agents {
+        assert!(
+            !a.replica_file(&id, index_of(&a.name)).exists(),
+            "replica left on {}",
+            a.name
+        );
+    }
+    terna.stop_and_check_clean();
+    drop(agents);
+}
