@@ -19,6 +19,13 @@
 //! either checksum, trailing bytes) ends the connection: nothing read from a
 //! damaged frame is ever acted on. The first request on a connection must be
 //! `Hello` with the cluster token; anything else is refused.
+//!
+//! Fencing: a write sent before a link was cut can still arrive after the
+//! link comes back, after the engine has already copied newer data over that
+//! region. So before a replica catches up, the engine sends `Fence`; the
+//! agent then refuses (ESTALE) writes and discards to that replica arriving
+//! on any connection opened before the fence, and the fence itself waits for
+//! such operations already under way.
 
 use thiserror::Error;
 
@@ -80,6 +87,12 @@ pub enum Request {
         len: u64,
     },
     Check {
+        pool: String,
+        name: String,
+    },
+    /// From now on, refuse writes to this replica that arrive on connections
+    /// opened before this request (late deliveries from a cut link).
+    Fence {
         pool: String,
         name: String,
     },
@@ -273,6 +286,7 @@ mod kind {
     pub const FLUSH: u16 = 9;
     pub const DISCARD: u16 = 10;
     pub const CHECK: u16 = 11;
+    pub const FENCE: u16 = 12;
     pub const R_OK: u16 = 100;
     pub const R_HELLO: u16 = 101;
     pub const R_STAT: u16 = 102;
@@ -313,6 +327,7 @@ impl Request {
                 len,
             } => (kind::DISCARD, w.str(pool).str(name).u64(*offset).u64(*len)),
             Request::Check { pool, name } => (kind::CHECK, w.str(pool).str(name)),
+            Request::Fence { pool, name } => (kind::FENCE, w.str(pool).str(name)),
         };
         frame(k, id, w.0)
     }
@@ -366,6 +381,10 @@ impl Request {
                 len: r.u64()?,
             },
             kind::CHECK => Request::Check {
+                pool: r.name()?,
+                name: r.name()?,
+            },
+            kind::FENCE => Request::Fence {
                 pool: r.name()?,
                 name: r.name()?,
             },
@@ -496,6 +515,7 @@ mod tests {
                 }
             ),
             (arb_name(), arb_name()).prop_map(|(pool, name)| Request::Check { pool, name }),
+            (arb_name(), arb_name()).prop_map(|(pool, name)| Request::Fence { pool, name }),
         ]
     }
 

@@ -4,7 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tracing::{debug, info, warn};
@@ -16,11 +17,23 @@ use crate::replica::{Pool, ReplicaIo};
 /// An idle connection is dropped after this long, so dead peers do not pin threads.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
+type ReplicaKey = (String, String);
+
 pub struct AgentState {
     node: String,
     token: Vec<u8>,
     pools: BTreeMap<String, Box<dyn Pool>>,
-    open: Mutex<HashMap<(String, String), Arc<dyn ReplicaIo>>>,
+    open: Mutex<HashMap<ReplicaKey, Arc<dyn ReplicaIo>>>,
+    /// Connection epochs: each connection takes the current value at Hello.
+    epoch: AtomicU64,
+    /// Per replica: the epoch below which writes are refused, behind a lock
+    /// that writes hold shared while they run.
+    fences: Mutex<HashMap<ReplicaKey, Arc<RwLock<u64>>>>,
+}
+
+/// What a connection knows about itself.
+pub struct Conn {
+    epoch: u64,
 }
 
 impl AgentState {
@@ -30,7 +43,43 @@ impl AgentState {
             token: token.to_vec(),
             pools,
             open: Mutex::new(HashMap::new()),
+            epoch: AtomicU64::new(1),
+            fences: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn connect(&self) -> Conn {
+        Conn {
+            epoch: self.epoch.load(Ordering::SeqCst),
+        }
+    }
+
+    fn fence_of(&self, pool: &str, name: &str) -> Result<Arc<RwLock<u64>>, Response> {
+        let mut fences = self.fences.lock().map_err(|_| poisoned())?;
+        Ok(fences
+            .entry((pool.to_string(), name.to_string()))
+            .or_insert_with(|| Arc::new(RwLock::new(0)))
+            .clone())
+    }
+
+    /// Runs a data-changing operation unless this connection predates the
+    /// replica's fence.
+    fn fenced<T>(
+        &self,
+        conn: &Conn,
+        pool: &str,
+        name: &str,
+        op: impl FnOnce() -> Result<T, Response>,
+    ) -> Result<T, Response> {
+        let fence = self.fence_of(pool, name)?;
+        let min = fence.read().map_err(|_| poisoned())?;
+        if conn.epoch < *min {
+            return Err(Response::Error {
+                errno: libc::ESTALE,
+                message: format!("write to {pool}/{name} from before its fence refused"),
+            });
+        }
+        op()
     }
 
     fn pool(&self, name: &str) -> Result<&dyn Pool, Response> {
@@ -64,13 +113,13 @@ impl AgentState {
         }
     }
 
-    pub fn handle(&self, req: Request) -> Response {
-        match self.dispatch(req) {
+    pub fn handle(&self, conn: &Conn, req: Request) -> Response {
+        match self.dispatch(conn, req) {
             Ok(r) | Err(r) => r,
         }
     }
 
-    fn dispatch(&self, req: Request) -> Result<Response, Response> {
+    fn dispatch(&self, conn: &Conn, req: Request) -> Result<Response, Response> {
         let io_err = |e: io::Error| Response::Error {
             errno: e.raw_os_error().unwrap_or(libc::EIO),
             message: e.to_string(),
@@ -129,9 +178,10 @@ impl AgentState {
                 data,
             } => {
                 let buf = AlignedBuf::copy_of(&data);
-                self.replica(&pool, &name)?
-                    .write_at(buf.as_slice(), offset)
-                    .map_err(io_err)?;
+                let replica = self.replica(&pool, &name)?;
+                self.fenced(conn, &pool, &name, || {
+                    replica.write_at(buf.as_slice(), offset).map_err(io_err)
+                })?;
                 Response::Ok
             }
             Request::Flush { pool, name } => {
@@ -144,9 +194,17 @@ impl AgentState {
                 offset,
                 len,
             } => {
-                self.replica(&pool, &name)?
-                    .discard(offset, len)
-                    .map_err(io_err)?;
+                let replica = self.replica(&pool, &name)?;
+                self.fenced(conn, &pool, &name, || {
+                    replica.discard(offset, len).map_err(io_err)
+                })?;
+                Response::Ok
+            }
+            Request::Fence { pool, name } => {
+                let fence = self.fence_of(&pool, &name)?;
+                // Exclusive: waits for fenced operations under way to finish.
+                let mut min = fence.write().map_err(|_| poisoned())?;
+                *min = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
                 Response::Ok
             }
             Request::Check { pool, name } => {
@@ -162,6 +220,13 @@ impl AgentState {
                 Response::Ok
             }
         })
+    }
+}
+
+fn poisoned() -> Response {
+    Response::Error {
+        errno: libc::EIO,
+        message: "agent lock poisoned".into(),
     }
 }
 
@@ -205,14 +270,16 @@ fn token_matches(a: &[u8], b: &[u8]) -> bool {
 fn serve_connection(state: &AgentState, mut stream: TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
-    let mut authenticated = false;
+    let mut conn: Option<Conn> = None;
     while let Some((header, payload)) = read_frame(&mut stream)? {
         let req = Request::decode(header.kind, &payload).map_err(invalid)?;
-        let resp = match (&req, authenticated) {
+        let resp = match (&req, &conn) {
             (Request::Hello { token, .. }, _) => {
                 if token_matches(token, &state.token) {
-                    authenticated = true;
-                    state.handle(req)
+                    let c = state.connect();
+                    let resp = state.handle(&c, req);
+                    conn = Some(c);
+                    resp
                 } else {
                     let resp = Response::Error {
                         errno: libc::EACCES,
@@ -222,7 +289,7 @@ fn serve_connection(state: &AgentState, mut stream: TcpStream) -> io::Result<()>
                     return Err(io::Error::new(io::ErrorKind::PermissionDenied, "bad token"));
                 }
             }
-            (_, false) => {
+            (_, None) => {
                 let resp = Response::Error {
                     errno: libc::EACCES,
                     message: "Hello with the cluster token must come first".into(),
@@ -230,7 +297,7 @@ fn serve_connection(state: &AgentState, mut stream: TcpStream) -> io::Result<()>
                 stream.write_all(&resp.encode(header.id))?;
                 return Err(io::Error::new(io::ErrorKind::PermissionDenied, "no hello"));
             }
-            (_, true) => state.handle(req),
+            (_, Some(c)) => state.handle(c, req),
         };
         stream.write_all(&resp.encode(header.id))?;
     }

@@ -114,3 +114,26 @@ fn a_silent_agent_turns_into_an_error_within_the_timeout() {
     );
     held.join().unwrap();
 }
+
+#[test]
+fn writes_from_connections_older_than_a_fence_are_refused() {
+    use crate::replica::ReplicaIo;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start_agent(dir.path());
+    let old = RemotePool::new(client(addr, TOKEN), "p");
+    old.create("r", 1 << 20).unwrap();
+    let old_io = old.open("r").unwrap();
+    old_io.write_at(&[1u8; 4096], 0).unwrap();
+    // Another client (the catching-up engine) fences the replica.
+    let new = RemotePool::new(client(addr, TOKEN), "p");
+    let new_io = new.open("r").unwrap();
+    new_io.fence().unwrap();
+    // The late write on the old connection must not land.
+    let err = old_io.write_at(&[2u8; 4096], 0).unwrap_err();
+    assert!(err.to_string().contains("before its fence"), "{err}");
+    assert!(old_io.discard(0, 4096).is_err());
+    new_io.write_at(&[3u8; 4096], 0).unwrap();
+    let mut back = [0u8; 4096];
+    new_io.read_at(&mut back, 0).unwrap();
+    assert_eq!(back, [3u8; 4096]);
+}

@@ -380,6 +380,9 @@ impl Engine {
     }
 
     fn catch_up_one(&self, slot: &Slot) -> io::Result<u64> {
+        // Writes sent before the fault may still be in flight on a link that
+        // came back; they must not land on top of what is copied now.
+        slot.io.fence()?;
         let mut bytes = self.copy_dirty(slot, false)?;
         let _paused = self
             .membership

@@ -23,6 +23,11 @@ pub trait ReplicaIo: Send + Sync {
     /// Cheap liveness probe: `Err` says why the replica can no longer be trusted
     /// (its file was removed, its server is gone).
     fn check(&self) -> std::result::Result<(), String>;
+    /// Makes sure no write issued before this call can still land, so what
+    /// is copied afterwards is not overwritten by a late delivery.
+    fn fence(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A place replicas live: a directory on a disk, an agent, an NFS export.

@@ -80,6 +80,14 @@ impl Client {
         }
     }
 
+    /// Forgets idle connections: the next call dials afresh, so it is newer
+    /// than any fence set before it.
+    pub fn drop_idle(&self) {
+        if let Ok(mut v) = self.idle.lock() {
+            v.clear();
+        }
+    }
+
     /// Sends `req` and returns the agent's answer; an agent-side error comes
     /// back as an io::Error carrying the agent's errno.
     pub fn call(&self, req: &Request) -> io::Result<Response> {
@@ -268,6 +276,16 @@ impl ReplicaIo for RemoteReplica {
             offset,
             len,
         })
+    }
+
+    fn fence(&self) -> io::Result<()> {
+        self.client.drop_idle();
+        self.ok(Request::Fence {
+            pool: self.pool.clone(),
+            name: self.name.clone(),
+        })?;
+        self.client.drop_idle();
+        Ok(())
     }
 
     fn check(&self) -> std::result::Result<(), String> {
