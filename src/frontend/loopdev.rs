@@ -1,10 +1,13 @@
 //! Loop devices through their ioctls: attach a file with direct I/O, find an
-//! existing attachment after a crash, grow, detach.
+//! existing attachment after a crash, grow, detach. No partition scanning.
 
 use std::fs::{File, OpenOptions};
+use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
@@ -14,11 +17,17 @@ const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_DIRECT_IO: u32 = 16;
 const LO_NAME_SIZE: usize = 64;
 const LOOP_MAJOR: u64 = 7;
-/// Every request the filesystem sends is a multiple of this, so O_DIRECT
-/// replica I/O never needs a bounce buffer.
+const CONFIGURE_ATTEMPTS: u32 = 16;
+/// How long `detach` waits for the kernel to let go of the backing file.
+const DETACH_WAIT: Duration = Duration::from_secs(5);
+/// Logical block size of the loop device. Every request the filesystem sends
+/// is a multiple of this (and aligned to it), so O_DIRECT replica I/O never
+/// needs a bounce buffer for the offset or length.
 pub const BLOCK_SIZE: u32 = 4096;
 
+/// `struct loop_info64` from linux/loop.h.
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct LoopInfo64 {
     lo_device: u64,
     lo_inode: u64,
@@ -35,6 +44,7 @@ struct LoopInfo64 {
     lo_init: [u64; 2],
 }
 
+/// `struct loop_config` from linux/loop.h.
 #[repr(C)]
 struct LoopConfig {
     fd: u32,
@@ -43,19 +53,29 @@ struct LoopConfig {
     reserved: [u64; 8],
 }
 
+const _: () = assert!(size_of::<LoopInfo64>() == 232);
+const _: () = assert!(size_of::<LoopConfig>() == 304);
+
+/// Errors of loop device handling, with the operation and path involved.
 #[derive(Debug, thiserror::Error)]
 pub enum LoopError {
-    #[error("cannot {op} {path}: {source}")]
+    #[error("cannot {op} {}: {source}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        source: io::Error,
     },
     #[error("no free loop device after {0} attempts")]
     NoFreeDevice(u32),
+    #[error("{} is not a loop device", path.display())]
+    NotLoop { path: PathBuf },
+    /// LOOP_CLR_FD succeeded but the device is still open elsewhere (e.g.
+    /// mounted); the kernel detaches it on last close.
+    #[error("{} is still in use; it will detach when last closed", path.display())]
+    Busy { path: PathBuf },
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LoopError + 'a {
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LoopError + 'a {
     move |source| LoopError::Io {
         op,
         path: path.to_path_buf(),
@@ -63,145 +83,188 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+/// How to attach a file.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct LoopOptions {
     pub read_only: bool,
+    /// Direct I/O from the loop device to the file (no double caching, and
+    /// concurrent requests to a FUSE file).
     pub direct_io: bool,
 }
 
-#[derive(Debug)]
+/// A loop device node, `/dev/loopN`.
+#[derive(Debug, Clone)]
 pub struct LoopDevice {
     path: PathBuf,
 }
 
-/// Runs an ioctl whose argument is an integer or a pointer, as the kernel
-/// interface of each request defines.
-fn ioctl(file: &File, request: libc::c_ulong, arg: libc::c_ulong) -> std::io::Result<libc::c_int> {
+/// Runs an ioctl whose argument is an integer or a pointer.
+fn ioctl(file: &File, request: libc::c_ulong, arg: libc::c_ulong) -> io::Result<libc::c_int> {
     // SAFETY: `file` is an open descriptor; each caller passes the argument
     // kind its request expects (an integer, or a pointer to a live struct of
     // the layout the kernel defines for it).
-    let r = unsafe { libc::ioctl(file.as_raw_fd(), request, arg) };
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), request as libc::Ioctl, arg) };
     if r < 0 {
-        Err(std::io::Error::last_os_error())
+        Err(io::Error::last_os_error())
     } else {
         Ok(r)
     }
 }
 
 impl LoopDevice {
+    /// Wraps an existing loop device node (nothing is checked until used).
     pub fn open(path: &Path) -> LoopDevice {
         LoopDevice {
             path: path.to_path_buf(),
         }
     }
 
+    /// The device node, `/dev/loopN`.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Attaches `backing` to a free loop device (4 KiB logical blocks, no
+    /// partition scan, no autoclear). The device's `lo_file_name` is the
+    /// backing path (truncated to 63 bytes); `find_by_backing` uses sysfs,
+    /// which has the full path.
     pub fn attach(backing: &Path, opts: LoopOptions) -> Result<LoopDevice, LoopError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!opts.read_only)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(backing)
-            .map_err(io_err("open backing file", backing))?;
+        let file = open_backing(backing, opts)?;
         let control_path = Path::new("/dev/loop-control");
         let control = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_CLOEXEC)
             .open(control_path)
             .map_err(io_err("open", control_path))?;
-        const ATTEMPTS: u32 = 16;
-        for _ in 0..ATTEMPTS {
-            let n =
-                ioctl(&control, LOOP_CTL_GET_FREE, 0).map_err(io_err("allocate", control_path))?;
+        let mut info = LoopInfo64 {
+            lo_device: 0,
+            lo_inode: 0,
+            lo_rdevice: 0,
+            lo_offset: 0,
+            lo_sizelimit: 0,
+            lo_number: 0,
+            lo_encrypt_type: 0,
+            lo_encrypt_key_size: 0,
+            lo_flags: 0,
+            lo_file_name: [0; LO_NAME_SIZE],
+            lo_crypt_name: [0; LO_NAME_SIZE],
+            lo_encrypt_key: [0; 32],
+            lo_init: [0; 2],
+        };
+        if opts.read_only {
+            info.lo_flags |= LO_FLAGS_READ_ONLY;
+        }
+        if opts.direct_io {
+            info.lo_flags |= LO_FLAGS_DIRECT_IO;
+        }
+        let name = backing.as_os_str().as_bytes();
+        let len = name.len().min(LO_NAME_SIZE - 1);
+        info.lo_file_name[..len].copy_from_slice(&name[..len]);
+        let fd = u32::try_from(file.as_raw_fd()).map_err(|_| {
+            io_err("use descriptor of", backing)(io::Error::from_raw_os_error(libc::EBADF))
+        })?;
+        let config = LoopConfig {
+            fd,
+            block_size: BLOCK_SIZE,
+            info,
+            reserved: [0; 8],
+        };
+        for _ in 0..CONFIGURE_ATTEMPTS {
+            let n = ioctl(&control, LOOP_CTL_GET_FREE, 0)
+                .map_err(io_err("get a free loop device from", control_path))?
+                as u32;
             let dev_path = PathBuf::from(format!("/dev/loop{n}"));
-            ensure_node(&dev_path, n as u64)?;
-            let dev = OpenOptions::new()
+            ensure_node(&dev_path, n)?;
+            let dev = match OpenOptions::new()
                 .read(true)
                 .write(true)
                 .custom_flags(libc::O_CLOEXEC)
                 .open(&dev_path)
-                .map_err(io_err("open", &dev_path))?;
-            let mut info = LoopInfo64 {
-                lo_device: 0,
-                lo_inode: 0,
-                lo_rdevice: 0,
-                lo_offset: 0,
-                lo_sizelimit: 0,
-                lo_number: 0,
-                lo_encrypt_type: 0,
-                lo_encrypt_key_size: 0,
-                lo_flags: 0,
-                lo_file_name: [0; LO_NAME_SIZE],
-                lo_crypt_name: [0; LO_NAME_SIZE],
-                lo_encrypt_key: [0; 32],
-                lo_init: [0; 2],
-            };
-            if opts.read_only {
-                info.lo_flags |= LO_FLAGS_READ_ONLY;
-            }
-            if opts.direct_io {
-                info.lo_flags |= LO_FLAGS_DIRECT_IO;
-            }
-            let name = backing.as_os_str().as_encoded_bytes();
-            let len = name.len().min(LO_NAME_SIZE - 1);
-            info.lo_file_name[..len].copy_from_slice(&name[..len]);
-            let config = LoopConfig {
-                fd: file.as_raw_fd() as u32,
-                block_size: BLOCK_SIZE,
-                info,
-                reserved: [0; 8],
+            {
+                Ok(dev) => dev,
+                // The device was removed (LOOP_CTL_REMOVE) meanwhile.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENXIO | libc::ENODEV)) => continue,
+                Err(e) => return Err(io_err("open", &dev_path)(e)),
             };
             match ioctl(
                 &dev,
                 LOOP_CONFIGURE,
                 &config as *const LoopConfig as libc::c_ulong,
             ) {
-                Ok(_) => return Ok(LoopDevice { path: dev_path }),
+                Ok(_) => {
+                    let loop_dev = LoopDevice { path: dev_path };
+                    if opts.direct_io && !loop_dev.direct_io() {
+                        tracing::warn!(
+                            device = %loop_dev.path.display(),
+                            backing = %backing.display(),
+                            "loop device runs without direct I/O"
+                        );
+                    }
+                    return Ok(loop_dev);
+                }
                 // Another process took this device between GET_FREE and CONFIGURE.
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
                 Err(e) => return Err(io_err("configure", &dev_path)(e)),
             }
         }
-        Err(LoopError::NoFreeDevice(ATTEMPTS))
+        Err(LoopError::NoFreeDevice(CONFIGURE_ATTEMPTS))
     }
 
-    /// The loop device currently backed by `backing`, if any.
+    /// The loop device currently backed by `backing`, if any (to stay
+    /// idempotent after a crash).
     pub fn find_by_backing(backing: &Path) -> Result<Option<LoopDevice>, LoopError> {
+        let wanted = [backing.to_path_buf(), normalize(backing)];
         let sys = Path::new("/sys/block");
         let entries = std::fs::read_dir(sys).map_err(io_err("list", sys))?;
         for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !name.starts_with("loop") {
-                continue;
-            }
-            let Ok(text) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else {
+            let name = entry.file_name();
+            let Some(n) = name
+                .to_str()
+                .and_then(|s| s.strip_prefix("loop"))
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
                 continue;
             };
-            let attached = text.trim_end_matches('\n');
-            // The kernel appends " (deleted)" when the file went away.
-            let attached = attached.strip_suffix(" (deleted)").unwrap_or(attached);
-            if Path::new(attached) == backing {
-                return Ok(Some(LoopDevice {
-                    path: PathBuf::from(format!("/dev/{name}")),
-                }));
+            let Some(attached) = read_backing(&entry.path()) else {
+                continue;
+            };
+            if wanted.contains(&attached) {
+                let path = PathBuf::from(format!("/dev/loop{n}"));
+                ensure_node(&path, n)?;
+                return Ok(Some(LoopDevice { path }));
             }
         }
         Ok(None)
     }
 
+    /// The file this device is attached to, per sysfs; `None` if detached.
+    pub fn backing_file(&self) -> Option<PathBuf> {
+        read_backing(&self.sysfs_dir()?)
+    }
+
     /// Whether the kernel actually runs this device with direct I/O.
     pub fn direct_io(&self) -> bool {
-        let Some(name) = self.path.file_name() else {
-            return false;
-        };
-        std::fs::read_to_string(Path::new("/sys/block").join(name).join("loop/dio"))
-            .is_ok_and(|s| s.trim() == "1")
+        self.sysfs_dir()
+            .and_then(|d| std::fs::read_to_string(d.join("loop/dio")).ok())
+            .is_some_and(|s| s.trim() == "1")
+    }
+
+    fn sysfs_dir(&self) -> Option<PathBuf> {
+        let name = self.path.file_name()?;
+        Some(Path::new("/sys/block").join(name))
     }
 
     fn open_dev(&self) -> Result<File, LoopError> {
+        let meta = std::fs::metadata(&self.path).map_err(io_err("stat", &self.path))?;
+        if !meta.file_type().is_block_device() {
+            return Err(LoopError::NotLoop {
+                path: self.path.clone(),
+            });
+        }
         OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_CLOEXEC)
@@ -209,18 +272,50 @@ impl LoopDevice {
             .map_err(io_err("open", &self.path))
     }
 
-    /// Detaches the backing file. Already detached is success.
+    /// Detaches the backing file; already detached is success. If the
+    /// device is still open elsewhere (mounted, or a process has it open),
+    /// the kernel only arms autoclear and this returns [`LoopError::Busy`].
     pub fn detach(&self) -> Result<(), LoopError> {
-        let dev = self.open_dev()?;
-        match ioctl(&dev, LOOP_CLR_FD, 0) {
-            Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(()),
-            Err(e) => Err(io_err("detach", &self.path)(e)),
+        if self.sysfs_dir().is_some_and(|d| d.exists()) && self.backing_file().is_none() {
+            return Ok(());
         }
+        {
+            let dev = match self.open_dev() {
+                Ok(dev) => dev,
+                Err(LoopError::Io { source, .. })
+                    if matches!(source.raw_os_error(), Some(libc::ENXIO | libc::ENODEV)) =>
+                {
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+            match ioctl(&dev, LOOP_CLR_FD, 0) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(()),
+                Err(e) => return Err(io_err("detach", &self.path)(e)),
+            }
+            // Closing our descriptor lets the kernel tear down now if it was
+            // the last one.
+        }
+        let deadline = Instant::now() + DETACH_WAIT;
+        while self.backing_file().is_some() {
+            if Instant::now() >= deadline {
+                return Err(LoopError::Busy {
+                    path: self.path.clone(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
     }
 
-    /// Re-reads the backing file's size after it grew.
+    /// Re-reads the backing file's size after it grew. The backing file is
+    /// stat'ed with `AT_STATX_FORCE_SYNC` first, so a FUSE file's cached
+    /// size (which the loop driver reads) is refreshed.
     pub fn set_capacity(&self) -> Result<(), LoopError> {
+        if let Some(backing) = self.backing_file() {
+            refresh_size(&backing);
+        }
         let dev = self.open_dev()?;
         ioctl(&dev, LOOP_SET_CAPACITY, 0)
             .map(|_| ())
@@ -228,17 +323,90 @@ impl LoopDevice {
     }
 }
 
+fn open_backing(backing: &Path, opts: LoopOptions) -> Result<File, LoopError> {
+    let open = |flags: libc::c_int| {
+        OpenOptions::new()
+            .read(true)
+            .write(!opts.read_only)
+            .custom_flags(libc::O_CLOEXEC | flags)
+            .open(backing)
+    };
+    let file = if opts.direct_io {
+        // Some filesystems refuse O_DIRECT at open; the loop driver may
+        // still manage (or will run buffered, which `attach` reports).
+        open(libc::O_DIRECT).or_else(|e| match e.raw_os_error() {
+            Some(libc::EINVAL) => open(0),
+            _ => Err(e),
+        })
+    } else {
+        open(0)
+    };
+    file.map_err(io_err("open backing file", backing))
+}
+
+/// `statx(AT_STATX_FORCE_SYNC)`: makes FUSE fetch fresh attributes.
+fn refresh_size(path: &Path) {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: an all-zero statx is a valid value of this plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `stx` a live, writable statx
+    // buffer for the duration of the call.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_STATX_FORCE_SYNC,
+            libc::STATX_SIZE,
+            &mut stx,
+        )
+    };
+    if rc < 0 {
+        tracing::debug!(path = %path.display(), error = %io::Error::last_os_error(), "statx failed");
+    }
+}
+
+/// `/sys/block/loopN/loop/backing_file`, without the newline and the
+/// " (deleted)" the kernel appends when the file went away.
+fn read_backing(sys_dir: &Path) -> Option<PathBuf> {
+    let text = std::fs::read(sys_dir.join("loop/backing_file")).ok()?;
+    let text = text.strip_suffix(b"\n").unwrap_or(&text);
+    let text = text.strip_suffix(b" (deleted)").unwrap_or(text);
+    Some(PathBuf::from(std::ffi::OsStr::from_bytes(text)))
+}
+
+/// Resolves symlinks in the parent only (the file itself may sit on a dead
+/// FUSE mount, which cannot be stat'ed).
+fn normalize(path: &Path) -> PathBuf {
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => parent
+            .canonicalize()
+            .map(|p| p.join(name))
+            .unwrap_or_else(|_| path.to_path_buf()),
+        _ => path.to_path_buf(),
+    }
+}
+
 /// Containers may lack /dev/loopN nodes for devices the kernel just made.
-fn ensure_node(path: &Path, minor: u64) -> Result<(), LoopError> {
+fn ensure_node(path: &Path, n: u32) -> Result<(), LoopError> {
     if path.exists() {
         return Ok(());
     }
+    // The kernel's own numbers (minor = N << part_shift with max_part).
+    let dev = std::fs::read_to_string(format!("/sys/block/loop{n}/dev"))
+        .ok()
+        .and_then(|s| {
+            let (major, minor) = s.trim().split_once(':')?;
+            Some((major.parse().ok()?, minor.parse().ok()?))
+        })
+        .unwrap_or((LOOP_MAJOR, u64::from(n)));
     use nix::sys::stat::{Mode, SFlag, makedev, mknod};
     match mknod(
         path,
         SFlag::S_IFBLK,
         Mode::from_bits_truncate(0o660),
-        makedev(LOOP_MAJOR, minor),
+        makedev(dev.0, dev.1),
     ) {
         Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
         Err(e) => Err(io_err("create device node", path)(e.into())),
