@@ -117,7 +117,6 @@ fn a_silent_agent_turns_into_an_error_within_the_timeout() {
 
 #[test]
 fn writes_from_connections_older_than_a_fence_are_refused() {
-    use crate::replica::ReplicaIo;
     let dir = tempfile::tempdir().unwrap();
     let addr = start_agent(dir.path());
     let old = RemotePool::new(client(addr, TOKEN), "p");

@@ -92,11 +92,24 @@ impl Client {
     /// back as an io::Error carrying the agent's errno.
     pub fn call(&self, req: &Request) -> io::Result<Response> {
         let idle = self.idle.lock().ok().and_then(|mut v| v.pop());
-        let mut stream = match idle {
-            Some(s) => s,
-            None => self.dial()?,
+        let (stream, resp) = match idle {
+            // An idle connection may have died with an agent that restarted
+            // since; one fresh dial tells a dead connection from a dead agent.
+            // Every request is idempotent, so resending is safe.
+            Some(mut s) => match self.exchange(&mut s, req) {
+                Ok(resp) => (s, resp),
+                Err(_) => {
+                    let mut s = self.dial()?;
+                    let resp = self.exchange(&mut s, req)?;
+                    (s, resp)
+                }
+            },
+            None => {
+                let mut s = self.dial()?;
+                let resp = self.exchange(&mut s, req)?;
+                (s, resp)
+            }
         };
-        let resp = self.exchange(&mut stream, req)?;
         if let Ok(mut v) = self.idle.lock()
             && v.len() < MAX_IDLE
         {
