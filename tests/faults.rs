@@ -8,8 +8,8 @@
 //! all three replica files must be byte-identical. Needs root.
 //!
 //! Not covered yet (issue 3): a replica file deleted under a remote agent
-//! and a full pool need rebuild onto another pool; an engine killed needs
-//! FUSE session recovery.
+//! needs a rebuild onto another pool; an engine killed needs FUSE session
+//! recovery.
 
 #![allow(clippy::unwrap_used)]
 
@@ -166,6 +166,34 @@ impl AgentNode {
         }
     }
 
+    /// Puts the pool on a tmpfs of its own, so it can be filled.
+    fn pool_on_tmpfs(&self) {
+        let pool = self.dir.join("pool");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1g", "terna-test-pool"])
+            .arg(&pool)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount tmpfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Takes every free byte of the pool's filesystem.
+    fn fill_pool(&self) {
+        let st = nix::sys::statvfs::statvfs(&self.dir.join("pool")).unwrap();
+        let free = st.blocks_available() * st.fragment_size();
+        let f = std::fs::File::create(self.dir.join("pool/filler")).unwrap();
+        // fallocate stops at ENOSPC having taken what it could: that is the point.
+        let _ = nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, free as i64);
+    }
+
+    fn free_pool(&self) {
+        std::fs::remove_file(self.dir.join("pool/filler")).unwrap();
+    }
+
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap();
@@ -196,6 +224,7 @@ impl AgentNode {
 impl Drop for AgentNode {
     fn drop(&mut self) {
         self.kill9();
+        let _ = nix::mount::umount2(&self.dir.join("pool"), nix::mount::MntFlags::MNT_DETACH);
         let _ = Command::new("ip")
             .args(["link", "del", &self.host_if])
             .output();
@@ -319,6 +348,7 @@ async fn faults_lose_no_acknowledged_write_and_heal_by_catching_up_dirty_regions
         .tempdir()
         .unwrap();
     let mut agents: Vec<AgentNode> = (1..=3).map(|i| AgentNode::new(base.path(), i)).collect();
+    agents[0].pool_on_tmpfs();
 
     // The engine side: no pools of its own, the three agents' pools.
     let mut config = String::from("cluster_token_file = \"token\"\nagent_timeout_ms = 1500\n");
@@ -369,12 +399,17 @@ async fn faults_lose_no_acknowledged_write_and_heal_by_catching_up_dirty_regions
 
     // Fault 1: an agent killed with SIGKILL, then restarted.
     // Fault 2: the link to an agent cut, then restored.
-    for (fault, a) in [("kill -9", 1usize), ("link cut", 2usize)] {
+    // Fault 3: the pool of an agent runs out of space, then space is freed.
+    for (fault, a) in [
+        ("kill -9", 1usize),
+        ("link cut", 2usize),
+        ("disk full", 0usize),
+    ] {
         let replica = index_of(&agents[a].name);
-        if fault == "kill -9" {
-            agents[a].kill9();
-        } else {
-            agents[a].link(false);
+        match fault {
+            "kill -9" => agents[a].kill9(),
+            "link cut" => agents[a].link(false),
+            _ => agents[a].fill_pool(),
         }
         let c = wait_condition(&mut csi, &id, true, fault).await;
         assert!(
@@ -386,10 +421,10 @@ async fn faults_lose_no_acknowledged_write_and_heal_by_catching_up_dirty_regions
         tokio::time::sleep(Duration::from_secs(2)).await;
         let away = writer.written.load(Ordering::SeqCst) - before;
         assert!(away > 0, "{fault}: writes stopped while degraded");
-        if fault == "kill -9" {
-            agents[a].start();
-        } else {
-            agents[a].link(true);
+        match fault {
+            "kill -9" => agents[a].start(),
+            "link cut" => agents[a].link(true),
+            _ => agents[a].free_pool(),
         }
         wait_condition(&mut csi, &id, false, &format!("{fault} recovery")).await;
         let copied = record(&terna, &id)["replicas"][replica]["last_catch_up_bytes"]
