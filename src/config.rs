@@ -30,6 +30,12 @@ pub struct Config {
     /// How long a replica agent may take to answer before its replica is faulted.
     #[serde(default = "default_agent_timeout_ms")]
     pub agent_timeout_ms: u64,
+    /// A replica unreachable this long is replaced on another pool and rebuilt.
+    #[serde(default = "default_replace_after_secs")]
+    pub replace_after_secs: u64,
+    /// Bandwidth for catch-up and rebuild copies, MiB/s; 0 means unlimited.
+    #[serde(default = "default_rebuild_mib_per_sec")]
+    pub rebuild_mib_per_sec: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,6 +77,14 @@ fn default_agent_timeout_ms() -> u64 {
     5000
 }
 
+fn default_replace_after_secs() -> u64 {
+    300
+}
+
+fn default_rebuild_mib_per_sec() -> u64 {
+    256
+}
+
 const HEADER: &str = "\
 # Terna standalone configuration, written with defaults on first start.
 # Each pool is a directory standing for one disk. Edit tiers (fast | standard | slow),
@@ -99,6 +113,8 @@ impl Config {
             nodes: Vec::new(),
             cluster_token_file: None,
             agent_timeout_ms: default_agent_timeout_ms(),
+            replace_after_secs: default_replace_after_secs(),
+            rebuild_mib_per_sec: default_rebuild_mib_per_sec(),
         }
     }
 

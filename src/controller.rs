@@ -356,6 +356,84 @@ impl ControllerCore {
         Ok(size)
     }
 
+    /// Gives replica `index` of a volume a new, empty home on a pool in a
+    /// failure domain none of the other replicas use (or, when there is no
+    /// such pool, the same pool again if it answers), records it as faulted
+    /// there (it must be rebuilt), and removes the old file if it can.
+    /// Returns the pool chosen.
+    pub fn replace_replica(&self, volume_id: &str, index: usize) -> Result<String> {
+        let _placing = self
+            .placing
+            .lock()
+            .map_err(|_| Error::internal("placement lock poisoned"))?;
+        let record = self
+            .get(volume_id)?
+            .ok_or_else(|| Error::not_found(format!("volume {volume_id} does not exist")))?;
+        let old =
+            record.replicas.get(index).cloned().ok_or_else(|| {
+                Error::invalid(format!("volume {volume_id} has no replica {index}"))
+            })?;
+        let fd = record.class.failure_domain;
+        let key = |r: &ReplicaRecord| match fd {
+            crate::class::FailureDomain::Node => r.domain.clone(),
+            crate::class::FailureDomain::Zone => r.zone.clone(),
+        };
+        let taken: Vec<String> = record.replicas.iter().map(key).collect();
+        let candidates = self.candidates(None)?;
+        let request = placement::Request {
+            size: record.capacity_bytes,
+            replicas: 1,
+            tier: record.class.tier,
+            failure_domain: fd,
+            preferred_node: None,
+            taken_domains: taken,
+        };
+        let name = replica_file_name(volume_id, index);
+        let chosen = match placement::choose(&request, &candidates) {
+            Ok(mut c) if !c.is_empty() => c.remove(0),
+            _ => candidates
+                .into_iter()
+                .find(|c| c.pool == old.pool)
+                .ok_or_else(|| {
+                    Error::new(ErrorKind::ResourceExhausted, "no pool can take the replica")
+                })?,
+        };
+        self.pools
+            .get(&chosen.pool)?
+            .backend
+            .create(&name, record.capacity_bytes)?;
+        let reason = format!(
+            "replaced on pool {} after pool {} was lost; rebuilding",
+            chosen.pool, old.pool
+        );
+        self.store.update(volume_id, &mut |r| {
+            let next = r.generation + 1;
+            if let Some(rep) = r.replicas.get_mut(index) {
+                *rep = ReplicaRecord {
+                    pool: chosen.pool.clone(),
+                    node: chosen.node.clone(),
+                    domain: chosen.domain.clone(),
+                    zone: chosen.zone.clone(),
+                    state: ReplicaState::Faulted {
+                        generation: next,
+                        reason: reason.clone(),
+                    },
+                    last_catch_up_bytes: None,
+                };
+                r.generation = next;
+            }
+            Ok(true)
+        })?;
+        if chosen.pool != old.pool
+            && let Ok(p) = self.pools.get(&old.pool)
+            && let Err(e) = p.backend.delete(&name)
+        {
+            tracing::warn!(volume_id, pool = %old.pool, error = %e, "old replica left behind on an unreachable pool");
+        }
+        info!(volume_id, replica = index, from = %old.pool, to = %chosen.pool, "replica replaced");
+        Ok(chosen.pool)
+    }
+
     /// Bytes available to new volumes of this class, and the largest single
     /// volume that would fit now.
     pub fn capacity(&self, parameters: &BTreeMap<String, String>) -> Result<(u64, u64)> {

@@ -7,9 +7,7 @@
 //! and heal by itself, catch-up must copy only dirty regions, and in the end
 //! all three replica files must be byte-identical. Needs root.
 //!
-//! Not covered yet (issue 3): a replica file deleted under a remote agent
-//! needs a rebuild onto another pool; an engine killed needs FUSE session
-//! recovery.
+//! Not covered yet (issue 3): an engine killed needs FUSE session recovery.
 
 #![allow(clippy::unwrap_used)]
 
@@ -112,7 +110,10 @@ impl AgentNode {
         std::fs::write(
             dir.join("terna.toml"),
             format!(
-                "cluster_token_file = \"token\"\n[[pools]]\nname = \"{name}-disk\"\npath = \"pool\"\ntier = \"standard\"\n"
+                "cluster_token_file = \"token\"\n[[pools]]\nname = \"{name}-disk\"\npath = \"pool\"\ntier = \"standard\"\n{}",
+                // The spare (a4) reports less space, so placement leaves it
+                // free until a replica must be replaced.
+                if i == 4 { "capacity_bytes = 629145600\n" } else { "" }
             ),
         )
         .unwrap();
@@ -181,13 +182,20 @@ impl AgentNode {
         );
     }
 
-    /// Takes every free byte of the pool's filesystem.
+    /// Takes every free byte of the pool's filesystem. tmpfs undoes a
+    /// fallocate that does not fit whole, so it is filled in shrinking steps.
     fn fill_pool(&self) {
-        let st = nix::sys::statvfs::statvfs(&self.dir.join("pool")).unwrap();
-        let free = st.blocks_available() * st.fragment_size();
         let f = std::fs::File::create(self.dir.join("pool/filler")).unwrap();
-        // fallocate stops at ENOSPC having taken what it could: that is the point.
-        let _ = nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, free as i64);
+        let mut offset = 0i64;
+        for step in [16 << 20, 1 << 20, 4096] {
+            while nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), offset, step)
+                .is_ok()
+            {
+                offset += step;
+            }
+        }
+        let st = nix::sys::statvfs::statvfs(&self.dir.join("pool")).unwrap();
+        assert_eq!(st.blocks_available(), 0, "pool not full");
     }
 
     fn free_pool(&self) {
@@ -347,11 +355,13 @@ async fn faults_lose_no_acknowledged_write_and_heal_by_catching_up_dirty_regions
         .prefix("terna-faults-")
         .tempdir()
         .unwrap();
-    let mut agents: Vec<AgentNode> = (1..=3).map(|i| AgentNode::new(base.path(), i)).collect();
+    let mut agents: Vec<AgentNode> = (1..=4).map(|i| AgentNode::new(base.path(), i)).collect();
     agents[0].pool_on_tmpfs();
 
     // The engine side: no pools of its own, the three agents' pools.
-    let mut config = String::from("cluster_token_file = \"token\"\nagent_timeout_ms = 1500\n");
+    let mut config = String::from(
+        "cluster_token_file = \"token\"\nagent_timeout_ms = 1500\nreplace_after_secs = 2\nrebuild_mib_per_sec = 128\n",
+    );
     for a in &agents {
         config += &format!("[[nodes]]\nname = \"{}\"\nagent = \"{}\"\n", a.name, a.addr);
     }
@@ -395,6 +405,7 @@ async fn faults_lose_no_acknowledged_write_and_heal_by_catching_up_dirty_regions
     };
 
     let mut writer = Writer::start(&target);
+    let mut extra = HashMap::new();
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // Fault 1: an agent killed with SIGKILL, then restarted.
@@ -409,7 +420,16 @@ async fn faults_lose_no_acknowledged_write_and_heal_by_catching_up_dirty_regions
         match fault {
             "kill -9" => agents[a].kill9(),
             "link cut" => agents[a].link(false),
-            _ => agents[a].fill_pool(),
+            _ => {
+                agents[a].fill_pool();
+                // New blocks for the filesystem, so the full pool is hit now.
+                let data: Vec<u8> = (0..48 * MIB).map(|b| (b * 17 + 3) as u8).collect();
+                let path = target.join("big-during-disk-full");
+                let mut f = std::fs::File::create(&path).unwrap();
+                f.write_all(&data).unwrap();
+                f.sync_all().unwrap();
+                extra.insert(path, Sha256::digest(&data).to_vec());
+            }
         }
         let c = wait_condition(&mut csi, &id, true, fault).await;
         assert!(
@@ -438,20 +458,69 @@ async fn faults_lose_no_acknowledged_write_and_heal_by_catching_up_dirty_regions
         );
     }
 
-    let sums = writer.stop();
+    // Fault 4: a replica's file is deleted under its agent. It cannot come
+    // back, so after the grace period it is replaced on the spare agent and
+    // rebuilt in full while the writer goes on.
+    let lost = index_of("a1");
+    std::fs::remove_file(agents[0].replica_file(&id, lost)).unwrap();
+    let c = wait_condition(&mut csi, &id, true, "replica deleted").await;
+    assert!(
+        c.message.contains(&format!("replica {lost}")),
+        "{}",
+        c.message
+    );
+    wait_condition(&mut csi, &id, false, "replacement rebuild").await;
+    let rec_after = record(&terna, &id);
+    assert_eq!(
+        rec_after["replicas"][lost]["node"], "a4",
+        "replaced on the spare"
+    );
+    let rebuilt = rec_after["replicas"][lost]["last_catch_up_bytes"]
+        .as_u64()
+        .unwrap();
+    println!("replica deleted: replaced on a4, rebuild copied {rebuilt} bytes");
+    // Everything, plus what the writer dirtied again during the copy.
+    assert!(
+        rebuilt >= VOLUME,
+        "a replacement is rebuilt in full: {rebuilt}"
+    );
+
+    let mut sums = writer.stop();
     assert!(sums.len() >= 32, "writer made too little progress");
+    sums.extend(extra);
     verify(&sums);
 
-    // With every replica healthy and the volume unstaged, the three replica
-    // files must be identical: the caught-up ones hold every write too.
+    // With every replica healthy and the volume unstaged, the replica files
+    // must be identical: the caught-up and rebuilt ones hold every write too.
     csi.unpublish(&id, &target).await;
     csi.unstage(&id, &staging).await;
-    let files: Vec<Vec<u8>> = agents
+    let placed: Vec<(usize, &AgentNode)> = rec_after["replicas"]
+        .as_array()
+        .unwrap()
         .iter()
-        .map(|a| std::fs::read(a.replica_file(&id, index_of(&a.name))).unwrap())
+        .enumerate()
+        .map(|(i, r)| {
+            (
+                i,
+                agents
+                    .iter()
+                    .find(|a| r["node"] == a.name.as_str())
+                    .unwrap(),
+            )
+        })
         .collect();
-    assert!(files[0] == files[1], "replica on a2 differs from a1");
-    assert!(files[0] == files[2], "replica on a3 differs from a1");
+    let files: Vec<Vec<u8>> = placed
+        .iter()
+        .map(|(i, a)| std::fs::read(a.replica_file(&id, *i)).unwrap())
+        .collect();
+    for (k, f) in files.iter().enumerate().skip(1) {
+        assert!(
+            *f == files[0],
+            "replica {} on {} differs",
+            placed[k].0,
+            placed[k].1.name
+        );
+    }
 
     csi.stage(&id, &staging, mount_cap("ext4")).await;
     csi.publish(&id, &staging, &target, mount_cap("ext4")).await;
@@ -459,9 +528,9 @@ async fn faults_lose_no_acknowledged_write_and_heal_by_catching_up_dirty_regions
     csi.unpublish(&id, &target).await;
     csi.unstage(&id, &staging).await;
     csi.delete(&id).await;
-    for a in &agents {
+    for (i, a) in &placed {
         assert!(
-            !a.replica_file(&id, index_of(&a.name)).exists(),
+            !a.replica_file(&id, *i).exists(),
             "replica left on {}",
             a.name
         );

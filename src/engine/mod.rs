@@ -60,7 +60,8 @@ const STRIPES: usize = 256;
 pub struct Engine {
     volume_id: String,
     size: AtomicU64,
-    slots: Vec<Arc<Slot>>,
+    /// Replaced wholesale when a lost replica moves to another pool.
+    slots: RwLock<Vec<Arc<Slot>>>,
     store: Arc<dyn StateStore>,
     min_healthy: usize,
     /// Serialises fault recording so each fault is persisted exactly once.
@@ -75,6 +76,31 @@ pub struct Engine {
     stripes: Vec<RwLock<()>>,
     /// Writes hold it shared; a replica rejoining holds it exclusive.
     membership: RwLock<()>,
+    /// When each currently faulted replica (by index) was faulted.
+    faulted_since: Mutex<BTreeMap<usize, Instant>>,
+    rebuild: RebuildPolicy,
+}
+
+/// Finds a new home for lost replica `index`: creates it (empty) on some
+/// eligible pool, records the move, and returns it opened.
+pub type Replacer = Box<dyn Fn(usize) -> io::Result<Box<dyn ReplicaIo>> + Send + Sync>;
+
+pub struct RebuildPolicy {
+    /// A faulted replica unreachable for this long is replaced.
+    pub replace_after: std::time::Duration,
+    /// Copy bandwidth for catch-up and rebuild, bytes per second; 0: unlimited.
+    pub bytes_per_sec: u64,
+    pub replacer: Option<Replacer>,
+}
+
+impl Default for RebuildPolicy {
+    fn default() -> Self {
+        RebuildPolicy {
+            replace_after: std::time::Duration::from_secs(300),
+            bytes_per_sec: 0,
+            replacer: None,
+        }
+    }
 }
 
 pub struct EngineReplica {
@@ -98,14 +124,17 @@ impl Engine {
         store: Arc<dyn StateStore>,
         worker_threads: usize,
         dirty_dir: Option<PathBuf>,
+        rebuild: RebuildPolicy,
     ) -> io::Result<Engine> {
         let mut dirty = BTreeMap::new();
+        let mut faulted_since = BTreeMap::new();
         let slots = replicas
             .into_iter()
             .map(|r| {
                 let healthy = r.missed.is_none();
                 if let Some(map) = r.missed {
                     dirty.insert(r.index, map);
+                    faulted_since.insert(r.index, Instant::now());
                 }
                 Arc::new(Slot {
                     index: r.index,
@@ -116,13 +145,15 @@ impl Engine {
             })
             .collect();
         Ok(Engine {
+            slots: RwLock::new(slots),
+            faulted_since: Mutex::new(faulted_since),
+            rebuild,
             dirty: Mutex::new(dirty),
             dirty_dir,
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             membership: RwLock::new(()),
             volume_id: volume_id.to_string(),
             size: AtomicU64::new(size),
-            slots,
             store,
             min_healthy: min_healthy.max(1),
             fault_lock: Mutex::new(()),
@@ -140,19 +171,88 @@ impl Engine {
         }
     }
 
+    fn slots(&self) -> Vec<Arc<Slot>> {
+        self.slots.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
     pub fn healthy_count(&self) -> usize {
-        self.slots
+        self.slots()
             .iter()
             .filter(|s| s.healthy.load(Ordering::SeqCst))
             .count()
     }
 
     fn healthy_slots(&self) -> Vec<Arc<Slot>> {
-        self.slots
-            .iter()
+        self.slots()
+            .into_iter()
             .filter(|s| s.healthy.load(Ordering::SeqCst))
-            .cloned()
             .collect()
+    }
+
+    /// Moves replicas that stayed unreachable past the grace period to
+    /// another pool; catch-up then rebuilds them in full, in the background.
+    pub fn replace_lost(&self) {
+        let Some(replacer) = &self.rebuild.replacer else {
+            return;
+        };
+        let overdue: Vec<Arc<Slot>> = {
+            let Ok(since) = self.faulted_since.lock() else {
+                return;
+            };
+            self.slots()
+                .into_iter()
+                .filter(|s| {
+                    !s.healthy.load(Ordering::SeqCst)
+                        && since
+                            .get(&s.index)
+                            .is_some_and(|t| t.elapsed() >= self.rebuild.replace_after)
+                })
+                .collect()
+        };
+        for old in overdue {
+            if old.io.check().is_ok() {
+                continue;
+            }
+            let index = old.index;
+            let io = match replacer(index) {
+                Ok(io) => io,
+                Err(e) => {
+                    warn!(volume_id = %self.volume_id, replica = index, error = %e, "cannot replace lost replica yet");
+                    continue;
+                }
+            };
+            let mut map = DirtyMap::new(self.size(), DEFAULT_REGION);
+            map.mark_all();
+            let swapped = (|| -> io::Result<()> {
+                let mut dirty = self.lock_dirty()?;
+                self.persist_map(index, &map)?;
+                dirty.insert(index, map);
+                let mut slots = self
+                    .slots
+                    .write()
+                    .map_err(|_| io::Error::other("slots lock poisoned"))?;
+                if let Some(pos) = slots.iter().position(|s| s.index == index) {
+                    slots[pos] = Arc::new(Slot {
+                        index,
+                        io,
+                        healthy: AtomicBool::new(false),
+                        read_latency_ns: AtomicU64::new(0),
+                    });
+                }
+                Ok(())
+            })();
+            match swapped {
+                Ok(()) => {
+                    if let Ok(mut since) = self.faulted_since.lock() {
+                        since.insert(index, Instant::now());
+                    }
+                    info!(volume_id = %self.volume_id, replica = index, "lost replica replaced; rebuilding in full");
+                }
+                Err(e) => {
+                    warn!(volume_id = %self.volume_id, replica = index, error = %e, "cannot swap in replacement")
+                }
+            }
+        }
     }
 
     /// Records replica `slot` as faulted in the state store, then stops
@@ -181,6 +281,9 @@ impl Engine {
                     e.insert(map);
                 }
                 drop(dirty);
+                if let Ok(mut since) = self.faulted_since.lock() {
+                    since.entry(index).or_insert_with(Instant::now);
+                }
                 slot.healthy.store(false, Ordering::SeqCst);
                 error!(volume_id = %self.volume_id, replica = index, %reason, "replica faulted");
                 Ok(())
@@ -311,10 +414,9 @@ impl Engine {
             let Ok(dirty) = self.dirty.lock() else {
                 return 0;
             };
-            self.slots
-                .iter()
+            self.slots()
+                .into_iter()
                 .filter(|s| !s.healthy.load(Ordering::SeqCst) && dirty.contains_key(&s.index))
-                .cloned()
                 .collect()
         };
         let mut total = 0;
@@ -354,7 +456,8 @@ impl Engine {
                 .collect()
         };
         let mut bytes = 0;
-        for (region, start, len) in regions {
+        let started = Instant::now();
+        for (n, (region, start, len)) in regions.into_iter().enumerate() {
             {
                 let _stripe = if paused {
                     None
@@ -371,6 +474,19 @@ impl Engine {
                 }
             }
             bytes += len;
+            // Persist progress now and then, so an interrupted rebuild resumes.
+            if n % 64 == 63
+                && let Some(map) = self.lock_dirty()?.get(&slot.index)
+            {
+                self.persist_map(slot.index, map)?;
+            }
+            let limit = self.rebuild.bytes_per_sec;
+            if limit > 0 && !paused {
+                let due = std::time::Duration::from_secs_f64(bytes as f64 / limit as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
         }
         // Persist progress so an interrupted catch-up resumes, never restarts.
         if let Some(map) = self.lock_dirty()?.get(&slot.index) {
@@ -395,6 +511,9 @@ impl Engine {
             .update(&self.volume_id, &mut |r| Ok(r.heal_replica(index, bytes)))
             .map_err(|e| io::Error::other(format!("cannot record replica healthy: {e}")))?;
         self.lock_dirty()?.remove(&index);
+        if let Ok(mut since) = self.faulted_since.lock() {
+            since.remove(&index);
+        }
         if let Some(dir) = &self.dirty_dir {
             let _ = std::fs::remove_file(dir.join(dirty_map_file(index)));
         }

@@ -16,8 +16,9 @@ use nix::sys::signal::{SigSet, Signal};
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::controller::ControllerCore;
 use crate::dirty::{DEFAULT_REGION, DirtyMap};
-use crate::engine::{Engine, EngineReplica, dirty_map_file};
+use crate::engine::{Engine, EngineReplica, RebuildPolicy, Replacer, dirty_map_file};
 use crate::error::{Error, Result};
 use crate::frontend::BlockDevice;
 use crate::frontend::fuse::{self, FuseExport, FuseOptions};
@@ -98,6 +99,30 @@ pub fn run(args: EngineArgs) -> Result<()> {
         }
     }
     let healthy = replicas.iter().filter(|r| r.missed.is_none()).count();
+    let pools = Arc::new(pools);
+    let controller = Arc::new(ControllerCore::new(
+        store.clone(),
+        pools.clone(),
+        config.overcommit_ratio,
+    ));
+    let replacer: Replacer = {
+        let pools = pools.clone();
+        let volume_id = volume_id.to_string();
+        Box::new(move |index| {
+            let pool = controller
+                .replace_replica(&volume_id, index)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            pools
+                .get(&pool)
+                .and_then(|p| p.backend.open(&replica_file_name(&volume_id, index)))
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        })
+    };
+    let rebuild = RebuildPolicy {
+        replace_after: Duration::from_secs(config.replace_after_secs),
+        bytes_per_sec: config.rebuild_mib_per_sec << 20,
+        replacer: Some(replacer),
+    };
     let min_healthy = usize::from(record.class.min_healthy);
     if healthy < min_healthy {
         return Err(Error::new(
@@ -116,6 +141,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
             store.clone(),
             REPLICA_IO_THREADS,
             Some(dirty_dir),
+            rebuild,
         )
         .map_err(|e| Error::io("cannot start replica I/O threads", e))?,
     );
@@ -140,6 +166,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
             .spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     engine.check_replicas();
+                    engine.replace_lost();
                     engine.catch_up();
                     std::thread::sleep(CHECK_INTERVAL);
                 }

@@ -91,6 +91,7 @@ fn setup(
         store.clone(),
         4,
         None,
+        RebuildPolicy::default(),
     )
     .unwrap();
     (dir, store, mems, engine)
@@ -98,15 +99,19 @@ fn setup(
 
 const BIG: usize = 8 << 20;
 
-/// Like `setup`, with 8 regions and dirty maps persisted under `run/`.
-fn setup_big(
-    n: usize,
-) -> (
+type BigSetup = (
     tempfile::TempDir,
     Arc<FileStore>,
     Vec<MemReplica>,
     Arc<Engine>,
-) {
+);
+
+/// Like `setup`, with 8 regions and dirty maps persisted under `run/`.
+fn setup_big(n: usize) -> BigSetup {
+    setup_big_with(n, RebuildPolicy::default())
+}
+
+fn setup_big_with(n: usize, policy: RebuildPolicy) -> BigSetup {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(FileStore::open(dir.path()).unwrap());
     let mut rec: VolumeRecord = crate::volume::tests::record(n);
@@ -133,6 +138,7 @@ fn setup_big(
         store.clone(),
         4,
         Some(run),
+        policy,
     )
     .unwrap();
     (dir, store, mems, Arc::new(engine))
@@ -189,7 +195,10 @@ fn catch_up_under_concurrent_writes_converges_to_identical_replicas() {
                     x = x
                         .wrapping_mul(6364136223846793005)
                         .wrapping_add(1442695040888963407);
-                    let off = (x >> 33) % (BIG as u64 / 4096) * 4096;
+                    // Each writer owns every third block: overlapping
+                    // concurrent writes have no defined order on any device.
+                    let block = (x >> 33) % (BIG as u64 / 4096 / 3) * 3 + t;
+                    let off = block * 4096;
                     e.write_at(&[(x >> 20) as u8; 4096], off).unwrap();
                 }
             })
@@ -429,4 +438,38 @@ mod model {
             }
         }
     }
+}
+
+#[test]
+fn a_lost_replica_is_replaced_and_rebuilt_in_full_with_a_bandwidth_limit() {
+    let spare = MemReplica::new(BIG);
+    let handed = spare.clone();
+    let policy = RebuildPolicy {
+        replace_after: std::time::Duration::ZERO,
+        bytes_per_sec: 64 << 20,
+        replacer: Some(Box::new(move |index| {
+            assert_eq!(index, 1);
+            Ok(Box::new(handed.clone()) as Box<dyn ReplicaIo>)
+        })),
+    };
+    let (_dir, store, mems, e) = setup_big_with(3, policy);
+    e.write_at(&[5u8; 4096], 3 << 20).unwrap();
+    mems[1].fail.store(true, Ordering::SeqCst);
+    mems[1].gone.store(true, Ordering::SeqCst);
+    e.write_at(&[6u8; 4096], 0).unwrap();
+    assert_eq!(e.healthy_count(), 2);
+    // Unreachable past the (zero) grace period: replaced, then rebuilt.
+    e.replace_lost();
+    let started = Instant::now();
+    assert_eq!(e.catch_up(), BIG as u64, "a replacement copies everything");
+    // 8 MiB at 64 MiB/s takes at least ~125 ms.
+    assert!(started.elapsed() >= std::time::Duration::from_millis(100));
+    assert_eq!(e.healthy_count(), 3);
+    assert!(*spare.data.lock().unwrap() == *mems[0].data.lock().unwrap());
+    assert!(store.get("tv-test").unwrap().unwrap().replicas[1].is_healthy());
+    // The replacement takes writes; the lost replica does not.
+    mems[1].fail.store(false, Ordering::SeqCst);
+    e.write_at(&[7u8; 4096], 0).unwrap();
+    assert_eq!(spare.data.lock().unwrap()[0], 7);
+    assert_eq!(mems[1].data.lock().unwrap()[0], 0);
 }
