@@ -85,6 +85,16 @@ pub struct Engine {
 /// eligible pool, records the move, and returns it opened.
 pub type Replacer = Box<dyn Fn(usize) -> io::Result<Box<dyn ReplicaIo>> + Send + Sync>;
 
+pub struct EngineOptions {
+    /// Writes fail (EIO) below this many healthy replicas.
+    pub min_healthy: usize,
+    /// Threads that run replica I/O in parallel.
+    pub worker_threads: usize,
+    /// Where dirty maps are persisted; `None` keeps them in memory (tests).
+    pub dirty_dir: Option<PathBuf>,
+    pub rebuild: RebuildPolicy,
+}
+
 pub struct RebuildPolicy {
     /// A faulted replica unreachable for this long is replaced.
     pub replace_after: std::time::Duration,
@@ -120,12 +130,15 @@ impl Engine {
         volume_id: &str,
         size: u64,
         replicas: Vec<EngineReplica>,
-        min_healthy: usize,
         store: Arc<dyn StateStore>,
-        worker_threads: usize,
-        dirty_dir: Option<PathBuf>,
-        rebuild: RebuildPolicy,
+        opts: EngineOptions,
     ) -> io::Result<Engine> {
+        let EngineOptions {
+            min_healthy,
+            worker_threads,
+            dirty_dir,
+            rebuild,
+        } = opts;
         let mut dirty = BTreeMap::new();
         let mut faulted_since = BTreeMap::new();
         let slots = replicas

@@ -18,7 +18,9 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::controller::ControllerCore;
 use crate::dirty::{DEFAULT_REGION, DirtyMap};
-use crate::engine::{Engine, EngineReplica, RebuildPolicy, Replacer, dirty_map_file};
+use crate::engine::{
+    Engine, EngineOptions, EngineReplica, RebuildPolicy, Replacer, dirty_map_file,
+};
 use crate::error::{Error, Result};
 use crate::frontend::BlockDevice;
 use crate::frontend::fuse::{self, FuseExport, FuseOptions};
@@ -137,11 +139,13 @@ pub fn run(args: EngineArgs) -> Result<()> {
             volume_id,
             record.capacity_bytes,
             replicas,
-            min_healthy,
             store.clone(),
-            REPLICA_IO_THREADS,
-            Some(dirty_dir),
-            rebuild,
+            EngineOptions {
+                min_healthy,
+                worker_threads: REPLICA_IO_THREADS,
+                dirty_dir: Some(dirty_dir),
+                rebuild,
+            },
         )
         .map_err(|e| Error::io("cannot start replica I/O threads", e))?,
     );

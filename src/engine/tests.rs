@@ -87,11 +87,13 @@ fn setup(
         "tv-test",
         SIZE as u64,
         replicas,
-        min_healthy,
         store.clone(),
-        4,
-        None,
-        RebuildPolicy::default(),
+        EngineOptions {
+            min_healthy,
+            worker_threads: 4,
+            dirty_dir: None,
+            rebuild: RebuildPolicy::default(),
+        },
     )
     .unwrap();
     (dir, store, mems, engine)
@@ -134,11 +136,13 @@ fn setup_big_with(n: usize, policy: RebuildPolicy) -> BigSetup {
         "tv-test",
         BIG as u64,
         replicas,
-        1,
         store.clone(),
-        4,
-        Some(run),
-        policy,
+        EngineOptions {
+            min_healthy: 1,
+            worker_threads: 4,
+            dirty_dir: Some(run),
+            rebuild: policy,
+        },
     )
     .unwrap();
     (dir, store, mems, Arc::new(engine))
