@@ -35,6 +35,8 @@ pub struct ControllerCore {
     overcommit_ratio: f64,
     /// Placement reads free space and then claims it: one at a time.
     placing: Mutex<()>,
+    /// Data dir whose `dirty/<id>` maps are removed with their volume.
+    data_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -118,7 +120,14 @@ impl ControllerCore {
             pools,
             overcommit_ratio,
             placing: Mutex::new(()),
+            data_dir: None,
         }
+    }
+
+    /// Also removes volumes' dirty maps under `data_dir` when they are deleted.
+    pub fn with_data_dir(mut self, data_dir: &std::path::Path) -> ControllerCore {
+        self.data_dir = Some(data_dir.to_path_buf());
+        self
     }
 
     pub fn get(&self, volume_id: &str) -> Result<Option<VolumeRecord>> {
@@ -289,6 +298,12 @@ impl ControllerCore {
             return Ok(());
         };
         if let Some(s) = &record.staged_on {
+            if s.staging_path == crate::repair::REPAIR_CLAIM {
+                return Err(Error::new(
+                    ErrorKind::Aborted,
+                    format!("volume {volume_id} is being repaired; retry shortly"),
+                ));
+            }
             return Err(Error::precondition(format!(
                 "volume {volume_id} is staged on node {}; unstage it first",
                 s.node
@@ -306,6 +321,9 @@ impl ControllerCore {
                 .delete(&replica_file_name(volume_id, index))?;
         }
         self.store.remove(volume_id)?;
+        if let Some(dir) = &self.data_dir {
+            let _ = std::fs::remove_dir_all(crate::dirty_dir(dir, volume_id));
+        }
         info!(volume_id, "volume deleted");
         Ok(())
     }
@@ -417,6 +435,7 @@ impl ControllerCore {
                     state: ReplicaState::Faulted {
                         generation: next,
                         reason: reason.clone(),
+                        since: crate::volume::unix_now(),
                     },
                     last_catch_up_bytes: None,
                 };

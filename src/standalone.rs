@@ -23,6 +23,8 @@ use crate::proto::csi::node_server::NodeServer;
 use crate::store::{FileStore, StateStore};
 use crate::volume::Phase;
 
+const REPAIR_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub struct Options {
     pub data_dir: PathBuf,
     pub endpoint: String,
@@ -49,13 +51,29 @@ pub async fn run(opts: Options) -> Result<()> {
     let config = Config::load_or_init(data_dir)?;
     let store: Arc<dyn StateStore> = Arc::new(FileStore::open(&crate::state_dir(data_dir))?);
     let pools = Arc::new(Pools::from_config(&config, data_dir, &opts.node_id)?);
-    let controller = Arc::new(ControllerCore::new(
-        store.clone(),
-        pools,
-        config.overcommit_ratio,
-    ));
+    let controller = Arc::new(
+        ControllerCore::new(store.clone(), pools.clone(), config.overcommit_ratio)
+            .with_data_dir(data_dir),
+    );
     let node = Arc::new(NodeCore::new(data_dir, &opts.node_id, store.clone()));
     resume_interrupted(&controller, &store);
+    {
+        let (data_dir, node, store, pools) = (
+            data_dir.clone(),
+            opts.node_id.clone(),
+            store.clone(),
+            pools.clone(),
+        );
+        std::thread::Builder::new()
+            .name("repair".into())
+            .spawn(move || {
+                loop {
+                    crate::repair::pass(&data_dir, &node, &store, &pools);
+                    std::thread::sleep(REPAIR_INTERVAL);
+                }
+            })
+            .map_err(|e| Error::io("cannot start repair thread", e))?;
+    }
 
     let socket = socket_path(&opts.endpoint)?;
     if let Some(parent) = socket.parent() {

@@ -27,7 +27,14 @@ pub enum ReplicaState {
     Healthy,
     /// Missed writes from `generation` on; must never serve reads again until
     /// rebuilt. `reason` says what failed, for people.
-    Faulted { generation: u64, reason: String },
+    Faulted {
+        generation: u64,
+        reason: String,
+        /// When it was faulted, seconds since the epoch: the grace period
+        /// before replacement counts from here.
+        #[serde(default)]
+        since: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,7 +120,9 @@ impl VolumeRecord {
             .enumerate()
             .filter_map(|(i, r)| match &r.state {
                 ReplicaState::Healthy => None,
-                ReplicaState::Faulted { generation, reason } => Some(format!(
+                ReplicaState::Faulted {
+                    generation, reason, ..
+                } => Some(format!(
                     "replica {i} on pool {} (node {}) faulted at generation {generation}: {reason}",
                     r.pool, r.node
                 )),
@@ -154,6 +163,7 @@ impl VolumeRecord {
                 r.state = ReplicaState::Faulted {
                     generation: next,
                     reason: reason.to_string(),
+                    since: unix_now(),
                 };
                 self.generation = next;
                 true
@@ -161,6 +171,13 @@ impl VolumeRecord {
             _ => false,
         }
     }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Bytes rounded up to whole mebibytes.

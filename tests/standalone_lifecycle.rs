@@ -282,3 +282,85 @@ async fn bad_requests_get_specific_codes_and_messages() {
     }
     terna.stop_and_check_clean();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unstaged_volume_with_a_lost_replica_is_rebuilt_in_the_background() {
+    if !common::require_root("unstaged_volume_with_a_lost_replica_is_rebuilt_in_the_background") {
+        return;
+    }
+    // The default three pools, and a short grace period before replacement.
+    let terna = common::Standalone::start_with(|data_dir| {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let mut config = terna::config::Config::default_standalone();
+        config.replace_after_secs = 1;
+        std::fs::write(
+            data_dir.join("terna.toml"),
+            toml::to_string(&config).unwrap(),
+        )
+        .unwrap();
+    });
+    let mut csi = Csi::connect(&terna.socket).await;
+    let id = csi
+        .create("repair-vol", 64 * MIB, &[], mount_cap("ext4"))
+        .await
+        .unwrap()
+        .volume_id;
+    let staging = terna.dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let target = terna.dir.path().join("target");
+    csi.stage(&id, &staging, mount_cap("ext4")).await;
+    csi.publish(&id, &staging, &target, mount_cap("ext4")).await;
+    std::fs::write(target.join("data"), pattern(9, 8 * MIB as usize)).unwrap();
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+
+    // A disk loses the replica while no pod uses the volume.
+    std::fs::remove_file(terna.find_replica(&id, 2).unwrap()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut saw_degraded = false;
+    loop {
+        let c = csi
+            .controller
+            .controller_get_volume(pb::ControllerGetVolumeRequest {
+                volume_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap()
+            .volume_condition
+            .unwrap();
+        saw_degraded |= c.abnormal;
+        if saw_degraded && !c.abnormal && terna.find_replica(&id, 2).is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never repaired: {c:?}\n{}",
+            terna.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let files: Vec<Vec<u8>> = (0..3)
+        .map(|i| std::fs::read(terna.find_replica(&id, i).unwrap()).unwrap())
+        .collect();
+    assert!(
+        files[0] == files[1] && files[0] == files[2],
+        "rebuilt replica differs"
+    );
+    csi.stage(&id, &staging, mount_cap("ext4")).await;
+    csi.publish(&id, &staging, &target, mount_cap("ext4")).await;
+    assert_eq!(
+        std::fs::read(target.join("data")).unwrap(),
+        pattern(9, 8 * MIB as usize)
+    );
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+    csi.delete(&id).await;
+    assert!(
+        !terna.data_dir.join("dirty").join(&id).exists(),
+        "dirty maps removed with the volume"
+    );
+    terna.stop_and_check_clean();
+}

@@ -15,6 +15,7 @@
 //! Hot path: `read_at`/`write_at` run per I/O; `info!` never fires here except
 //! on a replica fault.
 
+pub mod assemble;
 pub mod process;
 pub mod workers;
 
@@ -118,6 +119,9 @@ pub struct EngineReplica {
     pub io: Box<dyn ReplicaIo>,
     /// `Some(map)`: the replica is faulted and has missed `map`'s regions.
     pub missed: Option<DirtyMap>,
+    /// For a faulted replica: since when (the replacement grace period
+    /// counts from here); `None` means now.
+    pub faulted_since: Option<Instant>,
 }
 
 /// Persisted name of replica `index`'s dirty map.
@@ -147,7 +151,7 @@ impl Engine {
                 let healthy = r.missed.is_none();
                 if let Some(map) = r.missed {
                     dirty.insert(r.index, map);
-                    faulted_since.insert(r.index, Instant::now());
+                    faulted_since.insert(r.index, r.faulted_since.unwrap_or_else(Instant::now));
                 }
                 Arc::new(Slot {
                     index: r.index,

@@ -15,18 +15,10 @@ use std::time::Duration;
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{info, warn};
 
-use crate::config::Config;
-use crate::controller::ControllerCore;
-use crate::dirty::{DEFAULT_REGION, DirtyMap};
-use crate::engine::{
-    Engine, EngineOptions, EngineReplica, RebuildPolicy, Replacer, dirty_map_file,
-};
+use crate::engine::assemble::assemble;
 use crate::error::{Error, Result};
 use crate::frontend::BlockDevice;
 use crate::frontend::fuse::{self, FuseExport, FuseOptions};
-use crate::pools::Pools;
-use crate::store::{FileStore, StateStore};
-use crate::volume::replica_file_name;
 
 pub struct EngineArgs {
     pub data_dir: PathBuf,
@@ -45,110 +37,8 @@ pub fn run(args: EngineArgs) -> Result<()> {
         .thread_block()
         .map_err(|e| Error::io("cannot block signals", e.into()))?;
 
-    let config = Config::load_or_init(&args.data_dir)?;
-    let store: Arc<dyn StateStore> = Arc::new(FileStore::open(&crate::state_dir(&args.data_dir))?);
-    let pools = Pools::from_config(&config, &args.data_dir, &args.node_id)?;
     let volume_id = args.volume_id.as_str();
-    let record = store
-        .get(volume_id)?
-        .ok_or_else(|| Error::not_found(format!("volume {volume_id} does not exist")))?;
-
-    // Dirty maps live beside the FUSE mountpoint, in the volume's run dir.
-    let dirty_dir = args
-        .mountpoint
-        .parent()
-        .map(|p| p.to_path_buf())
-        .ok_or_else(|| Error::invalid("mountpoint has no parent dir"))?;
-    let mut replicas = Vec::new();
-    for (index, replica) in record.replicas.iter().enumerate() {
-        let opened = pools
-            .get(&replica.pool)
-            .and_then(|p| p.backend.open(&replica_file_name(volume_id, index)));
-        if !replica.is_healthy() {
-            // A faulted replica that is still there can catch up: on what
-            // its dirty map says, or on everything when the map is lost.
-            if let Ok(io) = opened {
-                let map = std::fs::read(dirty_dir.join(dirty_map_file(index)))
-                    .ok()
-                    .and_then(|b| DirtyMap::decode(&b))
-                    .unwrap_or_else(|| {
-                        let mut m = DirtyMap::new(record.capacity_bytes, DEFAULT_REGION);
-                        m.mark_all();
-                        m
-                    });
-                replicas.push(EngineReplica {
-                    index,
-                    io,
-                    missed: Some(map),
-                });
-            }
-            continue;
-        }
-        match opened {
-            Ok(io) => replicas.push(EngineReplica {
-                index,
-                io,
-                missed: None,
-            }),
-            Err(e) => {
-                // Nothing has been written through this engine yet, so
-                // recording the fault now is in time; without a map the
-                // replica copies everything if it returns.
-                warn!(volume_id, replica = index, error = %e, "replica cannot be opened");
-                let reason = format!("cannot open at engine start: {e}");
-                store.update(volume_id, &mut |r| Ok(r.fault_replica(index, &reason)))?;
-            }
-        }
-    }
-    let healthy = replicas.iter().filter(|r| r.missed.is_none()).count();
-    let pools = Arc::new(pools);
-    let controller = Arc::new(ControllerCore::new(
-        store.clone(),
-        pools.clone(),
-        config.overcommit_ratio,
-    ));
-    let replacer: Replacer = {
-        let pools = pools.clone();
-        let volume_id = volume_id.to_string();
-        Box::new(move |index| {
-            let pool = controller
-                .replace_replica(&volume_id, index)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            pools
-                .get(&pool)
-                .and_then(|p| p.backend.open(&replica_file_name(&volume_id, index)))
-                .map_err(|e| std::io::Error::other(e.to_string()))
-        })
-    };
-    let rebuild = RebuildPolicy {
-        replace_after: Duration::from_secs(config.replace_after_secs),
-        bytes_per_sec: config.rebuild_mib_per_sec << 20,
-        replacer: Some(replacer),
-    };
-    let min_healthy = usize::from(record.class.min_healthy);
-    if healthy < min_healthy {
-        return Err(Error::new(
-            crate::error::ErrorKind::Unavailable,
-            format!(
-                "volume {volume_id} has {healthy} usable replica(s), its class needs {min_healthy}"
-            ),
-        ));
-    }
-    let engine = Arc::new(
-        Engine::new(
-            volume_id,
-            record.capacity_bytes,
-            replicas,
-            store.clone(),
-            EngineOptions {
-                min_healthy,
-                worker_threads: REPLICA_IO_THREADS,
-                dirty_dir: Some(dirty_dir),
-                rebuild,
-            },
-        )
-        .map_err(|e| Error::io("cannot start replica I/O threads", e))?,
-    );
+    let (engine, store) = assemble(&args.data_dir, &args.node_id, volume_id, REPLICA_IO_THREADS)?;
     let export = FuseExport::mount(&args.mountpoint, engine.clone(), FuseOptions::default())
         .map_err(|e| {
             Error::with_source(

@@ -81,6 +81,7 @@ fn setup(
             index,
             io: Box::new(m.clone()),
             missed: None,
+            faulted_since: None,
         })
         .collect();
     let engine = Engine::new(
@@ -130,6 +131,7 @@ fn setup_big_with(n: usize, policy: RebuildPolicy) -> BigSetup {
             index,
             io: Box::new(m.clone()),
             missed: None,
+            faulted_since: None,
         })
         .collect();
     let engine = Engine::new(

@@ -103,6 +103,15 @@ impl NodeCore {
             }
         })?;
         if let Some(s) = conflict {
+            if s.staging_path == crate::repair::REPAIR_CLAIM {
+                return Err(Error::new(
+                    ErrorKind::Aborted,
+                    format!(
+                        "volume {volume_id} is being repaired on node {}; retry shortly",
+                        s.node
+                    ),
+                ));
+            }
             return Err(Error::precondition(format!(
                 "volume {volume_id} is staged on node {} at {}; unstage it there first",
                 s.node, s.staging_path

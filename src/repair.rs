@@ -1,0 +1,129 @@
+//! Degraded volumes that are not staged anywhere are repaired in the
+//! background: missing replica files are noticed, returning replicas catch
+//! up, and lost ones are replaced and rebuilt, with no pod attached.
+//!
+//! While a volume is being repaired it is claimed (`staged_on` names this
+//! node and `REPAIR_CLAIM`), so a NodeStage meanwhile gets Aborted and is
+//! retried; the claim is released when the pass ends.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::dirty::{DEFAULT_REGION, DirtyMap};
+use crate::engine::assemble::assemble;
+use crate::engine::dirty_map_file;
+use crate::error::Result;
+use crate::pools::Pools;
+use crate::store::StateStore;
+use crate::volume::{Phase, StagedOn, VolumeRecord, replica_file_name};
+
+/// The staging path recorded while a volume is claimed for repair.
+pub const REPAIR_CLAIM: &str = "(repairing)";
+/// One volume's repair gives up (and retries next pass) after this long.
+const PASS_LIMIT: Duration = Duration::from_secs(120);
+const IO_THREADS: usize = 8;
+
+/// Faults replicas of an unstaged volume whose files are gone. Nothing has
+/// been written since it was unstaged, so each gets an empty dirty map.
+fn notice_missing(
+    data_dir: &Path,
+    store: &dyn StateStore,
+    pools: &Pools,
+    record: &VolumeRecord,
+) -> Result<()> {
+    for (index, replica) in record.replicas.iter().enumerate() {
+        if !replica.is_healthy() {
+            continue;
+        }
+        let present = pools
+            .get(&replica.pool)
+            .and_then(|p| p.backend.size_of(&replica_file_name(&record.id, index)));
+        let reason = match present {
+            Ok(Some(_)) => continue,
+            Ok(None) => format!("replica file missing on pool {}", replica.pool),
+            Err(e) => format!("pool {} unreachable: {e}", replica.pool),
+        };
+        let dir = crate::dirty_dir(data_dir, &record.id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| crate::error::Error::io(format!("cannot create {}", dir.display()), e))?;
+        let map = DirtyMap::new(record.capacity_bytes, DEFAULT_REGION);
+        crate::store::atomic_write(&dir.join(dirty_map_file(index)), &map.encode())?;
+        store.update(&record.id, &mut |r| Ok(r.fault_replica(index, &reason)))?;
+        warn!(volume_id = %record.id, replica = index, %reason, "replica of unstaged volume faulted");
+    }
+    Ok(())
+}
+
+fn repair_one(data_dir: &Path, node: &str, store: &Arc<dyn StateStore>, id: &str) -> Result<()> {
+    let claimed = store.update(id, &mut |r| {
+        if r.staged_on.is_some() || r.phase != Phase::Ready {
+            return Ok(false);
+        }
+        r.staged_on = Some(StagedOn {
+            node: node.to_string(),
+            staging_path: REPAIR_CLAIM.to_string(),
+        });
+        Ok(true)
+    })?;
+    let ours = claimed.is_some_and(|r| {
+        r.staged_on
+            .as_ref()
+            .is_some_and(|s| s.staging_path == REPAIR_CLAIM)
+    });
+    if !ours {
+        return Ok(());
+    }
+    let result = (|| -> Result<()> {
+        let (engine, _) = assemble(data_dir, node, id, IO_THREADS)?;
+        let started = Instant::now();
+        let want = store.get(id)?.map(|r| r.replicas.len()).unwrap_or(0);
+        while engine.healthy_count() < want && started.elapsed() < PASS_LIMIT {
+            engine.check_replicas();
+            engine.replace_lost();
+            if engine.catch_up() == 0 {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        if engine.healthy_count() >= want {
+            info!(volume_id = id, "unstaged volume repaired");
+        }
+        Ok(())
+    })();
+    store.update(id, &mut |r| {
+        if r.staged_on
+            .as_ref()
+            .is_some_and(|s| s.staging_path == REPAIR_CLAIM)
+        {
+            r.staged_on = None;
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    })?;
+    result
+}
+
+/// One pass over every unstaged volume.
+pub fn pass(data_dir: &Path, node: &str, store: &Arc<dyn StateStore>, pools: &Pools) {
+    let Ok(records) = store.list() else { return };
+    for record in records {
+        if record.phase != Phase::Ready || record.staged_on.is_some() {
+            continue;
+        }
+        if let Err(e) = notice_missing(data_dir, store.as_ref(), pools, &record) {
+            warn!(volume_id = %record.id, error = %e, "cannot check replicas of unstaged volume");
+            continue;
+        }
+        let degraded = store
+            .get(&record.id)
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.degradation().is_some());
+        if degraded && let Err(e) = repair_one(data_dir, node, store, &record.id) {
+            warn!(volume_id = %record.id, error = %e, "repair of unstaged volume failed; will retry");
+        }
+    }
+}
