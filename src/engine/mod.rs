@@ -454,7 +454,12 @@ impl Engine {
     fn copy_region(&self, slot: &Slot, start: u64, len: u64) -> io::Result<()> {
         let mut buf = AlignedBuf::zeroed(len as usize);
         self.read_at(buf.as_mut_slice(), start)?;
-        slot.io.write_at(buf.as_slice(), start)
+        if buf.as_slice().iter().all(|&b| b == 0) {
+            // Keeps rebuilt replicas thin: a hole reads as zeroes too.
+            slot.io.discard(start, len)
+        } else {
+            slot.io.write_at(buf.as_slice(), start)
+        }
     }
 
     /// Copies the regions of `slot`'s map that are dirty now; each under
