@@ -90,6 +90,9 @@ const HEADER: &str = "\
 # Each pool is a directory standing for one disk. Edit tiers (fast | standard | slow),
 # failure domains, zones, capacities and the overcommit ratio, then restart terna.
 # Allocatable bytes of a pool = capacity_bytes (default: its filesystem's size) x overcommit_ratio.
+# Pools on other machines: add [[nodes]] (name, agent = \"host:7420\") and give the pool
+# node = \"name\"; both sides read the same cluster_token_file. A replica unreachable for
+# replace_after_secs is replaced on another pool and rebuilt at up to rebuild_mib_per_sec.
 ";
 
 impl Config {
