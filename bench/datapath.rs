@@ -374,5 +374,7 @@ async fn main() {
     for t in &targets {
         csi.delete(&t.id).await;
     }
+    // Hang up before stopping terna: its graceful shutdown waits for clients.
+    drop(csi);
     drop(terna);
 }

@@ -24,6 +24,7 @@ use crate::store::{FileStore, StateStore};
 use crate::volume::Phase;
 
 const REPAIR_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct Options {
     pub data_dir: PathBuf,
@@ -100,7 +101,8 @@ pub async fn run(opts: Options) -> Result<()> {
         "terna standalone serving"
     );
     let locks = VolumeLocks::default();
-    tonic::transport::Server::builder()
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService { controller: true }))
         .add_service(ControllerServer::new(ControllerService {
             core: controller,
@@ -108,11 +110,22 @@ pub async fn run(opts: Options) -> Result<()> {
             locks: locks.clone(),
         }))
         .add_service(NodeServer::new(NodeService { core: node, locks }))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
-        .await
-        .map_err(|e| {
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    // Graceful shutdown waits for clients to hang up; one that never does
+    // must not keep the process alive.
+    let grace = async {
+        shutdown_signal().await;
+        let _ = stop_tx.send(());
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        served = server => served.map_err(|e| {
             Error::with_source(crate::error::ErrorKind::Internal, "gRPC server failed", e)
-        })?;
+        })?,
+        () = grace => warn!("clients still connected {} s after shutdown began; stopping anyway", SHUTDOWN_GRACE.as_secs()),
+    }
     let _ = std::fs::remove_file(&socket);
     info!("terna standalone stopped; staged volumes keep running in their engines");
     Ok(())

@@ -303,20 +303,6 @@ fn verify(sums: &HashMap<PathBuf, Vec<u8>>) {
     }
 }
 
-async fn condition(csi: &mut Csi, id: &str) -> pb::VolumeCondition {
-    csi.controller
-        .controller_get_volume(pb::ControllerGetVolumeRequest {
-            volume_id: id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap()
-        .volume_condition
-        .unwrap()
-}
-
 async fn wait_condition(
     csi: &mut Csi,
     id: &str,
@@ -325,7 +311,7 @@ async fn wait_condition(
 ) -> pb::VolumeCondition {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let c = condition(csi, id).await;
+        let c = csi.condition(id).await;
         if c.abnormal == abnormal {
             return c;
         }

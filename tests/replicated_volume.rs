@@ -98,17 +98,7 @@ async fn removed_replica_file_loses_no_acknowledged_write() {
 
     let deadline = Instant::now() + Duration::from_secs(10);
     let condition = loop {
-        let status = csi
-            .controller
-            .controller_get_volume(pb::ControllerGetVolumeRequest {
-                volume_id: id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap();
-        let c = status.volume_condition.unwrap();
+        let c = csi.condition(&id).await;
         if c.abnormal {
             break c;
         }

@@ -319,18 +319,7 @@ async fn unstaged_volume_with_a_lost_replica_is_rebuilt_in_the_background() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let mut saw_degraded = false;
     loop {
-        let c = csi
-            .controller
-            .controller_get_volume(pb::ControllerGetVolumeRequest {
-                volume_id: id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap()
-            .volume_condition
-            .unwrap();
+        let c = csi.condition(&id).await;
         saw_degraded |= c.abnormal;
         if saw_degraded && !c.abnormal && terna.find_replica(&id, 2).is_some() {
             break;

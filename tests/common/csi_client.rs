@@ -139,6 +139,21 @@ impl Csi {
             .map(|r| r.into_inner().volume.unwrap())
     }
 
+    /// The controller's view of the volume's health.
+    pub async fn condition(&mut self, id: &str) -> pb::VolumeCondition {
+        self.controller
+            .controller_get_volume(pb::ControllerGetVolumeRequest {
+                volume_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap()
+            .volume_condition
+            .unwrap()
+    }
+
     pub async fn delete(&mut self, id: &str) {
         self.controller
             .delete_volume(pb::DeleteVolumeRequest {
