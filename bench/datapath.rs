@@ -79,7 +79,8 @@ const JOBS: [Job; 5] = [
     },
 ];
 
-fn fio(target: &Path, size: u64, job: &Job, runtime: u32) -> f64 {
+/// Runs one fio job; returns its figure and the bytes it moved.
+fn fio(target: &Path, size: u64, job: &Job, runtime: u32) -> (f64, u64) {
     let out = Command::new("fio")
         .args([
             "--name=bench",
@@ -105,11 +106,50 @@ fn fio(target: &Path, size: u64, job: &Job, runtime: u32) -> f64 {
     );
     let v: Value = serde_json::from_slice(&out.stdout).expect("fio json");
     let side = &v["jobs"][0][if job.writes { "write" } else { "read" }];
-    match job.metric {
+    let figure = match job.metric {
         "MiB/s" => side["bw_bytes"].as_f64().unwrap() / MIB as f64,
         "IOPS" => side["iops"].as_f64().unwrap(),
         _ => side["clat_ns"]["percentile"]["50.000000"].as_f64().unwrap() / 1000.0,
-    }
+    };
+    (figure, side["io_bytes"].as_u64().unwrap())
+}
+
+/// The engine process serving a staged volume (`terna engine ... <id> ...`).
+fn engine_pid(volume_id: &str) -> u32 {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            args.get(1) == Some(&&b"engine"[..]) && args.contains(&volume_id.as_bytes())
+        })
+        .expect("engine process of a staged volume")
+}
+
+/// User + system CPU seconds a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf only reads a constant of the running system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64 / hz as f64
+}
+
+/// A `/proc/<pid>/status` memory line (VmRSS, VmHWM) in MiB.
+fn memory_mib(pid: u32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"));
+    let kib: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib / 1024.0
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -166,11 +206,21 @@ struct Target {
     staging: PathBuf,
     publish: PathBuf,
     block: bool,
+    engine: u32,
+    /// Engine CPU seconds and bytes fio moved, over every job and round.
+    cpu_s: f64,
+    bytes: u64,
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // `cargo test --all-targets` runs this binary without `--bench`: the
+    // benchmark belongs to bench/run, not to the test suite.
+    if !args.iter().any(|a| a == "--bench") {
+        println!("datapath benchmark: run it with bench/run");
+        return;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let (runtime, rounds, size) = if quick {
         (2, 3, 256 * MIB)
@@ -219,6 +269,7 @@ async fn main() {
             } else {
                 publish.join("fio.dat")
             };
+            let engine = engine_pid(&vol.volume_id);
             targets.push(Target {
                 label: format!(
                     "{} replica{}, {}",
@@ -232,23 +283,36 @@ async fn main() {
                 staging,
                 publish,
                 block,
+                engine,
+                cpu_s: 0.0,
+                bytes: 0,
             });
         }
     }
+
+    // Idle: every volume staged, nothing written yet.
+    let node_rss_idle = memory_mib(terna.child.id(), "VmRSS");
+    let engine_rss_idle: Vec<f64> = targets
+        .iter()
+        .map(|t| memory_mib(t.engine, "VmRSS"))
+        .collect();
 
     // figures[job][target label] = per-round values; "raw" is the disk.
     let mut figures: BTreeMap<&str, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
     for round in 0..rounds {
         for job in &JOBS {
-            let raw = fio(&raw_file, size, job, runtime);
+            let (raw, _) = fio(&raw_file, size, job, runtime);
             figures
                 .entry(job.name)
                 .or_default()
                 .entry("raw".into())
                 .or_default()
                 .push(raw);
-            for t in &targets {
-                let v = fio(&t.path, size, job, runtime);
+            for t in &mut targets {
+                let cpu_before = cpu_seconds(t.engine);
+                let (v, bytes) = fio(&t.path, size, job, runtime);
+                t.cpu_s += cpu_seconds(t.engine) - cpu_before;
+                t.bytes += bytes;
                 figures
                     .entry(job.name)
                     .or_default()
@@ -301,6 +365,54 @@ async fn main() {
             }));
         }
     }
+
+    // CPU and memory. The engine serves FUSE and drives every replica, so its
+    // CPU covers the whole user-space data path; the kernel's share (loop
+    // device, FUSE queue, filesystem) is not in it.
+    const GIB: f64 = (1u64 << 30) as f64;
+    md += "\n| target | engine CPU s per GiB moved | engine RSS idle | engine RSS peak under load |\n|---|---:|---:|---:|\n";
+    let mut resources = Vec::new();
+    for (t, idle) in targets.iter().zip(&engine_rss_idle) {
+        let per_gib = t.cpu_s / (t.bytes as f64 / GIB);
+        let peak = memory_mib(t.engine, "VmHWM");
+        md += &format!(
+            "| {} | {per_gib:.2} | {idle:.1} MiB | {peak:.1} MiB |\n",
+            t.label
+        );
+        resources.push(json!({
+            "target": t.label, "engine_cpu_s": t.cpu_s, "bytes": t.bytes,
+            "engine_cpu_s_per_gib": per_gib, "engine_rss_idle_mib": idle,
+            "engine_rss_peak_mib": peak,
+        }));
+    }
+    let node_rss_load = memory_mib(terna.child.id(), "VmHWM");
+    md += &format!(
+        "\nNode process (`terna standalone`, control plane and CSI): RSS {node_rss_idle:.1} MiB idle, {node_rss_load:.1} MiB peak. Each staged volume has its own engine process.\n"
+    );
+
+    // Ratios to the physical limit, one row per job, one column per target,
+    // for bench/plot.gp.
+    let mut tsv = String::from("job");
+    for t in &targets {
+        tsv += &format!("\t{}", t.label);
+    }
+    tsv += "\n";
+    for job in &JOBS {
+        tsv += &format!("\"{}\"", job.name);
+        for t in &targets {
+            let row = json_rows
+                .iter()
+                .find(|r| r["job"] == job.name && r["target"] == t.label.as_str())
+                .unwrap();
+            tsv += &format!("\t{:.3}", row["ratio_to_limit"].as_f64().unwrap());
+        }
+        tsv += "\n";
+    }
+    std::fs::write(
+        results.join(if quick { "quick.tsv" } else { "latest.tsv" }),
+        tsv,
+    )
+    .unwrap();
 
     // Full rebuild: the 3-replica block volume, unstaged, loses a replica file;
     // the background repair replaces and rebuilds it.
@@ -364,7 +476,8 @@ async fn main() {
         results.join(if quick { "quick.json" } else { "latest.json" }),
         serde_json::to_string_pretty(&json!({
             "quick": quick, "rounds": rounds, "runtime_s": runtime, "size_bytes": size,
-            "results": json_rows, "rebuild": {"bytes": bytes, "seconds": took, "mib_per_s": rebuild_mib_s,
+            "results": json_rows, "resources": resources,
+            "node_rss_idle_mib": node_rss_idle, "node_rss_peak_mib": node_rss_load, "rebuild": {"bytes": bytes, "seconds": took, "mib_per_s": rebuild_mib_s,
             "raw_seq_write_mib_per_s": seq_write_raw, "ratio": rebuild_mib_s / seq_write_raw},
         }))
         .unwrap(),
