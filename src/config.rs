@@ -121,13 +121,34 @@ impl Config {
         }
     }
 
+    /// A cluster node's default: one standard pool under `data_dir/pools`,
+    /// its failure domain the node itself.
+    pub fn default_node() -> Config {
+        Config {
+            pools: vec![PoolConfig {
+                name: "default".into(),
+                node: None,
+                path: PathBuf::from("pools/default"),
+                tier: Tier::Standard,
+                domain: None,
+                zone: None,
+                capacity_bytes: None,
+            }],
+            ..Self::default_standalone()
+        }
+    }
+
     /// Loads `data_dir/terna.toml`, writing the default first when it is absent.
     pub fn load_or_init(data_dir: &Path) -> Result<Config> {
+        Self::load_or_init_with(data_dir, Self::default_standalone)
+    }
+
+    pub fn load_or_init_with(data_dir: &Path, default: fn() -> Config) -> Result<Config> {
         let path = data_dir.join(CONFIG_FILE);
         match std::fs::read_to_string(&path) {
             Ok(text) => Self::parse(&text, &path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let config = Self::default_standalone();
+                let config = default();
                 let body = toml::to_string_pretty(&config)
                     .map_err(|e| Error::internal(format!("cannot encode default config: {e}")))?;
                 atomic_write(&path, format!("{HEADER}\n{body}").as_bytes())?;

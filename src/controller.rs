@@ -31,7 +31,8 @@ use crate::volume::{
 
 pub struct ControllerCore {
     store: Arc<dyn StateStore>,
-    pools: Arc<Pools>,
+    /// Replaced as a cluster's StoragePools come and go.
+    pools: std::sync::RwLock<Arc<Pools>>,
     overcommit_ratio: f64,
     /// Placement reads free space and then claims it: one at a time.
     placing: Mutex<()>,
@@ -47,6 +48,10 @@ pub struct CreateRequest {
     pub parameters: BTreeMap<String, String>,
     pub capabilities: Vec<Capability>,
     pub preferred_node: Option<String>,
+    /// Replicas only on pools of these nodes (a class's allowedTopologies).
+    pub allowed_nodes: Option<Vec<String>>,
+    /// The claim being provisioned, "namespace/name/uid".
+    pub claim: Option<String>,
 }
 
 impl From<PlacementError> for Error {
@@ -117,7 +122,7 @@ impl ControllerCore {
     ) -> ControllerCore {
         ControllerCore {
             store,
-            pools,
+            pools: std::sync::RwLock::new(pools),
             overcommit_ratio,
             placing: Mutex::new(()),
             data_dir: None,
@@ -130,11 +135,30 @@ impl ControllerCore {
         self
     }
 
+    pub fn pools(&self) -> Arc<Pools> {
+        match self.pools.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn set_pools(&self, pools: Arc<Pools>) {
+        match self.pools.write() {
+            Ok(mut p) => *p = pools,
+            Err(poisoned) => *poisoned.into_inner() = pools,
+        }
+    }
+
     pub fn get(&self, volume_id: &str) -> Result<Option<VolumeRecord>> {
         if !is_valid_volume_id(volume_id) {
             return Ok(None);
         }
         self.store.get(volume_id)
+    }
+
+    /// Every record, whatever its phase.
+    pub fn list_all(&self) -> Result<Vec<VolumeRecord>> {
+        self.store.list()
     }
 
     /// Ready volumes in creation order.
@@ -158,11 +182,12 @@ impl ControllerCore {
                 *allocated.entry(rep.pool.as_str()).or_default() += r.capacity_bytes;
             }
         }
-        self.pools
+        self.pools()
             .iter()
             .map(|p| {
                 let capacity = p.backend.capacity()?;
-                let allocatable = (capacity as f64 * self.overcommit_ratio) as u64;
+                let ratio = p.overcommit_ratio.unwrap_or(self.overcommit_ratio);
+                let allocatable = (capacity as f64 * ratio) as u64;
                 Ok(Candidate {
                     pool: p.name.clone(),
                     node: p.node.clone(),
@@ -190,7 +215,9 @@ impl ControllerCore {
         let size = size_for(req.required_bytes, req.limit_bytes)?;
         let id = volume_id_for(&req.name);
 
-        let _placing = self
+        // Only choosing pools and recording the choice is serialised;
+        // creating the replicas runs concurrently with other creates.
+        let placing = self
             .placing
             .lock()
             .map_err(|_| Error::internal("placement lock poisoned"))?;
@@ -215,7 +242,15 @@ impl ControllerCore {
                         preferred_node: req.preferred_node.clone(),
                         taken_domains: vec![],
                     },
-                    &self.candidates(None)?,
+                    &self
+                        .candidates(None)?
+                        .into_iter()
+                        .filter(|c| {
+                            req.allowed_nodes
+                                .as_ref()
+                                .is_none_or(|nodes| nodes.contains(&c.node))
+                        })
+                        .collect::<Vec<_>>(),
                 )?;
                 let record = VolumeRecord {
                     id: id.clone(),
@@ -224,10 +259,7 @@ impl ControllerCore {
                     class,
                     parameters: req.parameters.clone(),
                     phase: Phase::Creating,
-                    created_at_ns: std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_nanos() as u64)
-                        .unwrap_or(0),
+                    created_at_ns: crate::volume::unix_now_ns(),
                     generation: 1,
                     replicas: chosen
                         .into_iter()
@@ -242,16 +274,18 @@ impl ControllerCore {
                         .collect(),
                     staged_on: None,
                     published: vec![],
+                    claim: req.claim.clone(),
                 };
                 self.store.put(&record)?;
                 record
             }
         };
+        drop(placing);
         if record.phase == Phase::Ready {
             return Ok(record);
         }
         for (index, replica) in record.replicas.iter().enumerate() {
-            self.pools
+            self.pools()
                 .get(&replica.pool)?
                 .backend
                 .create(&replica_file_name(&id, index), record.capacity_bytes)?;
@@ -315,7 +349,7 @@ impl ControllerCore {
             Ok(changed)
         })?;
         for (index, replica) in record.replicas.iter().enumerate() {
-            self.pools
+            self.pools()
                 .get(&replica.pool)?
                 .backend
                 .delete(&replica_file_name(volume_id, index))?;
@@ -360,7 +394,7 @@ impl ControllerCore {
         }
         for (index, replica) in record.replicas.iter().enumerate() {
             if replica.is_healthy() {
-                self.pools
+                self.pools()
                     .get(&replica.pool)?
                     .backend
                     .grow(&replica_file_name(volume_id, index), size)?;
@@ -416,7 +450,7 @@ impl ControllerCore {
                     Error::new(ErrorKind::ResourceExhausted, "no pool can take the replica")
                 })?,
         };
-        self.pools
+        self.pools()
             .get(&chosen.pool)?
             .backend
             .create(&name, record.capacity_bytes)?;
@@ -444,7 +478,7 @@ impl ControllerCore {
             Ok(true)
         })?;
         if chosen.pool != old.pool
-            && let Ok(p) = self.pools.get(&old.pool)
+            && let Ok(p) = self.pools().get(&old.pool)
             && let Err(e) = p.backend.delete(&name)
         {
             tracing::warn!(volume_id, pool = %old.pool, error = %e, "old replica left behind on an unreachable pool");

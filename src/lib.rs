@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod capability;
 pub mod class;
+pub mod cluster;
 pub mod config;
 pub mod controller;
 pub mod csi;

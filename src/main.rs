@@ -51,6 +51,64 @@ enum Command {
         #[arg(long)]
         node_id: Option<String>,
     },
+    /// The cluster controller: provisions claims of Terna StorageClasses.
+    Controller {
+        /// Kubeconfig to use; default: KUBECONFIG, then in-cluster.
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// This controller's identity in the leader lease; default: hostname-pid.
+        #[arg(long, env = "POD_NAME")]
+        id: Option<String>,
+        /// Run without leader election (only ever one controller).
+        #[arg(long)]
+        no_leader_elect: bool,
+        #[arg(long, env = "POD_NAMESPACE", default_value = "terna-system")]
+        lease_namespace: String,
+        #[arg(long, default_value = "terna-controller")]
+        lease_name: String,
+        /// A leader that has not renewed for this long is replaced.
+        #[arg(long, default_value_t = 15)]
+        lease_duration_secs: u64,
+        /// File holding the token replica agents require.
+        #[arg(long)]
+        cluster_token_file: Option<PathBuf>,
+        #[arg(long, default_value_t = 5000)]
+        agent_timeout_ms: u64,
+        /// Allocatable bytes per pool = capacity × this, unless the pool says otherwise.
+        #[arg(long, default_value_t = 1.0)]
+        overcommit_ratio: f64,
+        /// Claims provisioned at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: u16,
+        /// Pools whose node has not reported for this long take no new replicas.
+        #[arg(long, default_value_t = 60)]
+        pool_stale_secs: u64,
+    },
+    /// A cluster node: serves its pools through the replica agent and
+    /// registers them as StoragePools.
+    Node {
+        #[arg(long, default_value = "/var/lib/terna")]
+        data_dir: PathBuf,
+        /// Node id; defaults to the hostname.
+        #[arg(long, env = "NODE_NAME")]
+        node_id: Option<String>,
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// Address the replica agent listens on.
+        #[arg(long, default_value = "0.0.0.0:7420")]
+        agent_listen: std::net::SocketAddr,
+        /// Address other nodes reach the agent at; default: the listen address.
+        #[arg(long, env = "AGENT_ADVERTISE")]
+        agent_advertise: Option<std::net::SocketAddr>,
+        /// Seconds between pool status reports.
+        #[arg(long, default_value_t = 10)]
+        heartbeat_secs: u64,
+    },
+    /// Prints the CustomResourceDefinitions (or writes them into a directory).
+    Crds {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Lists volumes with replica health.
     Volumes {
         #[arg(long, default_value = "/var/lib/terna")]
@@ -113,6 +171,97 @@ fn main() -> anyhow::Result<()> {
                 None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
             };
             terna::agent::run(&data_dir, listen, &node_id)?;
+        }
+        Command::Controller {
+            kubeconfig,
+            id,
+            no_leader_elect,
+            lease_namespace,
+            lease_name,
+            lease_duration_secs,
+            cluster_token_file,
+            agent_timeout_ms,
+            overcommit_ratio,
+            concurrency,
+            pool_stale_secs,
+        } => {
+            let identity = match id {
+                Some(id) => id,
+                None => format!(
+                    "{}-{}",
+                    nix::unistd::gethostname()?.to_string_lossy(),
+                    std::process::id()
+                ),
+            };
+            let duration = std::time::Duration::from_secs(lease_duration_secs.max(3));
+            let lease = (!no_leader_elect).then(|| terna::cluster::leader::LeaseConfig {
+                namespace: lease_namespace,
+                name: lease_name,
+                identity: identity.clone(),
+                duration,
+                renew_every: duration / 3,
+            });
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                let client = terna::cluster::controller::client(kubeconfig.as_deref()).await?;
+                terna::cluster::controller::run(
+                    client,
+                    terna::cluster::controller::ControllerOptions {
+                        identity,
+                        lease,
+                        cluster_token_file,
+                        agent_timeout: std::time::Duration::from_millis(agent_timeout_ms),
+                        overcommit_ratio,
+                        concurrency: concurrency.max(1),
+                        pool_stale_after: std::time::Duration::from_secs(pool_stale_secs),
+                    },
+                )
+                .await
+            })?;
+        }
+        Command::Node {
+            data_dir,
+            node_id,
+            kubeconfig,
+            agent_listen,
+            agent_advertise,
+            heartbeat_secs,
+        } => {
+            let node_id = match node_id {
+                Some(n) => n,
+                None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+            };
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                let client = terna::cluster::controller::client(kubeconfig.as_deref()).await?;
+                terna::cluster::node::run(
+                    client,
+                    terna::cluster::node::NodeOptions {
+                        data_dir,
+                        node_id,
+                        agent_listen,
+                        agent_advertise: agent_advertise.unwrap_or(agent_listen),
+                        heartbeat: std::time::Duration::from_secs(heartbeat_secs.max(1)),
+                    },
+                )
+                .await
+            })?;
+        }
+        Command::Crds { out } => {
+            let docs = terna::cluster::crd::crd_yaml()?;
+            match out {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)?;
+                    for (file, yaml) in docs {
+                        std::fs::write(dir.join(file), yaml)?;
+                    }
+                }
+                None => {
+                    for (_, yaml) in docs {
+                        print!("---\n{yaml}");
+                    }
+                }
+            }
         }
         Command::Volumes { data_dir, output } => {
             print!("{}", terna::standalone::volumes_report(&data_dir, &output)?);

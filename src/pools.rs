@@ -19,6 +19,8 @@ pub struct PoolEntry {
     pub tier: Tier,
     pub domain: String,
     pub zone: String,
+    /// Overrides the controller's overcommit ratio for this pool.
+    pub overcommit_ratio: Option<f64>,
     pub backend: Box<dyn Pool>,
 }
 
@@ -62,11 +64,18 @@ impl Pools {
                     tier: pool.tier,
                     domain: pool.domain.clone().unwrap_or_else(|| pool_node.clone()),
                     zone: pool.zone.clone().unwrap_or_else(|| "default".to_string()),
+                    overcommit_ratio: None,
                     backend,
                 },
             );
         }
         Ok(Pools { entries })
+    }
+
+    pub fn from_entries(entries: Vec<PoolEntry>) -> Pools {
+        Pools {
+            entries: entries.into_iter().map(|e| (e.name.clone(), e)).collect(),
+        }
     }
 
     pub fn get(&self, name: &str) -> Result<&PoolEntry> {

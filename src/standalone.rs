@@ -151,6 +151,8 @@ fn resume_interrupted(controller: &ControllerCore, store: &Arc<dyn StateStore>) 
                         mode: crate::capability::AccessMode::SingleNodeWriter,
                     }],
                     preferred_node: None,
+                    allowed_nodes: None,
+                    claim: r.claim.clone(),
                 })
                 .map(|_| ()),
             Phase::Deleting => controller.delete(&r.id),

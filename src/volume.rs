@@ -83,6 +83,9 @@ pub struct VolumeRecord {
     /// and LIST_VOLUMES_PUBLISHED_NODES).
     #[serde(default)]
     pub published: Vec<String>,
+    /// The claim a provisioned volume belongs to, "namespace/name/uid".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<String>,
 }
 
 /// Volume ids are derived from the CreateVolume name, so a retried create
@@ -180,6 +183,13 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+pub fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
 /// Bytes rounded up to whole mebibytes.
 pub fn round_size(bytes: u64) -> Option<u64> {
     bytes
@@ -220,6 +230,7 @@ pub(crate) mod tests {
                 .collect(),
             staged_on: None,
             published: vec![],
+            claim: None,
         }
     }
 

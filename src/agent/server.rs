@@ -22,7 +22,8 @@ type ReplicaKey = (String, String);
 pub struct AgentState {
     node: String,
     token: Vec<u8>,
-    pools: BTreeMap<String, Box<dyn Pool>>,
+    /// Grows as a cluster names more pools for this node.
+    pools: RwLock<BTreeMap<String, Arc<dyn Pool>>>,
     open: Mutex<HashMap<ReplicaKey, Arc<dyn ReplicaIo>>>,
     /// Connection epochs: each connection takes the current value at Hello.
     epoch: AtomicU64,
@@ -41,7 +42,12 @@ impl AgentState {
         AgentState {
             node: node.to_string(),
             token: token.to_vec(),
-            pools,
+            pools: RwLock::new(
+                pools
+                    .into_iter()
+                    .map(|(name, p)| (name, Arc::from(p)))
+                    .collect(),
+            ),
             open: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(1),
             fences: Mutex::new(HashMap::new()),
@@ -82,14 +88,25 @@ impl AgentState {
         op()
     }
 
-    fn pool(&self, name: &str) -> Result<&dyn Pool, Response> {
-        self.pools
-            .get(name)
-            .map(|p| p.as_ref())
-            .ok_or_else(|| Response::Error {
-                errno: libc::ENOENT,
-                message: format!("pool {name:?} is not served by node {}", self.node),
-            })
+    /// Serves `pool` from now on; an existing pool of that name is kept.
+    pub fn add_pool(&self, name: &str, pool: Box<dyn Pool>) {
+        let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
+        pools
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::from(pool));
+    }
+
+    pub fn pool_names(&self) -> Vec<String> {
+        let pools = self.pools.read().unwrap_or_else(|p| p.into_inner());
+        pools.keys().cloned().collect()
+    }
+
+    fn pool(&self, name: &str) -> Result<Arc<dyn Pool>, Response> {
+        let pools = self.pools.read().unwrap_or_else(|p| p.into_inner());
+        pools.get(name).cloned().ok_or_else(|| Response::Error {
+            errno: libc::ENOENT,
+            message: format!("pool {name:?} is not served by node {}", self.node),
+        })
     }
 
     fn replica(&self, pool: &str, name: &str) -> Result<Arc<dyn ReplicaIo>, Response> {

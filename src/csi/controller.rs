@@ -109,6 +109,10 @@ impl Controller for ControllerService {
             parameters: sorted(&req.parameters),
             capabilities,
             preferred_node: preferred_node(&req.accessibility_requirements),
+            // Every node can reach every replica, so the requisite topology
+            // never narrows placement.
+            allowed_nodes: None,
+            claim: None,
         };
         let _lock = self.locks.try_lock(&name)?;
         let core = self.core.clone();

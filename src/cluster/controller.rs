@@ -1,0 +1,180 @@
+//! `terna controller`: the provisioner over a Kubernetes-backed core, led
+//! through a Lease. The pool set follows the StoragePool objects; each
+//! pool's allocation is written back to its status for `kubectl get`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::events::Recorder;
+use serde_json::json;
+use tracing::{error, info, warn};
+
+use super::crd::{StoragePool, human_bytes};
+use super::leader::{self, LeaseConfig};
+use super::pools::PoolDirectory;
+use super::provisioner::Provisioner;
+use super::store::KubeStore;
+use crate::controller::ControllerCore;
+use crate::error::{Error, ErrorKind, Result};
+use crate::pools::Pools;
+
+pub struct ControllerOptions {
+    pub identity: String,
+    /// `None`: run without leader election (one controller only).
+    pub lease: Option<LeaseConfig>,
+    pub cluster_token_file: Option<PathBuf>,
+    pub agent_timeout: Duration,
+    pub overcommit_ratio: f64,
+    pub concurrency: u16,
+    /// Pools whose node has not reported for this long take no new replicas.
+    pub pool_stale_after: Duration,
+}
+
+/// A client from `kubeconfig`, or the usual places (KUBECONFIG, in-cluster).
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
+    let unavailable = |what: String| Error::new(ErrorKind::Unavailable, what);
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| unavailable(format!("cannot read {}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| unavailable(format!("kubeconfig {}: {e}", path.display())))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| unavailable(format!("no Kubernetes configuration found: {e}")))?,
+    };
+    kube::Client::try_from(config)
+        .map_err(|e| unavailable(format!("cannot build a Kubernetes client: {e}")))
+}
+
+async fn refresh_pools(
+    api: &Api<StoragePool>,
+    directory: &PoolDirectory,
+    core: &ControllerCore,
+) -> std::result::Result<Vec<StoragePool>, kube::Error> {
+    let objects = api.list(&ListParams::default()).await?.items;
+    let shared: Vec<Arc<StoragePool>> = objects.iter().cloned().map(Arc::new).collect();
+    core.set_pools(Arc::new(directory.pools(&shared)));
+    Ok(objects)
+}
+
+/// Writes each pool's allocated bytes (the sum of its volumes' sizes).
+async fn report_allocation(
+    api: &Api<StoragePool>,
+    core: Arc<ControllerCore>,
+    pools: &[StoragePool],
+) {
+    let records = match tokio::task::spawn_blocking(move || core.list_all()).await {
+        Ok(Ok(r)) => r,
+        _ => return,
+    };
+    let mut allocated: BTreeMap<&str, u64> = BTreeMap::new();
+    for r in &records {
+        for rep in &r.replicas {
+            *allocated.entry(rep.pool.as_str()).or_default() += r.capacity_bytes;
+        }
+    }
+    for pool in pools {
+        let Some(name) = pool.metadata.name.as_deref() else {
+            continue;
+        };
+        let bytes = allocated.get(name).copied().unwrap_or(0);
+        if pool.status.as_ref().map(|s| s.allocated_bytes) == Some(bytes) {
+            continue;
+        }
+        let patch = json!({"status": {"allocatedBytes": bytes, "allocated": human_bytes(bytes)}});
+        if let Err(e) = api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            warn!(pool = %name, error = %e, "cannot report pool allocation");
+        }
+    }
+}
+
+pub async fn run(client: kube::Client, opts: ControllerOptions) -> Result<()> {
+    let token = match &opts.cluster_token_file {
+        Some(path) => std::fs::read(path)
+            .map_err(|e| Error::io(format!("cannot read cluster token {}", path.display()), e))?
+            .trim_ascii()
+            .to_vec(),
+        None => Vec::new(),
+    };
+    let store = Arc::new(KubeStore::new(
+        client.clone(),
+        tokio::runtime::Handle::current(),
+    ));
+    let core = Arc::new(ControllerCore::new(
+        store,
+        Arc::new(Pools::from_entries(vec![])),
+        opts.overcommit_ratio,
+    ));
+    let directory = PoolDirectory::new(
+        &token,
+        &opts.identity,
+        opts.agent_timeout,
+        opts.pool_stale_after,
+    );
+    let pool_api: Api<StoragePool> = Api::all(client.clone());
+
+    if let Some(lease) = &opts.lease {
+        leader::acquire(client.clone(), lease).await;
+    }
+    let mut objects = refresh_pools(&pool_api, &directory, &core)
+        .await
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!("cannot list StoragePools: {e}"),
+            )
+        })?;
+    info!(pools = objects.len(), "controller running");
+
+    let provisioner = Arc::new(Provisioner {
+        client: client.clone(),
+        core: core.clone(),
+        driver: crate::DRIVER_NAME.to_string(),
+        recorder: Recorder::new(client.clone(), Provisioner::reporter(&opts.identity)),
+        concurrency: opts.concurrency,
+    });
+    let pools_loop = async {
+        let mut tick = 0u64;
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            match refresh_pools(&pool_api, &directory, &core).await {
+                Ok(o) => objects = o,
+                Err(e) => warn!(error = %e, "cannot list StoragePools"),
+            }
+            if tick.is_multiple_of(5) {
+                report_allocation(&pool_api, core.clone(), &objects).await;
+            }
+            tick += 1;
+        }
+    };
+    let holding = async {
+        match &opts.lease {
+            Some(lease) => leader::hold(client.clone(), lease).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::io("cannot handle SIGTERM", e))?;
+    tokio::select! {
+        () = provisioner.run() => Err(Error::internal("the provisioner stopped")),
+        () = pools_loop => Err(Error::internal("the pool refresher stopped")),
+        () = holding => {
+            error!("leadership lost; stopping so the new leader acts alone");
+            Err(Error::new(ErrorKind::Aborted, "leadership lost"))
+        }
+        _ = term.recv() => {
+            info!("SIGTERM: stopping");
+            Ok(())
+        }
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}

@@ -1,0 +1,11 @@
+//! Kubernetes as the database: the `terna.dev` CRDs, the state store on
+//! them, the provisioner, leader election and node pool registration.
+
+pub mod controller;
+pub mod crd;
+pub mod leader;
+pub mod node;
+pub mod pools;
+pub mod provisioner;
+pub mod quantity;
+pub mod store;

@@ -1,0 +1,174 @@
+//! The controller's view of the cluster's pools: every `StoragePool` whose
+//! node reports it ready and recently, reached through that node's replica
+//! agent.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+
+use super::crd::StoragePool;
+use crate::pools::{PoolEntry, Pools};
+use crate::replica::remote::{Client, RemotePool};
+
+/// Why a pool is left out of placement, for logs and `terna pools`.
+pub fn unusable_reason(
+    pool: &StoragePool,
+    now: Timestamp,
+    stale_after: Duration,
+) -> Option<String> {
+    let Some(status) = &pool.status else {
+        return Some("its node has not registered it yet".into());
+    };
+    if status.health != "Ready" {
+        return Some(format!(
+            "its node reports it {}: {}",
+            if status.health.is_empty() {
+                "unknown"
+            } else {
+                &status.health
+            },
+            status.message.as_deref().unwrap_or("no reason given")
+        ));
+    }
+    let Some(agent) = &status.agent else {
+        return Some("its node has not published a replica agent address".into());
+    };
+    if agent.parse::<SocketAddr>().is_err() {
+        return Some(format!("agent address {agent:?} is not host:port"));
+    }
+    let beat = status
+        .heartbeat
+        .as_deref()
+        .and_then(|h| h.parse::<Timestamp>().ok());
+    match beat {
+        Some(t) if now.as_second() - t.as_second() <= stale_after.as_secs() as i64 => None,
+        _ => Some(format!(
+            "its node has not confirmed it for over {} s",
+            stale_after.as_secs()
+        )),
+    }
+}
+
+/// Keeps one agent client per node address across rebuilds of the pool
+/// set, so pooled connections survive.
+pub struct PoolDirectory {
+    token: Vec<u8>,
+    identity: String,
+    timeout: Duration,
+    stale_after: Duration,
+    clients: Mutex<HashMap<SocketAddr, Arc<Client>>>,
+}
+
+impl PoolDirectory {
+    pub fn new(token: &[u8], identity: &str, timeout: Duration, stale_after: Duration) -> Self {
+        PoolDirectory {
+            token: token.to_vec(),
+            identity: identity.to_string(),
+            timeout,
+            stale_after,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn client(&self, addr: SocketAddr) -> Arc<Client> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients
+            .entry(addr)
+            .or_insert_with(|| {
+                Arc::new(Client::new(addr, &self.token, &self.identity, self.timeout))
+            })
+            .clone()
+    }
+
+    /// The usable pools among `objects`.
+    pub fn pools(&self, objects: &[Arc<StoragePool>]) -> Pools {
+        let now = Timestamp::now();
+        let entries = objects
+            .iter()
+            .filter(|p| unusable_reason(p, now, self.stale_after).is_none())
+            .filter_map(|p| {
+                let name = p.metadata.name.clone()?;
+                let status = p.status.as_ref()?;
+                let addr: SocketAddr = status.agent.as_deref()?.parse().ok()?;
+                Some(PoolEntry {
+                    name: name.clone(),
+                    node: p.spec.node.clone(),
+                    tier: p.spec.tier,
+                    domain: p.spec.domain.clone().unwrap_or_else(|| p.spec.node.clone()),
+                    zone: p.spec.zone.clone().unwrap_or_else(|| "default".into()),
+                    overcommit_ratio: p.spec.overcommit_ratio,
+                    backend: Box::new(RemotePool::new(self.client(addr), &name)),
+                })
+            })
+            .collect();
+        Pools::from_entries(entries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::class::Tier;
+    use crate::cluster::crd::{StoragePoolSpec, StoragePoolStatus};
+
+    fn pool(status: Option<StoragePoolStatus>) -> StoragePool {
+        let mut p = StoragePool::new(
+            "n1-fast",
+            StoragePoolSpec {
+                node: "n1".into(),
+                path: "/d".into(),
+                tier: Tier::Fast,
+                domain: None,
+                zone: None,
+                overcommit_ratio: None,
+                capacity_bytes: None,
+            },
+        );
+        p.status = status;
+        p
+    }
+
+    #[test]
+    fn only_ready_recent_pools_with_an_agent_are_usable() {
+        let now = Timestamp::from_second(10_000).unwrap();
+        let stale = Duration::from_secs(60);
+        let ready = StoragePoolStatus {
+            agent: Some("127.0.0.1:7420".into()),
+            health: "Ready".into(),
+            heartbeat: Some(Timestamp::from_second(9_990).unwrap().to_string()),
+            ..Default::default()
+        };
+        assert_eq!(
+            unusable_reason(&pool(Some(ready.clone())), now, stale),
+            None
+        );
+        assert!(unusable_reason(&pool(None), now, stale).is_some());
+        let old = StoragePoolStatus {
+            heartbeat: Some(Timestamp::from_second(9_000).unwrap().to_string()),
+            ..ready.clone()
+        };
+        assert!(
+            unusable_reason(&pool(Some(old)), now, stale)
+                .unwrap()
+                .contains("60 s")
+        );
+        let sick = StoragePoolStatus {
+            health: "NotReady".into(),
+            message: Some("disk full".into()),
+            ..ready.clone()
+        };
+        assert!(
+            unusable_reason(&pool(Some(sick)), now, stale)
+                .unwrap()
+                .contains("disk full")
+        );
+        let no_agent = StoragePoolStatus {
+            agent: None,
+            ..ready
+        };
+        assert!(unusable_reason(&pool(Some(no_agent)), now, stale).is_some());
+    }
+}
