@@ -221,64 +221,27 @@ impl ControllerCore {
             .placing
             .lock()
             .map_err(|_| Error::internal("placement lock poisoned"))?;
-        let record = match self.store.get(&id)? {
-            Some(existing) => {
-                self.check_compatible(&existing, req, &class)?;
-                if existing.phase == Phase::Deleting {
-                    return Err(Error::new(
-                        ErrorKind::Aborted,
-                        format!("volume {:?} is being deleted; retry", req.name),
-                    ));
+        let mut existing = self.store.get(&id)?;
+        let record = loop {
+            let Some(existing) = existing.take() else {
+                match self.place(&id, req, &class, size) {
+                    Ok(record) => break record,
+                    // Another controller recorded it first: use theirs.
+                    Err(e) if e.kind == ErrorKind::AlreadyExists => {
+                        existing = self.store.get(&id)?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
                 }
-                existing
+            };
+            self.check_compatible(&existing, req, &class)?;
+            if existing.phase == Phase::Deleting {
+                return Err(Error::new(
+                    ErrorKind::Aborted,
+                    format!("volume {:?} is being deleted; retry", req.name),
+                ));
             }
-            None => {
-                let chosen = placement::choose(
-                    &placement::Request {
-                        size,
-                        replicas: class.replicas,
-                        tier: class.tier,
-                        failure_domain: class.failure_domain,
-                        preferred_node: req.preferred_node.clone(),
-                        taken_domains: vec![],
-                    },
-                    &self
-                        .candidates(None)?
-                        .into_iter()
-                        .filter(|c| {
-                            req.allowed_nodes
-                                .as_ref()
-                                .is_none_or(|nodes| nodes.contains(&c.node))
-                        })
-                        .collect::<Vec<_>>(),
-                )?;
-                let record = VolumeRecord {
-                    id: id.clone(),
-                    name: req.name.clone(),
-                    capacity_bytes: size,
-                    class,
-                    parameters: req.parameters.clone(),
-                    phase: Phase::Creating,
-                    created_at_ns: crate::volume::unix_now_ns(),
-                    generation: 1,
-                    replicas: chosen
-                        .into_iter()
-                        .map(|c| ReplicaRecord {
-                            pool: c.pool,
-                            node: c.node,
-                            domain: c.domain,
-                            zone: c.zone,
-                            state: ReplicaState::Healthy,
-                            last_catch_up_bytes: None,
-                        })
-                        .collect(),
-                    staged_on: None,
-                    published: vec![],
-                    claim: req.claim.clone(),
-                };
-                self.store.put(&record)?;
-                record
-            }
+            break existing;
         };
         drop(placing);
         if record.phase == Phase::Ready {
@@ -300,6 +263,62 @@ impl ControllerCore {
         let pools: Vec<&str> = ready.replicas.iter().map(|r| r.pool.as_str()).collect();
         info!(volume_id = %id, name = %req.name, bytes = size, pools = ?pools, "volume created");
         Ok(ready)
+    }
+
+    /// Chooses pools for a new volume and records the choice (phase
+    /// `Creating`). `AlreadyExists` when another writer recorded it first.
+    fn place(
+        &self,
+        id: &str,
+        req: &CreateRequest,
+        class: &VolumeClass,
+        size: u64,
+    ) -> Result<VolumeRecord> {
+        let chosen = placement::choose(
+            &placement::Request {
+                size,
+                replicas: class.replicas,
+                tier: class.tier,
+                failure_domain: class.failure_domain,
+                preferred_node: req.preferred_node.clone(),
+                taken_domains: vec![],
+            },
+            &self
+                .candidates(None)?
+                .into_iter()
+                .filter(|c| {
+                    req.allowed_nodes
+                        .as_ref()
+                        .is_none_or(|nodes| nodes.contains(&c.node))
+                })
+                .collect::<Vec<_>>(),
+        )?;
+        let record = VolumeRecord {
+            id: id.to_string(),
+            name: req.name.clone(),
+            capacity_bytes: size,
+            class: class.clone(),
+            parameters: req.parameters.clone(),
+            phase: Phase::Creating,
+            created_at_ns: crate::volume::unix_now_ns(),
+            generation: 1,
+            replicas: chosen
+                .into_iter()
+                .map(|c| ReplicaRecord {
+                    pool: c.pool,
+                    node: c.node,
+                    domain: c.domain,
+                    zone: c.zone,
+                    state: ReplicaState::Healthy,
+                    last_catch_up_bytes: None,
+                })
+                .collect(),
+            staged_on: None,
+            published: vec![],
+            claim: req.claim.clone(),
+        };
+        self.store.insert(&record)?;
+        Ok(record)
     }
 
     fn check_compatible(

@@ -21,6 +21,9 @@ pub trait StateStore: Send + Sync {
     fn list(&self) -> Result<Vec<VolumeRecord>>;
     /// Creates or replaces the record.
     fn put(&self, record: &VolumeRecord) -> Result<()>;
+    /// Creates the record; `AlreadyExists` when one with its id exists, so
+    /// two writers racing to create a volume cannot both win.
+    fn insert(&self, record: &VolumeRecord) -> Result<()>;
     /// Removing what is already gone is success.
     fn remove(&self, id: &str) -> Result<()>;
     /// Read-modify-write under the store's lock. `change` returns whether it
@@ -112,6 +115,17 @@ impl StateStore for FileStore {
 
     fn put(&self, record: &VolumeRecord) -> Result<()> {
         let _lock = self.lock()?;
+        self.write(record)
+    }
+
+    fn insert(&self, record: &VolumeRecord) -> Result<()> {
+        let _lock = self.lock()?;
+        if self.get(&record.id)?.is_some() {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("volume {} already has a record", record.id),
+            ));
+        }
         self.write(record)
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::events::Recorder;
 use serde_json::json;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::crd::{StoragePool, human_bytes};
 use super::leader::{self, LeaseConfig};
@@ -121,20 +121,49 @@ pub async fn run(client: kube::Client, opts: ControllerOptions) -> Result<()> {
         opts.pool_stale_after,
     );
     let pool_api: Api<StoragePool> = Api::all(client.clone());
-
-    if let Some(lease) = &opts.lease {
-        leader::acquire(client.clone(), lease).await;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::io("cannot handle SIGTERM", e))?;
+    // Lead until the lease is lost (say, the API server was away longer
+    // than the lease), then stand by and try again: never act unled.
+    loop {
+        let leading = async {
+            if let Some(lease) = &opts.lease {
+                leader::acquire(client.clone(), lease).await;
+            }
+            lead(&client, &opts, &core, &directory, &pool_api).await
+        };
+        tokio::select! {
+            outcome = leading => match outcome {
+                Ok(()) => warn!("leadership lost; standing by"),
+                Err(e) => return Err(e),
+            },
+            _ = term.recv() => {
+                info!("SIGTERM: stopping");
+                return Ok(());
+            }
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
     }
-    let mut objects = refresh_pools(&pool_api, &directory, &core)
-        .await
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Unavailable,
-                format!("cannot list StoragePools: {e}"),
-            )
-        })?;
-    info!(pools = objects.len(), "controller running");
+}
 
+/// Provisions while this process holds the lease; `Ok` when it is lost.
+async fn lead(
+    client: &kube::Client,
+    opts: &ControllerOptions,
+    core: &Arc<ControllerCore>,
+    directory: &PoolDirectory,
+    pool_api: &Api<StoragePool>,
+) -> Result<()> {
+    let mut objects = loop {
+        match refresh_pools(pool_api, directory, core).await {
+            Ok(objects) => break objects,
+            Err(e) => {
+                warn!(error = %e, "cannot list StoragePools");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    info!(pools = objects.len(), "provisioning");
     let provisioner = Arc::new(Provisioner {
         client: client.clone(),
         core: core.clone(),
@@ -146,12 +175,12 @@ pub async fn run(client: kube::Client, opts: ControllerOptions) -> Result<()> {
         let mut tick = 0u64;
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
-            match refresh_pools(&pool_api, &directory, &core).await {
+            match refresh_pools(pool_api, directory, core).await {
                 Ok(o) => objects = o,
                 Err(e) => warn!(error = %e, "cannot list StoragePools"),
             }
             if tick.is_multiple_of(5) {
-                report_allocation(&pool_api, core.clone(), &objects).await;
+                report_allocation(pool_api, core.clone(), &objects).await;
             }
             tick += 1;
         }
@@ -162,19 +191,9 @@ pub async fn run(client: kube::Client, opts: ControllerOptions) -> Result<()> {
             None => std::future::pending().await,
         }
     };
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| Error::io("cannot handle SIGTERM", e))?;
     tokio::select! {
         () = provisioner.run() => Err(Error::internal("the provisioner stopped")),
         () = pools_loop => Err(Error::internal("the pool refresher stopped")),
-        () = holding => {
-            error!("leadership lost; stopping so the new leader acts alone");
-            Err(Error::new(ErrorKind::Aborted, "leadership lost"))
-        }
-        _ = term.recv() => {
-            info!("SIGTERM: stopping");
-            Ok(())
-        }
-        _ = tokio::signal::ctrl_c() => Ok(()),
+        () = holding => Ok(()),
     }
 }

@@ -234,6 +234,16 @@ impl StateStore for KubeStore {
         ))
     }
 
+    fn insert(&self, record: &VolumeRecord) -> Result<()> {
+        match self.write(None, record) {
+            Err(e) if e.kind == ErrorKind::Aborted => Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("volume {} already has a record", record.id),
+            )),
+            other => other,
+        }
+    }
+
     fn remove(&self, id: &str) -> Result<()> {
         let rv = self
             .cache

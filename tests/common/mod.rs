@@ -3,6 +3,7 @@
 //! (mount, loop device) is left behind.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod cluster;
 pub mod csi_client;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,533 @@
+//! The provisioner against a real control plane: etcd, kube-apiserver and
+//! kube-controller-manager (whose PV controller completes binding), built
+//! by scripts/install-kube-tools and started per test by
+//! scripts/kube-testenv. Three `terna node` processes register fast,
+//! standard and slow pools (one zone each) and serve them through their
+//! replica agents; `terna controller` provisions.
+//!
+//! Stood in for: the scheduler, for WaitForFirstConsumer classes (the test
+//! sets the selected-node annotation the scheduler would set), and the
+//! kubelet (not needed here: no test stages a volume).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::cluster::{Cluster, claim, create_claim, eventually, pvs, terna_volumes, wait_bound};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+
+const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
+
+/// The classes in storageclasses/: (name, WaitForFirstConsumer, replicas,
+/// reclaim policy).
+fn classes() -> Vec<(String, bool, usize, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/storageclasses")).unwrap()
+    {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        let sc: StorageClass = serde_yaml::from_str(&text).unwrap();
+        let params = sc.parameters.clone().unwrap_or_default();
+        let class = terna::class::VolumeClass::parse(&params).unwrap();
+        out.push((
+            sc.metadata.name.clone().unwrap(),
+            sc.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer"),
+            class.replicas as usize,
+            sc.reclaim_policy.clone().unwrap_or_else(|| "Delete".into()),
+        ));
+    }
+    out.sort();
+    out
+}
+
+async fn warnings_for(client: &kube::Client, ns: &str, claim: &str) -> Vec<String> {
+    let api: Api<Event> = Api::namespaced(client.clone(), ns);
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(claim))
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
+        .map(|e| {
+            format!(
+                "{}: {}",
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_storage_class_binds_a_claim_with_replicas_on_distinct_nodes() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.start_controller("c1");
+    let client = cluster.client().await;
+    let mut names = Vec::new();
+    for (class, wffc, _, _) in classes() {
+        let annotations: Vec<(&str, &str)> = if wffc {
+            vec![(SELECTED_NODE, "n2")]
+        } else {
+            vec![]
+        };
+        let name = format!("claim-{class}");
+        create_claim(
+            &client,
+            "default",
+            &claim(&name, &class, "100Mi", false, &annotations),
+        )
+        .await;
+        names.push(name);
+    }
+    // A block-mode claim too.
+    create_claim(
+        &client,
+        "default",
+        &claim(
+            "claim-block",
+            "terna-fast",
+            "64Mi",
+            true,
+            &[(SELECTED_NODE, "n1")],
+        ),
+    )
+    .await;
+    names.push("claim-block".into());
+
+    let bound = wait_bound(&cluster, "default", &names, Duration::from_secs(60)).await;
+    let pv_list = pvs(&client).await;
+    let volumes = terna_volumes(&client).await;
+    for pvc in &bound {
+        let class_name = pvc
+            .spec
+            .as_ref()
+            .unwrap()
+            .storage_class_name
+            .clone()
+            .unwrap();
+        let (_, _, replicas, reclaim) = classes().into_iter().find(|c| c.0 == class_name).unwrap();
+        let pv_name = pvc.spec.as_ref().unwrap().volume_name.clone().unwrap();
+        let pv = pv_list
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(&pv_name))
+            .unwrap();
+        let spec = pv.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.persistent_volume_reclaim_policy.as_deref(),
+            Some(reclaim.as_str())
+        );
+        let csi = spec.csi.as_ref().unwrap();
+        assert_eq!(csi.driver, terna::DRIVER_NAME);
+        // 100Mi and 64Mi are whole MiB: exactly the request.
+        let want = if pvc.metadata.name.as_deref() == Some("claim-block") {
+            64 << 20
+        } else {
+            100 << 20
+        };
+        assert_eq!(
+            spec.capacity.as_ref().unwrap()["storage"].0,
+            want.to_string()
+        );
+        let tv = volumes
+            .iter()
+            .find(|v| v.metadata.name.as_deref() == Some(&csi.volume_handle))
+            .unwrap();
+        assert_eq!(tv.spec.replicas.len(), replicas, "{class_name}");
+        let nodes: BTreeSet<&str> = tv.spec.replicas.iter().map(|r| r.node.as_str()).collect();
+        assert_eq!(nodes.len(), replicas, "{class_name}: replicas share a node");
+        let status = tv.status.as_ref().unwrap();
+        assert_eq!(status.phase, "ready");
+        assert_eq!(status.state, "healthy");
+        if replicas == 1 {
+            // Data locality: the one replica is on the selected node.
+            assert_eq!(tv.spec.replicas[0].node, "n2", "{class_name}");
+        }
+    }
+    // Every replica file exists on its node's pool.
+    let files = cluster.replica_files();
+    let expected: usize = volumes.iter().map(|v| v.spec.replicas.len()).sum();
+    assert_eq!(files.len(), expected, "{files:?}");
+    // kubectl tells the story.
+    let table = cluster.env.kubectl(&["get", "ternavolumes"]);
+    assert!(
+        table.contains("healthy") && table.contains("3/3"),
+        "{table}"
+    );
+    let table = cluster.env.kubectl(&["get", "storagepools"]);
+    assert!(table.contains("Ready") && table.contains("n3"), "{table}");
+}
+
+async fn add_class(client: &kube::Client, name: &str, params: &[(&str, &str)], reclaim: &str) {
+    let api: Api<StorageClass> = Api::all(client.clone());
+    let sc = StorageClass {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        provisioner: terna::DRIVER_NAME.into(),
+        parameters: Some(
+            params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        reclaim_policy: Some(reclaim.into()),
+        volume_binding_mode: Some("Immediate".into()),
+        ..Default::default()
+    };
+    api.create(&PostParams::default(), &sc).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_class_parameters_give_a_warning_that_names_them_and_create_nothing() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.start_controller("c1");
+    let client = cluster.client().await;
+    add_class(
+        &client,
+        "typo",
+        &[("tier", "fast"), ("speed", "ludicrous")],
+        "Delete",
+    )
+    .await;
+    add_class(&client, "too-many", &[("replicas", "9")], "Delete").await;
+    add_class(&client, "impossible", &[("replicas", "4")], "Delete").await;
+    for class in ["typo", "too-many", "impossible"] {
+        create_claim(
+            &client,
+            "default",
+            &claim(&format!("bad-{class}"), class, "1Gi", false, &[]),
+        )
+        .await;
+    }
+    let expect = [
+        ("bad-typo", "speed"),
+        ("bad-too-many", "replicas=\"9\""),
+        // Three nodes cannot hold four replicas on distinct nodes.
+        ("bad-impossible", "4"),
+    ];
+    for (claim_name, needle) in expect {
+        let c = client.clone();
+        eventually(
+            &format!("a warning on {claim_name}"),
+            Duration::from_secs(30),
+            || {
+                let c = c.clone();
+                async move {
+                    warnings_for(&c, "default", claim_name)
+                        .await
+                        .iter()
+                        .any(|w| w.starts_with("ProvisioningFailed") && w.contains(needle))
+                }
+            },
+        )
+        .await;
+    }
+    let warnings = warnings_for(&client, "default", "bad-typo").await;
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("StorageClass typo") && w.contains("accepted keys")),
+        "{warnings:?}"
+    );
+    // Nothing was created for any of them.
+    assert!(pvs(&client).await.is_empty());
+    assert!(terna_volumes(&client).await.is_empty());
+    assert!(cluster.replica_files().is_empty());
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    for c in api.list(&ListParams::default()).await.unwrap().items {
+        assert_eq!(c.status.unwrap().phase.as_deref(), Some("Pending"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_claims_delete_or_retain_their_volume_as_the_class_says() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.start_controller("c1");
+    let client = cluster.client().await;
+    add_class(&client, "gone", &[("tier", "standard")], "Delete").await;
+    add_class(&client, "kept", &[("tier", "slow")], "Retain").await;
+    create_claim(
+        &client,
+        "default",
+        &claim("doomed", "gone", "10Mi", false, &[]),
+    )
+    .await;
+    create_claim(
+        &client,
+        "default",
+        &claim("precious", "kept", "10Mi", false, &[]),
+    )
+    .await;
+    let bound = wait_bound(
+        &cluster,
+        "default",
+        &["doomed".into(), "precious".into()],
+        Duration::from_secs(60),
+    )
+    .await;
+    let pv_of = |n: &str| -> String {
+        bound
+            .iter()
+            .find(|c| c.metadata.name.as_deref() == Some(n))
+            .unwrap()
+            .spec
+            .as_ref()
+            .unwrap()
+            .volume_name
+            .clone()
+            .unwrap()
+    };
+    let (doomed_pv, precious_pv) = (pv_of("doomed"), pv_of("precious"));
+    assert_eq!(cluster.replica_files().len(), 6);
+
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    for n in ["doomed", "precious"] {
+        api.delete(n, &DeleteParams::default()).await.unwrap();
+    }
+    let c = client.clone();
+    let doomed = doomed_pv.clone();
+    eventually(
+        "the Delete PV and its volume to go",
+        Duration::from_secs(60),
+        || {
+            let (c, doomed) = (c.clone(), doomed.clone());
+            async move {
+                let pv_gone = !pvs(&c)
+                    .await
+                    .iter()
+                    .any(|p| p.metadata.name.as_deref() == Some(&doomed));
+                pv_gone && terna_volumes(&c).await.len() == 1
+            }
+        },
+    )
+    .await;
+    // The retained volume: PV Released, replicas and TernaVolume kept.
+    let c = client.clone();
+    let precious = precious_pv.clone();
+    eventually(
+        "the Retain PV to be Released",
+        Duration::from_secs(60),
+        || {
+            let (c, precious) = (c.clone(), precious.clone());
+            async move {
+                pvs(&c).await.iter().any(|p| {
+                    p.metadata.name.as_deref() == Some(&precious)
+                        && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Released")
+                })
+            }
+        },
+    )
+    .await;
+    let volumes = terna_volumes(&client).await;
+    assert_eq!(volumes.len(), 1);
+    assert_eq!(volumes[0].spec.volume_name, precious_pv);
+    let files = cluster.replica_files();
+    assert_eq!(files.len(), 3, "{files:?}");
+    assert!(files.iter().all(|f| f.contains("/slow/")), "{files:?}");
+    // Deleting the retained PV by hand keeps the data (Retain) and the PV
+    // goes once our finalizer is released.
+    let pv_api: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(client.clone());
+    pv_api
+        .delete(&precious_pv, &DeleteParams::default())
+        .await
+        .unwrap();
+    let c = client.clone();
+    eventually(
+        "the retained PV to be deleted",
+        Duration::from_secs(30),
+        || {
+            let c = c.clone();
+            async move { pvs(&c).await.is_empty() }
+        },
+    )
+    .await;
+    assert_eq!(cluster.replica_files().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_claims_filed_at_once_all_bind() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.start_controller("c1");
+    let client = cluster.client().await;
+    add_class(&client, "bulk", &[("tier", "standard")], "Delete").await;
+    let names: Vec<String> = (0..200).map(|i| format!("bulk-{i}")).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in names.chunks(20) {
+        let (client, chunk) = (client.clone(), chunk.to_vec());
+        tasks.spawn(async move {
+            for n in chunk {
+                create_claim(&client, "default", &claim(&n, "bulk", "1Gi", false, &[])).await;
+            }
+        });
+    }
+    tasks.join_all().await;
+    let bound = wait_bound(&cluster, "default", &names, Duration::from_secs(240)).await;
+    let pv_names: BTreeSet<String> = bound
+        .iter()
+        .map(|c| c.spec.as_ref().unwrap().volume_name.clone().unwrap())
+        .collect();
+    assert_eq!(pv_names.len(), 200);
+    assert_eq!(pvs(&client).await.len(), 200);
+    assert_eq!(terna_volumes(&client).await.len(), 200);
+    assert_eq!(cluster.replica_files().len(), 600);
+}
+
+/// Counts that must hold once provisioning settles: one PV per claim, one
+/// volume per PV, three replica files per volume, nothing else.
+async fn assert_exactly_once(cluster: &Cluster, claims: usize) {
+    let client = cluster.client().await;
+    let pv_list = pvs(&client).await;
+    let volumes = terna_volumes(&client).await;
+    assert_eq!(pv_list.len(), claims, "duplicate or missing PVs");
+    assert_eq!(volumes.len(), claims, "orphan or missing volumes");
+    let handles: BTreeSet<String> = pv_list
+        .iter()
+        .map(|p| {
+            p.spec
+                .as_ref()
+                .unwrap()
+                .csi
+                .as_ref()
+                .unwrap()
+                .volume_handle
+                .clone()
+        })
+        .collect();
+    let ids: BTreeSet<String> = volumes
+        .iter()
+        .map(|v| v.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(handles, ids);
+    assert_eq!(
+        cluster.replica_files().len(),
+        claims * 3,
+        "orphan replica files"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_killed_mid_provisioning_leaves_no_duplicates_or_orphans() {
+    let mut cluster = Cluster::start(3).await;
+    let first = cluster.start_controller("c1");
+    let client = cluster.client().await;
+    add_class(&client, "crashy", &[("tier", "fast")], "Delete").await;
+    let names: Vec<String> = (0..60).map(|i| format!("crash-{i}")).collect();
+    for n in &names {
+        create_claim(&client, "default", &claim(n, "crashy", "8Mi", false, &[])).await;
+    }
+    // Kill it once some, but not all, volumes exist.
+    let c = client.clone();
+    eventually("provisioning to begin", Duration::from_secs(60), || {
+        let c = c.clone();
+        async move { !terna_volumes(&c).await.is_empty() }
+    })
+    .await;
+    cluster.controllers[first].kill_hard();
+    let made = terna_volumes(&client).await.len();
+    assert!(
+        made < names.len(),
+        "all {made} provisioned before the kill; nothing tested"
+    );
+    // The lease of the dead controller must expire before the next leads.
+    cluster.start_controller("c2");
+    wait_bound(&cluster, "default", &names, Duration::from_secs(120)).await;
+    assert_exactly_once(&cluster, names.len()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_restarted_mid_run_and_everything_binds() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.start_controller("c1");
+    let client = cluster.client().await;
+    add_class(&client, "steady", &[("tier", "standard")], "Delete").await;
+    let names: Vec<String> = (0..40).map(|i| format!("steady-{i}")).collect();
+    for n in &names[..20] {
+        create_claim(&client, "default", &claim(n, "steady", "8Mi", false, &[])).await;
+    }
+    cluster.env.restart_apiserver(3);
+    let client = cluster.client().await;
+    for n in &names[20..] {
+        create_claim(&client, "default", &claim(n, "steady", "8Mi", false, &[])).await;
+    }
+    wait_bound(&cluster, "default", &names, Duration::from_secs(120)).await;
+    assert_exactly_once(&cluster, names.len()).await;
+    assert!(
+        cluster.controllers[0].is_running(),
+        "the controller died with the API server"
+    );
+}
+
+async fn leader(client: &kube::Client) -> Option<String> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), "default");
+    api.get_opt("terna-controller")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec?.holder_identity)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controllers_run_and_one_leads() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.start_controller("c1");
+    cluster.start_controller("c2");
+    let client = cluster.client().await;
+    add_class(&client, "duo", &[("tier", "fast")], "Delete").await;
+    let c = client.clone();
+    eventually("a leader", Duration::from_secs(30), || {
+        let c = c.clone();
+        async move { leader(&c).await.is_some() }
+    })
+    .await;
+    let first = leader(&client).await.unwrap();
+    let names: Vec<String> = (0..20).map(|i| format!("duo-{i}")).collect();
+    for n in &names[..10] {
+        create_claim(&client, "default", &claim(n, "duo", "8Mi", false, &[])).await;
+    }
+    wait_bound(&cluster, "default", &names[..10], Duration::from_secs(60)).await;
+    // Only the leader provisioned: every Provisioned event is its own.
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let reporters: BTreeSet<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("Provisioned"))
+        .filter_map(|e| e.reporting_instance)
+        .collect();
+    assert_eq!(reporters, BTreeSet::from([first.clone()]));
+    let standby = cluster
+        .controllers
+        .iter()
+        .find(|p| p.name != first)
+        .unwrap()
+        .log();
+    assert!(
+        !standby.contains("claim provisioned"),
+        "the standby provisioned:\n{standby}"
+    );
+
+    // The leader dies; the other takes over once the lease expires.
+    let index = cluster
+        .controllers
+        .iter()
+        .position(|p| p.name == first)
+        .unwrap();
+    cluster.controllers[index].kill_hard();
+    for n in &names[10..] {
+        create_claim(&client, "default", &claim(n, "duo", "8Mi", false, &[])).await;
+    }
+    wait_bound(&cluster, "default", &names, Duration::from_secs(60)).await;
+    let second = leader(&client).await.unwrap();
+    assert_ne!(second, first);
+    assert_exactly_once(&cluster, names.len()).await;
+}
