@@ -83,6 +83,10 @@ enum Command {
         /// Pools whose node has not reported for this long take no new replicas.
         #[arg(long, default_value_t = 60)]
         pool_stale_secs: u64,
+        /// Also serve CSI Identity and Controller (unix:///path), for the
+        /// external-provisioner sidecar.
+        #[arg(long)]
+        endpoint: Option<String>,
     },
     /// A cluster node: serves its pools through the replica agent and
     /// registers them as StoragePools.
@@ -184,6 +188,7 @@ fn main() -> anyhow::Result<()> {
             overcommit_ratio,
             concurrency,
             pool_stale_secs,
+            endpoint,
         } => {
             let identity = match id {
                 Some(id) => id,
@@ -214,6 +219,7 @@ fn main() -> anyhow::Result<()> {
                         overcommit_ratio,
                         concurrency: concurrency.max(1),
                         pool_stale_after: std::time::Duration::from_secs(pool_stale_secs),
+                        endpoint,
                     },
                 )
                 .await

@@ -531,3 +531,65 @@ async fn two_controllers_run_and_one_leads() {
     assert_ne!(second, first);
     assert_exactly_once(&cluster, names.len()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csi_create_volume_on_the_controller_endpoint_serves_the_sidecar_deployment() {
+    let mut cluster = Cluster::start(3).await;
+    let socket = cluster.root.path().join("controller.sock");
+    let endpoint = format!("unix://{}", socket.display());
+    cluster.start_controller_with("c1", &["--endpoint", &endpoint]);
+    let c = socket.clone();
+    eventually("the CSI socket", Duration::from_secs(30), || {
+        let c = c.clone();
+        async move { c.exists() }
+    })
+    .await;
+    let mut csi = common::csi_client::Csi::connect(&socket).await;
+    // The controller learns the pools within seconds of starting; until
+    // then a create finds no room (ResourceExhausted) and is retried, as
+    // the sidecar would.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let vol = loop {
+        match csi
+            .create(
+                "pvc-from-sidecar",
+                50 << 20,
+                &[("tier", "fast"), ("replicas", "3")],
+                common::csi_client::mount_cap("ext4"),
+            )
+            .await
+        {
+            Ok(v) => break v,
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                assert!(std::time::Instant::now() < deadline, "{s:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    };
+    assert_eq!(vol.capacity_bytes, 50 << 20);
+    // Repeating the call answers the same volume.
+    let again = csi
+        .create(
+            "pvc-from-sidecar",
+            50 << 20,
+            &[("tier", "fast"), ("replicas", "3")],
+            common::csi_client::mount_cap("ext4"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.volume_id, vol.volume_id);
+    let client = cluster.client().await;
+    let volumes = terna_volumes(&client).await;
+    assert_eq!(volumes.len(), 1);
+    assert_eq!(
+        volumes[0].metadata.name.as_deref(),
+        Some(vol.volume_id.as_str())
+    );
+    assert_eq!(cluster.replica_files().len(), 3);
+    let condition = csi.condition(&vol.volume_id).await;
+    assert!(!condition.abnormal, "{}", condition.message);
+    csi.delete(&vol.volume_id).await;
+    assert!(terna_volumes(&client).await.is_empty());
+    assert!(cluster.replica_files().is_empty());
+}

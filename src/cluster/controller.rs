@@ -31,6 +31,41 @@ pub struct ControllerOptions {
     pub concurrency: u16,
     /// Pools whose node has not reported for this long take no new replicas.
     pub pool_stale_after: Duration,
+    /// Also serve CSI Identity and Controller here (unix:///path), for the
+    /// standard external-provisioner sidecar.
+    pub endpoint: Option<String>,
+}
+
+/// Serves CSI Identity and Controller over the cluster's core; every
+/// controller replica answers, whoever leads the built-in provisioner.
+async fn serve_csi(endpoint: &str, core: Arc<ControllerCore>) -> Result<()> {
+    use crate::csi::controller::ControllerService;
+    use crate::csi::identity::IdentityService;
+    use crate::proto::csi::controller_server::ControllerServer;
+    use crate::proto::csi::identity_server::IdentityServer;
+    let socket = crate::standalone::socket_path(endpoint)?;
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
+    }
+    match std::fs::remove_file(&socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("cannot remove {}", socket.display()), e)),
+    }
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .map_err(|e| Error::io(format!("cannot listen on {}", socket.display()), e))?;
+    info!(endpoint = %endpoint, "serving CSI Identity and Controller");
+    tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(IdentityService { controller: true }))
+        .add_service(ControllerServer::new(ControllerService {
+            core,
+            topology_node: None,
+            locks: Default::default(),
+        }))
+        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Internal, "gRPC server failed", e))
 }
 
 /// A client from `kubeconfig`, or the usual places (KUBECONFIG, in-cluster).
@@ -121,6 +156,28 @@ pub async fn run(client: kube::Client, opts: ControllerOptions) -> Result<()> {
         opts.pool_stale_after,
     );
     let pool_api: Api<StoragePool> = Api::all(client.clone());
+    // Every replica keeps its view of the pools current: the CSI endpoint
+    // answers whoever leads, and a new leader starts with fresh pools.
+    let directory = Arc::new(directory);
+    {
+        let (pool_api, directory, core) = (pool_api.clone(), directory.clone(), core.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = refresh_pools(&pool_api, &directory, &core).await {
+                    warn!(error = %e, "cannot list StoragePools");
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        });
+    }
+    if let Some(endpoint) = opts.endpoint.clone() {
+        let core = core.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_csi(&endpoint, core).await {
+                tracing::error!(error = %e, "CSI endpoint stopped");
+            }
+        });
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("cannot handle SIGTERM", e))?;
     // Lead until the lease is lost (say, the API server was away longer
@@ -172,17 +229,13 @@ async fn lead(
         concurrency: opts.concurrency,
     });
     let pools_loop = async {
-        let mut tick = 0u64;
         loop {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            match refresh_pools(pool_api, directory, core).await {
-                Ok(o) => objects = o,
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            match pool_api.list(&ListParams::default()).await {
+                Ok(o) => objects = o.items,
                 Err(e) => warn!(error = %e, "cannot list StoragePools"),
             }
-            if tick.is_multiple_of(5) {
-                report_allocation(pool_api, core.clone(), &objects).await;
-            }
-            tick += 1;
+            report_allocation(pool_api, core.clone(), &objects).await;
         }
     };
     let holding = async {
@@ -193,7 +246,7 @@ async fn lead(
     };
     tokio::select! {
         () = provisioner.run() => Err(Error::internal("the provisioner stopped")),
-        () = pools_loop => Err(Error::internal("the pool refresher stopped")),
+        () = pools_loop => Err(Error::internal("the allocation reporter stopped")),
         () = holding => Ok(()),
     }
 }

@@ -261,7 +261,11 @@ impl Cluster {
 
     /// Starts a controller with leader election in namespace default.
     pub fn start_controller(&mut self, id: &str) -> usize {
-        let args: Vec<String> = [
+        self.start_controller_with(id, &[])
+    }
+
+    pub fn start_controller_with(&mut self, id: &str, extra: &[&str]) -> usize {
+        let mut args: Vec<String> = [
             "controller",
             "--id",
             id,
@@ -279,6 +283,7 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
         let log = self.root.path().join(format!("controller-{id}.log"));
         self.controllers.push(Proc::spawn(id, &args, log));
         self.controllers.len() - 1
