@@ -87,6 +87,10 @@ enum Command {
         /// external-provisioner sidecar.
         #[arg(long)]
         endpoint: Option<String>,
+        /// Publish CSIStorageCapacity objects (per Terna StorageClass) into
+        /// this namespace; off when unset.
+        #[arg(long)]
+        capacity_namespace: Option<String>,
     },
     /// A cluster node: serves its pools through the replica agent and
     /// registers them as StoragePools.
@@ -189,6 +193,7 @@ fn main() -> anyhow::Result<()> {
             concurrency,
             pool_stale_secs,
             endpoint,
+            capacity_namespace,
         } => {
             let identity = match id {
                 Some(id) => id,
@@ -220,6 +225,7 @@ fn main() -> anyhow::Result<()> {
                         concurrency: concurrency.max(1),
                         pool_stale_after: std::time::Duration::from_secs(pool_stale_secs),
                         endpoint,
+                        capacity_namespace,
                     },
                 )
                 .await

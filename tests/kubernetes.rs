@@ -20,7 +20,7 @@ use common::cluster::{Cluster, claim, create_claim, eventually, pvs, terna_volum
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::api::storage::v1::{CSIStorageCapacity, StorageClass};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 
 const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
@@ -68,7 +68,7 @@ async fn warnings_for(client: &kube::Client, ns: &str, claim: &str) -> Vec<Strin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_storage_class_binds_a_claim_with_replicas_on_distinct_nodes() {
     let mut cluster = Cluster::start(3).await;
-    cluster.start_controller("c1");
+    cluster.start_controller_with("c1", &["--capacity-namespace", "default"]);
     let client = cluster.client().await;
     let mut names = Vec::new();
     for (class, wffc, _, _) in classes() {
@@ -162,6 +162,25 @@ async fn every_storage_class_binds_a_claim_with_replicas_on_distinct_nodes() {
     );
     let table = cluster.env.kubectl(&["get", "storagepools"]);
     assert!(table.contains("Ready") && table.contains("n3"), "{table}");
+
+    // Capacity per class, for the scheduler: each node has 1 TiB per tier,
+    // so a 3-replica class can place at most 1 TiB per volume.
+    let api: Api<CSIStorageCapacity> = Api::namespaced(client.clone(), "default");
+    let c = api.clone();
+    eventually("capacity for every class", Duration::from_secs(30), || {
+        let c = c.clone();
+        async move { c.list(&ListParams::default()).await.unwrap().items.len() >= classes().len() }
+    })
+    .await;
+    for cap in api.list(&ListParams::default()).await.unwrap().items {
+        let available: u64 = cap.capacity.unwrap().0.parse().unwrap();
+        let max: u64 = cap.maximum_volume_size.unwrap().0.parse().unwrap();
+        assert!(
+            available > 0 && max > 0 && max <= 1 << 40,
+            "{}",
+            cap.storage_class_name
+        );
+    }
 }
 
 async fn add_class(client: &kube::Client, name: &str, params: &[(&str, &str)], reclaim: &str) {

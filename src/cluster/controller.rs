@@ -34,6 +34,8 @@ pub struct ControllerOptions {
     /// Also serve CSI Identity and Controller here (unix:///path), for the
     /// standard external-provisioner sidecar.
     pub endpoint: Option<String>,
+    /// Publish CSIStorageCapacity objects into this namespace.
+    pub capacity_namespace: Option<String>,
 }
 
 /// Serves CSI Identity and Controller over the cluster's core; every
@@ -230,12 +232,15 @@ async fn lead(
     });
     let pools_loop = async {
         loop {
-            tokio::time::sleep(Duration::from_secs(10)).await;
             match pool_api.list(&ListParams::default()).await {
                 Ok(o) => objects = o.items,
                 Err(e) => warn!(error = %e, "cannot list StoragePools"),
             }
             report_allocation(pool_api, core.clone(), &objects).await;
+            if let Some(ns) = &opts.capacity_namespace {
+                super::capacity::publish(client, ns, core.clone(), crate::DRIVER_NAME).await;
+            }
+            tokio::time::sleep(Duration::from_secs(10)).await;
         }
     };
     let holding = async {
