@@ -427,28 +427,39 @@ impl Engine {
     /// Copies what faulted-but-reachable replicas missed and lets them
     /// rejoin. Returns the bytes copied. Safe to run while I/O continues.
     pub fn catch_up(&self) -> u64 {
-        let pending: Vec<Arc<Slot>> = {
-            let Ok(dirty) = self.dirty.lock() else {
-                return 0;
-            };
-            self.slots()
-                .into_iter()
-                .filter(|s| !s.healthy.load(Ordering::SeqCst) && dirty.contains_key(&s.index))
-                .collect()
-        };
         let mut total = 0;
-        for slot in pending {
-            if slot.io.check().is_err() {
-                continue;
-            }
-            match self.catch_up_one(&slot) {
-                Ok(bytes) => total += bytes,
-                Err(e) => {
-                    warn!(volume_id = %self.volume_id, replica = slot.index, error = %e, "catch-up interrupted; will retry");
+        // Passes until one heals nothing: when every replica had faulted,
+        // the one that missed nothing heals first (it needs no source) and
+        // becomes the source the others copy from in the next pass.
+        loop {
+            let pending: Vec<Arc<Slot>> = {
+                let Ok(dirty) = self.dirty.lock() else {
+                    return total;
+                };
+                self.slots()
+                    .into_iter()
+                    .filter(|s| !s.healthy.load(Ordering::SeqCst) && dirty.contains_key(&s.index))
+                    .collect()
+            };
+            let mut healed = false;
+            for slot in pending {
+                if slot.io.check().is_err() {
+                    continue;
+                }
+                match self.catch_up_one(&slot) {
+                    Ok(bytes) => {
+                        total += bytes;
+                        healed = true;
+                    }
+                    Err(e) => {
+                        warn!(volume_id = %self.volume_id, replica = slot.index, error = %e, "catch-up interrupted; will retry");
+                    }
                 }
             }
+            if !healed {
+                return total;
+            }
         }
-        total
     }
 
     fn copy_region(&self, slot: &Slot, start: u64, len: u64) -> io::Result<()> {
