@@ -7,7 +7,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[allow(dead_code)]
 #[path = "../tests/common/cluster.rs"]
 mod cluster;
 #[allow(dead_code)]
