@@ -162,6 +162,22 @@ async fn every_storage_class_binds_a_claim_with_replicas_on_distinct_nodes() {
     );
     let table = cluster.env.kubectl(&["get", "storagepools"]);
     assert!(table.contains("Ready") && table.contains("n3"), "{table}");
+    // Each node measured its pools' disks when it began serving them.
+    let pools: Api<terna::cluster::crd::StoragePool> = Api::all(client.clone());
+    for p in pools.list(&ListParams::default()).await.unwrap().items {
+        let status = p.status.unwrap();
+        assert!(
+            status.measured_write_mib_per_sec.unwrap_or(0.0) > 0.0,
+            "{:?}",
+            p.metadata.name
+        );
+        assert!(
+            status.measured_read_mib_per_sec.unwrap_or(0.0) > 0.0,
+            "{:?}",
+            p.metadata.name
+        );
+        assert_eq!(status.capacity_bytes, 1 << 40);
+    }
 
     // Capacity per class, for the scheduler: each node has 1 TiB per tier,
     // so a 3-replica class can place at most 1 TiB per volume.

@@ -37,6 +37,11 @@ use crate::class::Tier;
     printcolumn(name = "Allocated", type_ = "string", json_path = ".status.allocated"),
     printcolumn(name = "Health", type_ = "string", json_path = ".status.health"),
     printcolumn(
+        name = "Write MiB/s",
+        type_ = "number",
+        json_path = ".status.measuredWriteMibPerSec"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -90,6 +95,12 @@ pub struct StoragePoolStatus {
     pub health: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Sequential bandwidth measured by the node when it began serving the
+    /// pool (1 MiB direct I/O), MiB/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_write_mib_per_sec: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_read_mib_per_sec: Option<f64>,
     /// Last time the node confirmed the pool (RFC 3339); a node that stops
     /// confirming leaves its pools out of new placements.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -7,6 +7,7 @@ pub mod crd;
 pub mod leader;
 pub mod node;
 pub mod pools;
+pub mod probe;
 pub mod provisioner;
 pub mod quantity;
 pub mod store;

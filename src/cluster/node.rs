@@ -23,6 +23,9 @@ use crate::error::{Error, Result};
 use crate::replica::Pool;
 use crate::replica::local::LocalPool;
 
+/// MiB written and read by the probe of a newly served pool.
+const PROBE_MIB: usize = 64;
+
 pub struct NodeOptions {
     pub data_dir: PathBuf,
     pub node_id: String,
@@ -141,6 +144,29 @@ async fn heartbeat(api: &Api<StoragePool>, agent: &AgentState, opts: &NodeOption
                     if !served.contains(&name) {
                         info!(pool = %name, path = %path.display(), "serving pool");
                         agent.add_pool(&name, Box::new(local));
+                        let probe_path = path.clone();
+                        match tokio::task::spawn_blocking(move || {
+                            super::probe::measure(&probe_path, PROBE_MIB)
+                        })
+                        .await
+                        {
+                            Ok(Ok((write, read))) => {
+                                info!(pool = %name, write_mib_s = write, read_mib_s = read, "pool measured");
+                                let patch = json!({"status": {
+                                    "measuredWriteMibPerSec": (write * 10.0).round() / 10.0,
+                                    "measuredReadMibPerSec": (read * 10.0).round() / 10.0,
+                                }});
+                                let _ = api
+                                    .patch_status(
+                                        &name,
+                                        &PatchParams::default(),
+                                        &Patch::Merge(&patch),
+                                    )
+                                    .await;
+                            }
+                            Ok(Err(e)) => warn!(pool = %name, error = %e, "cannot measure pool"),
+                            Err(e) => warn!(pool = %name, error = %e, "pool probe failed"),
+                        }
                     }
                     ("Ready", None, capacity)
                 }
