@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -111,11 +111,24 @@ enum Command {
         /// Seconds between pool status reports.
         #[arg(long, default_value_t = 10)]
         heartbeat_secs: u64,
+        /// Serve CSI Identity and Node (unix:///path) for the kubelet.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Pools whose node has not reported for this long are not opened.
+        #[arg(long, default_value_t = 60)]
+        pool_stale_secs: u64,
     },
     /// Prints the CustomResourceDefinitions (or writes them into a directory).
     Crds {
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Parses the arguments after `--` as a terna command line and exits,
+    /// running nothing: tests check deploy/'s container args with it.
+    #[command(hide = true)]
+    CheckArgs {
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Lists volumes with replica health.
     Volumes {
@@ -238,6 +251,8 @@ fn main() -> anyhow::Result<()> {
             agent_listen,
             agent_advertise,
             heartbeat_secs,
+            endpoint,
+            pool_stale_secs,
         } => {
             let node_id = match node_id {
                 Some(n) => n,
@@ -246,6 +261,7 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
                 let client = terna::cluster::controller::client(kubeconfig.as_deref()).await?;
+                let kubeconfig = kubeconfig.map(|k| std::path::absolute(&k).unwrap_or(k));
                 terna::cluster::node::run(
                     client,
                     terna::cluster::node::NodeOptions {
@@ -254,6 +270,9 @@ fn main() -> anyhow::Result<()> {
                         agent_listen,
                         agent_advertise: agent_advertise.unwrap_or(agent_listen),
                         heartbeat: std::time::Duration::from_secs(heartbeat_secs.max(1)),
+                        endpoint,
+                        kubeconfig,
+                        pool_stale_after: std::time::Duration::from_secs(pool_stale_secs),
                     },
                 )
                 .await
@@ -272,6 +291,20 @@ fn main() -> anyhow::Result<()> {
                     for (_, yaml) in docs {
                         print!("---\n{yaml}");
                     }
+                }
+            }
+        }
+        Command::CheckArgs { args } => {
+            let argv = std::iter::once("terna".to_string()).chain(args);
+            // What Cli::try_parse_from does, keeping the matches for the name.
+            let parsed = Cli::command()
+                .try_get_matches_from(argv)
+                .and_then(|m| Cli::from_arg_matches(&m).map(|_| m));
+            match parsed {
+                Ok(m) => println!("ok: {}", m.subcommand_name().unwrap_or_default()),
+                Err(e) => {
+                    eprint!("{}", e.render());
+                    std::process::exit(2);
                 }
             }
         }

@@ -628,3 +628,107 @@ async fn csi_create_volume_on_the_controller_endpoint_serves_the_sidecar_deploym
     assert!(terna_volumes(&client).await.is_empty());
     assert!(cluster.replica_files().is_empty());
 }
+
+/// Unmounts and stops engines under a directory when the test ends, even
+/// when it fails, so no mount or process outlives it.
+struct Cleanup(std::path::PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        common::cleanup(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bound_claim_mounts_on_a_cluster_node_and_only_one_node_at_a_time_kubelet_stood_in() {
+    use sha2::{Digest, Sha256};
+    common::assert_root("kubernetes");
+    let mut cluster = Cluster::start(3).await;
+    let _cleanup = Cleanup(cluster.root.path().to_path_buf());
+    cluster.start_controller("c1");
+    let client = cluster.client().await;
+    add_class(&client, "mountable", &[("tier", "fast")], "Delete").await;
+    create_claim(
+        &client,
+        "default",
+        &claim("data", "mountable", "64Mi", false, &[]),
+    )
+    .await;
+    let bound = wait_bound(
+        &cluster,
+        "default",
+        &["data".into()],
+        Duration::from_secs(60),
+    )
+    .await;
+    let pv_name = bound[0].spec.as_ref().unwrap().volume_name.clone().unwrap();
+    let pv = pvs(&client)
+        .await
+        .into_iter()
+        .find(|p| p.metadata.name.as_deref() == Some(&pv_name))
+        .unwrap();
+    let id = pv.spec.unwrap().csi.unwrap().volume_handle;
+    let cap = common::csi_client::mount_cap("ext4");
+    let root = cluster.root.path().to_path_buf();
+
+    // The kubelet's calls on node n1: stage, publish, and a checksummed file.
+    let mut n1 = common::csi_client::Csi::connect(&cluster.node_socket(1)).await;
+    let (staging1, target1) = (root.join("n1-staging"), root.join("n1-target"));
+    std::fs::create_dir_all(&staging1).unwrap();
+    n1.stage(&id, &staging1, cap.clone()).await;
+    n1.publish(&id, &staging1, &target1, cap.clone()).await;
+    let data: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let digest = Sha256::digest(&data);
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(target1.join("data.bin")).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+    }
+    let tv = terna_volumes(&client)
+        .await
+        .into_iter()
+        .find(|v| v.metadata.name.as_deref() == Some(&id))
+        .unwrap();
+    assert_eq!(tv.status.unwrap().staged_on.unwrap().node, "n1");
+
+    // While n1 holds it, n2 is refused.
+    let mut n2 = common::csi_client::Csi::connect(&cluster.node_socket(2)).await;
+    let (staging2, target2) = (root.join("n2-staging"), root.join("n2-target"));
+    std::fs::create_dir_all(&staging2).unwrap();
+    let refused = n2
+        .node
+        .node_stage_volume(terna::proto::csi::NodeStageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging2.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("n1"), "{}", refused.message());
+
+    // Released on n1, it mounts on n2 with every byte intact.
+    n1.unpublish(&id, &target1).await;
+    n1.unstage(&id, &staging1).await;
+    n2.stage(&id, &staging2, cap.clone()).await;
+    n2.publish(&id, &staging2, &target2, cap).await;
+    let read = std::fs::read(target2.join("data.bin")).unwrap();
+    assert_eq!(Sha256::digest(&read), digest, "data changed between nodes");
+    n2.unpublish(&id, &target2).await;
+    n2.unstage(&id, &staging2).await;
+    // No mount, loop device or engine left (the node and controller
+    // processes are the cluster's own).
+    let left: Vec<String> = common::leftovers(&root)
+        .into_iter()
+        .filter(|l| !l.starts_with("process") || l.contains(" engine "))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

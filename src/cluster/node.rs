@@ -33,6 +33,11 @@ pub struct NodeOptions {
     /// The address other nodes reach this agent at.
     pub agent_advertise: SocketAddr,
     pub heartbeat: Duration,
+    /// Serve CSI Identity and Node here (unix:///path).
+    pub endpoint: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
+    /// StoragePools not confirmed for this long are left out of engines.
+    pub pool_stale_after: Duration,
 }
 
 /// The object name of a configured pool: pool names are per node, object
@@ -84,9 +89,32 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
         .map_err(|e| Error::io("cannot start the replica agent", e))?;
     info!(node = %opts.node_id, listen = %opts.agent_listen, "replica agent serving");
 
-    let api: Api<StoragePool> = Api::all(client);
+    let api: Api<StoragePool> = Api::all(client.clone());
     for pool in configured_pools(&config, &opts.data_dir, &opts.node_id) {
         register(&api, &pool).await?;
+    }
+    if let Some(endpoint) = opts.endpoint.clone() {
+        let file = ClusterFile {
+            kubeconfig: opts.kubeconfig.clone(),
+            pool_stale_secs: opts.pool_stale_after.as_secs(),
+        };
+        let bytes = serde_json::to_vec_pretty(&file)
+            .map_err(|e| Error::internal(format!("cannot encode {CLUSTER_FILE}: {e}")))?;
+        crate::store::atomic_write(&opts.data_dir.join(CLUSTER_FILE), &bytes)?;
+        let store = Arc::new(super::store::KubeStore::new(
+            client.clone(),
+            tokio::runtime::Handle::current(),
+        ));
+        let core = Arc::new(crate::node::NodeCore::new(
+            &opts.data_dir,
+            &opts.node_id,
+            store,
+        ));
+        tokio::spawn(async move {
+            if let Err(e) = serve_csi(&endpoint, core).await {
+                tracing::error!(error = %e, "CSI endpoint stopped");
+            }
+        });
     }
     loop {
         if agent_thread.is_finished() {
@@ -194,4 +222,97 @@ async fn heartbeat(api: &Api<StoragePool>, agent: &AgentState, opts: &NodeOption
         }
     }
     Ok(())
+}
+
+/// Written into a cluster node's data dir: tells the engines it starts
+/// that state lives in Kubernetes and pools are the StoragePools.
+pub const CLUSTER_FILE: &str = "cluster.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ClusterFile {
+    /// `None`: in-cluster configuration (or KUBECONFIG).
+    kubeconfig: Option<PathBuf>,
+    pool_stale_secs: u64,
+}
+
+/// An engine's state store (which keeps the runtime its Kubernetes calls
+/// run on) and pools on a cluster node.
+pub struct ClusterBacking {
+    pub store: Arc<dyn crate::store::StateStore>,
+    pub pools: Arc<crate::pools::Pools>,
+}
+
+impl ClusterBacking {
+    /// `None` when `data_dir` is not a cluster node's.
+    pub fn open(data_dir: &Path, node: &str, config: &Config) -> Result<Option<ClusterBacking>> {
+        let path = data_dir.join(CLUSTER_FILE);
+        let file: ClusterFile = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
+        };
+        let runtime = Arc::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .map_err(|e| Error::io("cannot start a runtime", e))?,
+        );
+        let client = runtime.block_on(super::controller::client(file.kubeconfig.as_deref()))?;
+        let store = super::store::KubeStore::with_runtime(client.clone(), runtime.clone());
+        let api: Api<StoragePool> = Api::all(client);
+        let objects = runtime
+            .block_on(api.list(&ListParams::default()))
+            .map_err(|e| {
+                Error::new(
+                    crate::error::ErrorKind::Unavailable,
+                    format!("cannot list StoragePools: {e}"),
+                )
+            })?
+            .items;
+        let token = config.cluster_token(data_dir)?;
+        let directory = super::pools::PoolDirectory::new(
+            &token,
+            node,
+            Duration::from_millis(config.agent_timeout_ms),
+            Duration::from_secs(file.pool_stale_secs),
+        )
+        .with_local_node(node);
+        let shared: Vec<Arc<StoragePool>> = objects.into_iter().map(Arc::new).collect();
+        Ok(Some(ClusterBacking {
+            store: Arc::new(store),
+            pools: Arc::new(directory.pools(&shared)),
+        }))
+    }
+}
+
+/// Serves CSI Identity and Node for this node's kubelet.
+async fn serve_csi(endpoint: &str, core: Arc<crate::node::NodeCore>) -> Result<()> {
+    use crate::csi::identity::IdentityService;
+    use crate::csi::node::NodeService;
+    use crate::proto::csi::identity_server::IdentityServer;
+    use crate::proto::csi::node_server::NodeServer;
+    let socket = crate::standalone::socket_path(endpoint)?;
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
+    }
+    match std::fs::remove_file(&socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("cannot remove {}", socket.display()), e)),
+    }
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .map_err(|e| Error::io(format!("cannot listen on {}", socket.display()), e))?;
+    info!(endpoint = %endpoint, "serving CSI Identity and Node");
+    tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(IdentityService { controller: false }))
+        .add_service(NodeServer::new(NodeService {
+            core,
+            locks: Default::default(),
+        }))
+        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+        .await
+        .map_err(|e| Error::with_source(crate::error::ErrorKind::Internal, "gRPC server failed", e))
 }

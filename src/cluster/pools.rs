@@ -60,6 +60,8 @@ pub struct PoolDirectory {
     timeout: Duration,
     stale_after: Duration,
     clients: Mutex<HashMap<SocketAddr, Arc<Client>>>,
+    /// Pools on this node are opened as local files, not through the agent.
+    local_node: Option<String>,
 }
 
 impl PoolDirectory {
@@ -70,7 +72,14 @@ impl PoolDirectory {
             timeout,
             stale_after,
             clients: Mutex::new(HashMap::new()),
+            local_node: None,
         }
+    }
+
+    /// Opens `node`'s own pools directly (the engine on that node).
+    pub fn with_local_node(mut self, node: &str) -> Self {
+        self.local_node = Some(node.to_string());
+        self
     }
 
     fn client(&self, addr: SocketAddr) -> Arc<Client> {
@@ -93,6 +102,18 @@ impl PoolDirectory {
                 let name = p.metadata.name.clone()?;
                 let status = p.status.as_ref()?;
                 let addr: SocketAddr = status.agent.as_deref()?.parse().ok()?;
+                let backend: Box<dyn crate::replica::Pool> =
+                    if self.local_node.as_deref() == Some(p.spec.node.as_str()) {
+                        Box::new(
+                            crate::replica::local::LocalPool::new(
+                                std::path::Path::new(&p.spec.path),
+                                p.spec.capacity_bytes,
+                            )
+                            .ok()?,
+                        )
+                    } else {
+                        Box::new(RemotePool::new(self.client(addr), &name))
+                    };
                 Some(PoolEntry {
                     name: name.clone(),
                     node: p.spec.node.clone(),
@@ -100,7 +121,7 @@ impl PoolDirectory {
                     domain: p.spec.domain.clone().unwrap_or_else(|| p.spec.node.clone()),
                     zone: p.spec.zone.clone().unwrap_or_else(|| "default".into()),
                     overcommit_ratio: p.spec.overcommit_ratio,
-                    backend: Box::new(RemotePool::new(self.client(addr), &name)),
+                    backend,
                 })
             })
             .collect();

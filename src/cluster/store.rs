@@ -34,6 +34,10 @@ pub struct KubeStore {
     api: Api<TernaVolume>,
     handle: tokio::runtime::Handle,
     cache: Arc<RwLock<Cache>>,
+    /// The watch starts with the first `list`: engines never list.
+    watching: std::sync::Once,
+    /// Kept alive for as long as the store when the store brought its own.
+    _runtime: Option<Arc<tokio::runtime::Runtime>>,
 }
 
 #[derive(Default)]
@@ -77,13 +81,25 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
 }
 
 impl KubeStore {
-    /// Starts the cache's watch on `handle`; the first `list` waits for it
-    /// to have listed everything once.
+    /// Requests run on `handle`; the first `list` starts the cache's watch
+    /// and waits for it to have listed everything once.
     pub fn new(client: kube::Client, handle: tokio::runtime::Handle) -> KubeStore {
-        let api: Api<TernaVolume> = Api::all(client);
-        let cache = Arc::new(RwLock::new(Cache::default()));
-        handle.spawn(watch(api.clone(), cache.clone()));
-        KubeStore { api, handle, cache }
+        KubeStore {
+            api: Api::all(client),
+            handle,
+            cache: Arc::new(RwLock::new(Cache::default())),
+            watching: std::sync::Once::new(),
+            _runtime: None,
+        }
+    }
+
+    /// A store that runs its requests on `runtime` and keeps it alive (for
+    /// processes with no runtime of their own, such as engines).
+    pub fn with_runtime(client: kube::Client, runtime: Arc<tokio::runtime::Runtime>) -> KubeStore {
+        KubeStore {
+            _runtime: Some(runtime.clone()),
+            ..KubeStore::new(client, runtime.handle().clone())
+        }
     }
 
     fn cache_write(&self) -> std::sync::RwLockWriteGuard<'_, Cache> {
@@ -199,6 +215,10 @@ impl StateStore for KubeStore {
     }
 
     fn list(&self) -> Result<Vec<VolumeRecord>> {
+        self.watching.call_once(|| {
+            self.handle
+                .spawn(watch(self.api.clone(), self.cache.clone()));
+        });
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             {

@@ -47,8 +47,14 @@ pub fn assemble(
     io_threads: usize,
 ) -> Result<(Arc<Engine>, Arc<dyn StateStore>)> {
     let config = Config::load_or_init(data_dir)?;
-    let store: Arc<dyn StateStore> = Arc::new(FileStore::open(&crate::state_dir(data_dir))?);
-    let pools = Arc::new(Pools::from_config(&config, data_dir, node_id)?);
+    let (store, pools): (Arc<dyn StateStore>, Arc<Pools>) =
+        match crate::cluster::node::ClusterBacking::open(data_dir, node_id, &config)? {
+            Some(cluster) => (cluster.store, cluster.pools),
+            None => (
+                Arc::new(FileStore::open(&crate::state_dir(data_dir))?),
+                Arc::new(Pools::from_config(&config, data_dir, node_id)?),
+            ),
+        };
     let record = store
         .get(volume_id)?
         .ok_or_else(|| Error::not_found(format!("volume {volume_id} does not exist")))?;

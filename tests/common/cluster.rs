@@ -224,6 +224,12 @@ impl Cluster {
         self.root.path().join(format!("n{i}"))
     }
 
+    /// Node `i`'s CSI socket (Identity and Node), where the kubelet would
+    /// call.
+    pub fn node_socket(&self, i: usize) -> PathBuf {
+        self.root.path().join(format!("n{i}-csi.sock"))
+    }
+
     fn start_node(&mut self, i: usize) {
         let data = self.node_dir(i);
         std::fs::create_dir_all(&data).unwrap();
@@ -251,6 +257,8 @@ impl Cluster {
             &addr,
             "--heartbeat-secs",
             "1",
+            "--endpoint",
+            &format!("unix://{}", self.node_socket(i).display()),
         ]
         .iter()
         .map(|s| s.to_string())
