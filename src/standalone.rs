@@ -45,6 +45,28 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
+/// Listens on a `unix://` CSI endpoint, replacing a stale socket file.
+pub fn bind_endpoint(endpoint: &str) -> Result<(PathBuf, UnixListener)> {
+    let socket = socket_path(endpoint)?;
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
+    }
+    match std::fs::remove_file(&socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(Error::io(
+                format!("cannot remove stale socket {}", socket.display()),
+                e,
+            ));
+        }
+    }
+    let listener = UnixListener::bind(&socket)
+        .map_err(|e| Error::io(format!("cannot listen on {}", socket.display()), e))?;
+    Ok((socket, listener))
+}
+
 pub async fn run(opts: Options) -> Result<()> {
     let data_dir = &opts.data_dir;
     std::fs::create_dir_all(data_dir)
@@ -76,23 +98,7 @@ pub async fn run(opts: Options) -> Result<()> {
             .map_err(|e| Error::io("cannot start repair thread", e))?;
     }
 
-    let socket = socket_path(&opts.endpoint)?;
-    if let Some(parent) = socket.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
-    }
-    match std::fs::remove_file(&socket) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(Error::io(
-                format!("cannot remove stale socket {}", socket.display()),
-                e,
-            ));
-        }
-    }
-    let listener = UnixListener::bind(&socket)
-        .map_err(|e| Error::io(format!("cannot listen on {}", socket.display()), e))?;
+    let (socket, listener) = bind_endpoint(&opts.endpoint)?;
     info!(
         endpoint = %opts.endpoint,
         node_id = %opts.node_id,

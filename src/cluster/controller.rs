@@ -45,18 +45,7 @@ async fn serve_csi(endpoint: &str, core: Arc<ControllerCore>) -> Result<()> {
     use crate::csi::identity::IdentityService;
     use crate::proto::csi::controller_server::ControllerServer;
     use crate::proto::csi::identity_server::IdentityServer;
-    let socket = crate::standalone::socket_path(endpoint)?;
-    if let Some(parent) = socket.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
-    }
-    match std::fs::remove_file(&socket) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(format!("cannot remove {}", socket.display()), e)),
-    }
-    let listener = tokio::net::UnixListener::bind(&socket)
-        .map_err(|e| Error::io(format!("cannot listen on {}", socket.display()), e))?;
+    let (_, listener) = crate::standalone::bind_endpoint(endpoint)?;
     info!(endpoint = %endpoint, "serving CSI Identity and Controller");
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService { controller: true }))

@@ -293,18 +293,7 @@ async fn serve_csi(endpoint: &str, core: Arc<crate::node::NodeCore>) -> Result<(
     use crate::csi::node::NodeService;
     use crate::proto::csi::identity_server::IdentityServer;
     use crate::proto::csi::node_server::NodeServer;
-    let socket = crate::standalone::socket_path(endpoint)?;
-    if let Some(parent) = socket.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
-    }
-    match std::fs::remove_file(&socket) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(format!("cannot remove {}", socket.display()), e)),
-    }
-    let listener = tokio::net::UnixListener::bind(&socket)
-        .map_err(|e| Error::io(format!("cannot listen on {}", socket.display()), e))?;
+    let (_, listener) = crate::standalone::bind_endpoint(endpoint)?;
     info!(endpoint = %endpoint, "serving CSI Identity and Node");
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService { controller: false }))
