@@ -223,7 +223,7 @@ async fn main() {
     }
     let quick = args.iter().any(|a| a == "--quick");
     let (runtime, rounds, size) = if quick {
-        (2, 3, 256 * MIB)
+        (1, 3, 256 * MIB)
     } else {
         (10, 3, 1024 * MIB)
     };

@@ -52,6 +52,20 @@ impl KubeEnv {
         env
     }
 
+    /// Applies `apply` (a kubectl command that installs the CRDs), waits
+    /// for the CRDs to be served, and installs every shipped class.
+    pub fn install(&self, apply: &[&str]) {
+        self.kubectl(apply);
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/storagepools.terna.dev",
+            "crd/ternavolumes.terna.dev",
+        ]);
+        self.kubectl(&["apply", "-f", "storageclasses/"]);
+    }
+
     /// Stops the API server for `down_secs`, then starts it again.
     pub fn restart_apiserver(&self, down_secs: u64) {
         let out = Command::new(repo().join("scripts/kube-testenv"))
@@ -191,15 +205,7 @@ pub const TIERS: [&str; 3] = ["fast", "standard", "slow"];
 impl Cluster {
     pub async fn start(nodes: usize) -> Cluster {
         let env = KubeEnv::start();
-        env.kubectl(&["apply", "-f", "deploy/crds/"]);
-        env.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/storagepools.terna.dev",
-            "crd/ternavolumes.terna.dev",
-        ]);
-        env.kubectl(&["apply", "-f", "storageclasses/"]);
+        env.install(&["apply", "-f", "deploy/crds/"]);
         let root = tempfile::Builder::new()
             .prefix("terna-cluster-")
             .tempdir()
