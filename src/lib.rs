@@ -26,6 +26,9 @@ pub mod proto {
     pub mod csi {
         tonic::include_proto!("csi.v1");
     }
+    pub mod pluginregistration {
+        tonic::include_proto!("pluginregistration");
+    }
 }
 
 /// CSI driver name, as in the CSIDriver object and StorageClass provisioner.

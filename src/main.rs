@@ -117,6 +117,10 @@ enum Command {
         /// Pools whose node has not reported for this long are not opened.
         #[arg(long, default_value_t = 60)]
         pool_stale_secs: u64,
+        /// Register with the kubelet through this plugins_registry
+        /// directory (usually /var/lib/kubelet/plugins_registry).
+        #[arg(long)]
+        kubelet_registry: Option<PathBuf>,
     },
     /// Prints the CustomResourceDefinitions (or writes them into a directory).
     Crds {
@@ -253,6 +257,7 @@ fn main() -> anyhow::Result<()> {
             heartbeat_secs,
             endpoint,
             pool_stale_secs,
+            kubelet_registry,
         } => {
             let node_id = match node_id {
                 Some(n) => n,
@@ -273,6 +278,7 @@ fn main() -> anyhow::Result<()> {
                         endpoint,
                         kubeconfig,
                         pool_stale_after: std::time::Duration::from_secs(pool_stale_secs),
+                        registry_dir: kubelet_registry,
                     },
                 )
                 .await

@@ -475,6 +475,10 @@ fn controller_and_node_provision_and_delete_a_volume_with_only_their_rbac() {
     node_args = with_flag(&node_args, "data-dir", data.to_str().unwrap());
     node_args = with_flag(&node_args, "agent-listen", &agent);
     node_args = with_flag(&node_args, "heartbeat-secs", "1");
+    let csi = format!("unix://{}", root.path().join("csi.sock").display());
+    node_args = with_flag(&node_args, "endpoint", &csi);
+    let registry = root.path().join("plugins_registry");
+    node_args = with_flag(&node_args, "kubelet-registry", registry.to_str().unwrap());
     let kubeconfig = service_account_kubeconfig(&env, "terna-node", root.path());
     node_args = with_flag(&node_args, "kubeconfig", kubeconfig.to_str().unwrap());
     let node = Running::spawn(&node_args, &node_env, root.path().join("node.log"));
@@ -618,7 +622,8 @@ fn service_accounts_cannot_read_secrets_or_write_beyond_their_duties() {
         ("terna-controller", &["create", "pods", "-n", NAMESPACE]),
         ("terna-node", &["get", "secrets", "-n", NAMESPACE]),
         ("terna-node", &["list", "persistentvolumes"]),
-        ("terna-node", &["list", "ternavolumes.terna.dev"]),
+        ("terna-node", &["delete", "ternavolumes.terna.dev"]),
+        ("terna-node", &["create", "ternavolumes.terna.dev"]),
         ("terna-node", &["delete", "storagepools.terna.dev"]),
         (
             "terna-node",

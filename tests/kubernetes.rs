@@ -732,3 +732,71 @@ async fn a_bound_claim_mounts_on_a_cluster_node_and_only_one_node_at_a_time_kube
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// Connects to a Unix socket as a gRPC channel.
+async fn unix_channel(socket: std::path::PathBuf) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_plugin_registers_with_the_kubelet_itself_kubelet_stood_in() {
+    use terna::proto::csi as csi_pb;
+    use terna::proto::pluginregistration as reg;
+    let cluster = Cluster::start(1).await;
+    // What the kubelet's plugin watcher does: find the socket in
+    // plugins_registry, ask who it is, dial the CSI endpoint it names,
+    // check the driver there, and report the outcome.
+    let socket = terna::cluster::registration::socket_in(&cluster.registry_dir(1));
+    let s = socket.clone();
+    eventually("the registration socket", Duration::from_secs(30), || {
+        let s = s.clone();
+        async move { s.exists() }
+    })
+    .await;
+    let mut registration =
+        reg::registration_client::RegistrationClient::new(unix_channel(socket).await);
+    let info = registration
+        .get_info(reg::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.r#type, "CSIPlugin");
+    assert_eq!(info.name, terna::DRIVER_NAME);
+    assert_eq!(info.endpoint, cluster.node_socket(1).display().to_string());
+    assert!(info.supported_versions.contains(&"1.0.0".to_string()));
+
+    let channel = unix_channel(info.endpoint.into()).await;
+    let plugin = csi_pb::identity_client::IdentityClient::new(channel.clone())
+        .get_plugin_info(csi_pb::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(plugin.name, terna::DRIVER_NAME);
+    let node = csi_pb::node_client::NodeClient::new(channel)
+        .node_get_info(csi_pb::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node.node_id, "n1");
+
+    registration
+        .notify_registration_status(reg::RegistrationStatus {
+            plugin_registered: true,
+            error: String::new(),
+        })
+        .await
+        .unwrap();
+    let log = cluster.nodes[0].log();
+    assert!(log.contains("registered with the kubelet"), "{log}");
+}

@@ -10,4 +10,5 @@ pub mod pools;
 pub mod probe;
 pub mod provisioner;
 pub mod quantity;
+pub mod registration;
 pub mod store;

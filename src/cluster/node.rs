@@ -38,6 +38,9 @@ pub struct NodeOptions {
     pub kubeconfig: Option<PathBuf>,
     /// StoragePools not confirmed for this long are left out of engines.
     pub pool_stale_after: Duration,
+    /// The kubelet's plugins_registry directory: register there (needs
+    /// `endpoint`).
+    pub registry_dir: Option<PathBuf>,
 }
 
 /// The object name of a configured pool: pool names are per node, object
@@ -110,11 +113,23 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
             &opts.node_id,
             store,
         ));
+        if let Some(registry) = opts.registry_dir.clone() {
+            let csi_socket = crate::standalone::socket_path(&endpoint)?;
+            tokio::spawn(async move {
+                if let Err(e) = super::registration::serve(&registry, csi_socket).await {
+                    tracing::error!(error = %e, "kubelet registration stopped");
+                }
+            });
+        }
         tokio::spawn(async move {
             if let Err(e) = serve_csi(&endpoint, core).await {
                 tracing::error!(error = %e, "CSI endpoint stopped");
             }
         });
+    } else if opts.registry_dir.is_some() {
+        return Err(Error::invalid(
+            "--kubelet-registry needs --endpoint: the kubelet is told where CSI Node listens",
+        ));
     }
     loop {
         if agent_thread.is_finished() {

@@ -236,6 +236,11 @@ impl Cluster {
         self.root.path().join(format!("n{i}-csi.sock"))
     }
 
+    /// Node `i`'s stand-in for /var/lib/kubelet/plugins_registry.
+    pub fn registry_dir(&self, i: usize) -> PathBuf {
+        self.root.path().join(format!("n{i}-plugins_registry"))
+    }
+
     fn start_node(&mut self, i: usize) {
         let data = self.node_dir(i);
         std::fs::create_dir_all(&data).unwrap();
@@ -265,6 +270,8 @@ impl Cluster {
             "1",
             "--endpoint",
             &format!("unix://{}", self.node_socket(i).display()),
+            "--kubelet-registry",
+            self.registry_dir(i).to_str().unwrap(),
         ]
         .iter()
         .map(|s| s.to_string())
