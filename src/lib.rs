@@ -17,6 +17,7 @@ pub mod placement;
 pub mod pools;
 pub mod repair;
 pub mod replica;
+pub mod report;
 pub mod standalone;
 pub mod store;
 pub mod volume;

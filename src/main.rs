@@ -134,14 +134,81 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Lists volumes with replica health.
+    /// Volumes with replica health and catch-up progress.
     Volumes {
-        #[arg(long, default_value = "/var/lib/terna")]
-        data_dir: PathBuf,
-        /// table or json
-        #[arg(short = 'o', long, default_value = "table")]
-        output: String,
+        #[command(flatten)]
+        source: ReportSource,
+        /// Refresh every 2 s until every volume is healthy.
+        #[arg(long)]
+        watch: bool,
     },
+    /// Pools with tier, capacity, allocation and health.
+    Pools {
+        #[command(flatten)]
+        source: ReportSource,
+    },
+    /// Pools and volumes at a glance, and what is not healthy.
+    Status {
+        #[command(flatten)]
+        source: ReportSource,
+        /// Refresh every 2 s until every volume is healthy.
+        #[arg(long)]
+        watch: bool,
+    },
+}
+
+/// Where the CLI reports read from: a standalone data dir, or the cluster.
+#[derive(clap::Args)]
+struct ReportSource {
+    #[arg(long, default_value = "/var/lib/terna")]
+    data_dir: PathBuf,
+    /// Read the cluster's StoragePools and TernaVolumes instead.
+    #[arg(long)]
+    cluster: bool,
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// table or json
+    #[arg(short = 'o', long, default_value = "table")]
+    output: String,
+}
+
+type Rows = (Vec<terna::report::PoolRow>, Vec<terna::report::VolumeRow>);
+
+fn gather(source: &ReportSource) -> anyhow::Result<Rows> {
+    if !matches!(source.output.as_str(), "table" | "json") {
+        anyhow::bail!(
+            "output format {:?} is unknown: use table or json",
+            source.output
+        );
+    }
+    if source.cluster {
+        let runtime = tokio::runtime::Runtime::new()?;
+        Ok(runtime.block_on(async {
+            let client = terna::cluster::controller::client(source.kubeconfig.as_deref()).await?;
+            terna::report::from_cluster(client).await
+        })?)
+    } else {
+        let node = nix::unistd::gethostname()?.to_string_lossy().into_owned();
+        Ok(terna::report::from_data_dir(&source.data_dir, &node)?)
+    }
+}
+
+/// Prints `render` of fresh rows; with `watch`, again every 2 s until no
+/// volume is unhealthy.
+fn report(
+    source: &ReportSource,
+    watch: bool,
+    render: impl Fn(&Rows) -> anyhow::Result<String>,
+) -> anyhow::Result<()> {
+    loop {
+        let rows = gather(source)?;
+        print!("{}", render(&rows)?);
+        if !watch || rows.1.iter().all(|v| v.state == "healthy") {
+            return Ok(());
+        }
+        println!();
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
 }
 
 fn init_tracing() {
@@ -314,8 +381,37 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Volumes { data_dir, output } => {
-            print!("{}", terna::standalone::volumes_report(&data_dir, &output)?);
+        Command::Volumes { source, watch } => {
+            let json = source.output == "json";
+            report(&source, watch, |(_, volumes)| {
+                Ok(if json {
+                    serde_json::to_string_pretty(volumes)? + "\n"
+                } else {
+                    terna::report::volumes_table(volumes)
+                })
+            })?;
+        }
+        Command::Pools { source } => {
+            let json = source.output == "json";
+            report(&source, false, |(pools, _)| {
+                Ok(if json {
+                    serde_json::to_string_pretty(pools)? + "\n"
+                } else {
+                    terna::report::pools_table(pools)
+                })
+            })?;
+        }
+        Command::Status { source, watch } => {
+            let json = source.output == "json";
+            report(&source, watch, |(pools, volumes)| {
+                Ok(if json {
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"pools": pools, "volumes": volumes}),
+                    )? + "\n"
+                } else {
+                    terna::report::status_text(pools, volumes)
+                })
+            })?;
         }
     }
     Ok(())

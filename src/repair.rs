@@ -80,11 +80,17 @@ fn repair_one(data_dir: &Path, node: &str, store: &Arc<dyn StateStore>, id: &str
         let (engine, _) = assemble(data_dir, node, id, IO_THREADS)?;
         let started = Instant::now();
         let want = store.get(id)?.map(|r| r.replicas.len()).unwrap_or(0);
+        // Hold the claim only while repair gets somewhere: a replica that
+        // cannot come back yet (unreachable, replacement not due) must not
+        // keep the volume from being staged or deleted; the next pass
+        // tries again.
         while engine.healthy_count() < want && started.elapsed() < PASS_LIMIT {
+            let before = engine.healthy_count();
             engine.check_replicas();
             engine.replace_lost();
-            if engine.catch_up() == 0 {
-                std::thread::sleep(Duration::from_secs(1));
+            engine.catch_up();
+            if engine.healthy_count() <= before {
+                break;
             }
         }
         if engine.healthy_count() >= want {

@@ -1,7 +1,7 @@
 //! `terna standalone`: controller and node in one process, on a data dir
 //! holding the configuration, the state store and the default pools.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::UnixListener;
@@ -180,58 +180,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
-    }
-}
-
-/// `terna volumes`: the volumes of a standalone data dir, as a table or JSON.
-pub fn volumes_report(data_dir: &Path, output: &str) -> Result<String> {
-    let store = FileStore::open(&crate::state_dir(data_dir))?;
-    let records = store.list()?;
-    match output {
-        "json" => serde_json::to_string_pretty(&records)
-            .map(|s| s + "\n")
-            .map_err(|e| Error::internal(format!("cannot encode volumes: {e}"))),
-        "table" => {
-            let mut out = format!(
-                "{:<28} {:<32} {:>10} {:>8} {:<8} {:<10} {}\n",
-                "ID", "NAME", "SIZE", "REPLICAS", "PHASE", "HEALTH", "STAGED ON"
-            );
-            for r in &records {
-                let health = if r.degradation().is_some() {
-                    "degraded"
-                } else {
-                    "healthy"
-                };
-                out.push_str(&format!(
-                    "{:<28} {:<32} {:>10} {:>8} {:<8} {:<10} {}\n",
-                    r.id,
-                    r.name,
-                    human_bytes(r.capacity_bytes),
-                    format!("{}/{}", r.healthy_count(), r.replicas.len()),
-                    format!("{:?}", r.phase).to_lowercase(),
-                    health,
-                    r.staged_on.as_ref().map(|s| s.node.as_str()).unwrap_or("-"),
-                ));
-            }
-            Ok(out)
-        }
-        other => Err(Error::invalid(format!(
-            "output format {other:?} is unknown: use table or json"
-        ))),
-    }
-}
-
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b}B")
-    } else {
-        format!("{v:.1}{}", UNITS[u])
     }
 }
