@@ -800,3 +800,120 @@ async fn the_node_plugin_registers_with_the_kubelet_itself_kubelet_stood_in() {
     let log = cluster.nodes[0].log();
     assert!(log.contains("registered with the kubelet"), "{log}");
 }
+
+async fn claim_events(client: &kube::Client, claim: &str) -> Vec<String> {
+    let api: Api<Event> = Api::namespaced(client.clone(), "default");
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(claim))
+        .filter_map(|e| e.reason)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_lost_and_back_shows_as_degraded_then_healthy_events_on_the_claim() {
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+    common::assert_root("kubernetes");
+    let mut cluster = Cluster::start(3).await;
+    let _cleanup = Cleanup(cluster.root.path().to_path_buf());
+    cluster.start_controller("c1");
+    let client = cluster.client().await;
+    add_class(&client, "watched", &[("tier", "fast")], "Delete").await;
+    create_claim(
+        &client,
+        "default",
+        &claim("watched", "watched", "64Mi", false, &[]),
+    )
+    .await;
+    let bound = wait_bound(
+        &cluster,
+        "default",
+        &["watched".into()],
+        Duration::from_secs(60),
+    )
+    .await;
+    let pv_name = bound[0].spec.as_ref().unwrap().volume_name.clone().unwrap();
+    let id = pvs(&client)
+        .await
+        .into_iter()
+        .find(|p| p.metadata.name.as_deref() == Some(&pv_name))
+        .unwrap()
+        .spec
+        .unwrap()
+        .csi
+        .unwrap()
+        .volume_handle;
+    let cap = common::csi_client::mount_cap("ext4");
+    let root = cluster.root.path().to_path_buf();
+    let mut n1 = common::csi_client::Csi::connect(&cluster.node_socket(1)).await;
+    let (staging, target) = (root.join("staging"), root.join("target"));
+    std::fs::create_dir_all(&staging).unwrap();
+    n1.stage(&id, &staging, cap.clone()).await;
+    n1.publish(&id, &staging, &target, cap.clone()).await;
+
+    // Node n3 (one replica) dies; writes go on, on two replicas.
+    cluster.nodes[2].kill_hard();
+    let data: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(40503) >> 7) as u8)
+        .collect();
+    {
+        let mut f = std::fs::File::create(target.join("while-away.bin")).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+    }
+    let c = client.clone();
+    eventually(
+        "a VolumeDegraded event on the claim",
+        Duration::from_secs(60),
+        || {
+            let c = c.clone();
+            async move {
+                claim_events(&c, "watched")
+                    .await
+                    .iter()
+                    .any(|r| r == "VolumeDegraded")
+            }
+        },
+    )
+    .await;
+
+    // It comes back: the replica catches up and the claim hears of it.
+    cluster.nodes[2].restart();
+    let c = client.clone();
+    eventually(
+        "a VolumeHealthy event on the claim",
+        Duration::from_secs(90),
+        || {
+            let c = c.clone();
+            async move {
+                claim_events(&c, "watched")
+                    .await
+                    .iter()
+                    .any(|r| r == "VolumeHealthy")
+            }
+        },
+    )
+    .await;
+    let tv = terna_volumes(&client)
+        .await
+        .into_iter()
+        .find(|v| v.metadata.name.as_deref() == Some(&id))
+        .unwrap();
+    let status = tv.status.unwrap();
+    assert_eq!(status.state, "healthy");
+    // Only what was written while it was away was copied.
+    let copied: u64 = status
+        .replicas
+        .iter()
+        .filter_map(|r| r.last_catch_up_bytes)
+        .sum();
+    assert!(copied > 0 && copied < 64 << 20, "copied {copied} bytes");
+    let read = std::fs::read(target.join("while-away.bin")).unwrap();
+    assert_eq!(Sha256::digest(&read), Sha256::digest(&data));
+    n1.unpublish(&id, &target).await;
+    n1.unstage(&id, &staging).await;
+}

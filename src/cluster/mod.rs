@@ -4,6 +4,7 @@
 pub mod capacity;
 pub mod controller;
 pub mod crd;
+pub mod health_events;
 pub mod leader;
 pub mod node;
 pub mod pools;

@@ -267,7 +267,8 @@ impl Provisioner {
             .run(reconcile_claim, retry_claim, ctx.clone())
             .for_each(|_| async {});
         let sweep = sweep_orphans(ctx.clone());
-        tokio::join!(class_watch, pvs, claims, sweep);
+        let health = super::health_events::run(self.clone());
+        tokio::join!(class_watch, pvs, claims, sweep, health);
     }
 
     async fn warn_claim(&self, pvc: &PersistentVolumeClaim, reason: &str, note: String) {
@@ -291,6 +292,10 @@ impl Provisioner {
             action: "Provision".into(),
             secondary: None,
         };
+        self.publish(obj, event).await;
+    }
+
+    pub async fn publish(&self, obj: ObjectReference, event: Event) {
         if let Err(e) = self.recorder.publish(&event, &obj).await {
             warn!(error = %e, "cannot publish event");
         }

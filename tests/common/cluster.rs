@@ -118,23 +118,39 @@ pub struct Proc {
     pub name: String,
     child: Option<Child>,
     pub log: PathBuf,
+    args: Vec<String>,
 }
 
 impl Proc {
     fn spawn(name: &str, args: &[String], log: PathBuf) -> Proc {
+        let mut p = Proc {
+            name: name.to_string(),
+            child: None,
+            log,
+            args: args.to_vec(),
+        };
+        p.restart();
+        p
+    }
+
+    /// Starts it again with the same arguments (after `kill_hard`); the
+    /// log continues.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "{} is still running", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_terna"))
-            .args(args)
+            .args(&self.args)
             .env("TERNA_LOG", "info")
             .env("RUST_BACKTRACE", "0")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(log)
             .spawn()
             .unwrap();
-        Proc {
-            name: name.to_string(),
-            child: Some(child),
-            log,
-        }
+        self.child = Some(child);
     }
 
     pub fn pid(&self) -> Option<u32> {
