@@ -36,6 +36,9 @@ pub struct Config {
     /// Bandwidth for catch-up and rebuild copies, MiB/s; 0 means unlimited.
     #[serde(default = "default_rebuild_mib_per_sec")]
     pub rebuild_mib_per_sec: u64,
+    /// Serve /metrics, /healthz and /readyz here (host:port); off when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,6 +121,7 @@ impl Config {
             agent_timeout_ms: default_agent_timeout_ms(),
             replace_after_secs: default_replace_after_secs(),
             rebuild_mib_per_sec: default_rebuild_mib_per_sec(),
+            metrics_listen: None,
         }
     }
 

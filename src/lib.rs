@@ -12,6 +12,8 @@ pub mod dirty;
 pub mod engine;
 pub mod error;
 pub mod frontend;
+pub mod http;
+pub mod metrics;
 pub mod node;
 pub mod placement;
 pub mod pools;

@@ -99,6 +99,17 @@ pub async fn run(opts: Options) -> Result<()> {
     }
 
     let (socket, listener) = bind_endpoint(&opts.endpoint)?;
+    if let Some(addr) = config.metrics_listen {
+        crate::http::spawn(
+            addr,
+            Arc::new(crate::node::metrics::NodeMetrics {
+                data_dir: data_dir.clone(),
+                store: store.clone(),
+                all_volumes: true,
+                socket: socket.clone(),
+            }),
+        )?;
+    }
     info!(
         endpoint = %opts.endpoint,
         node_id = %opts.node_id,

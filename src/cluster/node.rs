@@ -108,6 +108,17 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
             client.clone(),
             tokio::runtime::Handle::current(),
         ));
+        if let Some(addr) = config.metrics_listen {
+            crate::http::spawn(
+                addr,
+                Arc::new(crate::node::metrics::NodeMetrics {
+                    data_dir: opts.data_dir.clone(),
+                    store: store.clone(),
+                    all_volumes: false,
+                    socket: crate::standalone::socket_path(&endpoint)?,
+                }),
+            )?;
+        }
         let core = Arc::new(crate::node::NodeCore::new(
             &opts.data_dir,
             &opts.node_id,

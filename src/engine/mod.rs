@@ -80,6 +80,7 @@ pub struct Engine {
     /// When each currently faulted replica (by index) was faulted.
     faulted_since: Mutex<BTreeMap<usize, Instant>>,
     rebuild: RebuildPolicy,
+    stats: crate::metrics::IoStats,
 }
 
 /// Finds a new home for lost replica `index`: creates it (empty) on some
@@ -176,7 +177,13 @@ impl Engine {
             fault_lock: Mutex::new(()),
             workers: Workers::new("replica-io", worker_threads)?,
             next_read: AtomicUsize::new(0),
+            stats: Default::default(),
         })
+    }
+
+    /// The volume's I/O counters so far.
+    pub fn io_stats(&self) -> crate::metrics::IoSnapshot {
+        self.stats.snapshot()
     }
 
     pub fn set_size(&self, size: u64) {
@@ -594,12 +601,8 @@ impl Engine {
     }
 }
 
-impl BlockDevice for Engine {
-    fn size(&self) -> u64 {
-        self.size.load(Ordering::SeqCst)
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+impl Engine {
+    fn read_replicas(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check_range(offset, buf.len())?;
         let mut slots = self.healthy_slots();
         // Fastest replica first; rotate among equals so load spreads.
@@ -623,16 +626,45 @@ impl BlockDevice for Engine {
         Err(last)
     }
 
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+    fn write_replicas(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check_range(offset, buf.len())?;
         let data = Arc::new(AlignedBuf::copy_of(buf));
         self.mutate("write", offset, buf.len() as u64, move |io| {
             io.write_at(data.as_slice(), offset)
         })
     }
+}
+
+impl BlockDevice for Engine {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::SeqCst)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let started = Instant::now();
+        let result = self.read_replicas(buf, offset);
+        let (len, ok) = (buf.len(), result.is_ok());
+        self.stats
+            .record(crate::metrics::Op::Read, len, started.elapsed(), ok);
+        result
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let started = Instant::now();
+        let result = self.write_replicas(buf, offset);
+        let ok = result.is_ok();
+        self.stats
+            .record(crate::metrics::Op::Write, buf.len(), started.elapsed(), ok);
+        result
+    }
 
     fn flush(&self) -> io::Result<()> {
-        self.fan_out("flush", |io| io.flush())
+        let started = Instant::now();
+        let result = self.fan_out("flush", |io| io.flush());
+        let ok = result.is_ok();
+        self.stats
+            .record(crate::metrics::Op::Flush, 0, started.elapsed(), ok);
+        result
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

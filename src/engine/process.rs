@@ -28,6 +28,7 @@ pub struct EngineArgs {
 }
 
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
 const REPLICA_IO_THREADS: usize = 64;
 
 pub fn run(args: EngineArgs) -> Result<()> {
@@ -52,6 +53,28 @@ pub fn run(args: EngineArgs) -> Result<()> {
     let _ = writeln!(stdout, "ready").and_then(|()| stdout.flush());
 
     let stop = Arc::new(AtomicBool::new(false));
+    // I/O counters for the node's /metrics, as a file beside the FUSE
+    // mount; a reader sees the old or the new snapshot, never half of one.
+    if let Some(run_dir) = args.mountpoint.parent().map(|p| p.to_path_buf()) {
+        let engine = engine.clone();
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("stats".into())
+            .spawn(move || {
+                let (path, tmp) = (
+                    run_dir.join(crate::node::metrics::STATS_FILE),
+                    run_dir.join(".stats.json.tmp"),
+                );
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok(bytes) = serde_json::to_vec(&engine.io_stats()) {
+                        let _ =
+                            std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path));
+                    }
+                    std::thread::sleep(STATS_INTERVAL);
+                }
+            })
+            .map_err(|e| Error::io("cannot start the stats writer", e))?;
+    }
     let checker = {
         let engine = engine.clone();
         let stop = stop.clone();

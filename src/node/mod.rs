@@ -4,6 +4,7 @@
 //! can be repeated after a crash at any point.
 
 pub mod filesystem;
+pub mod metrics;
 pub mod mounts;
 
 use std::collections::HashMap;
