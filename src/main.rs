@@ -91,6 +91,9 @@ enum Command {
         /// this namespace; off when unset.
         #[arg(long)]
         capacity_namespace: Option<String>,
+        /// Serve /metrics, /healthz and /readyz here (host:port).
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// A cluster node: serves its pools through the replica agent and
     /// registers them as StoragePools.
@@ -278,6 +281,7 @@ fn main() -> anyhow::Result<()> {
             pool_stale_secs,
             endpoint,
             capacity_namespace,
+            metrics_listen,
         } => {
             let identity = match id {
                 Some(id) => id,
@@ -310,6 +314,7 @@ fn main() -> anyhow::Result<()> {
                         pool_stale_after: std::time::Duration::from_secs(pool_stale_secs),
                         endpoint,
                         capacity_namespace,
+                        metrics_listen,
                     },
                 )
                 .await

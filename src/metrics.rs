@@ -18,14 +18,14 @@ pub const BUCKETS: [f64; 12] = [
 ];
 
 #[derive(Default)]
-struct Histogram {
+pub struct Histogram {
     /// Per bucket (not cumulative), plus one for above the last bound.
     counts: [AtomicU64; BUCKETS.len() + 1],
     sum_ns: AtomicU64,
 }
 
 impl Histogram {
-    fn observe(&self, elapsed: Duration) {
+    pub fn observe(&self, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
         let i = BUCKETS
             .iter()
@@ -36,7 +36,7 @@ impl Histogram {
             .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
     }
 
-    fn snapshot(&self) -> HistogramSnapshot {
+    pub fn snapshot(&self) -> HistogramSnapshot {
         HistogramSnapshot {
             counts: self
                 .counts
@@ -105,6 +105,30 @@ pub struct IoSnapshot {
 
 const OPS: [&str; 3] = ["read", "write", "flush"];
 
+/// Histogram sample lines for `name` with `labels` (`k="v",` pairs, may be
+/// empty).
+pub fn histogram_lines(name: &str, labels: &str, h: &HistogramSnapshot) -> String {
+    let mut out = String::new();
+    let mut cumulative = 0;
+    for (b, bound) in BUCKETS.iter().enumerate() {
+        cumulative += h.counts.get(b).copied().unwrap_or(0);
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {cumulative}");
+    }
+    let total: u64 = h.counts.iter().sum();
+    let bare = labels.trim_end_matches(',');
+    let bare = if bare.is_empty() {
+        String::new()
+    } else {
+        format!("{{{bare}}}")
+    };
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{{labels}le=\"+Inf\"}} {total}\n{name}_sum{bare} {}\n{name}_count{bare} {total}",
+        h.sum_seconds
+    );
+    out
+}
+
 /// The exposition text for these volumes' I/O and these records' health.
 pub fn render(io: &[(String, IoSnapshot)], records: &[VolumeRecord]) -> String {
     let mut out = String::new();
@@ -146,22 +170,10 @@ pub fn render(io: &[(String, IoSnapshot)], records: &[VolumeRecord]) -> String {
     let mut body = String::new();
     for (volume, s) in io {
         for (i, op) in OPS.iter().enumerate() {
-            let h = &s.latency[i];
-            let mut cumulative = 0;
-            for (b, bound) in BUCKETS.iter().enumerate() {
-                cumulative += h.counts.get(b).copied().unwrap_or(0);
-                let _ = writeln!(
-                    body,
-                    "terna_volume_latency_seconds_bucket{{volume=\"{volume}\",op=\"{op}\",le=\"{bound}\"}} {cumulative}"
-                );
-            }
-            let total: u64 = h.counts.iter().sum();
-            let _ = writeln!(
-                body,
-                "terna_volume_latency_seconds_bucket{{volume=\"{volume}\",op=\"{op}\",le=\"+Inf\"}} {total}\n\
-                 terna_volume_latency_seconds_sum{{volume=\"{volume}\",op=\"{op}\"}} {}\n\
-                 terna_volume_latency_seconds_count{{volume=\"{volume}\",op=\"{op}\"}} {total}",
-                h.sum_seconds
+            body += &histogram_lines(
+                "terna_volume_latency_seconds",
+                &format!("volume=\"{volume}\",op=\"{op}\","),
+                &s.latency[i],
             );
         }
     }

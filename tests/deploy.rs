@@ -488,6 +488,12 @@ fn controller_and_node_provision_and_delete_a_volume_with_only_their_rbac() {
     let controller_env = container_env(controller);
     let mut controller_args = container_args(controller, &controller_env);
     controller_args = with_flag(&controller_args, "cluster-token-file", token);
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    controller_args = with_flag(&controller_args, "metrics-listen", &metrics);
     let kubeconfig = service_account_kubeconfig(&env, "terna-controller", root.path());
     controller_args = with_flag(&controller_args, "kubeconfig", kubeconfig.to_str().unwrap());
     let controller = Running::spawn(

@@ -509,11 +509,35 @@ async fn leader(client: &kube::Client) -> Option<String> {
         .and_then(|l| l.spec?.holder_identity)
 }
 
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// GET /metrics from a controller: sample name (with labels) to value.
+fn scrape(addr: &str) -> std::collections::BTreeMap<String, f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let body = out.split_once("\r\n\r\n").unwrap().1;
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_controllers_run_and_one_leads() {
     let mut cluster = Cluster::start(3).await;
-    cluster.start_controller("c1");
-    cluster.start_controller("c2");
+    let metrics: std::collections::BTreeMap<&str, String> =
+        [("c1", free_addr()), ("c2", free_addr())].into();
+    cluster.start_controller_with("c1", &["--metrics-listen", &metrics["c1"]]);
+    cluster.start_controller_with("c2", &["--metrics-listen", &metrics["c2"]]);
     let client = cluster.client().await;
     add_class(&client, "duo", &[("tier", "fast")], "Delete").await;
     let c = client.clone();
@@ -550,6 +574,16 @@ async fn two_controllers_run_and_one_leads() {
         !standby.contains("claim provisioned"),
         "the standby provisioned:\n{standby}"
     );
+    // Their metrics say the same.
+    let other = if first == "c1" { "c2" } else { "c1" };
+    let leader_metrics = scrape(&metrics[first.as_str()]);
+    let standby_metrics = scrape(&metrics[other]);
+    assert_eq!(leader_metrics["terna_controller_leading"], 1.0);
+    assert_eq!(standby_metrics["terna_controller_leading"], 0.0);
+    assert_eq!(leader_metrics["terna_claims_provisioned_total"], 10.0);
+    assert_eq!(standby_metrics["terna_claims_provisioned_total"], 0.0);
+    assert_eq!(leader_metrics["terna_provision_seconds_count"], 10.0);
+    assert_eq!(leader_metrics["terna_volumes{state=\"healthy\"}"], 10.0);
 
     // The leader dies; the other takes over once the lease expires.
     let index = cluster

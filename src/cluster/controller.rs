@@ -36,6 +36,8 @@ pub struct ControllerOptions {
     pub endpoint: Option<String>,
     /// Publish CSIStorageCapacity objects into this namespace.
     pub capacity_namespace: Option<String>,
+    /// Serve /metrics, /healthz and /readyz here.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Serves CSI Identity and Controller over the cluster's core; every
@@ -146,6 +148,10 @@ pub async fn run(client: kube::Client, opts: ControllerOptions) -> Result<()> {
         opts.agent_timeout,
         opts.pool_stale_after,
     );
+    let metrics = Arc::new(super::metrics::ControllerMetrics::new(core.clone()));
+    if let Some(addr) = opts.metrics_listen {
+        crate::http::spawn(addr, metrics.clone())?;
+    }
     let pool_api: Api<StoragePool> = Api::all(client.clone());
     // Every replica keeps its view of the pools current: the CSI endpoint
     // answers whoever leads, and a new leader starts with fresh pools.
@@ -178,7 +184,10 @@ pub async fn run(client: kube::Client, opts: ControllerOptions) -> Result<()> {
             if let Some(lease) = &opts.lease {
                 leader::acquire(client.clone(), lease).await;
             }
-            lead(&client, &opts, &core, &directory, &pool_api).await
+            metrics.set_leading(true);
+            let led = lead(&client, &opts, &core, &directory, &pool_api, &metrics).await;
+            metrics.set_leading(false);
+            led
         };
         tokio::select! {
             outcome = leading => match outcome {
@@ -201,6 +210,7 @@ async fn lead(
     core: &Arc<ControllerCore>,
     directory: &PoolDirectory,
     pool_api: &Api<StoragePool>,
+    metrics: &Arc<super::metrics::ControllerMetrics>,
 ) -> Result<()> {
     let mut objects = loop {
         match refresh_pools(pool_api, directory, core).await {
@@ -218,6 +228,7 @@ async fn lead(
         driver: crate::DRIVER_NAME.to_string(),
         recorder: Recorder::new(client.clone(), Provisioner::reporter(&opts.identity)),
         concurrency: opts.concurrency,
+        metrics: metrics.clone(),
     });
     let pools_loop = async {
         loop {

@@ -6,6 +6,7 @@ pub mod controller;
 pub mod crd;
 pub mod health_events;
 pub mod leader;
+pub mod metrics;
 pub mod node;
 pub mod pools;
 pub mod probe;

@@ -54,6 +54,7 @@ pub struct Provisioner {
     pub recorder: Recorder,
     /// How many claims are provisioned at once.
     pub concurrency: u16,
+    pub metrics: Arc<super::metrics::ControllerMetrics>,
 }
 
 struct Ctx {
@@ -392,6 +393,7 @@ async fn reconcile_claim(
             allowed_nodes: allowed_nodes(&class),
             claim: Some(claim.clone()),
         };
+        let started = std::time::Instant::now();
         let core = prov.core.clone();
         let record = blocking(move || core.create(&request)).await?;
         let pv = build_pv(&prov.driver, &pvc, &class, &record, &name);
@@ -401,6 +403,7 @@ async fn reconcile_claim(
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) => return Err(e.into()),
         }
+        prov.metrics.provisioned(started.elapsed());
         let pools: Vec<&str> = record.replicas.iter().map(|r| r.pool.as_str()).collect();
         info!(volume_id = %record.id, pools = ?pools, "claim provisioned");
         prov.tell(
@@ -426,6 +429,7 @@ fn retry_claim(pvc: Arc<PersistentVolumeClaim>, error: &ProvisionError, ctx: Arc
     warn!(claim = %pvc.name_any(), error = %error, "provisioning failed");
     let ctx = ctx.clone();
     let reason = error.reason();
+    ctx.prov.metrics.failed(reason);
     let note = error.to_string();
     tokio::spawn(async move { ctx.prov.warn_claim(&pvc, reason, note).await });
     match error {
@@ -493,6 +497,7 @@ async fn reconcile_pv(pv: Arc<PersistentVolume>, ctx: Arc<Ctx>) -> Result<Action
             let core = prov.core.clone();
             let id = volume_id.clone();
             blocking(move || core.delete(&id)).await?;
+            prov.metrics.deleted();
             info!("claim released; volume deleted");
             match api.delete(&name, &DeleteParams::default()).await {
                 Ok(_) => {}
