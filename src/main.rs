@@ -218,11 +218,21 @@ fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TERNA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    // One JSON object per line for log collectors (TERNA_LOG_FORMAT=json);
+    // key=value text otherwise.
+    if std::env::var("TERNA_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init();
+    }
 }
 
 fn main() -> anyhow::Result<()> {

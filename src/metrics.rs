@@ -223,6 +223,21 @@ pub fn render(io: &[(String, IoSnapshot)], records: &[VolumeRecord]) -> String {
     out
 }
 
+/// Bytes each catching-up replica still has to copy: (volume, replica,
+/// bytes).
+pub fn render_catch_up(remaining: &[(String, usize, u64)]) -> String {
+    let mut out = String::from(
+        "# HELP terna_replica_catch_up_remaining_bytes Bytes a faulted replica still has to copy to rejoin (rebuild progress).\n# TYPE terna_replica_catch_up_remaining_bytes gauge\n",
+    );
+    for (volume, replica, bytes) in remaining {
+        let _ = writeln!(
+            out,
+            "terna_replica_catch_up_remaining_bytes{{volume=\"{volume}\",replica=\"{replica}\"}} {bytes}"
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

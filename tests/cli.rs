@@ -119,25 +119,8 @@ async fn pools_volumes_and_status_tell_the_story_of_a_data_dir() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a Terna data dir"));
 
-    // The degraded volume may be held by the repair loop a moment
-    // (Aborted, retry), as CSI allows.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let deleted = csi
-            .controller
-            .delete_volume(terna::proto::csi::DeleteVolumeRequest {
-                volume_id: a.volume_id.clone(),
-                secrets: Default::default(),
-            })
-            .await;
-        match deleted {
-            Ok(_) => break,
-            Err(s) if s.code() == tonic::Code::Aborted && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(s) => panic!("{s:?}"),
-        }
-    }
+    // The degraded volume may be held by the repair loop a moment.
+    csi.delete_retrying(&a.volume_id).await;
     csi.delete(&b.volume_id).await;
     drop(csi);
     terna_proc.stop_and_check_clean();

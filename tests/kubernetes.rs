@@ -81,7 +81,13 @@ async fn every_storage_class_binds_a_claim_with_replicas_on_distinct_nodes() {
         create_claim(
             &client,
             "default",
-            &claim(&name, &class, "100Mi", false, &annotations),
+            &claim(
+                &name,
+                &class,
+                "100Mi",
+                class.ends_with("-block"),
+                &annotations,
+            ),
         )
         .await;
         names.push(name);

@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
@@ -108,9 +108,46 @@ async fn metrics_count_the_io_of_a_staged_volume_and_probes_answer() {
         .collect();
     assert_eq!(healthy, vec![1.0, 1.0, 1.0]);
 
+    // A replica is lost: it shows unhealthy, and what it has to catch up
+    // grows with what is written meanwhile.
+    std::fs::remove_file(terna.find_replica(&id, 2).unwrap()).unwrap();
+    {
+        let buf = terna::replica::aligned::AlignedBuf::copy_of(&vec![0x6b; 1 << 20]);
+        let mut dev = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&target)
+            .unwrap();
+        // Past the first replica check (each second) the file is noticed
+        // gone; keep writing until the engine has faulted it.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let unhealthy = format!("terna_replica_healthy{{volume=\"{id}\",replica=\"2\",pool=\"");
+        loop {
+            dev.write_all(buf.as_slice()).unwrap();
+            dev.sync_all().unwrap();
+            let (_, body) = get(&addr, "/metrics");
+            let m = samples(&body);
+            let faulted = m
+                .iter()
+                .any(|(k, v)| k.starts_with(&unhealthy) && *v == 0.0);
+            let remaining = m
+                .get(&format!(
+                    "terna_replica_catch_up_remaining_bytes{{volume=\"{id}\",replica=\"2\"}}"
+                ))
+                .copied()
+                .unwrap_or(0.0);
+            if faulted && remaining >= (1 << 20) as f64 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "loss never showed:\n{body}");
+            std::thread::sleep(Duration::from_millis(300));
+            dev.seek(std::io::SeekFrom::Start(0)).unwrap();
+        }
+    }
+
     csi.unpublish(&id, &target).await;
     csi.unstage(&id, &staging).await;
-    csi.delete(&id).await;
+    csi.delete_retrying(&id).await;
     drop(csi);
     terna.stop_and_check_clean();
 }

@@ -48,7 +48,22 @@ impl crate::http::Probe for NodeMetrics {
                 .filter_map(|(id, _)| self.store.get(id).ok().flatten())
                 .collect()
         };
-        render(&io, &records)
+        let mut remaining = Vec::new();
+        for r in &records {
+            let dir = crate::dirty_dir(&self.data_dir, &r.id);
+            for (i, rep) in r.replicas.iter().enumerate() {
+                if rep.is_healthy() {
+                    continue;
+                }
+                let map = std::fs::read(dir.join(crate::engine::dirty_map_file(i)))
+                    .ok()
+                    .and_then(|b| crate::dirty::DirtyMap::decode(&b));
+                if let Some(map) = map {
+                    remaining.push((r.id.clone(), i, map.count() * map.region_size()));
+                }
+            }
+        }
+        render(&io, &records) + &crate::metrics::render_catch_up(&remaining)
     }
 
     fn ready(&self) -> Result<(), String> {

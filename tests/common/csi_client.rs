@@ -163,4 +163,28 @@ impl Csi {
             .await
             .unwrap();
     }
+
+    /// DeleteVolume, retried while it answers Aborted (the volume is busy,
+    /// e.g. held by background repair a moment), as CSI callers do.
+    pub async fn delete_retrying(&mut self, id: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let deleted = self
+                .controller
+                .delete_volume(pb::DeleteVolumeRequest {
+                    volume_id: id.into(),
+                    secrets: Default::default(),
+                })
+                .await;
+            match deleted {
+                Ok(_) => return,
+                Err(s)
+                    if s.code() == tonic::Code::Aborted && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                Err(s) => panic!("DeleteVolume {id}: {s:?}"),
+            }
+        }
+    }
 }
