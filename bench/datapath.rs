@@ -173,12 +173,16 @@ impl Drop for Terna {
 }
 
 fn start_terna(dir: &Path) -> Terna {
-    let data = dir.join("data");
-    std::fs::create_dir_all(&data).unwrap();
     let mut config = terna::config::Config::default_standalone();
     config.replace_after_secs = 0;
     config.rebuild_mib_per_sec = 0;
-    std::fs::write(data.join("terna.toml"), toml::to_string(&config).unwrap()).unwrap();
+    start_terna_with(dir, &toml::to_string(&config).unwrap())
+}
+
+fn start_terna_with(dir: &Path, config: &str) -> Terna {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("terna.toml"), config).unwrap();
     let socket = dir.join("csi.sock");
     let child = Command::new(env!("CARGO_BIN_EXE_terna"))
         .args(["standalone", "--node-id", "bench"])
@@ -196,6 +200,148 @@ fn start_terna(dir: &Path) -> Terna {
         std::thread::sleep(Duration::from_millis(50));
     }
     Terna { child, socket }
+}
+
+/// A replica agent on loopback, stopped (SIGKILL) on drop.
+struct Agent {
+    dir: PathBuf,
+    addr: String,
+    name: String,
+    child: Option<Child>,
+}
+
+impl Agent {
+    fn start(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_terna"))
+            .arg("agent")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--listen", &self.addr, "--node-id", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&self.addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "agent {} did not start",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Incremental catch-up: a 3-replica block volume on three replica agents;
+/// one agent is killed, `away` bytes are written at spread-out offsets, the
+/// agent returns, and the replica catches up. Returns (written while away,
+/// bytes the catch-up copied).
+async fn catch_up_after_absence(work: &Path, size: u64, away: u64) -> (u64, u64) {
+    let base = work.join("catch-up");
+    let token = "bench-token";
+    let mut agents: Vec<Agent> = (1..=3)
+        .map(|i| {
+            let name = format!("a{i}");
+            let dir = base.join(&name);
+            std::fs::create_dir_all(dir.join("pool")).unwrap();
+            std::fs::write(dir.join("token"), token).unwrap();
+            std::fs::write(
+                dir.join("terna.toml"),
+                format!("cluster_token_file = \"token\"\n[[pools]]\nname = \"{name}-disk\"\npath = \"pool\"\ntier = \"standard\"\n"),
+            )
+            .unwrap();
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            Agent { dir, addr: format!("127.0.0.1:{port}"), name, child: None }
+        })
+        .collect();
+    for a in &mut agents {
+        a.start();
+    }
+    std::fs::create_dir_all(base.join("data")).unwrap();
+    std::fs::write(base.join("data/token"), token).unwrap();
+    let mut config = String::from(
+        "cluster_token_file = \"token\"\nagent_timeout_ms = 1500\nreplace_after_secs = 3600\nrebuild_mib_per_sec = 0\n",
+    );
+    for a in &agents {
+        config += &format!("[[nodes]]\nname = \"{}\"\nagent = \"{}\"\n", a.name, a.addr);
+    }
+    for a in &agents {
+        config += &format!(
+            "[[pools]]\nname = \"{0}-disk\"\nnode = \"{0}\"\npath = \"pool\"\ntier = \"standard\"\n",
+            a.name
+        );
+    }
+    let terna = start_terna_with(&base, &config);
+    let mut csi = Csi::connect(&terna.socket).await;
+    let vol = csi
+        .create("catch-up", size as i64, &[("replicas", "3")], block_cap())
+        .await
+        .unwrap();
+    let staging = base.join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let device = base.join("device");
+    csi.stage(&vol.volume_id, &staging, block_cap()).await;
+    csi.publish(&vol.volume_id, &staging, &device, block_cap())
+        .await;
+    let write = |offsets: &mut dyn Iterator<Item = u64>| {
+        use std::io::{Seek, SeekFrom, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        let buf = terna::replica::aligned::AlignedBuf::copy_of(&vec![0xa5u8; MIB as usize]);
+        let mut dev = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&device)
+            .unwrap();
+        for off in offsets {
+            dev.seek(SeekFrom::Start(off)).unwrap();
+            dev.write_all(buf.as_slice()).unwrap();
+        }
+        dev.sync_all().unwrap();
+    };
+    // Fill it, so a full copy would be `size`.
+    write(&mut (0..size / MIB).map(|i| i * MIB));
+    agents[2].kill();
+    // Every 8th MiB: the dirty regions are spread over the whole volume.
+    let stride = (size / away).max(1) * MIB;
+    write(&mut (0..away / MIB).map(|i| (i * stride) % size));
+    let record_path = base.join(format!("data/state/volumes/{}.json", vol.volume_id));
+    let rec =
+        || -> Value { serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap() };
+    assert_eq!(
+        rec()["replicas"][2]["state"]["state"],
+        "faulted",
+        "the absence was not noticed"
+    );
+    agents[2].start();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while rec()["replicas"][2]["state"]["state"] != "healthy" {
+        assert!(Instant::now() < deadline, "the replica never caught up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let copied = rec()["replicas"][2]["last_catch_up_bytes"]
+        .as_u64()
+        .unwrap();
+    csi.unpublish(&vol.volume_id, &device).await;
+    csi.unstage(&vol.volume_id, &staging).await;
+    csi.delete(&vol.volume_id).await;
+    drop(csi);
+    drop(terna);
+    (away, copied)
 }
 
 struct Target {
@@ -461,6 +607,16 @@ async fn main() {
         rebuild_mib_s / seq_write_raw
     );
 
+    let (away, copied) = catch_up_after_absence(work.path(), size, size / 8).await;
+    md += &format!(
+        "\n**Incremental catch-up**: a 3-replica volume of {} MiB on three replica agents; one agent killed, {} MiB written at spread-out offsets while it was away, the agent restarted: the catch-up copied {} MiB ({:.2} × what was written while away; a full rebuild would copy {} MiB).\n",
+        size / MIB,
+        away / MIB,
+        copied / MIB,
+        copied as f64 / away as f64,
+        size / MIB
+    );
+
     let header = format!(
         "# Terna data path benchmark\n\n{} run, {rounds} rounds alternating raw and Terna, {runtime} s per fio job, {} MiB working set, medians.\nDurability: fio direct I/O, loop device with direct I/O, replicas written with O_DIRECT; flushes reach every replica. All replicas share this machine's one disk, so a write's physical limit is raw / replicas.\n\n",
         if quick { "Quick" } else { "Full" },
@@ -477,6 +633,7 @@ async fn main() {
         serde_json::to_string_pretty(&json!({
             "quick": quick, "rounds": rounds, "runtime_s": runtime, "size_bytes": size,
             "results": json_rows, "resources": resources,
+            "catch_up": {"written_while_away_bytes": away, "copied_bytes": copied},
             "node_rss_idle_mib": node_rss_idle, "node_rss_peak_mib": node_rss_load, "rebuild": {"bytes": bytes, "seconds": took, "mib_per_s": rebuild_mib_s,
             "raw_seq_write_mib_per_s": seq_write_raw, "ratio": rebuild_mib_s / seq_write_raw},
         }))
