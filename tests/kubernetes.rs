@@ -679,6 +679,26 @@ impl Drop for Cleanup {
     }
 }
 
+/// Files a 64Mi claim against a new fast class, waits for it to bind and
+/// returns its volume id (the PV's CSI volume handle).
+async fn provision_one(cluster: &Cluster, class: &str, name: &str) -> String {
+    let client = cluster.client().await;
+    add_class(&client, class, &[("tier", "fast")], "Delete").await;
+    create_claim(&client, "default", &claim(name, class, "64Mi", false, &[])).await;
+    let bound = wait_bound(cluster, "default", &[name.into()], Duration::from_secs(60)).await;
+    let pv_name = bound[0].spec.as_ref().unwrap().volume_name.clone().unwrap();
+    pvs(&client)
+        .await
+        .into_iter()
+        .find(|p| p.metadata.name.as_deref() == Some(&pv_name))
+        .unwrap()
+        .spec
+        .unwrap()
+        .csi
+        .unwrap()
+        .volume_handle
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bound_claim_mounts_on_a_cluster_node_and_only_one_node_at_a_time_kubelet_stood_in() {
     use sha2::{Digest, Sha256};
@@ -687,27 +707,7 @@ async fn a_bound_claim_mounts_on_a_cluster_node_and_only_one_node_at_a_time_kube
     let _cleanup = Cleanup(cluster.root.path().to_path_buf());
     cluster.start_controller("c1");
     let client = cluster.client().await;
-    add_class(&client, "mountable", &[("tier", "fast")], "Delete").await;
-    create_claim(
-        &client,
-        "default",
-        &claim("data", "mountable", "64Mi", false, &[]),
-    )
-    .await;
-    let bound = wait_bound(
-        &cluster,
-        "default",
-        &["data".into()],
-        Duration::from_secs(60),
-    )
-    .await;
-    let pv_name = bound[0].spec.as_ref().unwrap().volume_name.clone().unwrap();
-    let pv = pvs(&client)
-        .await
-        .into_iter()
-        .find(|p| p.metadata.name.as_deref() == Some(&pv_name))
-        .unwrap();
-    let id = pv.spec.unwrap().csi.unwrap().volume_handle;
+    let id = provision_one(&cluster, "mountable", "data").await;
     let cap = common::csi_client::mount_cap("ext4");
     let root = cluster.root.path().to_path_buf();
 
@@ -862,31 +862,7 @@ async fn a_node_lost_and_back_shows_as_degraded_then_healthy_events_on_the_claim
     let _cleanup = Cleanup(cluster.root.path().to_path_buf());
     cluster.start_controller("c1");
     let client = cluster.client().await;
-    add_class(&client, "watched", &[("tier", "fast")], "Delete").await;
-    create_claim(
-        &client,
-        "default",
-        &claim("watched", "watched", "64Mi", false, &[]),
-    )
-    .await;
-    let bound = wait_bound(
-        &cluster,
-        "default",
-        &["watched".into()],
-        Duration::from_secs(60),
-    )
-    .await;
-    let pv_name = bound[0].spec.as_ref().unwrap().volume_name.clone().unwrap();
-    let id = pvs(&client)
-        .await
-        .into_iter()
-        .find(|p| p.metadata.name.as_deref() == Some(&pv_name))
-        .unwrap()
-        .spec
-        .unwrap()
-        .csi
-        .unwrap()
-        .volume_handle;
+    let id = provision_one(&cluster, "watched", "watched").await;
     let cap = common::csi_client::mount_cap("ext4");
     let root = cluster.root.path().to_path_buf();
     let mut n1 = common::csi_client::Csi::connect(&cluster.node_socket(1)).await;
