@@ -38,6 +38,9 @@ enum Command {
         volume: String,
         #[arg(long)]
         mountpoint: PathBuf,
+        /// Set by the engine's supervisor for its worker: the FUSE session.
+        #[arg(long)]
+        fuse_fd: Option<i32>,
     },
     /// Serves this node's pools to engines on other nodes (the replica agent).
     Agent {
@@ -260,11 +263,13 @@ fn main() -> anyhow::Result<()> {
             node_id,
             volume,
             mountpoint,
+            fuse_fd,
         } => terna::engine::process::run(terna::engine::process::EngineArgs {
             data_dir,
             node_id,
             volume_id: volume,
             mountpoint,
+            fuse_fd,
         })?,
         Command::Agent {
             data_dir,

@@ -5,9 +5,9 @@
 //! filesystem while agents are killed with SIGKILL and links are cut.
 //! Nothing acknowledged may be lost, the volume must report itself degraded
 //! and heal by itself, catch-up must copy only dirty regions, and in the end
-//! all three replica files must be byte-identical. Needs root.
-//!
-//! Not covered yet (issue 3): an engine killed needs FUSE session recovery.
+//! all three replica files must be byte-identical. The engine itself is
+//! killed too, while a replica is away: its successor must carry on from
+//! the persisted dirty map. Needs root.
 
 #![allow(clippy::unwrap_used)]
 
@@ -346,7 +346,7 @@ async fn faults_lose_no_acknowledged_write_and_heal_by_catching_up_dirty_regions
 
     // The engine side: no pools of its own, the three agents' pools.
     let mut config = String::from(
-        "cluster_token_file = \"token\"\nagent_timeout_ms = 1500\nreplace_after_secs = 2\nrebuild_mib_per_sec = 128\n",
+        "cluster_token_file = \"token\"\nagent_timeout_ms = 1500\nreplace_after_secs = 6\nrebuild_mib_per_sec = 128\n",
     );
     for a in &agents {
         config += &format!("[[nodes]]\nname = \"{}\"\nagent = \"{}\"\n", a.name, a.addr);
@@ -444,7 +444,58 @@ async fn faults_lose_no_acknowledged_write_and_heal_by_catching_up_dirty_regions
         );
     }
 
-    // Fault 4: a replica's file is deleted under its agent. It cannot come
+    // Fault 4: the engine killed with SIGKILL while a replica is away. Its
+    // supervisor starts another on the same FUSE session; that one learns
+    // what the away replica missed from the persisted dirty map.
+    let away = index_of(&agents[2].name);
+    agents[2].link(false);
+    wait_condition(&mut csi, &id, true, "link cut before engine kill").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let worker_file = terna.data_dir.join(format!("run/{id}/engine-worker.pid"));
+    let pid_of = || -> i32 {
+        std::fs::read_to_string(&worker_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let worker = pid_of();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pid_of() == worker {
+        assert!(Instant::now() < deadline, "engine was not restarted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = writer.written.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after_restart = writer.written.load(Ordering::SeqCst) - before;
+    assert!(after_restart > 0, "writes stopped after the engine restart");
+    let c = wait_condition(&mut csi, &id, true, "still degraded after restart").await;
+    assert!(
+        c.message.contains(&format!("replica {away}")),
+        "{}",
+        c.message
+    );
+    agents[2].link(true);
+    wait_condition(&mut csi, &id, false, "engine restart recovery").await;
+    let copied = record(&terna, &id)["replicas"][away]["last_catch_up_bytes"]
+        .as_u64()
+        .unwrap();
+    println!(
+        "engine kill -9 while replica {away} away: worker {worker} -> {}, catch-up copied {copied} bytes",
+        pid_of()
+    );
+    assert!(copied > 0, "engine restart: nothing copied");
+    assert!(
+        copied <= VOLUME / 2,
+        "engine restart: catch-up copied {copied} of {VOLUME}: the dirty map was lost"
+    );
+
+    // Fault 5: a replica's file is deleted under its agent. It cannot come
     // back, so after the grace period it is replaced on the spare agent and
     // rebuilt in full while the writer goes on.
     let lost = index_of("a1");

@@ -2,7 +2,7 @@
 //! pools, every replica opened (faulted ones with what they missed), and the
 //! replacement hook. Shared by the engine process and offline repair.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tracing::warn;
@@ -19,25 +19,65 @@ use crate::replica::ReplicaIo;
 use crate::store::{FileStore, StateStore};
 use crate::volume::{ReplicaState, replica_file_name, unix_now};
 
-/// A replica that cannot be reached at all; every operation fails.
-struct Unreachable(String);
+type Opener = Box<dyn Fn() -> Result<Box<dyn ReplicaIo>> + Send + Sync>;
 
-impl ReplicaIo for Unreachable {
-    fn read_at(&self, _: &mut [u8], _: u64) -> std::io::Result<()> {
-        Err(std::io::Error::other(self.0.clone()))
+/// A faulted replica that could not be opened when the engine started (its
+/// node away, its file gone): every call tries to open it again, so one
+/// whose node comes back catches up on what it missed instead of waiting
+/// out the grace period to be replaced and rebuilt in full.
+struct Reopening {
+    what: String,
+    open: Opener,
+    io: OnceLock<Box<dyn ReplicaIo>>,
+}
+
+impl Reopening {
+    fn get(&self) -> std::io::Result<&dyn ReplicaIo> {
+        if self.io.get().is_none() {
+            let io =
+                (self.open)().map_err(|e| std::io::Error::other(format!("{}: {e}", self.what)))?;
+            // A racing caller may have opened it first; either copy serves.
+            let _ = self.io.set(io);
+        }
+        self.io
+            .get()
+            .map(|io| io.as_ref())
+            .ok_or_else(|| std::io::Error::other(self.what.clone()))
     }
-    fn write_at(&self, _: &[u8], _: u64) -> std::io::Result<()> {
-        Err(std::io::Error::other(self.0.clone()))
+}
+
+impl ReplicaIo for Reopening {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.get()?.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.get()?.write_at(buf, offset)
     }
     fn flush(&self) -> std::io::Result<()> {
-        Err(std::io::Error::other(self.0.clone()))
+        self.get()?.flush()
     }
-    fn discard(&self, _: u64, _: u64) -> std::io::Result<()> {
-        Err(std::io::Error::other(self.0.clone()))
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.get()?.discard(offset, len)
     }
     fn check(&self) -> std::result::Result<(), String> {
-        Err(self.0.clone())
+        self.get().map_err(|e| e.to_string())?.check()
     }
+    fn fence(&self) -> std::io::Result<()> {
+        self.get()?.fence()
+    }
+}
+
+fn reopening(pools: &Arc<Pools>, volume_id: &str, index: usize, pool: &str) -> Box<dyn ReplicaIo> {
+    let (pools, name, pool_name) = (
+        pools.clone(),
+        replica_file_name(volume_id, index),
+        pool.to_string(),
+    );
+    Box::new(Reopening {
+        what: format!("replica {index} on pool {pool}"),
+        open: Box::new(move || pools.get(&pool_name)?.backend.open(&name)),
+        io: OnceLock::new(),
+    })
 }
 
 pub fn assemble(
@@ -73,10 +113,8 @@ pub fn assemble(
             // that cannot be opened stays in the engine as unreachable, so
             // it is replaced once its grace period is over.
             let io = opened.unwrap_or_else(|e| {
-                Box::new(Unreachable(format!(
-                    "replica {index} on pool {}: {e}",
-                    replica.pool
-                )))
+                warn!(volume_id, replica = index, error = %e, "faulted replica cannot be opened yet");
+                reopening(&pools, volume_id, index, &replica.pool)
             });
             {
                 let map = std::fs::read(dirty_dir.join(dirty_map_file(index)))
@@ -113,7 +151,7 @@ pub fn assemble(
                 store.update(volume_id, &mut |r| Ok(r.fault_replica(index, &reason)))?;
                 replicas.push(EngineReplica {
                     index,
-                    io: Box::new(Unreachable(reason)),
+                    io: reopening(&pools, volume_id, index, &replica.pool),
                     missed: Some(DirtyMap::new(record.capacity_bytes, DEFAULT_REGION)),
                     faulted_since: None,
                 });

@@ -562,6 +562,18 @@ impl Engine {
         Ok(bytes)
     }
 
+    /// Fences every healthy replica, so writes an earlier engine of this
+    /// volume left in flight cannot land after this one's. A replica that
+    /// cannot be fenced is faulted; Err means that could not be recorded.
+    pub fn fence_replicas(&self) -> io::Result<()> {
+        for slot in self.healthy_slots() {
+            if let Err(e) = slot.io.fence() {
+                self.fault(&slot, &format!("cannot fence: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Probes every healthy replica and faults those that are gone. Run
     /// periodically so a removed replica is noticed even with no I/O.
     pub fn check_replicas(&self) {

@@ -142,29 +142,27 @@ impl FuseExport {
         device: Arc<dyn BlockDevice>,
         opts: FuseOptions,
     ) -> Result<FuseExport, FuseError> {
-        let dev = nix::fcntl::open("/dev/fuse", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|e| FuseError::OpenDevice {
-                mountpoint: mountpoint.to_path_buf(),
-                source: e.into(),
-            })?;
+        let dev = open_session(mountpoint)?;
+        FuseExport::serve(mountpoint, dev, device, opts)
+    }
+
+    /// Serves the session of `dev`, a `/dev/fuse` fd whose mount is at
+    /// `mountpoint`. The session may be one an earlier (crashed) server
+    /// held: the kernel is first asked to send again every request that
+    /// server read and never answered, so none is lost or left hanging.
+    pub fn serve(
+        mountpoint: &Path,
+        dev: OwnedFd,
+        device: Arc<dyn BlockDevice>,
+        opts: FuseOptions,
+    ) -> Result<FuseExport, FuseError> {
         let uid = nix::unistd::getuid().as_raw();
         let gid = nix::unistd::getgid().as_raw();
-        // rootmode is octal (S_IFDIR); user_id/group_id name the mounter.
-        let data = format!(
-            "fd={},rootmode=40000,user_id={uid},group_id={gid},allow_other,default_permissions",
-            dev.as_raw_fd()
-        );
-        nix::mount::mount(
-            Some("terna"),
-            mountpoint,
-            Some("fuse.terna"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME,
-            Some(data.as_str()),
-        )
-        .map_err(|e| FuseError::Mount {
-            mountpoint: mountpoint.to_path_buf(),
-            source: e.into(),
-        })?;
+        if let Err(e) = request_resend(&dev) {
+            // Kernels before 6.9: requests a crashed server had read stay
+            // unanswered; nothing to resend on a fresh session either way.
+            tracing::debug!(error = %e, "FUSE_NOTIFY_RESEND refused");
+        }
         let dev = Arc::new(dev);
         // From here on, an early return drops `export`, which unmounts and
         // stops the workers started so far.
@@ -281,6 +279,49 @@ impl Drop for FuseExport {
             tracing::warn!(error = %e, "stopping FUSE export");
         }
     }
+}
+
+/// Opens `/dev/fuse` and mounts a session for it at `mountpoint`. The
+/// returned fd is the session: it lives as long as any process holds a copy,
+/// which is what lets a supervisor keep a volume's mount alive across a
+/// restart of the server that answers it.
+pub fn open_session(mountpoint: &Path) -> Result<OwnedFd, FuseError> {
+    let dev = nix::fcntl::open("/dev/fuse", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| FuseError::OpenDevice {
+            mountpoint: mountpoint.to_path_buf(),
+            source: e.into(),
+        })?;
+    let uid = nix::unistd::getuid().as_raw();
+    let gid = nix::unistd::getgid().as_raw();
+    // rootmode is octal (S_IFDIR); user_id/group_id name the mounter.
+    let data = format!(
+        "fd={},rootmode=40000,user_id={uid},group_id={gid},allow_other,default_permissions",
+        dev.as_raw_fd()
+    );
+    nix::mount::mount(
+        Some("terna"),
+        mountpoint,
+        Some("fuse.terna"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME,
+        Some(data.as_str()),
+    )
+    .map_err(|e| FuseError::Mount {
+        mountpoint: mountpoint.to_path_buf(),
+        source: e.into(),
+    })?;
+    Ok(dev)
+}
+
+/// Asks the kernel to queue again every request of this session that was
+/// read but not answered (FUSE_NOTIFY_RESEND, Linux 6.9+).
+fn request_resend(dev: &OwnedFd) -> io::Result<()> {
+    let hdr = fuse_out_header {
+        len: size_of::<fuse_out_header>() as u32,
+        error: FUSE_NOTIFY_RESEND,
+        unique: 0,
+    };
+    nix::unistd::write(dev, bytes_of(&hdr))?;
+    Ok(())
 }
 
 /// Unmounts a FUSE export, e.g. one left behind by a dead process: no FUSE

@@ -42,6 +42,7 @@ pub const FUSE_FALLOCATE: u32 = 43;
 
 // Notification codes (sent in `fuse_out_header.error` with `unique == 0`).
 pub const FUSE_NOTIFY_INVAL_INODE: i32 = 2;
+pub const FUSE_NOTIFY_RESEND: i32 = 7;
 
 // fuse_init flags (first word).
 pub const FUSE_ASYNC_READ: u32 = 1 << 0;

@@ -159,12 +159,23 @@ impl NodeCore {
         .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot attach loop device", e))
     }
 
+    /// The engine's supervisor is alive and its session mounted. Nothing
+    /// here touches the export itself: while a crashed worker is being
+    /// replaced, requests to it wait, and so would a stat.
     fn engine_running(&self, volume_id: &str) -> Result<bool> {
         let dir = self.fuse_dir(volume_id);
-        Ok(
-            mounts::mount_at(&dir)?.is_some_and(|m| m.fs_type.starts_with("fuse"))
-                && std::fs::metadata(dir.join("volume")).is_ok(),
-        )
+        if !mounts::mount_at(&dir)?.is_some_and(|m| m.fs_type.starts_with("fuse")) {
+            return Ok(false);
+        }
+        Ok(self
+            .engine_pid(volume_id)
+            .is_some_and(|pid| is_engine_process(pid, volume_id)))
+    }
+
+    fn engine_pid(&self, volume_id: &str) -> Option<i32> {
+        std::fs::read_to_string(self.run_dir(volume_id).join("engine.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
     }
 
     fn ensure_engine(&self, volume_id: &str) -> Result<()> {
@@ -242,9 +253,7 @@ impl NodeCore {
             Error::with_source(ErrorKind::Internal, "cannot unmount FUSE export", e)
         })?;
         let pid_file = self.run_dir(volume_id).join("engine.pid");
-        let pid = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok());
+        let pid = self.engine_pid(volume_id);
         let child = self
             .children
             .lock()
@@ -441,12 +450,9 @@ impl NodeCore {
         })?;
         let want = record.capacity_bytes;
         let backing = self.backing_file(volume_id);
-        let pid = std::fs::read_to_string(self.run_dir(volume_id).join("engine.pid"))
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-            .ok_or_else(|| {
-                Error::precondition(format!("engine of volume {volume_id} is not running"))
-            })?;
+        let pid = self.engine_pid(volume_id).ok_or_else(|| {
+            Error::precondition(format!("engine of volume {volume_id} is not running"))
+        })?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let size = std::fs::metadata(&backing)

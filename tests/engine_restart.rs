@@ -1,0 +1,214 @@
+//! A volume's engine process killed with SIGKILL, again and again, under
+//! concurrent direct I/O: the volume stays attached, every write the
+//! device acknowledged reads back, no write fails, and the three replicas
+//! end up identical (requests the dead engine had read were resent by the
+//! kernel to its successor and written everywhere). Needs root.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::csi_client::{Csi, block_cap};
+use terna::replica::aligned::AlignedBuf;
+
+const MIB: u64 = 1 << 20;
+const VOLUME: u64 = 64 * MIB;
+const WRITERS: u64 = 8;
+const BLOCK: usize = 64 * 1024;
+const KILLS: usize = 3;
+
+/// Deterministic content of one block write, so a stale or torn block shows.
+fn pattern(seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..BLOCK)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn pid_in(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// Each writer owns one slice of the device and rewrites its blocks in
+/// turn with O_DIRECT, reading back the block it wrote before each write.
+/// `acked` holds, per offset, the seed of the last write that returned.
+fn start_writers(
+    device: &Path,
+    stop: &Arc<AtomicBool>,
+    done: &Arc<AtomicU64>,
+    acked: &Arc<Mutex<HashMap<u64, u64>>>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let slice = VOLUME / WRITERS;
+    (0..WRITERS)
+        .map(|w| {
+            let (device, stop, done, acked) = (
+                device.to_path_buf(),
+                stop.clone(),
+                done.clone(),
+                acked.clone(),
+            );
+            std::thread::spawn(move || {
+                let dev = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&device)
+                    .unwrap();
+                let mut check = AlignedBuf::zeroed(BLOCK);
+                let mut last: Option<(u64, u64)> = None;
+                let mut round = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let offset = w * slice + (round * BLOCK as u64) % slice;
+                    let seed = (w << 48) | round;
+                    let data = AlignedBuf::copy_of(&pattern(seed));
+                    dev.write_all_at(data.as_slice(), offset)
+                        .unwrap_or_else(|e| panic!("write at {offset} failed: {e}"));
+                    acked.lock().unwrap().insert(offset, seed);
+                    if let Some((off, s)) = last {
+                        dev.read_exact_at(check.as_mut_slice(), off)
+                            .unwrap_or_else(|e| panic!("read at {off} failed: {e}"));
+                        assert!(
+                            check.as_slice() == pattern(s).as_slice(),
+                            "block at {off} reads back wrong"
+                        );
+                    }
+                    last = Some((offset, seed));
+                    done.fetch_add(1, Ordering::SeqCst);
+                    round += 1;
+                }
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_killed_under_io_loses_no_write_and_fails_none() {
+    if !common::require_root("engine_killed_under_io_loses_no_write_and_fails_none") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let id = csi
+        .create(
+            "restarted",
+            VOLUME as i64,
+            &[("replicas", "3")],
+            block_cap(),
+        )
+        .await
+        .unwrap()
+        .volume_id;
+    let staging = terna.dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let target = terna.dir.path().join("dev");
+    csi.stage(&id, &staging, block_cap()).await;
+    csi.publish(&id, &staging, &target, block_cap()).await;
+
+    let run_dir: PathBuf = terna.data_dir.join("run").join(&id);
+    let supervisor = pid_in(&run_dir.join("engine.pid")).unwrap();
+    let worker_file = run_dir.join("engine-worker.pid");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let acked = Arc::new(Mutex::new(HashMap::new()));
+    let writers = start_writers(&target, &stop, &done, &acked);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    for kill in 1..=KILLS {
+        let worker = pid_in(&worker_file).unwrap();
+        assert!(alive(worker), "worker {worker} is not running");
+        let before = done.load(Ordering::SeqCst);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(worker),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let successor = loop {
+            if let Some(p) = pid_in(&worker_file).filter(|p| *p != worker && alive(*p)) {
+                break p;
+            }
+            assert!(Instant::now() < deadline, "kill {kill}: no new worker");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // Progress after the restart, not just before the kill.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while done.load(Ordering::SeqCst) < before + 200 {
+            assert!(
+                Instant::now() < deadline,
+                "kill {kill}: I/O did not resume on worker {successor}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        println!(
+            "kill {kill}: worker {worker} -> {successor}, {} writes so far",
+            done.load(Ordering::SeqCst)
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.join().expect("a writer saw a failed or wrong I/O");
+    }
+    assert_eq!(
+        pid_in(&run_dir.join("engine.pid")),
+        Some(supervisor),
+        "the supervisor itself stayed"
+    );
+    let log = std::fs::read_to_string(run_dir.join("engine.log")).unwrap();
+    assert_eq!(
+        log.matches("restarted on the same session").count(),
+        KILLS,
+        "{log}"
+    );
+
+    // Every acknowledged block, read back through a fresh open.
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 100, "too few writes: {}", acked.len());
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&target)
+        .unwrap();
+    let mut buf = AlignedBuf::zeroed(BLOCK);
+    for (offset, seed) in &acked {
+        dev.read_exact_at(buf.as_mut_slice(), *offset).unwrap();
+        assert!(
+            buf.as_slice() == pattern(*seed).as_slice(),
+            "acknowledged block at {offset} lost"
+        );
+    }
+    drop(dev);
+    let c = csi.condition(&id).await;
+    assert!(!c.abnormal, "no replica was at fault: {}", c.message);
+
+    // Resent writes reached every replica: they are identical.
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+    let files: Vec<Vec<u8>> = (0..3)
+        .map(|i| std::fs::read(terna.find_replica(&id, i).unwrap()).unwrap())
+        .collect();
+    assert!(
+        files[0] == files[1] && files[1] == files[2],
+        "replicas differ"
+    );
+    assert!(!alive(supervisor), "supervisor outlived unstage");
+
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}
