@@ -314,6 +314,7 @@ impl ControllerCore {
                 })
                 .collect(),
             staged_on: None,
+            claims: 0,
             published: vec![],
             claim: req.claim.clone(),
         };

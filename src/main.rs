@@ -127,6 +127,13 @@ enum Command {
         /// directory (usually /var/lib/kubelet/plugins_registry).
         #[arg(long)]
         kubelet_registry: Option<PathBuf>,
+        /// Where this node's liveness Lease (terna-node-<node>) lives.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "terna-system")]
+        lease_namespace: String,
+        /// A node that has not renewed its Lease for this long is dead: its
+        /// staging claims may be taken over by other nodes.
+        #[arg(long, default_value_t = 40)]
+        node_lease_secs: u64,
     },
     /// Prints the CustomResourceDefinitions (or writes them into a directory).
     Crds {
@@ -345,6 +352,8 @@ fn main() -> anyhow::Result<()> {
             endpoint,
             pool_stale_secs,
             kubelet_registry,
+            lease_namespace,
+            node_lease_secs,
         } => {
             let node_id = match node_id {
                 Some(n) => n,
@@ -366,6 +375,8 @@ fn main() -> anyhow::Result<()> {
                         kubeconfig,
                         pool_stale_after: std::time::Duration::from_secs(pool_stale_secs),
                         registry_dir: kubelet_registry,
+                        lease_namespace,
+                        lease_duration: std::time::Duration::from_secs(node_lease_secs.max(3)),
                     },
                 )
                 .await

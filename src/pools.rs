@@ -91,6 +91,13 @@ impl Pools {
         self.entries.values()
     }
 
+    /// Every replica write through these pools acts under claim `epoch`.
+    pub fn act_under_claim(&self, epoch: u64) {
+        for e in self.entries.values() {
+            e.backend.act_under_claim(epoch);
+        }
+    }
+
     /// The pools on `node`'s own disks, for its replica agent to serve.
     pub fn local_to(
         config: &Config,

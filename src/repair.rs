@@ -18,7 +18,7 @@ use crate::engine::dirty_map_file;
 use crate::error::Result;
 use crate::pools::Pools;
 use crate::store::StateStore;
-use crate::volume::{Phase, StagedOn, VolumeRecord, replica_file_name};
+use crate::volume::{Phase, VolumeRecord, replica_file_name};
 
 /// The staging path recorded while a volume is claimed for repair.
 pub const REPAIR_CLAIM: &str = "(repairing)";
@@ -62,10 +62,7 @@ fn repair_one(data_dir: &Path, node: &str, store: &Arc<dyn StateStore>, id: &str
         if r.staged_on.is_some() || r.phase != Phase::Ready {
             return Ok(false);
         }
-        r.staged_on = Some(StagedOn {
-            node: node.to_string(),
-            staging_path: REPAIR_CLAIM.to_string(),
-        });
+        r.claim_staging(node, REPAIR_CLAIM);
         Ok(true)
     })?;
     let ours = claimed.is_some_and(|r| {

@@ -59,6 +59,11 @@ impl ReplicaRecord {
 pub struct StagedOn {
     pub node: String,
     pub staging_path: String,
+    /// Which claim of the volume this is (`VolumeRecord::claims` when it was
+    /// made). Engines act under it, and replica agents refuse writes from
+    /// engines of an older claim once a newer one has fenced the replica.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +84,9 @@ pub struct VolumeRecord {
     pub replicas: Vec<ReplicaRecord>,
     #[serde(default)]
     pub staged_on: Option<StagedOn>,
+    /// How many staging claims were ever made: the last claim's epoch.
+    #[serde(default)]
+    pub claims: u64,
     /// Target paths this volume is published at (for NodeUnpublish bookkeeping
     /// and LIST_VOLUMES_PUBLISHED_NODES).
     #[serde(default)]
@@ -157,6 +165,63 @@ impl VolumeRecord {
         }
     }
 
+    /// Claims the volume for `node` at `staging_path`, under a new epoch.
+    pub fn claim_staging(&mut self, node: &str, staging_path: &str) {
+        self.claims += 1;
+        self.staged_on = Some(StagedOn {
+            node: node.to_string(),
+            staging_path: staging_path.to_string(),
+            epoch: self.claims,
+        });
+    }
+
+    /// Claims the volume for `node` at `staging_path` unless another claim
+    /// holds it. `dead` is a claim found lapsed: it is taken over only if it
+    /// is still the one in place. Returns whether the record changed, and
+    /// the claim in the way, if any.
+    pub fn try_claim(
+        &mut self,
+        node: &str,
+        staging_path: &str,
+        dead: Option<&StagedOn>,
+    ) -> (bool, Option<StagedOn>) {
+        match self.staged_on.clone() {
+            Some(s) if s.node == node && s.staging_path == staging_path => (false, None),
+            Some(s) if Some(&s) == dead => {
+                self.take_over(&s, node, staging_path);
+                (true, None)
+            }
+            Some(s) => (false, Some(s)),
+            None => {
+                self.claim_staging(node, staging_path);
+                (true, None)
+            }
+        }
+    }
+
+    /// Takes the claim over from `dead`, a node whose lease expired while it
+    /// held the volume. Its replicas are faulted: its engine wrote them
+    /// directly, up to its end, so they may hold writes the others never
+    /// got. They are rebuilt before they serve again.
+    pub fn take_over(&mut self, dead: &StagedOn, node: &str, staging_path: &str) {
+        let on_dead: Vec<usize> = self
+            .replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.node == dead.node)
+            .map(|(i, _)| i)
+            .collect();
+        let reason = format!(
+            "node {} held the volume when its lease expired; taken over by {node}",
+            dead.node
+        );
+        for i in on_dead {
+            self.fault_replica(i, &reason);
+        }
+        self.published.clear();
+        self.claim_staging(node, staging_path);
+    }
+
     /// Marks replica `index` faulted. Returns false when it already was, so
     /// the first recorded fault (the earliest missed generation) is kept.
     pub fn fault_replica(&mut self, index: usize, reason: &str) -> bool {
@@ -229,9 +294,38 @@ pub(crate) mod tests {
                 })
                 .collect(),
             staged_on: None,
+            claims: 0,
             published: vec![],
             claim: None,
         }
+    }
+
+    #[test]
+    fn a_takeover_faults_the_dead_nodes_replicas_and_claims_under_a_new_epoch() {
+        let mut r = record(3);
+        r.replicas[0].node = "n1".into();
+        r.replicas[1].node = "n2".into();
+        r.replicas[2].node = "n3".into();
+        r.claim_staging("n1", "/s1");
+        r.published = vec!["/p1".into()];
+        let dead = r.staged_on.clone().unwrap();
+        assert_eq!(dead.epoch, 1);
+        let generation = r.generation;
+        r.take_over(&dead, "n2", "/s2");
+        let claim = r.staged_on.clone().unwrap();
+        assert_eq!((claim.node.as_str(), claim.epoch), ("n2", 2));
+        assert!(r.published.is_empty());
+        assert!(!r.replicas[0].is_healthy());
+        assert!(r.replicas[1].is_healthy() && r.replicas[2].is_healthy());
+        assert_eq!(r.generation, generation + 1);
+        // A stale view of the dead claim takes nothing over.
+        let held = r.staged_on.clone();
+        assert_eq!(r.try_claim("n3", "/s3", Some(&dead)), (false, held.clone()));
+        assert_eq!(r.try_claim("n2", "/s2", None), (false, None));
+        // Epochs only grow, across unstage and restage too.
+        r.staged_on = None;
+        r.claim_staging("n3", "/s3");
+        assert_eq!(r.staged_on.unwrap().epoch, 3);
     }
 
     #[test]

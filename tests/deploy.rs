@@ -562,6 +562,16 @@ fn controller_and_node_provision_and_delete_a_volume_with_only_their_rbac() {
         "jsonpath={.spec.holderIdentity}",
     ]);
     assert_eq!(holder, controller_env["POD_NAME"]);
+    let node_holder = get(&[
+        "get",
+        "lease",
+        &format!("terna-node-{node_name}"),
+        "-n",
+        NAMESPACE,
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    assert_eq!(node_holder, node_name, "the node renews its liveness lease");
 
     env.kubectl(&["delete", "pvc", "data", "-n", "default", "--wait=false"]);
     wait_until(
@@ -633,7 +643,11 @@ fn service_accounts_cannot_read_secrets_or_write_beyond_their_duties() {
         ("terna-node", &["delete", "storagepools.terna.dev"]),
         (
             "terna-node",
-            &["create", "leases.coordination.k8s.io", "-n", NAMESPACE],
+            &["create", "leases.coordination.k8s.io", "-n", "default"],
+        ),
+        (
+            "terna-node",
+            &["delete", "leases.coordination.k8s.io", "-n", NAMESPACE],
         ),
     ] {
         assert!(!can_i(&env, sa, args), "{sa} may {args:?}");
@@ -648,5 +662,11 @@ fn service_accounts_cannot_read_secrets_or_write_beyond_their_duties() {
         &env,
         "terna-controller",
         &["create", "leases.coordination.k8s.io", "-n", NAMESPACE]
+    ));
+    // Its own liveness Lease, in its own namespace only.
+    assert!(can_i(
+        &env,
+        "terna-node",
+        &["update", "leases.coordination.k8s.io", "-n", NAMESPACE]
     ));
 }

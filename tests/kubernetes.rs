@@ -16,7 +16,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::cluster::{Cluster, claim, create_claim, eventually, pvs, terna_volumes, wait_bound};
+use common::cluster::{
+    Cluster, NODE_LEASE_SECS, claim, create_claim, eventually, pvs, terna_volumes, wait_bound,
+};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::events::v1::Event;
@@ -699,6 +701,35 @@ async fn provision_one(cluster: &Cluster, class: &str, name: &str) -> String {
         .volume_handle
 }
 
+/// What the kubelet does on node `i` for a pod using volume `id`: stage
+/// (ext4) and publish, at n<i>-staging and n<i>-target.
+async fn mount_on(
+    cluster: &Cluster,
+    i: usize,
+    id: &str,
+) -> (
+    common::csi_client::Csi,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let cap = common::csi_client::mount_cap("ext4");
+    let root = cluster.root.path();
+    let mut csi = common::csi_client::Csi::connect(&cluster.node_socket(i)).await;
+    let staging = root.join(format!("n{i}-staging"));
+    let target = root.join(format!("n{i}-target"));
+    std::fs::create_dir_all(&staging).unwrap();
+    csi.stage(id, &staging, cap.clone()).await;
+    csi.publish(id, &staging, &target, cap).await;
+    (csi, staging, target)
+}
+
+fn write_synced(path: &std::path::Path, data: &[u8]) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bound_claim_mounts_on_a_cluster_node_and_only_one_node_at_a_time_kubelet_stood_in() {
     use sha2::{Digest, Sha256};
@@ -712,21 +743,12 @@ async fn a_bound_claim_mounts_on_a_cluster_node_and_only_one_node_at_a_time_kube
     let root = cluster.root.path().to_path_buf();
 
     // The kubelet's calls on node n1: stage, publish, and a checksummed file.
-    let mut n1 = common::csi_client::Csi::connect(&cluster.node_socket(1)).await;
-    let (staging1, target1) = (root.join("n1-staging"), root.join("n1-target"));
-    std::fs::create_dir_all(&staging1).unwrap();
-    n1.stage(&id, &staging1, cap.clone()).await;
-    n1.publish(&id, &staging1, &target1, cap.clone()).await;
+    let (mut n1, staging1, target1) = mount_on(&cluster, 1, &id).await;
     let data: Vec<u8> = (0..8u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     let digest = Sha256::digest(&data);
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(target1.join("data.bin")).unwrap();
-        f.write_all(&data).unwrap();
-        f.sync_all().unwrap();
-    }
+    write_synced(&target1.join("data.bin"), &data);
     let tv = terna_volumes(&client)
         .await
         .into_iter()
@@ -932,4 +954,147 @@ async fn a_node_lost_and_back_shows_as_degraded_then_healthy_events_on_the_claim
     assert_eq!(Sha256::digest(&read), Sha256::digest(&data));
     n1.unpublish(&id, &target).await;
     n1.unstage(&id, &staging).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_dies_holding_a_volume_releases_it_when_its_lease_expires() {
+    use sha2::{Digest, Sha256};
+    common::assert_root("kubernetes");
+    let mut cluster = Cluster::start(3).await;
+    let _cleanup = Cleanup(cluster.root.path().to_path_buf());
+    cluster.start_controller("c1");
+    let client = cluster.client().await;
+    let id = provision_one(&cluster, "orphaned", "orphaned").await;
+    let cap = common::csi_client::mount_cap("ext4");
+    let root = cluster.root.path().to_path_buf();
+    let (_, staging1, target1) = mount_on(&cluster, 1, &id).await;
+    let data: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
+        .collect();
+    write_synced(&target1.join("before.bin"), &data);
+
+    // Node n1 dies: its plugin and the volume's engine, all at once.
+    let engine: i32 =
+        std::fs::read_to_string(cluster.node_dir(1).join(format!("run/{id}/engine.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    cluster.nodes[0].kill_hard();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(engine),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+
+    // While n1's lease is current, n2 is refused; once it lapses, n2 takes
+    // the volume over.
+    let mut n2 = common::csi_client::Csi::connect(&cluster.node_socket(2)).await;
+    let (staging2, target2) = (root.join("n2-staging"), root.join("n2-target"));
+    std::fs::create_dir_all(&staging2).unwrap();
+    let stage2 = terna::proto::csi::NodeStageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging2.display().to_string(),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    };
+    let refused = n2.node.node_stage_volume(stage2.clone()).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("n1"), "{}", refused.message());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10 * NODE_LEASE_SECS);
+    while let Err(e) = n2.node.node_stage_volume(stage2.clone()).await {
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "n1's claim never lapsed: {e:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let status = terna_volumes(&client)
+        .await
+        .into_iter()
+        .find(|v| v.metadata.name.as_deref() == Some(&id))
+        .unwrap()
+        .status
+        .unwrap();
+    let claim = status.staged_on.unwrap();
+    assert_eq!((claim.node.as_str(), claim.epoch), ("n2", 2));
+    let on_n1 = tv_replica_on(&client, &id, "n1").await;
+    assert_eq!(
+        on_n1.state, "faulted",
+        "n1's replica may hold unacknowledged writes"
+    );
+    assert!(
+        on_n1
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("lease expired"),
+        "{on_n1:?}"
+    );
+
+    // Every byte acknowledged on n1 reads back on n2, and it takes writes.
+    n2.publish(&id, &staging2, &target2, cap.clone()).await;
+    let read = std::fs::read(target2.join("before.bin")).unwrap();
+    assert_eq!(
+        Sha256::digest(&read),
+        Sha256::digest(&data),
+        "data lost in the takeover"
+    );
+    write_synced(&target2.join("after.bin"), &data);
+
+    // n1 comes back: its replica is rebuilt in full from the others (it may
+    // hold writes n1's engine never had acknowledged), and the kubelet's
+    // unstage there leaves n2's claim alone.
+    cluster.nodes[0].restart();
+    let c = client.clone();
+    let volume = id.clone();
+    eventually("n1's replica rebuilt", Duration::from_secs(120), || {
+        let (c, volume) = (c.clone(), volume.clone());
+        async move { tv_replica_on(&c, &volume, "n1").await.state == "healthy" }
+    })
+    .await;
+    let rebuilt = tv_replica_on(&client, &id, "n1").await;
+    assert!(
+        rebuilt.last_catch_up_bytes.unwrap_or(0) >= 64 << 20,
+        "a taken-over node's replica is rebuilt in full: {rebuilt:?}"
+    );
+    let mut n1 = common::csi_client::Csi::connect(&cluster.node_socket(1)).await;
+    n1.unpublish(&id, &target1).await;
+    n1.unstage(&id, &staging1).await;
+    let claim = terna_volumes(&client)
+        .await
+        .into_iter()
+        .find(|v| v.metadata.name.as_deref() == Some(&id))
+        .unwrap()
+        .status
+        .unwrap()
+        .staged_on
+        .unwrap();
+    assert_eq!(claim.node, "n2");
+    n2.unpublish(&id, &target2).await;
+    n2.unstage(&id, &staging2).await;
+}
+
+async fn tv_replica_on(
+    client: &kube::Client,
+    id: &str,
+    node: &str,
+) -> terna::cluster::crd::ReplicaStatus {
+    let tv = terna_volumes(client)
+        .await
+        .into_iter()
+        .find(|v| v.metadata.name.as_deref() == Some(id))
+        .unwrap();
+    let index = tv
+        .spec
+        .replicas
+        .iter()
+        .position(|r| r.node == node)
+        .unwrap();
+    tv.status.unwrap().replicas[index].clone()
 }

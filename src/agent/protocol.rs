@@ -1,11 +1,11 @@
-//! The replica agent's wire protocol, version 1. Pure encoding and decoding.
+//! The replica agent's wire protocol, version 2. Pure encoding and decoding.
 //!
 //! Every message is one frame:
 //!
 //! ```text
 //! offset size field
 //!  0     4    magic "TRNA" (0x41 0x4e 0x52 0x54 on the wire, little-endian u32)
-//!  4     2    protocol version (1)
+//!  4     2    protocol version (2)
 //!  6     2    message kind
 //!  8     8    request id (a response carries its request's id)
 //! 16     4    payload length (at most MAX_PAYLOAD)
@@ -26,11 +26,19 @@
 //! agent then refuses (ESTALE) writes and discards to that replica arriving
 //! on any connection opened before the fence, and the fence itself waits for
 //! such operations already under way.
+//!
+//! Claims: `Hello` says which staging claim of the volume (its epoch, 0 for
+//! none) the connection acts under. A fence also raises the replica's claim
+//! floor to the fencing connection's claim, and writes and discards under an
+//! older claim are refused from then on, on new connections too. So an
+//! engine whose node lost its claim (its lease expired and another node took
+//! the volume over) cannot write to the replicas the new engine has fenced,
+//! however it reconnects. Version 2 added the claim.
 
 use thiserror::Error;
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"TRNA");
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 28;
 /// Largest payload: a 4 MiB write plus its names.
 pub const MAX_PAYLOAD: u32 = (4 << 20) + 4096;
@@ -42,6 +50,8 @@ pub enum Request {
     Hello {
         token: Vec<u8>,
         node: String,
+        /// The staging claim epoch this connection's writes act under.
+        claim: u64,
     },
     Create {
         pool: String,
@@ -299,7 +309,9 @@ impl Request {
     pub fn encode(&self, id: u64) -> Vec<u8> {
         let w = Writer::default();
         let (k, w) = match self {
-            Request::Hello { token, node } => (kind::HELLO, w.bytes(token).str(node)),
+            Request::Hello { token, node, claim } => {
+                (kind::HELLO, w.bytes(token).str(node).u64(*claim))
+            }
             Request::Create { pool, name, size } => {
                 (kind::CREATE, w.str(pool).str(name).u64(*size))
             }
@@ -338,6 +350,7 @@ impl Request {
             kind::HELLO => Request::Hello {
                 token: r.bytes()?,
                 node: r.name()?,
+                claim: r.u64()?,
             },
             kind::CREATE => Request::Create {
                 pool: r.name()?,
@@ -470,8 +483,12 @@ mod tests {
 
     fn arb_request() -> impl Strategy<Value = Request> {
         prop_oneof![
-            (proptest::collection::vec(any::<u8>(), 0..64), arb_name())
-                .prop_map(|(token, node)| Request::Hello { token, node }),
+            (
+                proptest::collection::vec(any::<u8>(), 0..64),
+                arb_name(),
+                any::<u64>()
+            )
+                .prop_map(|(token, node, claim)| Request::Hello { token, node, claim }),
             (arb_name(), arb_name(), any::<u64>()).prop_map(|(pool, name, size)| Request::Create {
                 pool,
                 name,

@@ -27,14 +27,23 @@ pub struct AgentState {
     open: Mutex<HashMap<ReplicaKey, Arc<dyn ReplicaIo>>>,
     /// Connection epochs: each connection takes the current value at Hello.
     epoch: AtomicU64,
-    /// Per replica: the epoch below which writes are refused, behind a lock
-    /// that writes hold shared while they run.
-    fences: Mutex<HashMap<ReplicaKey, Arc<RwLock<u64>>>>,
+    /// Per replica: what writes must be at least, behind a lock that
+    /// writes hold shared while they run.
+    fences: Mutex<HashMap<ReplicaKey, Arc<RwLock<Floor>>>>,
+}
+
+/// Writes to a replica are refused from connections older than `epoch` or
+/// acting under a claim older than `claim`.
+#[derive(Default)]
+struct Floor {
+    epoch: u64,
+    claim: u64,
 }
 
 /// What a connection knows about itself.
 pub struct Conn {
     epoch: u64,
+    claim: u64,
 }
 
 impl AgentState {
@@ -54,17 +63,19 @@ impl AgentState {
         }
     }
 
-    pub fn connect(&self) -> Conn {
+    /// A connection that said Hello acting under `claim`.
+    pub fn connect(&self, claim: u64) -> Conn {
         Conn {
             epoch: self.epoch.load(Ordering::SeqCst),
+            claim,
         }
     }
 
-    fn fence_of(&self, pool: &str, name: &str) -> Result<Arc<RwLock<u64>>, Response> {
+    fn fence_of(&self, pool: &str, name: &str) -> Result<Arc<RwLock<Floor>>, Response> {
         let mut fences = self.fences.lock().map_err(|_| poisoned())?;
         Ok(fences
             .entry((pool.to_string(), name.to_string()))
-            .or_insert_with(|| Arc::new(RwLock::new(0)))
+            .or_default()
             .clone())
     }
 
@@ -78,11 +89,20 @@ impl AgentState {
         op: impl FnOnce() -> Result<T, Response>,
     ) -> Result<T, Response> {
         let fence = self.fence_of(pool, name)?;
-        let min = fence.read().map_err(|_| poisoned())?;
-        if conn.epoch < *min {
+        let floor = fence.read().map_err(|_| poisoned())?;
+        if conn.epoch < floor.epoch {
             return Err(Response::Error {
                 errno: libc::ESTALE,
                 message: format!("write to {pool}/{name} from before its fence refused"),
+            });
+        }
+        if conn.claim < floor.claim {
+            return Err(Response::Error {
+                errno: libc::ESTALE,
+                message: format!(
+                    "write to {pool}/{name} under claim {} refused: claim {} fenced it",
+                    conn.claim, floor.claim
+                ),
             });
         }
         op()
@@ -220,8 +240,9 @@ impl AgentState {
             Request::Fence { pool, name } => {
                 let fence = self.fence_of(&pool, &name)?;
                 // Exclusive: waits for fenced operations under way to finish.
-                let mut min = fence.write().map_err(|_| poisoned())?;
-                *min = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+                let mut floor = fence.write().map_err(|_| poisoned())?;
+                floor.epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+                floor.claim = floor.claim.max(conn.claim);
                 Response::Ok
             }
             Request::Check { pool, name } => {
@@ -291,9 +312,9 @@ fn serve_connection(state: &AgentState, mut stream: TcpStream) -> io::Result<()>
     while let Some((header, payload)) = read_frame(&mut stream)? {
         let req = Request::decode(header.kind, &payload).map_err(invalid)?;
         let resp = match (&req, &conn) {
-            (Request::Hello { token, .. }, _) => {
+            (Request::Hello { token, claim, .. }, _) => {
                 if token_matches(token, &state.token) {
-                    let c = state.connect();
+                    let c = state.connect(*claim);
                     let resp = state.handle(&c, req);
                     conn = Some(c);
                     resp

@@ -136,3 +136,35 @@ fn writes_from_connections_older_than_a_fence_are_refused() {
     new_io.read_at(&mut back, 0).unwrap();
     assert_eq!(back, [3u8; 4096]);
 }
+
+#[test]
+fn an_engine_of_an_older_claim_is_fenced_out_even_on_new_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start_agent(dir.path());
+    // The engine of claim 1 (the node that held the volume).
+    let old_client = client(addr, TOKEN);
+    old_client.act_under_claim(1);
+    let old = RemotePool::new(old_client.clone(), "p");
+    old.create("r", 1 << 20).unwrap();
+    let old_io = old.open("r").unwrap();
+    old_io.write_at(&[1u8; 4096], 0).unwrap();
+    // Claim 2 takes the volume over and fences the replica.
+    let new_client = client(addr, TOKEN);
+    new_client.act_under_claim(2);
+    let new_io = RemotePool::new(new_client, "p").open("r").unwrap();
+    new_io.fence().unwrap();
+    // Claim 1 reconnects afresh: still refused, and the data stays claim 2's.
+    old_client.drop_idle();
+    let err = old_io.write_at(&[2u8; 4096], 0).unwrap_err();
+    assert!(err.to_string().contains("claim 2 fenced it"), "{err}");
+    assert!(old_io.discard(0, 4096).is_err());
+    new_io.write_at(&[3u8; 4096], 0).unwrap();
+    // A later claim still writes, and reads stay open to everyone.
+    let newer_client = client(addr, TOKEN);
+    newer_client.act_under_claim(3);
+    let newer_io = RemotePool::new(newer_client, "p").open("r").unwrap();
+    newer_io.write_at(&[4u8; 4096], 4096).unwrap();
+    let mut back = [0u8; 4096];
+    old_io.read_at(&mut back, 0).unwrap();
+    assert_eq!(back, [3u8; 4096]);
+}

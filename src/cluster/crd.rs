@@ -188,6 +188,9 @@ pub struct TernaVolumeStatus {
     pub replicas: Vec<ReplicaStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staged_on: Option<StagedOnStatus>,
+    /// Staging claims ever made; each claim's epoch is the count at the time.
+    #[serde(default)]
+    pub claims: u64,
     #[serde(default)]
     pub published: Vec<String>,
 }
@@ -214,6 +217,9 @@ pub struct ReplicaStatus {
 pub struct StagedOnStatus {
     pub node: String,
     pub staging_path: String,
+    /// The claim's epoch (see `claims`).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// The CRDs as YAML documents, in a stable order: what `terna crds` prints

@@ -11,12 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tracing::{info, warn};
 
 use super::crd::{StoragePool, StoragePoolSpec, human_bytes};
+use super::leader::{Decision, LeaseConfig, decide, try_acquire};
 use crate::agent::server::{self, AgentState};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -41,6 +43,15 @@ pub struct NodeOptions {
     /// The kubelet's plugins_registry directory: register there (needs
     /// `endpoint`).
     pub registry_dir: Option<PathBuf>,
+    /// Namespace of the node's liveness Lease.
+    pub lease_namespace: String,
+    /// How long the Lease lasts unrenewed.
+    pub lease_duration: Duration,
+}
+
+/// The name of `node`'s liveness Lease.
+pub fn lease_name(node: &str) -> String {
+    format!("terna-node-{node}")
 }
 
 /// The object name of a configured pool: pool names are per node, object
@@ -119,11 +130,39 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
                 }),
             )?;
         }
-        let core = Arc::new(crate::node::NodeCore::new(
-            &opts.data_dir,
-            &opts.node_id,
-            store,
-        ));
+        let leases: Api<Lease> = Api::namespaced(client.clone(), &opts.lease_namespace);
+        // Renewed before CSI Node serves: a node never stages a volume
+        // without a live lease standing for its claims.
+        let lease = LeaseConfig {
+            namespace: opts.lease_namespace.clone(),
+            name: lease_name(&opts.node_id),
+            identity: opts.node_id.clone(),
+            duration: opts.lease_duration,
+            renew_every: opts.lease_duration / 4,
+        };
+        while !matches!(try_acquire(&leases, &lease).await, Ok(true)) {
+            warn!(lease = %lease.name, "cannot take this node's lease yet");
+            tokio::time::sleep(lease.renew_every).await;
+        }
+        {
+            let (leases, lease) = (leases.clone(), lease.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(lease.renew_every).await;
+                    if let Err(e) = try_acquire(&leases, &lease).await {
+                        warn!(lease = %lease.name, error = %e, "cannot renew this node's lease");
+                    }
+                }
+            });
+        }
+        let core = Arc::new(
+            crate::node::NodeCore::new(&opts.data_dir, &opts.node_id, store).with_liveness(
+                Arc::new(LeaseLiveness {
+                    leases,
+                    handle: tokio::runtime::Handle::current(),
+                }),
+            ),
+        );
         if let Some(registry) = opts.registry_dir.clone() {
             let csi_socket = crate::standalone::socket_path(&endpoint)?;
             tokio::spawn(async move {
@@ -310,6 +349,30 @@ impl ClusterBacking {
             store: Arc::new(store),
             pools: Arc::new(directory.pools(&shared)),
         }))
+    }
+}
+
+/// Node liveness from the nodes' Leases. A node without one is dead too:
+/// deleting a dead node's Lease is how an admin frees its claims at once.
+struct LeaseLiveness {
+    leases: Api<Lease>,
+    handle: tokio::runtime::Handle,
+}
+
+impl crate::node::NodeLiveness for LeaseLiveness {
+    fn expired(&self, node: &str) -> Result<bool> {
+        let lease = self
+            .handle
+            .block_on(self.leases.get_opt(&lease_name(node)))
+            .map_err(|e| {
+                Error::new(
+                    crate::error::ErrorKind::Unavailable,
+                    format!("cannot read the lease of node {node}: {e}"),
+                )
+            })?;
+        let spec = lease.as_ref().and_then(|l| l.spec.as_ref());
+        // Seen from a neutral identity: Take means nobody holds it now.
+        Ok(lease.is_none() || decide(spec, "", Timestamp::now()) == Decision::Take)
     }
 }
 

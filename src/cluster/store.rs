@@ -383,7 +383,9 @@ pub fn to_resource(record: &VolumeRecord) -> (TernaVolumeSpec, TernaVolumeStatus
         staged_on: record.staged_on.as_ref().map(|s| StagedOnStatus {
             node: s.node.clone(),
             staging_path: s.staging_path.clone(),
+            epoch: s.epoch,
         }),
+        claims: record.claims,
         published: record.published.clone(),
     };
     (spec, status)
@@ -447,7 +449,9 @@ pub fn from_resource(obj: &TernaVolume) -> Result<VolumeRecord> {
         staged_on: status.staged_on.map(|s| StagedOn {
             node: s.node,
             staging_path: s.staging_path,
+            epoch: s.epoch,
         }),
+        claims: status.claims,
         published: status.published,
         claim: obj.spec.claim.clone(),
     })
@@ -486,10 +490,7 @@ mod tests {
         r.claim = Some("ns/claim/uid".into());
         assert_eq!(round_trip(&r), r);
         r.fault_replica(1, "agent unreachable");
-        r.staged_on = Some(StagedOn {
-            node: "n1".into(),
-            staging_path: "/s".into(),
-        });
+        r.claim_staging("n1", "/s");
         r.published = vec!["/p".into()];
         assert_eq!(round_trip(&r), r);
         r.heal_replica(1, 4096);

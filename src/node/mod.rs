@@ -33,6 +33,17 @@ pub struct NodeCore {
     store: Arc<dyn StateStore>,
     /// Engines this process started, reaped when they stop.
     children: Mutex<HashMap<String, Child>>,
+    /// Tells whether another node's claim has lapsed; `None` (standalone:
+    /// one node) never takes a claim over.
+    liveness: Option<Arc<dyn NodeLiveness>>,
+}
+
+/// Whether nodes are still alive, for taking over the staging claim of one
+/// that died holding a volume.
+pub trait NodeLiveness: Send + Sync {
+    /// True once `node` has stopped renewing its lease for longer than the
+    /// lease lasts.
+    fn expired(&self, node: &str) -> Result<bool>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +62,20 @@ impl NodeCore {
             node_id: node_id.to_string(),
             store,
             children: Mutex::new(HashMap::new()),
+            liveness: None,
+        }
+    }
+
+    /// Lets stage take over claims of nodes `liveness` says are gone.
+    pub fn with_liveness(mut self, liveness: Arc<dyn NodeLiveness>) -> NodeCore {
+        self.liveness = Some(liveness);
+        self
+    }
+
+    fn holder_expired(&self, node: &str) -> Result<bool> {
+        match &self.liveness {
+            Some(l) if node != self.node_id => l.expired(node),
+            _ => Ok(false),
         }
     }
 
@@ -88,21 +113,25 @@ impl NodeCore {
         let staging = staging_path.to_string_lossy().into_owned();
         // Claim the volume for this node before anything touches its data.
         let node = self.node_id.clone();
-        let mut conflict = None;
-        self.store.update(volume_id, &mut |r| match &r.staged_on {
-            Some(s) if s.node == node && s.staging_path == staging => Ok(false),
-            Some(s) => {
-                conflict = Some(s.clone());
-                Ok(false)
+        let claim = |dead: Option<&StagedOn>| -> Result<Option<StagedOn>> {
+            let mut conflict = None;
+            self.store.update(volume_id, &mut |r| {
+                let (changed, c) = r.try_claim(&node, &staging, dead);
+                conflict = c;
+                Ok(changed)
+            })?;
+            Ok(conflict)
+        };
+        let mut conflict = claim(None)?;
+        if let Some(dead) = conflict.clone()
+            && dead.staging_path != crate::repair::REPAIR_CLAIM
+            && self.holder_expired(&dead.node)?
+        {
+            conflict = claim(Some(&dead))?;
+            if conflict.is_none() {
+                warn!(volume_id, dead = %dead.node, "took over the staging claim of a node whose lease expired");
             }
-            None => {
-                r.staged_on = Some(StagedOn {
-                    node: node.clone(),
-                    staging_path: staging.clone(),
-                });
-                Ok(true)
-            }
-        })?;
+        }
         if let Some(s) = conflict {
             if s.staging_path == crate::repair::REPAIR_CLAIM {
                 return Err(Error::new(

@@ -44,4 +44,8 @@ pub trait Pool: Send + Sync {
     fn open(&self, name: &str) -> Result<Box<dyn ReplicaIo>>;
     /// Total bytes of the storage behind the pool.
     fn capacity(&self) -> Result<u64>;
+    /// Replicas opened from now on write under staging claim `epoch`, so a
+    /// newer claim can fence them out (remote pools; a local pool is only
+    /// ever written by its own node).
+    fn act_under_claim(&self, _epoch: u64) {}
 }

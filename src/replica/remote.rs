@@ -29,6 +29,8 @@ pub struct Client {
     timeout: Duration,
     idle: Mutex<Vec<TcpStream>>,
     next_id: AtomicU64,
+    /// The staging claim this process's writes act under (0: none).
+    claim: AtomicU64,
 }
 
 impl Client {
@@ -40,7 +42,14 @@ impl Client {
             timeout,
             idle: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
+            claim: AtomicU64::new(0),
         }
+    }
+
+    /// Connections from now on act under staging claim `epoch`.
+    pub fn act_under_claim(&self, epoch: u64) {
+        self.claim.store(epoch, Ordering::SeqCst);
+        self.drop_idle();
     }
 
     fn exchange(&self, stream: &mut TcpStream, req: &Request) -> io::Result<Response> {
@@ -66,6 +75,7 @@ impl Client {
         let hello = Request::Hello {
             token: self.token.clone(),
             node: self.node.clone(),
+            claim: self.claim.load(Ordering::SeqCst),
         };
         match self.exchange(&mut stream, &hello)? {
             Response::Hello { .. } => Ok(stream),
@@ -160,6 +170,10 @@ impl RemotePool {
 }
 
 impl Pool for RemotePool {
+    fn act_under_claim(&self, epoch: u64) {
+        self.client.act_under_claim(epoch);
+    }
+
     fn create(&self, name: &str, size: u64) -> Result<()> {
         self.call(
             "create replica",

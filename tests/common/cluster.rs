@@ -217,6 +217,8 @@ fn free_port() -> u16 {
 }
 
 pub const TIERS: [&str; 3] = ["fast", "standard", "slow"];
+/// Short, so a test sees a killed node's claims lapse within seconds.
+pub const NODE_LEASE_SECS: u64 = 6;
 
 impl Cluster {
     pub async fn start(nodes: usize) -> Cluster {
@@ -284,6 +286,10 @@ impl Cluster {
             &addr,
             "--heartbeat-secs",
             "1",
+            "--lease-namespace",
+            "default",
+            "--node-lease-secs",
+            &NODE_LEASE_SECS.to_string(),
             "--endpoint",
             &format!("unix://{}", self.node_socket(i).display()),
             "--kubelet-registry",
