@@ -111,9 +111,31 @@ fn repair_one(data_dir: &Path, node: &str, store: &Arc<dyn StateStore>, id: &str
 
 /// One pass over every unstaged volume.
 pub fn pass(data_dir: &Path, node: &str, store: &Arc<dyn StateStore>, pools: &Pools) {
+    pass_over(data_dir, node, store, pools, |_| true);
+}
+
+/// Whether `node` looks after `record` in a cluster: it holds one of its
+/// healthy replicas. So a volume is checked by the few nodes that have a
+/// stake in it (its claim lets one repair at a time), and one of them is
+/// alive as long as any healthy replica is.
+pub fn looks_after(record: &VolumeRecord, node: &str) -> bool {
+    record
+        .replicas
+        .iter()
+        .any(|r| r.node == node && r.is_healthy())
+}
+
+/// One pass over the unstaged volumes `mine` picks.
+pub fn pass_over(
+    data_dir: &Path,
+    node: &str,
+    store: &Arc<dyn StateStore>,
+    pools: &Pools,
+    mine: impl Fn(&VolumeRecord) -> bool,
+) {
     let Ok(records) = store.list() else { return };
     for record in records {
-        if record.phase != Phase::Ready || record.staged_on.is_some() {
+        if record.phase != Phase::Ready || record.staged_on.is_some() || !mine(&record) {
             continue;
         }
         if let Err(e) = notice_missing(data_dir, store.as_ref(), pools, &record) {

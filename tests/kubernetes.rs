@@ -1098,3 +1098,58 @@ async fn tv_replica_on(
         .unwrap();
     tv.status.unwrap().replicas[index].clone()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_staged_nowhere_is_repaired_when_a_replica_node_dies_and_returns() {
+    use sha2::{Digest, Sha256};
+    common::assert_root("kubernetes");
+    let mut cluster = Cluster::start(3).await;
+    let _cleanup = Cleanup(cluster.root.path().to_path_buf());
+    cluster.start_controller("c1");
+    let client = cluster.client().await;
+    let id = provision_one(&cluster, "idle", "idle").await;
+    let (mut n1, staging1, target1) = mount_on(&cluster, 1, &id).await;
+    let data: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(3266489917) >> 9) as u8)
+        .collect();
+    write_synced(&target1.join("kept.bin"), &data);
+    n1.unpublish(&id, &target1).await;
+    n1.unstage(&id, &staging1).await;
+
+    // With no engine anywhere, the nodes holding its other replicas notice
+    // n3's is gone, and when n3 returns its replica rejoins.
+    cluster.nodes[2].kill_hard();
+    let c = client.clone();
+    let volume = id.clone();
+    eventually("n3's replica faulted", Duration::from_secs(60), || {
+        let (c, volume) = (c.clone(), volume.clone());
+        async move { tv_replica_on(&c, &volume, "n3").await.state == "faulted" }
+    })
+    .await;
+    cluster.nodes[2].restart();
+    let c = client.clone();
+    let volume = id.clone();
+    eventually(
+        "n3's replica healthy again",
+        Duration::from_secs(90),
+        || {
+            let (c, volume) = (c.clone(), volume.clone());
+            async move { tv_replica_on(&c, &volume, "n3").await.state == "healthy" }
+        },
+    )
+    .await;
+    let status = terna_volumes(&client)
+        .await
+        .into_iter()
+        .find(|v| v.metadata.name.as_deref() == Some(&id))
+        .unwrap()
+        .status
+        .unwrap();
+    assert!(status.staged_on.is_none(), "repair released its claim");
+
+    let (mut n2, staging2, target2) = mount_on(&cluster, 2, &id).await;
+    let read = std::fs::read(target2.join("kept.bin")).unwrap();
+    assert_eq!(Sha256::digest(&read), Sha256::digest(&data));
+    n2.unpublish(&id, &target2).await;
+    n2.unstage(&id, &staging2).await;
+}

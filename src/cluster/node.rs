@@ -171,6 +171,7 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
                 }
             });
         }
+        spawn_repair(&opts.data_dir, &opts.node_id)?;
         tokio::spawn(async move {
             if let Err(e) = serve_csi(&endpoint, core).await {
                 tracing::error!(error = %e, "CSI endpoint stopped");
@@ -350,6 +351,35 @@ impl ClusterBacking {
             pools: Arc::new(directory.pools(&shared)),
         }))
     }
+}
+
+const REPAIR_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Repairs, in the background, degraded volumes staged nowhere that this
+/// node holds a healthy replica of: a fresh store and pool snapshot each
+/// pass, so pools registered since are seen.
+fn spawn_repair(data_dir: &Path, node: &str) -> Result<()> {
+    let (data_dir, node) = (data_dir.to_path_buf(), node.to_string());
+    std::thread::Builder::new()
+        .name("repair".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(REPAIR_INTERVAL);
+                let backing = Config::load_or_init_with(&data_dir, Config::default_node)
+                    .and_then(|config| ClusterBacking::open(&data_dir, &node, &config));
+                match backing {
+                    Ok(Some(b)) => {
+                        crate::repair::pass_over(&data_dir, &node, &b.store, &b.pools, |r| {
+                            crate::repair::looks_after(r, &node)
+                        })
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!(error = %e, "cannot look for volumes to repair"),
+                }
+            }
+        })
+        .map_err(|e| Error::io("cannot start the repair thread", e))?;
+    Ok(())
 }
 
 /// Node liveness from the nodes' Leases. A node without one is dead too:
