@@ -973,7 +973,9 @@ async fn a_node_that_dies_holding_a_volume_releases_it_when_its_lease_expires() 
         .collect();
     write_synced(&target1.join("before.bin"), &data);
 
-    // Node n1 dies: its plugin and the volume's engine, all at once.
+    // Node n1's plugin dies (its lease lapses), but the volume's engine
+    // there lives on, as on a node cut off from its peers' view: it must not
+    // write behind the new holder's back.
     let engine: i32 =
         std::fs::read_to_string(cluster.node_dir(1).join(format!("run/{id}/engine.pid")))
             .unwrap()
@@ -981,11 +983,6 @@ async fn a_node_that_dies_holding_a_volume_releases_it_when_its_lease_expires() 
             .parse()
             .unwrap();
     cluster.nodes[0].kill_hard();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(engine),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
 
     // While n1's lease is current, n2 is refused; once it lapses, n2 takes
     // the volume over.
@@ -1036,6 +1033,37 @@ async fn a_node_that_dies_holding_a_volume_releases_it_when_its_lease_expires() 
             .contains("lease expired"),
         "{on_n1:?}"
     );
+
+    // The old engine's writes are refused (fenced at the agents, and its
+    // fault records refused by the store), then it stops by itself.
+    let late = (|| -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(target1.join("late.bin"))?;
+        f.write_all(&data)?;
+        f.sync_all()
+    })();
+    assert!(
+        late.is_err(),
+        "n1's engine acknowledged a write after the takeover"
+    );
+    println!("late write on n1 after the takeover: {late:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    // Orphaned when n1's plugin died: once it exits it may linger as a
+    // zombie of whoever adopted it, so "running" means not a zombie.
+    let running = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(") ")
+                .next()
+                .is_some_and(|rest| !rest.starts_with('Z'))
+        })
+    };
+    while running(engine) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "n1's engine still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Every byte acknowledged on n1 reads back on n2, and it takes writes.
     n2.publish(&id, &staging2, &target2, cap.clone()).await;

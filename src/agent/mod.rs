@@ -12,6 +12,11 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::pools::Pools;
 
+/// Where an agent keeps its replicas' claim floors.
+pub fn fence_dir(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("fences")
+}
+
 /// `terna agent`: serves the pools on this node's disks until killed.
 pub fn run(data_dir: &Path, listen: SocketAddr, node: &str) -> Result<()> {
     let config = Config::load_or_init(data_dir)?;
@@ -19,7 +24,8 @@ pub fn run(data_dir: &Path, listen: SocketAddr, node: &str) -> Result<()> {
     let pools = Pools::local_to(&config, data_dir, node)?;
     let listener = TcpListener::bind(listen)
         .map_err(|e| Error::io(format!("cannot listen on {listen}"), e))?;
-    let state = Arc::new(server::AgentState::new(node, &token, pools));
+    let state =
+        Arc::new(server::AgentState::new(node, &token, pools).with_fence_dir(&fence_dir(data_dir)));
     server::serve(listener, state).map_err(|e| Error::io("replica agent stopped", e))
 }
 

@@ -30,6 +30,9 @@ pub struct AgentState {
     /// Per replica: what writes must be at least, behind a lock that
     /// writes hold shared while they run.
     fences: Mutex<HashMap<ReplicaKey, Arc<RwLock<Floor>>>>,
+    /// Where claim floors are kept across restarts (`<pool>/<name>.claim`);
+    /// `None` keeps them in memory only (tests).
+    fence_dir: Option<std::path::PathBuf>,
 }
 
 /// Writes to a replica are refused from connections older than `epoch` or
@@ -60,7 +63,21 @@ impl AgentState {
             open: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(1),
             fences: Mutex::new(HashMap::new()),
+            fence_dir: None,
         }
+    }
+
+    /// Keeps claim floors in `dir`, so an agent that restarts still refuses
+    /// writes from engines of claims that were fenced out.
+    pub fn with_fence_dir(mut self, dir: &std::path::Path) -> AgentState {
+        self.fence_dir = Some(dir.to_path_buf());
+        self
+    }
+
+    fn floor_file(&self, pool: &str, name: &str) -> Option<std::path::PathBuf> {
+        self.fence_dir
+            .as_ref()
+            .map(|d| d.join(pool).join(format!("{name}.claim")))
     }
 
     /// A connection that said Hello acting under `claim`.
@@ -75,7 +92,14 @@ impl AgentState {
         let mut fences = self.fences.lock().map_err(|_| poisoned())?;
         Ok(fences
             .entry((pool.to_string(), name.to_string()))
-            .or_default()
+            .or_insert_with(|| {
+                let claim = self
+                    .floor_file(pool, name)
+                    .and_then(|f| std::fs::read_to_string(f).ok())
+                    .and_then(|t| t.trim().parse().ok())
+                    .unwrap_or(0);
+                Arc::new(RwLock::new(Floor { epoch: 0, claim }))
+            })
             .clone())
     }
 
@@ -180,6 +204,12 @@ impl AgentState {
             Request::Delete { pool, name } => {
                 self.forget(&pool, &name);
                 self.pool(&pool)?.delete(&name).map_err(error_response)?;
+                if let Some(file) = self.floor_file(&pool, &name) {
+                    let _ = std::fs::remove_file(file);
+                }
+                if let Ok(mut fences) = self.fences.lock() {
+                    fences.remove(&(pool.clone(), name.clone()));
+                }
                 Response::Ok
             }
             Request::Stat { pool, name } => Response::Stat {
@@ -242,7 +272,26 @@ impl AgentState {
                 // Exclusive: waits for fenced operations under way to finish.
                 let mut floor = fence.write().map_err(|_| poisoned())?;
                 floor.epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-                floor.claim = floor.claim.max(conn.claim);
+                if conn.claim > floor.claim {
+                    // Durable before the fence is acknowledged: the new
+                    // holder relies on it from then on.
+                    if let Some(file) = self.floor_file(&pool, &name) {
+                        let written = file
+                            .parent()
+                            .map_or(Ok(()), std::fs::create_dir_all)
+                            .map_err(|e| crate::error::Error::io("cannot keep a claim floor", e))
+                            .and_then(|()| {
+                                crate::store::atomic_write(&file, conn.claim.to_string().as_bytes())
+                            });
+                        if let Err(e) = written {
+                            return Err(Response::Error {
+                                errno: libc::EIO,
+                                message: format!("cannot persist the fence of {pool}/{name}: {e}"),
+                            });
+                        }
+                    }
+                    floor.claim = conn.claim;
+                }
                 Response::Ok
             }
             Request::Check { pool, name } => {

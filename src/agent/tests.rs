@@ -13,11 +13,19 @@ use crate::replica::remote::{Client, RemotePool};
 const TOKEN: &[u8] = b"cluster-secret";
 
 fn start_agent(dir: &std::path::Path) -> SocketAddr {
+    start_agent_with(AgentState::new("node-a", TOKEN, pool_in(dir)))
+}
+
+fn pool_in(dir: &std::path::Path) -> BTreeMap<String, Box<dyn Pool>> {
     let mut pools: BTreeMap<String, Box<dyn Pool>> = BTreeMap::new();
     pools.insert("p".into(), Box::new(LocalPool::new(dir, None).unwrap()));
+    pools
+}
+
+fn start_agent_with(state: AgentState) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let state = Arc::new(AgentState::new("node-a", TOKEN, pools));
+    let state = Arc::new(state);
     std::thread::spawn(move || serve(listener, state));
     addr
 }
@@ -167,4 +175,32 @@ fn an_engine_of_an_older_claim_is_fenced_out_even_on_new_connections() {
     let mut back = [0u8; 4096];
     old_io.read_at(&mut back, 0).unwrap();
     assert_eq!(back, [3u8; 4096]);
+}
+
+#[test]
+fn a_claim_floor_outlives_an_agent_restart_and_goes_with_its_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let fences = dir.path().join("fences");
+    let pool_dir = dir.path().join("pool");
+    std::fs::create_dir_all(&pool_dir).unwrap();
+    let agent = || AgentState::new("node-a", TOKEN, pool_in(&pool_dir)).with_fence_dir(&fences);
+    let first = start_agent_with(agent());
+    let holder = client(first, TOKEN);
+    holder.act_under_claim(2);
+    let pool = RemotePool::new(holder, "p");
+    pool.create("r", 1 << 20).unwrap();
+    pool.open("r").unwrap().fence().unwrap();
+    // The same node's agent, restarted (a second instance on the same dirs).
+    let second = start_agent_with(agent());
+    let old = client(second, TOKEN);
+    old.act_under_claim(1);
+    let old_io = RemotePool::new(old, "p").open("r").unwrap();
+    let err = old_io.write_at(&[1u8; 4096], 0).unwrap_err();
+    assert!(err.to_string().contains("claim 2 fenced it"), "{err}");
+    // Deleting the replica forgets its floor: a new one starts afresh.
+    let admin = RemotePool::new(client(second, TOKEN), "p");
+    admin.delete("r").unwrap();
+    assert!(!fences.join("p/r.claim").exists());
+    admin.create("r", 1 << 20).unwrap();
+    old_io.write_at(&[1u8; 4096], 0).unwrap();
 }

@@ -93,7 +93,10 @@ fn statvfs_used(path: &Path) -> Option<u64> {
 pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
     let config = Config::load_or_init_with(&opts.data_dir, Config::default_node)?;
     let token = config.cluster_token(&opts.data_dir)?;
-    let agent = Arc::new(AgentState::new(&opts.node_id, &token, Default::default()));
+    let agent = Arc::new(
+        AgentState::new(&opts.node_id, &token, Default::default())
+            .with_fence_dir(&crate::agent::fence_dir(&opts.data_dir)),
+    );
     let listener = TcpListener::bind(opts.agent_listen)
         .map_err(|e| Error::io(format!("cannot listen on {}", opts.agent_listen), e))?;
     let serving = agent.clone();

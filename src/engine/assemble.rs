@@ -100,12 +100,8 @@ pub fn assemble(
         .ok_or_else(|| Error::not_found(format!("volume {volume_id} does not exist")))?;
     // Replicas are written under this node's claim on the volume, so once
     // another node takes it over, this engine's writes are fenced out.
-    let claim = record
-        .staged_on
-        .as_ref()
-        .filter(|s| s.node == node_id)
-        .map_or(0, |s| s.epoch);
-    pools.act_under_claim(claim);
+    let claim = record.staged_on.clone().filter(|s| s.node == node_id);
+    pools.act_under_claim(claim.as_ref().map_or(0, |s| s.epoch));
     let dirty_dir = crate::dirty_dir(data_dir, volume_id);
     std::fs::create_dir_all(&dirty_dir)
         .map_err(|e| Error::io(format!("cannot create {}", dirty_dir.display()), e))?;
@@ -207,6 +203,7 @@ pub fn assemble(
                 bytes_per_sec: config.rebuild_mib_per_sec << 20,
                 replacer: Some(replacer),
             },
+            claim,
         },
     )
     .map_err(|e| Error::io("cannot start replica I/O threads", e))?;

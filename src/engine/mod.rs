@@ -29,6 +29,7 @@ use std::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::dirty::{DEFAULT_REGION, DirtyMap};
+use crate::volume::StagedOn;
 
 use crate::frontend::BlockDevice;
 use crate::replica::ReplicaIo;
@@ -81,6 +82,7 @@ pub struct Engine {
     faulted_since: Mutex<BTreeMap<usize, Instant>>,
     rebuild: RebuildPolicy,
     stats: crate::metrics::IoStats,
+    claim: Option<StagedOn>,
 }
 
 /// Finds a new home for lost replica `index`: creates it (empty) on some
@@ -95,6 +97,11 @@ pub struct EngineOptions {
     /// Where dirty maps are persisted; `None` keeps them in memory (tests).
     pub dirty_dir: Option<PathBuf>,
     pub rebuild: RebuildPolicy,
+    /// The staging claim this engine serves under. Replica health is only
+    /// recorded while the record still names it: an engine whose node lost
+    /// the volume cannot fault the new holder's replicas and go on writing
+    /// without them. `None`: unchecked (tests).
+    pub claim: Option<StagedOn>,
 }
 
 pub struct RebuildPolicy {
@@ -143,6 +150,7 @@ impl Engine {
             worker_threads,
             dirty_dir,
             rebuild,
+            claim,
         } = opts;
         let mut dirty = BTreeMap::new();
         let mut faulted_since = BTreeMap::new();
@@ -178,6 +186,7 @@ impl Engine {
             workers: Workers::new("replica-io", worker_threads)?,
             next_read: AtomicUsize::new(0),
             stats: Default::default(),
+            claim,
         })
     }
 
@@ -279,6 +288,18 @@ impl Engine {
         }
     }
 
+    fn still_claimed(&self, r: &crate::volume::VolumeRecord) -> crate::error::Result<()> {
+        match &self.claim {
+            Some(c) if r.staged_on.as_ref() != Some(c) => {
+                Err(crate::error::Error::precondition(format!(
+                    "volume {} is no longer claimed by node {} (epoch {})",
+                    self.volume_id, c.node, c.epoch
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Records replica `slot` as faulted in the state store, then stops
     /// using it. Err means the fault could not be persisted: the caller must
     /// not acknowledge anything that the replica missed.
@@ -291,9 +312,10 @@ impl Engine {
             return Ok(());
         }
         let index = slot.index;
-        let persisted = self
-            .store
-            .update(&self.volume_id, &mut |r| Ok(r.fault_replica(index, reason)));
+        let persisted = self.store.update(&self.volume_id, &mut |r| {
+            self.still_claimed(r)?;
+            Ok(r.fault_replica(index, reason))
+        });
         match persisted {
             Ok(_) => {
                 // The map exists before any write skips this replica, so
@@ -548,7 +570,10 @@ impl Engine {
         slot.io.flush()?;
         let index = slot.index;
         self.store
-            .update(&self.volume_id, &mut |r| Ok(r.heal_replica(index, bytes)))
+            .update(&self.volume_id, &mut |r| {
+                self.still_claimed(r)?;
+                Ok(r.heal_replica(index, bytes))
+            })
             .map_err(|e| io::Error::other(format!("cannot record replica healthy: {e}")))?;
         self.lock_dirty()?.remove(&index);
         if let Ok(mut since) = self.faulted_since.lock() {

@@ -60,6 +60,11 @@ const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A worker that served this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// How often a worker makes sure its node still holds the volume's claim.
+const CLAIM_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// A worker's exit status when its claim was taken over: the supervisor
+/// then ends the session instead of starting another worker.
+const EXIT_CLAIM_LOST: i32 = 75;
 /// Beside the FUSE mount: the pid of the worker serving now.
 pub const WORKER_PID_FILE: &str = "engine-worker.pid";
 
@@ -165,6 +170,15 @@ fn supervise(args: &EngineArgs, signals: SigSet) -> Result<()> {
         if status.success() || stopping.load(Ordering::SeqCst) || session_ended(&session) {
             info!(volume_id, %status, "engine stopped");
             return Ok(());
+        }
+        if status.code() == Some(EXIT_CLAIM_LOST) {
+            // Another node serves the volume now: every request here must
+            // fail rather than wait for a worker that may not write.
+            fuse::abort(&args.mountpoint);
+            let _ = fuse::unmount(&args.mountpoint);
+            return Err(Error::precondition(format!(
+                "volume {volume_id} was taken over by another node; its session here is aborted"
+            )));
         }
         restarts += 1;
         error!(
@@ -284,6 +298,16 @@ fn serve(args: &EngineArgs, fd: RawFd, signals: SigSet) -> Result<()> {
     let session = session_fd(fd)?;
     let volume_id = args.volume_id.as_str();
     let (engine, store) = assemble(&args.data_dir, &args.node_id, volume_id, REPLICA_IO_THREADS)?;
+    let claim = store
+        .get(volume_id)?
+        .and_then(|r| r.staged_on)
+        .filter(|s| s.node == args.node_id)
+        .ok_or_else(|| {
+            Error::precondition(format!(
+                "volume {volume_id} is not claimed by node {}",
+                args.node_id
+            ))
+        })?;
     engine
         .fence_replicas()
         .map_err(|e| Error::io("cannot fence the volume's replicas", e))?;
@@ -326,15 +350,32 @@ fn serve(args: &EngineArgs, fd: RawFd, signals: SigSet) -> Result<()> {
             .map_err(|e| Error::io("cannot start the stats writer", e))?;
     }
     let checker = {
-        let engine = engine.clone();
-        let stop = stop.clone();
+        let (engine, stop, store) = (engine.clone(), stop.clone(), store.clone());
+        let volume_id = volume_id.to_string();
         std::thread::Builder::new()
             .name("replica-check".into())
             .spawn(move || {
+                let mut claim_checked = Instant::now();
                 while !stop.load(Ordering::SeqCst) {
                     engine.check_replicas();
                     engine.replace_lost();
                     engine.catch_up();
+                    if claim_checked.elapsed() >= CLAIM_CHECK_INTERVAL {
+                        claim_checked = Instant::now();
+                        // Unreachable store: keep serving; the agents
+                        // fence this engine out if the claim moved.
+                        if let Ok(record) = store.get(&volume_id)
+                            && record.as_ref().and_then(|r| r.staged_on.as_ref()) != Some(&claim)
+                        {
+                            error!(
+                                volume_id,
+                                epoch = claim.epoch,
+                                now = ?record.and_then(|r| r.staged_on),
+                                "this node's claim on the volume is gone; the engine stops"
+                            );
+                            std::process::exit(EXIT_CLAIM_LOST);
+                        }
+                    }
                     std::thread::sleep(CHECK_INTERVAL);
                 }
             })

@@ -94,6 +94,7 @@ fn setup(
             worker_threads: 4,
             dirty_dir: None,
             rebuild: RebuildPolicy::default(),
+            claim: None,
         },
     )
     .unwrap();
@@ -144,6 +145,7 @@ fn setup_big_with(n: usize, policy: RebuildPolicy) -> BigSetup {
             worker_threads: 4,
             dirty_dir: Some(run),
             rebuild: policy,
+            claim: None,
         },
     )
     .unwrap();

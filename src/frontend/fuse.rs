@@ -422,6 +422,14 @@ pub(crate) fn unescape_octal(s: &str) -> PathBuf {
     PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
+/// Aborts the FUSE session mounted at `mountpoint`: every request waiting
+/// on it, and every later one, fails with ENOTCONN.
+pub fn abort(mountpoint: &Path) {
+    if let Some(conn) = mount_device(mountpoint) {
+        abort_connection(conn);
+    }
+}
+
 fn mount_device(mountpoint: &Path) -> Option<u64> {
     // The kernel's dev_t encoding, which fusectl uses for directory names.
     fuse_mount_device(mountpoint).map(|(major, minor)| (major << 20) | minor)
