@@ -57,8 +57,14 @@ pub struct PoolConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     /// Directory holding the pool's replica files on its node; relative
-    /// paths are under that node's data dir.
+    /// paths are under that node's data dir. Unused for NFS pools.
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub path: PathBuf,
+    /// An NFS export instead of a local directory: replicas are files on
+    /// it, reached by Terna's own NFSv3 client (no kernel mount), from
+    /// whichever node runs the engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nfs: Option<NfsPoolConfig>,
     pub tier: Tier,
     /// Failure domain for `failureDomain: node`: replicas of a volume never
     /// share one. Defaults to the node the pool is on.
@@ -70,6 +76,30 @@ pub struct PoolConfig {
     /// Capacity to account with; defaults to the size of the filesystem holding `path`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity_bytes: Option<u64>,
+}
+
+fn path_is_empty(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
+/// Where an NFS pool lives: `server:export/subdir`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NfsPoolConfig {
+    /// Host name or IP address of the NFS server.
+    pub server: String,
+    /// NFS port; absent asks the server's portmapper.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// MOUNT protocol port; absent asks the server's portmapper.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_port: Option<u16>,
+    /// The exported path, as the server names it.
+    pub export: String,
+    /// Directory inside the export holding this pool's replicas (created
+    /// on first use); absent means the export's root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subdir: Option<String>,
 }
 
 fn default_overcommit() -> f64 {
@@ -107,6 +137,7 @@ impl Config {
                 name: format!("disk-{i}"),
                 node: None,
                 path: PathBuf::from(format!("pools/disk-{i}")),
+                nfs: None,
                 tier: Tier::Standard,
                 domain: Some(format!("disk-{i}")),
                 zone: Some(format!("zone-{i}")),
@@ -133,6 +164,7 @@ impl Config {
                 name: "default".into(),
                 node: None,
                 path: PathBuf::from("pools/default"),
+                nfs: None,
                 tier: Tier::Standard,
                 domain: None,
                 zone: None,
@@ -199,6 +231,32 @@ impl Config {
                     path.display(),
                     pool.name
                 )));
+            }
+            match &pool.nfs {
+                None if pool.path.as_os_str().is_empty() => {
+                    return Err(Error::invalid(format!(
+                        "{}: pool {:?} needs a path (a local directory) or an [pools.nfs] table",
+                        path.display(),
+                        pool.name
+                    )));
+                }
+                Some(_) if !pool.path.as_os_str().is_empty() || pool.node.is_some() => {
+                    return Err(Error::invalid(format!(
+                        "{}: NFS pool {:?} takes neither path nor node: it is reached from every node",
+                        path.display(),
+                        pool.name
+                    )));
+                }
+                Some(nfs) if nfs.server.is_empty() || !nfs.export.starts_with('/') => {
+                    return Err(Error::invalid(format!(
+                        "{}: NFS pool {:?} needs a server and an absolute export path, got {:?}:{:?}",
+                        path.display(),
+                        pool.name,
+                        nfs.server,
+                        nfs.export
+                    )));
+                }
+                _ => {}
             }
             if !names.insert(pool.name.as_str()) {
                 return Err(Error::invalid(format!(

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::capability::Capability;
 use crate::class::{Tier, VolumeClass};
@@ -175,6 +175,15 @@ impl ControllerCore {
 
     /// Every pool with its allocatable bytes left, not counting `except`.
     pub fn candidates(&self, except: Option<&str>) -> Result<Vec<Candidate>> {
+        Ok(self.candidates_and_left_out(except)?.0)
+    }
+
+    /// The candidates, and why each pool that cannot take replicas now
+    /// (unreachable, read-only, refusing us) was left out.
+    fn candidates_and_left_out(
+        &self,
+        except: Option<&str>,
+    ) -> Result<(Vec<Candidate>, Vec<String>)> {
         let records = self.store.list()?;
         let mut allocated: BTreeMap<&str, u64> = BTreeMap::new();
         for r in records.iter().filter(|r| Some(r.id.as_str()) != except) {
@@ -182,23 +191,45 @@ impl ControllerCore {
                 *allocated.entry(rep.pool.as_str()).or_default() += r.capacity_bytes;
             }
         }
-        self.pools()
-            .iter()
-            .map(|p| {
-                let capacity = p.backend.capacity()?;
-                let ratio = p.overcommit_ratio.unwrap_or(self.overcommit_ratio);
-                let allocatable = (capacity as f64 * ratio) as u64;
-                Ok(Candidate {
-                    pool: p.name.clone(),
-                    node: p.node.clone(),
-                    tier: p.tier,
-                    domain: p.domain.clone(),
-                    zone: p.zone.clone(),
-                    free_bytes: allocatable
-                        .saturating_sub(*allocated.get(p.name.as_str()).unwrap_or(&0)),
-                })
-            })
-            .collect()
+        let pools = self.pools();
+        let mut out = Vec::new();
+        let mut left_out = Vec::new();
+        for p in pools.iter() {
+            // A pool that cannot say how big it is (its server or agent is
+            // down) takes no new replicas; the others still do.
+            let capacity = match p.backend.capacity() {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(pool = %p.name, error = %e, "pool unreachable; left out of placement");
+                    left_out.push(format!("pool {}: {e}", p.name));
+                    continue;
+                }
+            };
+            let ratio = p.overcommit_ratio.unwrap_or(self.overcommit_ratio);
+            let allocatable = (capacity as f64 * ratio) as u64;
+            let mut free_bytes =
+                allocatable.saturating_sub(*allocated.get(p.name.as_str()).unwrap_or(&0));
+            // Storage shared with others (an NFS export) may hold less than
+            // our own accounting says.
+            match p.backend.available() {
+                Some(Ok(available)) => free_bytes = free_bytes.min(available),
+                Some(Err(e)) => {
+                    warn!(pool = %p.name, error = %e, "pool unreachable; left out of placement");
+                    left_out.push(format!("pool {}: {e}", p.name));
+                    continue;
+                }
+                None => {}
+            }
+            out.push(Candidate {
+                pool: p.name.clone(),
+                node: p.node.clone(),
+                tier: p.tier,
+                domain: p.domain.clone(),
+                zone: p.zone.clone(),
+                free_bytes,
+            });
+        }
+        Ok((out, left_out))
     }
 
     pub fn create(&self, req: &CreateRequest) -> Result<VolumeRecord> {
@@ -274,6 +305,7 @@ impl ControllerCore {
         class: &VolumeClass,
         size: u64,
     ) -> Result<VolumeRecord> {
+        let (candidates, left_out) = self.candidates_and_left_out(None)?;
         let chosen = placement::choose(
             &placement::Request {
                 size,
@@ -283,8 +315,7 @@ impl ControllerCore {
                 preferred_node: req.preferred_node.clone(),
                 taken_domains: vec![],
             },
-            &self
-                .candidates(None)?
+            &candidates
                 .into_iter()
                 .filter(|c| {
                     req.allowed_nodes
@@ -292,7 +323,14 @@ impl ControllerCore {
                         .is_none_or(|nodes| nodes.contains(&c.node))
                 })
                 .collect::<Vec<_>>(),
-        )?;
+        )
+        .map_err(|e| {
+            let mut message = e.to_string();
+            if !left_out.is_empty() {
+                message += &format!("; left out: {}", left_out.join("; "));
+            }
+            Error::new(ErrorKind::ResourceExhausted, message)
+        })?;
         let record = VolumeRecord {
             id: id.to_string(),
             name: req.name.clone(),

@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::class::Tier;
-use crate::config::Config;
+use crate::config::{Config, NfsPoolConfig, PoolConfig};
 use crate::error::{Error, Result};
 use crate::replica::Pool;
 use crate::replica::local::LocalPool;
+use crate::replica::nfs::NfsPool;
 use crate::replica::remote::{Client, RemotePool};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,25 @@ pub struct PoolEntry {
 
 pub struct Pools {
     entries: BTreeMap<String, PoolEntry>,
+}
+
+/// The node an NFS pool is recorded on: its server, which is also its
+/// failure domain unless the admin names another.
+pub fn nfs_node(server: &str) -> String {
+    format!("nfs:{server}")
+}
+
+fn nfs_entry(pool: &PoolConfig, nfs: &NfsPoolConfig, timeout: Duration) -> PoolEntry {
+    let node = nfs_node(&nfs.server);
+    PoolEntry {
+        name: pool.name.clone(),
+        domain: pool.domain.clone().unwrap_or_else(|| node.clone()),
+        zone: pool.zone.clone().unwrap_or_else(|| "default".to_string()),
+        node,
+        tier: pool.tier,
+        overcommit_ratio: None,
+        backend: Box::new(NfsPool::new(nfs, timeout)),
+    }
 }
 
 impl Pools {
@@ -46,6 +66,10 @@ impl Pools {
             .collect();
         let mut entries = BTreeMap::new();
         for pool in &config.pools {
+            if let Some(nfs) = &pool.nfs {
+                entries.insert(pool.name.clone(), nfs_entry(pool, nfs, timeout));
+                continue;
+            }
             let pool_node = pool.node.clone().unwrap_or_else(|| node.to_string());
             let backend: Box<dyn Pool> = match clients.get(pool_node.as_str()) {
                 Some(client) if pool_node != node => {
@@ -106,7 +130,8 @@ impl Pools {
     ) -> Result<BTreeMap<String, Box<dyn Pool>>> {
         let mut out: BTreeMap<String, Box<dyn Pool>> = BTreeMap::new();
         for pool in &config.pools {
-            if pool.node.as_deref().is_none_or(|n| n == node) {
+            // NFS pools are reached directly from every node, never served.
+            if pool.nfs.is_none() && pool.node.as_deref().is_none_or(|n| n == node) {
                 out.insert(
                     pool.name.clone(),
                     Box::new(LocalPool::new(

@@ -1,6 +1,7 @@
 //! The real csi-sanity (kubernetes-csi/csi-test, version pinned in
 //! scripts/install-test-tools) against `terna standalone`, with 3-replica
-//! 64 MiB test volumes. Needs root. csi-sanity's own output streams to
+//! 64 MiB test volumes: once on its default local pools, once on NFS pools
+//! only. Needs root. csi-sanity's own output streams to
 //! stdout; its JUnit report decides: zero failures, and specs really ran.
 //! Afterwards terna must exit cleanly on SIGTERM and leave no mount, loop
 //! device or engine process behind.
@@ -138,8 +139,29 @@ fn say(text: &str) {
 #[test]
 fn csi_sanity_passes_against_standalone() {
     common::assert_root(TEST);
+    run_suite(common::Standalone::start());
+}
+
+/// The same suite with NFS pools only: three nfs-ganesha servers, every
+/// replica of every test volume on an export, through Terna's own client.
+#[test]
+fn csi_sanity_passes_with_nfs_only_pools() {
+    common::assert_root(TEST);
+    let root = tempfile::Builder::new()
+        .prefix("terna-sanity-nfs-")
+        .tempdir()
+        .unwrap();
+    let servers = common::nfs::start_servers(root.path(), 3);
+    let pools = common::nfs::pools_toml(&servers);
+    run_suite(common::Standalone::start_with(move |data_dir| {
+        std::fs::create_dir_all(data_dir).unwrap();
+        std::fs::write(data_dir.join("terna.toml"), pools).unwrap();
+    }));
+    drop(servers);
+}
+
+fn run_suite(mut terna: common::Standalone) {
     let sanity = csi_sanity();
-    let mut terna = common::Standalone::start();
     let dir = terna.dir.path().to_path_buf();
     let junit = dir.join("junit.xml");
     let params = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sanity-params.yaml");

@@ -1181,3 +1181,112 @@ async fn a_volume_staged_nowhere_is_repaired_when_a_replica_node_dies_and_return
     n2.unpublish(&id, &target2).await;
     n2.unstage(&id, &staging2).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nfs_storage_pools_hold_a_claims_replicas_and_any_node_mounts_it() {
+    use sha2::{Digest, Sha256};
+    use terna::cluster::crd::{NfsPoolSpec, StoragePool, StoragePoolSpec};
+    common::assert_root("kubernetes");
+    let mut cluster = Cluster::start(2).await;
+    let _cleanup = Cleanup(cluster.root.path().to_path_buf());
+    let servers: Vec<common::nfs::Ganesha> = (1..=3)
+        .map(|i| common::nfs::Ganesha::start(cluster.root.path(), &format!("nfs{i}")))
+        .collect();
+    cluster.start_controller("c1");
+    let client = cluster.client().await;
+    // The admin's view: the nodes' slow disks go, three exports come.
+    let api: Api<StoragePool> = Api::all(client.clone());
+    for n in ["n1-slow", "n2-slow"] {
+        api.delete(n, &DeleteParams::default()).await.unwrap();
+    }
+    for (i, s) in servers.iter().enumerate() {
+        let pool = StoragePool::new(
+            &format!("export-{i}"),
+            StoragePoolSpec {
+                node: String::new(),
+                path: String::new(),
+                nfs: Some(NfsPoolSpec {
+                    server: s.addr.clone(),
+                    port: Some(s.port),
+                    mount_port: Some(s.mount_port),
+                    export: "/export".into(),
+                    subdir: Some("terna".into()),
+                }),
+                tier: terna::class::Tier::Slow,
+                domain: None,
+                zone: None,
+                overcommit_ratio: None,
+                capacity_bytes: None,
+            },
+        );
+        api.create(&PostParams::default(), &pool).await.unwrap();
+    }
+    add_class(
+        &client,
+        "on-nfs",
+        &[("tier", "slow"), ("replicas", "3")],
+        "Delete",
+    )
+    .await;
+    // Placed once the controller has seen the new pools (its next refresh;
+    // until then the claim waits with a ProvisioningFailed event).
+    create_claim(
+        &client,
+        "default",
+        &claim("on-nfs", "on-nfs", "64Mi", false, &[]),
+    )
+    .await;
+    let bound = wait_bound(
+        &cluster,
+        "default",
+        &["on-nfs".to_string()],
+        Duration::from_secs(120),
+    )
+    .await;
+    let pv_name = bound[0].spec.as_ref().unwrap().volume_name.clone().unwrap();
+    let id = pvs(&client)
+        .await
+        .into_iter()
+        .find(|p| p.metadata.name.as_deref() == Some(&pv_name))
+        .unwrap()
+        .spec
+        .unwrap()
+        .csi
+        .unwrap()
+        .volume_handle;
+    let tv = terna_volumes(&client)
+        .await
+        .into_iter()
+        .find(|v| v.metadata.name.as_deref() == Some(&id))
+        .unwrap();
+    let mut nodes: Vec<String> = tv.spec.replicas.iter().map(|r| r.node.clone()).collect();
+    nodes.sort();
+    let mut want: Vec<String> = servers.iter().map(|s| format!("nfs:{}", s.addr)).collect();
+    want.sort();
+    assert_eq!(nodes, want, "one replica on each export's server");
+
+    // Written through n1, read back through n2: both reach the exports.
+    let (mut n1, staging1, target1) = mount_on(&cluster, 1, &id).await;
+    let data: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+        .collect();
+    write_synced(&target1.join("on-nfs.bin"), &data);
+    n1.unpublish(&id, &target1).await;
+    n1.unstage(&id, &staging1).await;
+    let (mut n2, staging2, target2) = mount_on(&cluster, 2, &id).await;
+    let read = std::fs::read(target2.join("on-nfs.bin")).unwrap();
+    assert_eq!(Sha256::digest(&read), Sha256::digest(&data));
+    n2.unpublish(&id, &target2).await;
+    n2.unstage(&id, &staging2).await;
+    for (i, r) in tv.spec.replicas.iter().enumerate() {
+        let s = servers
+            .iter()
+            .find(|s| r.node == format!("nfs:{}", s.addr))
+            .unwrap();
+        assert!(
+            s.replica_file(&id, i).exists(),
+            "replica {i} not on {}",
+            s.addr
+        );
+    }
+}

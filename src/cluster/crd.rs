@@ -50,9 +50,17 @@ use crate::class::Tier;
 #[serde(rename_all = "camelCase")]
 pub struct StoragePoolSpec {
     /// The node whose disk this is; its replica agent serves the pool.
+    /// Empty for an NFS pool, which every node reaches directly.
+    #[serde(default)]
     pub node: String,
-    /// Directory on that node holding the replica files.
+    /// Directory on that node holding the replica files (local pools).
+    #[serde(default)]
     pub path: String,
+    /// An NFS export instead of a node's disk: replicas are files on it,
+    /// reached by every node's engine through Terna's own NFSv3 client.
+    /// Its failure domain defaults to the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nfs: Option<NfsPoolSpec>,
     pub tier: Tier,
     /// Failure domain label; replicas of one volume never share one.
     /// Defaults to the node.
@@ -67,6 +75,36 @@ pub struct StoragePoolSpec {
     /// Caps the capacity below the filesystem's size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity_bytes: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NfsPoolSpec {
+    /// Host name or IP address of the server.
+    pub server: String,
+    /// NFS port (default 2049).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// MOUNT port; absent asks the server's portmapper.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_port: Option<u16>,
+    /// The exported path.
+    pub export: String,
+    /// Directory inside the export for this pool's replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subdir: Option<String>,
+}
+
+impl NfsPoolSpec {
+    pub fn to_config(&self) -> crate::config::NfsPoolConfig {
+        crate::config::NfsPoolConfig {
+            server: self.server.clone(),
+            port: self.port,
+            mount_port: self.mount_port,
+            export: self.export.clone(),
+            subdir: self.subdir.clone(),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

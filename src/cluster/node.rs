@@ -17,7 +17,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::crd::{StoragePool, StoragePoolSpec, human_bytes};
+use super::crd::{NfsPoolSpec, StoragePool, StoragePoolSpec, human_bytes};
 use super::leader::{Decision, LeaseConfig, decide, try_acquire};
 use crate::agent::server::{self, AgentState};
 use crate::config::Config;
@@ -66,19 +66,41 @@ pub fn configured_pools(config: &Config, data_dir: &Path, node: &str) -> Vec<Sto
         .pools
         .iter()
         .filter(|p| p.node.as_deref().is_none_or(|n| n == node))
-        .map(|p| {
-            StoragePool::new(
-                &object_name(node, &p.name),
+        .map(|p| match &p.nfs {
+            // An export is the cluster's, not this node's: one object,
+            // named after the pool, whichever node declares it.
+            Some(nfs) => StoragePool::new(
+                &p.name,
                 StoragePoolSpec {
-                    node: node.to_string(),
-                    path: config.pool_path(data_dir, p).display().to_string(),
+                    node: String::new(),
+                    path: String::new(),
+                    nfs: Some(NfsPoolSpec {
+                        server: nfs.server.clone(),
+                        port: nfs.port,
+                        mount_port: nfs.mount_port,
+                        export: nfs.export.clone(),
+                        subdir: nfs.subdir.clone(),
+                    }),
                     tier: p.tier,
                     domain: p.domain.clone(),
                     zone: p.zone.clone(),
                     overcommit_ratio: None,
                     capacity_bytes: p.capacity_bytes,
                 },
-            )
+            ),
+            None => StoragePool::new(
+                &object_name(node, &p.name),
+                StoragePoolSpec {
+                    node: node.to_string(),
+                    path: config.pool_path(data_dir, p).display().to_string(),
+                    nfs: None,
+                    tier: p.tier,
+                    domain: p.domain.clone(),
+                    zone: p.zone.clone(),
+                    overcommit_ratio: None,
+                    capacity_bytes: p.capacity_bytes,
+                },
+            ),
         })
         .collect()
 }

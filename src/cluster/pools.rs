@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::crd::StoragePool;
+use super::crd::{NfsPoolSpec, StoragePool};
 use crate::pools::{PoolEntry, Pools};
+use crate::replica::nfs::NfsPool;
 use crate::replica::remote::{Client, RemotePool};
 
 /// Why a pool is left out of placement, for logs and `terna pools`.
@@ -62,6 +63,7 @@ pub struct PoolDirectory {
     clients: Mutex<HashMap<SocketAddr, Arc<Client>>>,
     /// Pools on this node are opened as local files, not through the agent.
     local_node: Option<String>,
+    nfs: Mutex<HashMap<String, (NfsPoolSpec, NfsPool)>>,
 }
 
 impl PoolDirectory {
@@ -73,6 +75,7 @@ impl PoolDirectory {
             stale_after,
             clients: Mutex::new(HashMap::new()),
             local_node: None,
+            nfs: Mutex::new(HashMap::new()),
         }
     }
 
@@ -92,11 +95,48 @@ impl PoolDirectory {
             .clone()
     }
 
-    /// The usable pools among `objects`.
+    /// The NFS pool `name` as `spec` describes it; kept across rebuilds of
+    /// the pool set (with its connections) while the spec stays the same.
+    fn nfs_pool(&self, name: &str, spec: &NfsPoolSpec) -> NfsPool {
+        let mut pools = self.nfs.lock().unwrap_or_else(|p| p.into_inner());
+        match pools.get(name) {
+            Some((s, pool)) if s == spec => pool.clone(),
+            _ => {
+                let pool = NfsPool::new(&spec.to_config(), self.timeout);
+                pools.insert(name.to_string(), (spec.clone(), pool.clone()));
+                pool
+            }
+        }
+    }
+
+    fn nfs_entry(&self, p: &StoragePool, spec: &NfsPoolSpec) -> Option<PoolEntry> {
+        let name = p.metadata.name.clone()?;
+        let node = if p.spec.node.is_empty() {
+            crate::pools::nfs_node(&spec.server)
+        } else {
+            p.spec.node.clone()
+        };
+        Some(PoolEntry {
+            backend: Box::new(self.nfs_pool(&name, spec)),
+            name,
+            domain: p.spec.domain.clone().unwrap_or_else(|| node.clone()),
+            node,
+            tier: p.spec.tier,
+            zone: p.spec.zone.clone().unwrap_or_else(|| "default".into()),
+            overcommit_ratio: p.spec.overcommit_ratio,
+        })
+    }
+
+    /// The usable pools among `objects`. NFS pools are always offered:
+    /// whether their server answers is found out when they are used.
     pub fn pools(&self, objects: &[Arc<StoragePool>]) -> Pools {
         let now = Timestamp::now();
+        let nfs = objects
+            .iter()
+            .filter_map(|p| self.nfs_entry(p, p.spec.nfs.as_ref()?));
         let entries = objects
             .iter()
+            .filter(|p| p.spec.nfs.is_none())
             .filter(|p| unusable_reason(p, now, self.stale_after).is_none())
             .filter_map(|p| {
                 let name = p.metadata.name.clone()?;
@@ -124,6 +164,7 @@ impl PoolDirectory {
                     backend,
                 })
             })
+            .chain(nfs)
             .collect();
         Pools::from_entries(entries)
     }
@@ -141,6 +182,7 @@ mod tests {
             StoragePoolSpec {
                 node: "n1".into(),
                 path: "/d".into(),
+                nfs: None,
                 tier: Tier::Fast,
                 domain: None,
                 zone: None,

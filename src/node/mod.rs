@@ -318,8 +318,16 @@ impl NodeCore {
     }
 
     pub fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
+        // Once the engine's session is gone (its worker lost the claim, or
+        // it died with the node), the loop device's backing path no longer
+        // resolves, so the device is only known as what the staging path
+        // was mounted from.
+        let orphan = mounts::mount_at(staging_path)?
+            .filter(|m| m.source.starts_with("/dev/loop"))
+            .map(|m| LoopDevice::open(Path::new(&m.source)))
+            .filter(|d| d.backing_file().is_some_and(|b| !b.exists()));
         mounts::unmount_all(staging_path)?;
-        if let Some(dev) = self.device(volume_id)? {
+        if let Some(dev) = self.device(volume_id)?.or(orphan) {
             dev.detach().map_err(|e| {
                 Error::with_source(ErrorKind::Internal, "cannot detach loop device", e)
             })?;

@@ -1,11 +1,12 @@
 //! Where replica bytes live. A `Pool` creates, sizes and deletes replicas; a
-//! `ReplicaIo` reads and writes one. Local files today; the remote agent and
-//! NFS backends implement the same two traits.
+//! `ReplicaIo` reads and writes one: local files, another node's agent, or
+//! an NFS export.
 
 pub mod aligned;
 #[cfg(test)]
 pub(crate) mod conformance;
 pub mod local;
+pub mod nfs;
 pub mod remote;
 
 use std::io;
@@ -48,4 +49,9 @@ pub trait Pool: Send + Sync {
     /// newer claim can fence them out (remote pools; a local pool is only
     /// ever written by its own node).
     fn act_under_claim(&self, _epoch: u64) {}
+    /// Bytes the storage itself says are still free, where it is shared
+    /// with others (an NFS export); `None` when only our accounting counts.
+    fn available(&self) -> Option<Result<u64>> {
+        None
+    }
 }

@@ -5,6 +5,8 @@
 
 pub mod cluster;
 pub mod csi_client;
+pub mod nfs;
+pub mod writer;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,337 @@
+//! NFS pools against real NFS servers: nfs-ganesha instances exporting
+//! temporary directories on loopback, reached by Terna's own NFSv3 client
+//! (nothing is mounted by the kernel). 3-replica volumes across three
+//! servers and across local and NFS pools; a server killed mid-write and
+//! started again; full and read-only exports. Needs root.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::csi_client::{Csi, mount_cap};
+use common::nfs::Ganesha;
+use common::writer::{Writer, record, verify, wait_condition};
+use sha2::{Digest, Sha256};
+
+const MIB: u64 = 1 << 20;
+const VOLUME: u64 = 128 * MIB;
+const TEST: &str = "nfs";
+
+fn config(pools: &str) -> String {
+    format!("agent_timeout_ms = 2000\nreplace_after_secs = 600\nrebuild_mib_per_sec = 0\n{pools}")
+}
+
+fn start_terna(pools: String) -> common::Standalone {
+    common::Standalone::start_with(move |data_dir| {
+        std::fs::create_dir_all(data_dir).unwrap();
+        std::fs::write(data_dir.join("terna.toml"), config(&pools)).unwrap();
+    })
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+    Sha256::digest(data).to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_write_degrades_the_volume_and_catches_up_when_back() {
+    common::assert_root(TEST);
+    let root = tempfile::Builder::new()
+        .prefix("terna-nfs-")
+        .tempdir()
+        .unwrap();
+    let mut servers = common::nfs::start_servers(root.path(), 3);
+    let terna = start_terna(common::nfs::pools_toml(&servers));
+    let mut csi = Csi::connect(&terna.socket).await;
+    let id = csi
+        .create(
+            "on-nfs",
+            VOLUME as i64,
+            &[("replicas", "3")],
+            mount_cap("ext4"),
+        )
+        .await
+        .unwrap()
+        .volume_id;
+    let rec = record(&terna, &id);
+    let nodes: Vec<String> = rec["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["node"].as_str().unwrap().to_string())
+        .collect();
+    let mut distinct = nodes.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "one replica per server: {nodes:?}");
+    assert!(nodes.iter().all(|n| n.starts_with("nfs:")), "{nodes:?}");
+
+    let (staging, target) = (
+        terna.dir.path().join("staging"),
+        terna.dir.path().join("target"),
+    );
+    std::fs::create_dir_all(&staging).unwrap();
+    csi.stage(&id, &staging, mount_cap("ext4")).await;
+    csi.publish(&id, &staging, &target, mount_cap("ext4")).await;
+
+    let mut writer = Writer::start(&target);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Server 2 dies under the writer, then server 3 hangs (SIGSTOP: its
+    // connections stay open, nothing answers): each time the volume goes on
+    // with two replicas, and the third catches up on only what it missed.
+    outage(
+        &mut csi,
+        &terna,
+        &id,
+        &writer,
+        &nodes,
+        &mut servers[1],
+        "killed",
+        Ganesha::kill,
+        Ganesha::restart,
+    )
+    .await;
+    outage(
+        &mut csi,
+        &terna,
+        &id,
+        &writer,
+        &nodes,
+        &mut servers[2],
+        "hung",
+        |s| s.set_running(false),
+        |s| s.set_running(true),
+    )
+    .await;
+
+    let sums = writer.stop();
+    assert!(sums.len() >= 16, "writer made too little progress");
+    verify(&sums);
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+
+    // The three servers hold identical replicas.
+    let files: Vec<Vec<u8>> = (0..3)
+        .map(|i| {
+            let s = servers
+                .iter()
+                .find(|s| nodes[i] == format!("nfs:{}", s.addr))
+                .unwrap();
+            std::fs::read(s.replica_file(&id, i)).unwrap()
+        })
+        .collect();
+    assert!(
+        files[0] == files[1] && files[1] == files[2],
+        "replicas differ"
+    );
+    csi.delete(&id).await;
+    for (i, node) in nodes.iter().enumerate() {
+        let s = servers
+            .iter()
+            .find(|s| *node == format!("nfs:{}", s.addr))
+            .unwrap();
+        assert!(
+            !s.replica_file(&id, i).exists(),
+            "replica {i} left on {}",
+            s.addr
+        );
+    }
+    terna.stop_and_check_clean();
+}
+
+/// Takes `server` away with `fault` under the writer, checks the volume
+/// degrades and writes go on, brings it back with `heal`, and checks the
+/// catch-up copied only part of the volume.
+#[allow(clippy::too_many_arguments)]
+async fn outage(
+    csi: &mut Csi,
+    terna: &common::Standalone,
+    id: &str,
+    writer: &Writer,
+    nodes: &[String],
+    server: &mut Ganesha,
+    what: &str,
+    fault: impl FnOnce(&mut Ganesha),
+    heal: impl FnOnce(&mut Ganesha),
+) {
+    let replica = nodes
+        .iter()
+        .position(|n| *n == format!("nfs:{}", server.addr))
+        .unwrap();
+    fault(server);
+    let c = wait_condition(csi, id, true, what).await;
+    assert!(
+        c.message.contains(&format!("replica {replica}")),
+        "{what}: {}",
+        c.message
+    );
+    let before = writer.written.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let away = writer.written.load(Ordering::SeqCst) - before;
+    assert!(away > 0, "{what}: writes stopped while a server was out");
+    heal(server);
+    wait_condition(csi, id, false, &format!("{what}: back")).await;
+    let copied = record(terna, id)["replicas"][replica]["last_catch_up_bytes"]
+        .as_u64()
+        .unwrap();
+    println!("NFS server {what}: {away} bytes written meanwhile, catch-up copied {copied} bytes");
+    assert!(
+        copied > 0 && copied <= VOLUME / 2,
+        "{what}: catch-up copied {copied} of {VOLUME}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_volume_mixes_local_and_nfs_replicas() {
+    common::assert_root(TEST);
+    let root = tempfile::Builder::new()
+        .prefix("terna-nfs-")
+        .tempdir()
+        .unwrap();
+    let servers: Vec<Ganesha> = (1..=2)
+        .map(|i| Ganesha::start(root.path(), &format!("m{i}")))
+        .collect();
+    let mut pools =
+        String::from("[[pools]]\nname = \"local\"\npath = \"pools/local\"\ntier = \"standard\"\n");
+    for (i, s) in servers.iter().enumerate() {
+        pools += &s.pool_toml(&format!("nfs-{i}"), "standard");
+    }
+    let terna = start_terna(pools);
+    let mut csi = Csi::connect(&terna.socket).await;
+    let id = csi
+        .create(
+            "mixed",
+            (64 * MIB) as i64,
+            &[("replicas", "3")],
+            mount_cap("ext4"),
+        )
+        .await
+        .unwrap()
+        .volume_id;
+    let rec = record(&terna, &id);
+    let mut pools_used: Vec<String> = rec["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["pool"].as_str().unwrap().to_string())
+        .collect();
+    pools_used.sort();
+    assert_eq!(pools_used, ["local", "nfs-0", "nfs-1"]);
+
+    let (staging, target) = (
+        terna.dir.path().join("staging"),
+        terna.dir.path().join("target"),
+    );
+    std::fs::create_dir_all(&staging).unwrap();
+    csi.stage(&id, &staging, mount_cap("ext4")).await;
+    csi.publish(&id, &staging, &target, mount_cap("ext4")).await;
+    let mut sums = HashMap::new();
+    for i in 0..4u64 {
+        let data: Vec<u8> = (0..4 * MIB).map(|b| (b * 29 + i * 13) as u8).collect();
+        let path = target.join(format!("mixed-{i}"));
+        sums.insert(path.clone(), write_synced(&path, &data));
+    }
+    verify(&sums);
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+    let local = std::fs::read(
+        terna
+            .find_replica(&id, pools_used_index(&rec, "local"))
+            .unwrap(),
+    )
+    .unwrap();
+    for (i, s) in servers.iter().enumerate() {
+        let index = pools_used_index(&rec, &format!("nfs-{i}"));
+        let remote = std::fs::read(s.replica_file(&id, index)).unwrap();
+        assert!(
+            remote == local,
+            "the replica on {} differs from the local one",
+            s.addr
+        );
+    }
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}
+
+fn pools_used_index(rec: &serde_json::Value, pool: &str) -> usize {
+    rec["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|r| r["pool"] == pool)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_and_read_only_exports_give_clear_errors() {
+    common::assert_root(TEST);
+    let root = tempfile::Builder::new()
+        .prefix("terna-nfs-")
+        .tempdir()
+        .unwrap();
+    // A read-only export.
+    let ro = Ganesha::start_with(root.path(), "ro", true, None);
+    // A full export: a 16 MiB tmpfs, already filled.
+    let small = root.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &small,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=16m"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(small.join("terna")).unwrap();
+    let _ = std::fs::write(small.join("filler"), vec![7u8; 16 << 20]);
+    let full = Ganesha::start_with(root.path(), "full", false, Some(small.clone()));
+
+    let terna = start_terna(format!(
+        "{}{}",
+        ro.pool_toml("read-only", "fast"),
+        full.pool_toml("full", "slow")
+    ));
+    let mut csi = Csi::connect(&terna.socket).await;
+    for (name, tier, why) in [
+        ("on-ro", "fast", "read-only"),
+        ("on-full", "slow", "no room"),
+    ] {
+        let refused = csi
+            .create(
+                name,
+                (32 * MIB) as i64,
+                &[("replicas", "1"), ("tier", tier)],
+                mount_cap("ext4"),
+            )
+            .await
+            .unwrap_err();
+        println!("{name}: {:?}: {}", refused.code(), refused.message());
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        assert!(refused.message().contains(why), "{}", refused.message());
+    }
+    // Nothing was left on either export.
+    assert_eq!(
+        std::fs::read_dir(full.export.join("terna"))
+            .unwrap()
+            .count(),
+        0
+    );
+
+    drop(terna);
+    drop(full);
+    drop(ro);
+    nix::mount::umount(&small).unwrap();
+}
