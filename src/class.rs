@@ -84,6 +84,14 @@ impl FsType {
         }
     }
 
+    /// The smallest device mkfs accepts for this filesystem.
+    pub fn min_bytes(self) -> u64 {
+        match self {
+            FsType::Ext4 => 1 << 20,
+            FsType::Xfs => 300 << 20,
+        }
+    }
+
     pub fn parse(s: &str) -> Option<FsType> {
         match s {
             "ext4" => Some(FsType::Ext4),

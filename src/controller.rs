@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use tracing::{info, warn};
 
-use crate::capability::Capability;
+use crate::capability::{AccessType, Capability};
 use crate::class::{Tier, VolumeClass};
 use crate::error::{Error, ErrorKind, Result};
 use crate::placement::{self, Candidate, PlacementError};
@@ -68,6 +68,37 @@ impl From<crate::class::ClassError> for Error {
 
 /// The size a request gets: the required bytes (or the default) rounded up
 /// to whole mebibytes, and never over the limit.
+/// Grows `size` to what the filesystem the volume will be mounted with
+/// needs (xfs: 300 MiB), within `limit`; a volume mkfs would refuse at
+/// NodeStage is refused now, with the reason.
+pub fn fit_filesystem(
+    size: u64,
+    limit: u64,
+    caps: &[Capability],
+    class_fs: crate::class::FsType,
+) -> Result<u64> {
+    let needed = caps
+        .iter()
+        .filter_map(|c| match &c.access_type {
+            AccessType::Mount { fs_type, .. } => Some(fs_type.unwrap_or(class_fs)),
+            AccessType::Block => None,
+        })
+        .map(|fs| (fs.min_bytes(), fs))
+        .max_by_key(|(min, _)| *min);
+    match needed {
+        Some((min, _)) if size >= min => Ok(size),
+        Some((min, _)) if limit == 0 || limit >= min => Ok(min),
+        Some((min, fs)) => Err(Error::new(
+            ErrorKind::OutOfRange,
+            format!(
+                "{} needs a volume of at least {min} bytes, but the limit is {limit}",
+                fs.as_str()
+            ),
+        )),
+        None => Ok(size),
+    }
+}
+
 pub fn size_for(required: u64, limit: u64) -> Result<u64> {
     let wanted = if required == 0 {
         if limit != 0 {
@@ -244,6 +275,7 @@ impl ControllerCore {
         }
         let class = VolumeClass::parse(&req.parameters)?;
         let size = size_for(req.required_bytes, req.limit_bytes)?;
+        let size = fit_filesystem(size, req.limit_bytes, &req.capabilities, class.fs_type)?;
         let id = volume_id_for(&req.name);
 
         // Only choosing pools and recording the choice is serialised;
@@ -590,5 +622,49 @@ mod tests {
             size_for(u64::MAX, 0).unwrap_err().kind,
             ErrorKind::OutOfRange
         );
+    }
+
+    #[test]
+    fn xfs_volumes_are_made_big_enough_for_mkfs_or_refused() {
+        use crate::capability::AccessMode;
+        use crate::class::FsType;
+        const MIB: u64 = 1 << 20;
+        let mount = |fs: Option<FsType>| Capability {
+            access_type: AccessType::Mount {
+                fs_type: fs,
+                mount_flags: vec![],
+            },
+            mode: AccessMode::SingleNodeWriter,
+        };
+        let block = Capability {
+            access_type: AccessType::Block,
+            mode: AccessMode::SingleNodeWriter,
+        };
+        let xfs = [mount(Some(FsType::Xfs))];
+        assert_eq!(
+            fit_filesystem(64 * MIB, 0, &xfs, FsType::Ext4).unwrap(),
+            300 * MIB
+        );
+        assert_eq!(
+            fit_filesystem(512 * MIB, 0, &xfs, FsType::Ext4).unwrap(),
+            512 * MIB
+        );
+        // The class's filesystem counts when the capability names none.
+        let unnamed = [mount(None)];
+        assert_eq!(
+            fit_filesystem(64 * MIB, 0, &unnamed, FsType::Xfs).unwrap(),
+            300 * MIB
+        );
+        assert_eq!(
+            fit_filesystem(64 * MIB, 0, &unnamed, FsType::Ext4).unwrap(),
+            64 * MIB
+        );
+        assert_eq!(
+            fit_filesystem(64 * MIB, 0, &[block], FsType::Xfs).unwrap(),
+            64 * MIB
+        );
+        let refused = fit_filesystem(64 * MIB, 100 * MIB, &xfs, FsType::Ext4).unwrap_err();
+        assert_eq!(refused.kind, ErrorKind::OutOfRange);
+        assert!(refused.to_string().contains("xfs"), "{refused}");
     }
 }

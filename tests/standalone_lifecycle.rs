@@ -96,6 +96,70 @@ async fn block_volume_serves_raw_device_and_keeps_data_across_restage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xfs_volumes_are_sized_for_mkfs_or_refused_with_the_reason() {
+    if !common::require_root("xfs_volumes_are_sized_for_mkfs_or_refused_with_the_reason") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    // 64 MiB asked, xfs needs 300: made at 300 MiB, and it stages.
+    let vol = csi
+        .create("small-xfs", 64 * MIB, &[], mount_cap("xfs"))
+        .await
+        .unwrap();
+    assert_eq!(vol.capacity_bytes, 300 * MIB);
+    let staging = terna.dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    csi.stage(&vol.volume_id, &staging, mount_cap("xfs")).await;
+    csi.unstage(&vol.volume_id, &staging).await;
+    // A limit below that: refused, saying why.
+    let refused = csi
+        .controller
+        .create_volume(pb::CreateVolumeRequest {
+            name: "capped-xfs".into(),
+            capacity_range: Some(pb::CapacityRange {
+                required_bytes: 64 * MIB,
+                limit_bytes: 100 * MIB,
+            }),
+            volume_capabilities: vec![mount_cap("xfs")],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    assert!(
+        refused.message().contains("xfs needs"),
+        "{}",
+        refused.message()
+    );
+    // A small block volume later staged as xfs: a clear refusal, not mkfs's usage text.
+    let small = csi
+        .create("small-block", 64 * MIB, &[], block_cap())
+        .await
+        .unwrap();
+    let refused = csi
+        .node
+        .node_stage_volume(pb::NodeStageVolumeRequest {
+            volume_id: small.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(mount_cap("xfs")),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("needs at least"),
+        "{}",
+        refused.message()
+    );
+    csi.unstage(&small.volume_id, &staging).await;
+    csi.delete(&small.volume_id).await;
+    csi.delete(&vol.volume_id).await;
+    terna.stop_and_check_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xfs_volume_expands_online_with_data_intact() {
     if !common::require_root("xfs_volume_expands_online_with_data_intact") {
         return;

@@ -157,6 +157,16 @@ impl NodeCore {
         {
             let fs = fs_type.unwrap_or(record.class.fs_type);
             if !mounts::is_mounted(staging_path)? {
+                if record.capacity_bytes < fs.min_bytes()
+                    && filesystem::probe(device.path())?.is_none()
+                {
+                    return Err(Error::precondition(format!(
+                        "volume {volume_id} has {} bytes, {} needs at least {}: create it larger or use ext4",
+                        record.capacity_bytes,
+                        fs.as_str(),
+                        fs.min_bytes()
+                    )));
+                }
                 filesystem::ensure(device.path(), fs)?;
                 std::fs::create_dir_all(staging_path).map_err(|e| {
                     Error::io(format!("cannot create {}", staging_path.display()), e)
