@@ -114,7 +114,8 @@ fn fio(target: &Path, size: u64, job: &Job, runtime: u32) -> (f64, u64) {
     (figure, side["io_bytes"].as_u64().unwrap())
 }
 
-/// The engine process serving a staged volume (`terna engine ... <id> ...`).
+/// The engine worker serving a staged volume (`terna engine ... <id> ...
+/// --fuse-fd N`): the process doing the replica I/O, not its supervisor.
 fn engine_pid(volume_id: &str) -> u32 {
     std::fs::read_dir("/proc")
         .unwrap()
@@ -123,7 +124,9 @@ fn engine_pid(volume_id: &str) -> u32 {
         .find(|pid| {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-            args.get(1) == Some(&&b"engine"[..]) && args.contains(&volume_id.as_bytes())
+            args.get(1) == Some(&&b"engine"[..])
+                && args.contains(&volume_id.as_bytes())
+                && args.contains(&&b"--fuse-fd"[..])
         })
         .expect("engine process of a staged volume")
 }

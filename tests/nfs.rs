@@ -73,6 +73,24 @@ async fn a_server_killed_mid_write_degrades_the_volume_and_catches_up_when_back(
     distinct.dedup();
     assert_eq!(distinct.len(), 3, "one replica per server: {nodes:?}");
     assert!(nodes.iter().all(|n| n.starts_with("nfs:")), "{nodes:?}");
+    // Capacity comes from the servers (FSSTAT): never more than the
+    // filesystem under the exports has available.
+    let avail = nix::sys::statvfs::statvfs(&servers[0].export).unwrap();
+    let avail = avail.blocks_available() * avail.fragment_size();
+    let reported = csi
+        .controller
+        .get_capacity(terna::proto::csi::GetCapacityRequest {
+            parameters: [("replicas".to_string(), "3".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let max = reported.maximum_volume_size.unwrap() as u64;
+    assert!(
+        max > 0 && max <= avail,
+        "GetCapacity {reported:?}, the exports' filesystem has {avail} available"
+    );
 
     let (staging, target) = (
         terna.dir.path().join("staging"),
@@ -322,6 +340,26 @@ async fn full_and_read_only_exports_give_clear_errors() {
         );
         assert!(refused.message().contains(why), "{}", refused.message());
     }
+    // GetCapacity reads the server's free space: none on the full export.
+    let capacity = |tier: &str| terna::proto::csi::GetCapacityRequest {
+        parameters: [
+            ("replicas".to_string(), "1".to_string()),
+            ("tier".to_string(), tier.to_string()),
+        ]
+        .into(),
+        ..Default::default()
+    };
+    let full_capacity = csi
+        .controller
+        .get_capacity(capacity("slow"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        full_capacity.maximum_volume_size,
+        Some(0),
+        "{full_capacity:?}"
+    );
     // Nothing was left on either export.
     assert_eq!(
         std::fs::read_dir(full.export.join("terna"))

@@ -239,13 +239,16 @@ impl Target {
                         match result {
                             Ok(v) => return Ok(v),
                             Err(CallError::Nfs(stat)) => {
+                                let errno = errno_of(stat);
                                 return Err(io::Error::new(
-                                    io::Error::from_raw_os_error(errno_of(stat)).kind(),
-                                    format!(
-                                        "{}: {what}: {stat:?} (errno {})",
-                                        self.describe(),
-                                        errno_of(stat)
-                                    ),
+                                    io::Error::from_raw_os_error(errno).kind(),
+                                    ServerSaid {
+                                        errno,
+                                        message: format!(
+                                            "{}: {what}: {stat:?} (errno {errno})",
+                                            self.describe()
+                                        ),
+                                    },
                                 ));
                             }
                             // A connection left idle across a server restart.
@@ -357,7 +360,11 @@ async fn set_size(conn: &mut Conn, fh: &nfs_fh3, size: u64) -> std::result::Resu
 }
 
 fn pool_error(e: io::Error) -> Error {
-    let kind = match e.raw_os_error().or_else(|| errno_in(&e)) {
+    let errno = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<ServerSaid>())
+        .map(|s| s.errno);
+    let kind = match errno {
         Some(libc::EROFS) | Some(libc::EACCES) => ErrorKind::FailedPrecondition,
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorKind::ResourceExhausted,
         _ => match e.kind() {
@@ -377,11 +384,12 @@ fn pool_error(e: io::Error) -> Error {
     Error::new(kind, format!("{e}{hint}"))
 }
 
-/// The errno a server status was mapped to, from the message we wrote.
-fn errno_in(e: &io::Error) -> Option<i32> {
-    let text = e.to_string();
-    let at = text.rfind("(errno ")?;
-    text[at + 7..].trim_end_matches(')').parse().ok()
+/// An error status the server answered with, as the errno it stands for.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct ServerSaid {
+    errno: i32,
+    message: String,
 }
 
 /// Cheap to clone: clones share their connections.
