@@ -133,9 +133,12 @@ async fn every_storage_class_binds_a_claim_with_replicas_on_distinct_nodes() {
         );
         let csi = spec.csi.as_ref().unwrap();
         assert_eq!(csi.driver, terna::DRIVER_NAME);
-        // 100Mi and 64Mi are whole MiB: exactly the request.
+        // 100Mi and 64Mi are whole MiB: exactly the request, except that
+        // xfs volumes are made at mkfs.xfs's 300 MiB minimum.
         let want = if pvc.metadata.name.as_deref() == Some("claim-block") {
             64 << 20
+        } else if class_name == "terna-xfs" {
+            300 << 20
         } else {
             100 << 20
         };
