@@ -26,15 +26,7 @@ const KILLS: usize = 3;
 
 /// Deterministic content of one block write, so a stale or torn block shows.
 fn pattern(seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..BLOCK)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    common::content(seed, BLOCK)
 }
 
 fn pid_in(path: &Path) -> Option<i32> {

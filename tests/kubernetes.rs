@@ -752,11 +752,7 @@ async fn a_bound_claim_mounts_on_a_cluster_node_and_only_one_node_at_a_time_kube
         .collect();
     let digest = Sha256::digest(&data);
     write_synced(&target1.join("data.bin"), &data);
-    let tv = terna_volumes(&client)
-        .await
-        .into_iter()
-        .find(|v| v.metadata.name.as_deref() == Some(&id))
-        .unwrap();
+    let tv = terna_volume(&client, &id).await;
     assert_eq!(tv.status.unwrap().staged_on.unwrap().node, "n1");
 
     // While n1 holds it, n2 is refused.
@@ -939,11 +935,7 @@ async fn a_node_lost_and_back_shows_as_degraded_then_healthy_events_on_the_claim
         },
     )
     .await;
-    let tv = terna_volumes(&client)
-        .await
-        .into_iter()
-        .find(|v| v.metadata.name.as_deref() == Some(&id))
-        .unwrap();
+    let tv = terna_volume(&client, &id).await;
     let status = tv.status.unwrap();
     assert_eq!(status.state, "healthy");
     // Only what was written while it was away was copied.
@@ -1014,13 +1006,7 @@ async fn a_node_that_dies_holding_a_volume_releases_it_when_its_lease_expires() 
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let status = terna_volumes(&client)
-        .await
-        .into_iter()
-        .find(|v| v.metadata.name.as_deref() == Some(&id))
-        .unwrap()
-        .status
-        .unwrap();
+    let status = terna_volume(&client, &id).await.status.unwrap();
     let claim = status.staged_on.unwrap();
     assert_eq!((claim.node.as_str(), claim.epoch), ("n2", 2));
     let on_n1 = tv_replica_on(&client, &id, "n1").await;
@@ -1097,11 +1083,8 @@ async fn a_node_that_dies_holding_a_volume_releases_it_when_its_lease_expires() 
     let mut n1 = common::csi_client::Csi::connect(&cluster.node_socket(1)).await;
     n1.unpublish(&id, &target1).await;
     n1.unstage(&id, &staging1).await;
-    let claim = terna_volumes(&client)
+    let claim = terna_volume(&client, &id)
         .await
-        .into_iter()
-        .find(|v| v.metadata.name.as_deref() == Some(&id))
-        .unwrap()
         .status
         .unwrap()
         .staged_on
@@ -1111,16 +1094,20 @@ async fn a_node_that_dies_holding_a_volume_releases_it_when_its_lease_expires() 
     n2.unstage(&id, &staging2).await;
 }
 
+async fn terna_volume(client: &kube::Client, id: &str) -> terna::cluster::crd::TernaVolume {
+    terna_volumes(client)
+        .await
+        .into_iter()
+        .find(|v| v.metadata.name.as_deref() == Some(id))
+        .unwrap()
+}
+
 async fn tv_replica_on(
     client: &kube::Client,
     id: &str,
     node: &str,
 ) -> terna::cluster::crd::ReplicaStatus {
-    let tv = terna_volumes(client)
-        .await
-        .into_iter()
-        .find(|v| v.metadata.name.as_deref() == Some(id))
-        .unwrap();
+    let tv = terna_volume(client, id).await;
     let index = tv
         .spec
         .replicas
@@ -1169,13 +1156,7 @@ async fn a_volume_staged_nowhere_is_repaired_when_a_replica_node_dies_and_return
         },
     )
     .await;
-    let status = terna_volumes(&client)
-        .await
-        .into_iter()
-        .find(|v| v.metadata.name.as_deref() == Some(&id))
-        .unwrap()
-        .status
-        .unwrap();
+    let status = terna_volume(&client, &id).await.status.unwrap();
     assert!(status.staged_on.is_none(), "repair released its claim");
 
     let (mut n2, staging2, target2) = mount_on(&cluster, 2, &id).await;
@@ -1257,11 +1238,7 @@ async fn nfs_storage_pools_hold_a_claims_replicas_and_any_node_mounts_it() {
         .csi
         .unwrap()
         .volume_handle;
-    let tv = terna_volumes(&client)
-        .await
-        .into_iter()
-        .find(|v| v.metadata.name.as_deref() == Some(&id))
-        .unwrap();
+    let tv = terna_volume(&client, &id).await;
     let mut nodes: Vec<String> = tv.spec.replicas.iter().map(|r| r.node.clone()).collect();
     nodes.sort();
     let mut want: Vec<String> = servers.iter().map(|s| format!("nfs:{}", s.addr)).collect();

@@ -19,24 +19,11 @@ fn mount_cap() -> pb::VolumeCapability {
     common::csi_client::mount_cap("ext4")
 }
 
-/// Deterministic pseudo-random content, so a wrong byte anywhere shows.
-fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn write_files(dir: &Path, from: u64, count: u64, sums: &mut HashMap<PathBuf, Vec<u8>>) {
     use std::io::Write;
     for i in from..from + count {
         let path = dir.join(format!("file-{i}"));
-        let data = content(i, 1 << 20);
+        let data = common::content(i, 1 << 20);
         let mut f = std::fs::File::create(&path).unwrap();
         f.write_all(&data).unwrap();
         f.sync_all().unwrap();

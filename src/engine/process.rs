@@ -248,18 +248,7 @@ fn start_worker(args: &EngineArgs, fd: RawFd) -> Result<Child> {
     let mut child = cmd
         .spawn()
         .map_err(|e| Error::io("cannot start the engine worker", e))?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| Error::internal("engine worker stdout missing"))?;
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let ready = rx.recv_timeout(WORKER_READY_TIMEOUT).unwrap_or_default();
-    if ready.trim() != "ready" {
+    if !says_ready(&mut child, WORKER_READY_TIMEOUT) {
         let _ = child.kill();
         let status = child.wait();
         return Err(Error::new(
@@ -271,6 +260,20 @@ fn start_worker(args: &EngineArgs, fd: RawFd) -> Result<Child> {
         ));
     }
     Ok(child)
+}
+
+/// Whether `child` prints `ready` on its (piped) stdout within `timeout`.
+pub fn says_ready(child: &mut Child, timeout: Duration) -> bool {
+    let Some(stdout) = child.stdout.take() else {
+        return false;
+    };
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(timeout).unwrap_or_default().trim() == "ready"
 }
 
 /// Takes the inherited fd, after checking it is what the supervisor says.

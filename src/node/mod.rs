@@ -8,7 +8,6 @@ pub mod metrics;
 pub mod mounts;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -251,18 +250,7 @@ impl NodeCore {
             .process_group(0)
             .spawn()
             .map_err(|e| Error::io("cannot start engine", e))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| Error::internal("engine stdout missing"))?;
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let ready = rx.recv_timeout(ENGINE_READY_TIMEOUT).unwrap_or_default();
-        if ready.trim() != "ready" {
+        if !crate::engine::process::says_ready(&mut child, ENGINE_READY_TIMEOUT) {
             let _ = child.kill();
             let _ = child.wait();
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();

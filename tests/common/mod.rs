@@ -279,3 +279,16 @@ pub fn cleanup(dir: &Path) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Deterministic pseudo-random content, so a wrong byte anywhere shows.
+pub fn content(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
