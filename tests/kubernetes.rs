@@ -726,13 +726,6 @@ async fn mount_on(
     (csi, staging, target)
 }
 
-fn write_synced(path: &std::path::Path, data: &[u8]) {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path).unwrap();
-    f.write_all(data).unwrap();
-    f.sync_all().unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bound_claim_mounts_on_a_cluster_node_and_only_one_node_at_a_time_kubelet_stood_in() {
     use sha2::{Digest, Sha256};
@@ -751,7 +744,7 @@ async fn a_bound_claim_mounts_on_a_cluster_node_and_only_one_node_at_a_time_kube
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     let digest = Sha256::digest(&data);
-    write_synced(&target1.join("data.bin"), &data);
+    common::write_synced(&target1.join("data.bin"), &data);
     let tv = terna_volume(&client, &id).await;
     assert_eq!(tv.status.unwrap().staged_on.unwrap().node, "n1");
 
@@ -902,39 +895,17 @@ async fn a_node_lost_and_back_shows_as_degraded_then_healthy_events_on_the_claim
         f.write_all(&data).unwrap();
         f.sync_all().unwrap();
     }
-    let c = client.clone();
-    eventually(
-        "a VolumeDegraded event on the claim",
+    wait_claim_event(
+        &client,
+        "watched",
+        "VolumeDegraded",
         Duration::from_secs(60),
-        || {
-            let c = c.clone();
-            async move {
-                claim_events(&c, "watched")
-                    .await
-                    .iter()
-                    .any(|r| r == "VolumeDegraded")
-            }
-        },
     )
     .await;
 
     // It comes back: the replica catches up and the claim hears of it.
     cluster.nodes[2].restart();
-    let c = client.clone();
-    eventually(
-        "a VolumeHealthy event on the claim",
-        Duration::from_secs(90),
-        || {
-            let c = c.clone();
-            async move {
-                claim_events(&c, "watched")
-                    .await
-                    .iter()
-                    .any(|r| r == "VolumeHealthy")
-            }
-        },
-    )
-    .await;
+    wait_claim_event(&client, "watched", "VolumeHealthy", Duration::from_secs(90)).await;
     let tv = terna_volume(&client, &id).await;
     let status = tv.status.unwrap();
     assert_eq!(status.state, "healthy");
@@ -966,7 +937,7 @@ async fn a_node_that_dies_holding_a_volume_releases_it_when_its_lease_expires() 
     let data: Vec<u8> = (0..8u32 << 20)
         .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
         .collect();
-    write_synced(&target1.join("before.bin"), &data);
+    common::write_synced(&target1.join("before.bin"), &data);
 
     // Node n1's plugin dies (its lease lapses), but the volume's engine
     // there lives on, as on a node cut off from its peers' view: it must not
@@ -1062,19 +1033,13 @@ async fn a_node_that_dies_holding_a_volume_releases_it_when_its_lease_expires() 
         Sha256::digest(&data),
         "data lost in the takeover"
     );
-    write_synced(&target2.join("after.bin"), &data);
+    common::write_synced(&target2.join("after.bin"), &data);
 
     // n1 comes back: its replica is rebuilt in full from the others (it may
     // hold writes n1's engine never had acknowledged), and the kubelet's
     // unstage there leaves n2's claim alone.
     cluster.nodes[0].restart();
-    let c = client.clone();
-    let volume = id.clone();
-    eventually("n1's replica rebuilt", Duration::from_secs(120), || {
-        let (c, volume) = (c.clone(), volume.clone());
-        async move { tv_replica_on(&c, &volume, "n1").await.state == "healthy" }
-    })
-    .await;
+    wait_replica_state(&client, &id, "n1", "healthy", Duration::from_secs(120)).await;
     let rebuilt = tv_replica_on(&client, &id, "n1").await;
     assert!(
         rebuilt.last_catch_up_bytes.unwrap_or(0) >= 64 << 20,
@@ -1100,6 +1065,32 @@ async fn terna_volume(client: &kube::Client, id: &str) -> terna::cluster::crd::T
         .into_iter()
         .find(|v| v.metadata.name.as_deref() == Some(id))
         .unwrap()
+}
+
+/// Waits until the replica of `id` on `node` is in `state`.
+async fn wait_replica_state(
+    client: &kube::Client,
+    id: &str,
+    node: &str,
+    state: &str,
+    within: Duration,
+) {
+    let (c, volume) = (client.clone(), id.to_string());
+    eventually(&format!("{node}'s replica {state}"), within, || {
+        let (c, volume) = (c.clone(), volume.clone());
+        async move { tv_replica_on(&c, &volume, node).await.state == state }
+    })
+    .await;
+}
+
+/// Waits for an event with `reason` on claim `claim`.
+async fn wait_claim_event(client: &kube::Client, claim: &str, reason: &str, within: Duration) {
+    let c = client.clone();
+    eventually(&format!("a {reason} event on the claim"), within, || {
+        let c = c.clone();
+        async move { claim_events(&c, claim).await.iter().any(|r| r == reason) }
+    })
+    .await;
 }
 
 async fn tv_replica_on(
@@ -1130,32 +1121,16 @@ async fn a_volume_staged_nowhere_is_repaired_when_a_replica_node_dies_and_return
     let data: Vec<u8> = (0..4u32 << 20)
         .map(|i| (i.wrapping_mul(3266489917) >> 9) as u8)
         .collect();
-    write_synced(&target1.join("kept.bin"), &data);
+    common::write_synced(&target1.join("kept.bin"), &data);
     n1.unpublish(&id, &target1).await;
     n1.unstage(&id, &staging1).await;
 
     // With no engine anywhere, the nodes holding its other replicas notice
     // n3's is gone, and when n3 returns its replica rejoins.
     cluster.nodes[2].kill_hard();
-    let c = client.clone();
-    let volume = id.clone();
-    eventually("n3's replica faulted", Duration::from_secs(60), || {
-        let (c, volume) = (c.clone(), volume.clone());
-        async move { tv_replica_on(&c, &volume, "n3").await.state == "faulted" }
-    })
-    .await;
+    wait_replica_state(&client, &id, "n3", "faulted", Duration::from_secs(60)).await;
     cluster.nodes[2].restart();
-    let c = client.clone();
-    let volume = id.clone();
-    eventually(
-        "n3's replica healthy again",
-        Duration::from_secs(90),
-        || {
-            let (c, volume) = (c.clone(), volume.clone());
-            async move { tv_replica_on(&c, &volume, "n3").await.state == "healthy" }
-        },
-    )
-    .await;
+    wait_replica_state(&client, &id, "n3", "healthy", Duration::from_secs(90)).await;
     let status = terna_volume(&client, &id).await.status.unwrap();
     assert!(status.staged_on.is_none(), "repair released its claim");
 
@@ -1250,7 +1225,7 @@ async fn nfs_storage_pools_hold_a_claims_replicas_and_any_node_mounts_it() {
     let data: Vec<u8> = (0..4u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
         .collect();
-    write_synced(&target1.join("on-nfs.bin"), &data);
+    common::write_synced(&target1.join("on-nfs.bin"), &data);
     n1.unpublish(&id, &target1).await;
     n1.unstage(&id, &staging1).await;
     let (mut n2, staging2, target2) = mount_on(&cluster, 2, &id).await;

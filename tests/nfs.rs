@@ -9,14 +9,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::csi_client::{Csi, mount_cap};
 use common::nfs::Ganesha;
 use common::writer::{Writer, record, verify, wait_condition};
-use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 128 * MIB;
@@ -31,14 +29,6 @@ fn start_terna(pools: String) -> common::Standalone {
         std::fs::create_dir_all(data_dir).unwrap();
         std::fs::write(data_dir.join("terna.toml"), config(&pools)).unwrap();
     })
-}
-
-fn write_synced(path: &Path, data: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path).unwrap();
-    f.write_all(data).unwrap();
-    f.sync_all().unwrap();
-    Sha256::digest(data).to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,7 +246,7 @@ async fn one_volume_mixes_local_and_nfs_replicas() {
     for i in 0..4u64 {
         let data: Vec<u8> = (0..4 * MIB).map(|b| (b * 29 + i * 13) as u8).collect();
         let path = target.join(format!("mixed-{i}"));
-        sums.insert(path.clone(), write_synced(&path, &data));
+        sums.insert(path.clone(), common::write_synced(&path, &data));
     }
     verify(&sums);
     csi.unpublish(&id, &target).await;

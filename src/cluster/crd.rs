@@ -96,6 +96,16 @@ pub struct NfsPoolSpec {
 }
 
 impl NfsPoolSpec {
+    pub fn from_config(c: &crate::config::NfsPoolConfig) -> NfsPoolSpec {
+        NfsPoolSpec {
+            server: c.server.clone(),
+            port: c.port,
+            mount_port: c.mount_port,
+            export: c.export.clone(),
+            subdir: c.subdir.clone(),
+        }
+    }
+
     pub fn to_config(&self) -> crate::config::NfsPoolConfig {
         crate::config::NfsPoolConfig {
             server: self.server.clone(),

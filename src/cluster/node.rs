@@ -74,13 +74,7 @@ pub fn configured_pools(config: &Config, data_dir: &Path, node: &str) -> Vec<Sto
                 StoragePoolSpec {
                     node: String::new(),
                     path: String::new(),
-                    nfs: Some(NfsPoolSpec {
-                        server: nfs.server.clone(),
-                        port: nfs.port,
-                        mount_port: nfs.mount_port,
-                        export: nfs.export.clone(),
-                        subdir: nfs.subdir.clone(),
-                    }),
+                    nfs: Some(NfsPoolSpec::from_config(nfs)),
                     tier: p.tier,
                     domain: p.domain.clone(),
                     zone: p.zone.clone(),

@@ -292,3 +292,13 @@ pub fn content(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Writes `data` to a new file at `path` and fsyncs it; returns its SHA-256.
+pub fn write_synced(path: &Path, data: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+    sha2::Sha256::digest(data).to_vec()
+}
