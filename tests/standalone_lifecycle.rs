@@ -95,6 +95,93 @@ async fn block_volume_serves_raw_device_and_keeps_data_across_restage() {
     terna.stop_and_check_clean();
 }
 
+/// A volume of one local replica is served by the kernel straight from the
+/// replica file (FUSE passthrough): data lands there, the engine sees none of
+/// it, and I/O goes on while the engine's worker is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_volume_is_served_by_the_kernel_from_its_replica_file() {
+    if !common::require_root("one_replica_volume_is_served_by_the_kernel_from_its_replica_file") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let vol = csi
+        .create("single", 64 * MIB, &[("replicas", "1")], block_cap())
+        .await
+        .unwrap();
+    let id = vol.volume_id;
+    let staging = terna.dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let target = terna.dir.path().join("pods/p1/dev");
+    csi.stage(&id, &staging, block_cap()).await;
+    csi.publish(&id, &staging, &target, block_cap()).await;
+    let run_dir = terna.data_dir.join("run").join(&id);
+    let write = |seed: u8, at: u64| {
+        let data = pattern(seed, 4 * MIB as usize);
+        let mut dev = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&target)
+            .unwrap();
+        dev.seek(SeekFrom::Start(at)).unwrap();
+        dev.write_all(aligned(&data).as_slice()).unwrap();
+        dev.sync_all().unwrap();
+        data
+    };
+    let first = write(1, 8 * MIB as u64);
+    let worker: i32 = std::fs::read_to_string(run_dir.join("engine-worker.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let second = write(2, 32 * MIB as u64);
+
+    let replica = std::fs::read(terna.find_replica(&id, 0).unwrap()).unwrap();
+    assert!(
+        replica[8 << 20..12 << 20] == first[..],
+        "first write not in the replica file"
+    );
+    assert!(
+        replica[32 << 20..36 << 20] == second[..],
+        "second write not in the replica file"
+    );
+    // The engine (its restarted worker, whose counters start at zero, and
+    // its log) saw no write: the kernel wrote the file itself.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("stats.json")).unwrap()).unwrap();
+    assert_eq!(stats["bytes"][1], 0, "engine counted writes: {stats}");
+    let log = std::fs::read_to_string(run_dir.join("engine.log")).unwrap();
+    assert!(log.contains("FUSE passthrough: the kernel serves"), "{log}");
+
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+    csi.stage(&id, &staging, block_cap()).await;
+    csi.publish(&id, &staging, &target, block_cap()).await;
+    let mut back = terna::replica::aligned::AlignedBuf::zeroed(first.len());
+    let mut dev = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&target)
+        .unwrap();
+    dev.seek(SeekFrom::Start(8 * MIB as u64)).unwrap();
+    dev.read_exact(back.as_mut_slice()).unwrap();
+    assert!(
+        back.as_slice() == first.as_slice(),
+        "data differs after restage"
+    );
+    drop(dev);
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xfs_volumes_are_sized_for_mkfs_or_refused_with_the_reason() {
     if !common::require_root("xfs_volumes_are_sized_for_mkfs_or_refused_with_the_reason") {

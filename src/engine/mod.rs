@@ -708,6 +708,27 @@ impl BlockDevice for Engine {
         let len = len.min(self.size().saturating_sub(offset));
         self.mutate("discard", offset, len, move |io| io.discard(offset, len))
     }
+
+    /// Only a volume of exactly one replica, local and healthy: with more,
+    /// every write must reach each of them through us, and a volume whose
+    /// replica is remote has no file here.
+    fn passthrough_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        let slots = self.slots();
+        let [only] = slots.as_slice() else {
+            return None;
+        };
+        if !only.healthy.load(Ordering::SeqCst) {
+            return None;
+        }
+        let fd = only.io.direct_fd()?;
+        // SAFETY: `fd` belongs to the replica `only` keeps open for the
+        // whole call; the duplicate shares its open file (and O_DIRECT).
+        let dup = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned();
+        dup.map_err(
+            |e| warn!(volume_id = %self.volume_id, error = %e, "cannot duplicate the replica's fd"),
+        )
+        .ok()
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,14 @@
 //! - The file is opened with `FOPEN_DIRECT_IO`, and we negotiate async direct
 //!   I/O, 1 MiB requests and 128 background requests, so a loop device with
 //!   direct I/O on top sends its requests concurrently and unsplit.
+//! - When the device has one file that is the whole volume (one local
+//!   replica: `BlockDevice::passthrough_fd`), opens of the volume file are
+//!   FUSE passthrough: the kernel registers that file as the open's backing
+//!   file and reads and writes it itself, with the caller's O_DIRECT, and
+//!   no READ or WRITE reaches us. Each request through us costs several
+//!   thread wake-ups, which on a VM's halting CPUs cost more than the disk.
+//!   The file is registered once per server (`FUSE_DEV_IOC_BACKING_OPEN`);
+//!   a kernel that refuses it leaves us serving the I/O.
 //! - Workers are marked `PR_SET_IO_FLUSHER` (a per-thread flag), so memory
 //!   reclaim they trigger does not recurse into I/O that waits on them.
 //!
@@ -23,7 +31,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -175,6 +183,8 @@ impl FuseExport {
         };
         let session = Arc::new(Session {
             device,
+            dev: Some(dev.clone()),
+            backing: Mutex::new(Backing::Untried),
             uid,
             gid,
             time: SystemTime::now()
@@ -610,6 +620,20 @@ struct Session {
     uid: u32,
     gid: u32,
     time: u64,
+    /// The session's fd, to register passthrough backing files on (`None`
+    /// in unit tests, which have no session).
+    dev: Option<Arc<OwnedFd>>,
+    backing: Mutex<Backing>,
+}
+
+/// The device's file as a passthrough backing file of this session.
+#[derive(Debug, Clone, Copy)]
+enum Backing {
+    Untried,
+    Registered(i32),
+    /// The kernel would not (no passthrough negotiated, no CAP_SYS_ADMIN,
+    /// a backing file stacked too deep): I/O stays in user space.
+    Refused,
 }
 
 impl Session {
@@ -639,11 +663,7 @@ impl Session {
             FUSE_GETATTR => self.attr_reply(hdr.nodeid),
             FUSE_SETATTR => self.setattr(hdr.nodeid, body),
             FUSE_OPEN => match hdr.nodeid {
-                VOLUME_INO => Response::Small(Small::of(&fuse_open_out {
-                    fh: 0,
-                    open_flags: FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES,
-                    padding: 0,
-                })),
+                VOLUME_INO => Response::Small(Small::of(&self.open_volume())),
                 FUSE_ROOT_ID => Response::Error(libc::EISDIR),
                 _ => Response::Error(libc::ENOENT),
             },
@@ -688,11 +708,25 @@ impl Session {
             | FUSE_ASYNC_DIO
             | FUSE_PARALLEL_DIROPS
             | FUSE_MAX_PAGES;
+        // Passthrough is asked for always: whether an open uses it is
+        // decided per open (`open_volume`), also by restarted servers,
+        // which never see this INIT.
+        let passthrough = if arg.flags & FUSE_INIT_EXT != 0 {
+            arg.flags2 & FUSE_PASSTHROUGH_FLAGS2
+        } else {
+            0
+        };
+        let mut unused = [0; 7];
+        if passthrough != 0 {
+            unused[0] = FUSE_MAX_STACK_DEPTH;
+        }
         let out = fuse_init_out {
             major: FUSE_KERNEL_VERSION,
             minor: arg.minor.min(FUSE_KERNEL_MINOR_VERSION),
             max_readahead: arg.max_readahead.min(MAX_WRITE),
-            flags: arg.flags & want,
+            flags: (arg.flags & want) | if passthrough != 0 { FUSE_INIT_EXT } else { 0 },
+            flags2: passthrough,
+            unused,
             max_background: MAX_BACKGROUND,
             congestion_threshold: CONGESTION_THRESHOLD,
             max_write: MAX_WRITE,
@@ -707,6 +741,63 @@ impl Session {
             "FUSE session initialised"
         );
         Response::Small(Small::of(&out))
+    }
+
+    /// Opens of the volume file are passthrough (the kernel reads and
+    /// writes the backing file itself, no request reaches us) when the
+    /// device offers a file for it; otherwise direct I/O through us.
+    fn open_volume(&self) -> fuse_open_out {
+        match self.backing_id() {
+            Some(backing_id) => fuse_open_out {
+                fh: 0,
+                open_flags: FOPEN_PASSTHROUGH,
+                backing_id,
+            },
+            None => fuse_open_out {
+                fh: 0,
+                open_flags: FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES,
+                backing_id: 0,
+            },
+        }
+    }
+
+    fn backing_id(&self) -> Option<i32> {
+        let dev = self.dev.as_ref()?;
+        // Asked at every open: a file registered earlier must still be the
+        // device's whole truth (its one replica still healthy).
+        let file = self.device.passthrough_fd()?;
+        let mut backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
+        match *backing {
+            Backing::Registered(id) => return Some(id),
+            Backing::Refused => return None,
+            Backing::Untried => {}
+        }
+        let map = fuse_backing_map {
+            fd: file.as_raw_fd(),
+            flags: 0,
+            padding: 0,
+        };
+        // SAFETY: FUSE_DEV_IOC_BACKING_OPEN reads one fuse_backing_map from
+        // the pointer, which points to a live local; both fds are open.
+        let rc = unsafe {
+            libc::ioctl(
+                dev.as_raw_fd(),
+                FUSE_DEV_IOC_BACKING_OPEN as libc::Ioctl,
+                &map as *const fuse_backing_map,
+            )
+        };
+        if rc > 0 {
+            tracing::info!(
+                backing_id = rc,
+                "FUSE passthrough: the kernel serves this volume's I/O from its replica file"
+            );
+            *backing = Backing::Registered(rc);
+            Some(rc)
+        } else {
+            tracing::info!(error = %io::Error::last_os_error(), "FUSE passthrough refused; serving I/O in user space");
+            *backing = Backing::Refused;
+            None
+        }
     }
 
     fn attr(&self, ino: u64) -> Option<fuse_attr> {
@@ -922,6 +1013,8 @@ mod tests {
     fn session() -> Session {
         Session {
             device: Arc::new(Mem(Mutex::new(vec![7; 1 << 16]))),
+            dev: None,
+            backing: Mutex::new(Backing::Untried),
             uid: 0,
             gid: 0,
             time: 0,

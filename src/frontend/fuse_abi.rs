@@ -52,16 +52,25 @@ pub const FUSE_WRITEBACK_CACHE: u32 = 1 << 16;
 pub const FUSE_PARALLEL_DIROPS: u32 = 1 << 18;
 pub const FUSE_MAX_PAGES: u32 = 1 << 22;
 pub const FUSE_INIT_EXT: u32 = 1 << 30;
+// fuse_init flags2 (second word, with FUSE_INIT_EXT): bit 37 of the 64.
+pub const FUSE_PASSTHROUGH_FLAGS2: u32 = 1 << (37 - 32);
+/// Deepest filesystem stacking the kernel allows (FILESYSTEM_MAX_STACK_DEPTH):
+/// backing files may then live on an overlay.
+pub const FUSE_MAX_STACK_DEPTH: u32 = 2;
 
 // fuse_open_out.open_flags.
 pub const FOPEN_DIRECT_IO: u32 = 1 << 0;
 pub const FOPEN_PARALLEL_DIRECT_WRITES: u32 = 1 << 6;
+pub const FOPEN_PASSTHROUGH: u32 = 1 << 7;
 
 // fuse_setattr_in.valid.
 pub const FATTR_SIZE: u32 = 1 << 3;
 
 /// `_IOR(229, 0, uint32_t)`.
 pub const FUSE_DEV_IOC_CLONE: u32 = (2 << 30) | (4 << 16) | (229 << 8);
+/// `_IOW(229, 1, struct fuse_backing_map)`: registers a backing file,
+/// returns its id.
+pub const FUSE_DEV_IOC_BACKING_OPEN: u32 = (1 << 30) | (16 << 16) | (229 << 8) | 1;
 
 /// Plain-old-data: `#[repr(C)]`, integers only, no implicit padding.
 ///
@@ -229,7 +238,16 @@ pub struct fuse_setattr_in {
 pub struct fuse_open_out {
     pub fh: u64,
     pub open_flags: u32,
-    pub padding: u32,
+    /// With FOPEN_PASSTHROUGH (7.40); padding before.
+    pub backing_id: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct fuse_backing_map {
+    pub fd: i32,
+    pub flags: u32,
+    pub padding: u64,
 }
 
 #[repr(C)]
@@ -323,4 +341,5 @@ pod! {
     fuse_fallocate_in = 32,
     fuse_dirent = 24,
     fuse_notify_inval_inode_out = 24,
+    fuse_backing_map = 16,
 }

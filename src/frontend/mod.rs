@@ -6,6 +6,7 @@ pub mod fuse;
 pub mod loopdev;
 
 use std::io;
+use std::os::fd::OwnedFd;
 
 /// A byte-addressable volume as the frontend needs it. The engine implements
 /// this; the frontend knows nothing about replicas.
@@ -24,4 +25,10 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn flush(&self) -> io::Result<()>;
     /// The range no longer holds data; reads of it return zeroes afterwards.
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// A file holding the whole volume, byte for byte, that the kernel may
+    /// read and write directly (FUSE passthrough) because nothing else has
+    /// to see the I/O: a volume of one local replica. `None` otherwise.
+    fn passthrough_fd(&self) -> Option<OwnedFd> {
+        None
+    }
 }

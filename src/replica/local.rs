@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -122,6 +123,8 @@ impl Pool for LocalPool {
 pub struct LocalReplica {
     path: PathBuf,
     direct: File,
+    /// Whether `direct` really is O_DIRECT (tmpfs refuses it).
+    is_direct: bool,
     buffered: File,
     inode: u64,
 }
@@ -139,7 +142,10 @@ impl LocalReplica {
         let buffered = open(0)?;
         // Some filesystems (tmpfs) refuse O_DIRECT; then every I/O is buffered
         // and flush still makes it durable.
-        let direct = open(libc::O_DIRECT).or_else(|_| open(0))?;
+        let (direct, is_direct) = match open(libc::O_DIRECT) {
+            Ok(f) => (f, true),
+            Err(_) => (open(0)?, false),
+        };
         let inode = buffered
             .metadata()
             .map_err(|e| Error::io(format!("cannot stat replica {}", path.display()), e))?
@@ -147,6 +153,7 @@ impl LocalReplica {
         Ok(LocalReplica {
             path: path.to_path_buf(),
             direct,
+            is_direct,
             buffered,
             inode,
         })
@@ -190,6 +197,10 @@ impl ReplicaIo for LocalReplica {
             len,
         )
         .map_err(io::Error::from)
+    }
+
+    fn direct_fd(&self) -> Option<RawFd> {
+        self.is_direct.then(|| self.direct.as_raw_fd())
     }
 
     fn check(&self) -> std::result::Result<(), String> {

@@ -29,6 +29,10 @@ pub trait ReplicaIo: Send + Sync {
     fn fence(&self) -> io::Result<()> {
         Ok(())
     }
+    /// The replica's file, opened with O_DIRECT, when it is local.
+    fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// A place replicas live: a directory on a disk, an agent, an NFS export.
