@@ -176,6 +176,31 @@ async fn one_replica_volume_is_served_by_the_kernel_from_its_replica_file() {
         "data differs after restage"
     );
     drop(dev);
+
+    // Losing the one replica ends passthrough: I/O fails instead of going
+    // on into a removed file.
+    std::fs::remove_file(terna.find_replica(&id, 0).unwrap()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let err = loop {
+        let mut dev = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&target)
+            .unwrap();
+        let attempt = dev
+            .write_all(aligned(&first).as_slice())
+            .and_then(|()| dev.sync_all());
+        match attempt {
+            Err(e) => break e,
+            Ok(()) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(200))
+            }
+            Ok(()) => panic!("writes still succeed 10 s after the replica file was removed"),
+        }
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let log = std::fs::read_to_string(run_dir.join("engine.log")).unwrap();
+    assert!(log.contains("passthrough I/O revoked"), "{log}");
     csi.unpublish(&id, &target).await;
     csi.unstage(&id, &staging).await;
     csi.delete(&id).await;

@@ -352,6 +352,21 @@ fn serve(args: &EngineArgs, fd: RawFd, signals: SigSet) -> Result<()> {
             })
             .map_err(|e| Error::io("cannot start the stats writer", e))?;
     }
+    let (revoker, vid) = (export.revoker(), volume_id.to_string());
+    // Passthrough I/O never reaches us, so it must be ended before this
+    // engine stops answering for the volume: when its one replica is lost
+    // (reads would otherwise go on from a removed file) or its claim moved.
+    let revoke = move |why: &str| {
+        if let Some(r) = &revoker {
+            match r.revoke() {
+                Ok(true) => warn!(volume_id = %vid, why, "passthrough I/O revoked"),
+                Ok(false) => {}
+                Err(e) => {
+                    error!(volume_id = %vid, error = %e, why, "cannot revoke passthrough I/O")
+                }
+            }
+        }
+    };
     let checker = {
         let (engine, stop, store) = (engine.clone(), stop.clone(), store.clone());
         let volume_id = volume_id.to_string();
@@ -361,6 +376,9 @@ fn serve(args: &EngineArgs, fd: RawFd, signals: SigSet) -> Result<()> {
                 let mut claim_checked = Instant::now();
                 while !stop.load(Ordering::SeqCst) {
                     engine.check_replicas();
+                    if engine.healthy_count() == 0 {
+                        revoke("no healthy replica left");
+                    }
                     engine.replace_lost();
                     engine.catch_up();
                     if claim_checked.elapsed() >= CLAIM_CHECK_INTERVAL {
@@ -376,6 +394,7 @@ fn serve(args: &EngineArgs, fd: RawFd, signals: SigSet) -> Result<()> {
                                 now = ?record.and_then(|r| r.staged_on),
                                 "this node's claim on the volume is gone; the engine stops"
                             );
+                            revoke("the claim moved to another node");
                             std::process::exit(EXIT_CLAIM_LOST);
                         }
                     }

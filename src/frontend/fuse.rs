@@ -31,6 +31,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -140,6 +141,7 @@ pub struct FuseExport {
     stop_timeout: Duration,
     /// The session's original fd (workers may hold clones of it).
     _session_fd: Arc<OwnedFd>,
+    session: Option<Arc<Session>>,
     stopped: bool,
 }
 
@@ -179,12 +181,14 @@ impl FuseExport {
             threads: Vec::new(),
             stop_timeout: opts.stop_timeout,
             _session_fd: dev.clone(),
+            session: None,
             stopped: false,
         };
         let session = Arc::new(Session {
             device,
             dev: Some(dev.clone()),
             backing: Mutex::new(Backing::Untried),
+            generation: AtomicU64::new(0),
             uid,
             gid,
             time: SystemTime::now()
@@ -192,6 +196,7 @@ impl FuseExport {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
         });
+        export.session = Some(session.clone());
         for i in 0..opts.threads.max(1) {
             let fd = if opts.clone_fd {
                 clone_fd(&dev).unwrap_or_else(|e| {
@@ -224,6 +229,14 @@ impl FuseExport {
     /// The exported file, `mountpoint/volume`.
     pub fn path(&self) -> PathBuf {
         self.mountpoint.join(FILE_NAME)
+    }
+
+    /// What ends passthrough I/O on this export, for another thread.
+    pub fn revoker(&self) -> Option<Revoker> {
+        Some(Revoker {
+            path: self.path(),
+            session: self.session.clone()?,
+        })
     }
 
     /// Unmounts (lazily if the file is still in use, e.g. by a loop device)
@@ -288,6 +301,63 @@ impl Drop for FuseExport {
         if let Err(e) = self.stop() {
             tracing::warn!(error = %e, "stopping FUSE export");
         }
+    }
+}
+
+/// Ends passthrough I/O: opens that have it read and write the backing
+/// file in the kernel, so neither an abort of the session nor this process
+/// exiting stops them. A fresh inode generation does: the file's entry is
+/// invalidated and looked up again, the kernel finds the inode it holds is
+/// of another generation (a reused node id) and fails all further I/O on
+/// it with EIO, the loop device's included.
+pub struct Revoker {
+    path: PathBuf,
+    session: Arc<Session>,
+}
+
+impl Revoker {
+    /// True when passthrough I/O was live and is now refused; later opens
+    /// of the file go through us.
+    pub fn revoke(&self) -> io::Result<bool> {
+        let Some(dev) = self.session.dev.as_ref() else {
+            return Ok(false);
+        };
+        {
+            let mut backing = self
+                .session
+                .backing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let was = *backing;
+            *backing = Backing::Revoked;
+            if !matches!(was, Backing::Registered(_)) {
+                return Ok(false);
+            }
+        }
+        self.session.generation.fetch_add(1, Ordering::SeqCst);
+        let arg = fuse_notify_inval_entry_out {
+            parent: FUSE_ROOT_ID,
+            namelen: VOLUME_NAME.len() as u32,
+            flags: 0,
+        };
+        let len = size_of::<fuse_out_header>() + size_of_val(&arg) + VOLUME_NAME.len() + 1;
+        let hdr = fuse_out_header {
+            len: len as u32,
+            error: FUSE_NOTIFY_INVAL_ENTRY,
+            unique: 0,
+        };
+        nix::sys::uio::writev(
+            dev.as_fd(),
+            &[
+                IoSlice::new(bytes_of(&hdr)),
+                IoSlice::new(bytes_of(&arg)),
+                IoSlice::new(VOLUME_NAME),
+                IoSlice::new(&[0]),
+            ],
+        )?;
+        // The lookup that makes the kernel compare generations.
+        std::fs::metadata(&self.path)?;
+        Ok(true)
     }
 }
 
@@ -624,6 +694,8 @@ struct Session {
     /// in unit tests, which have no session).
     dev: Option<Arc<OwnedFd>>,
     backing: Mutex<Backing>,
+    /// The volume file's inode generation; a new one revokes the old inode.
+    generation: AtomicU64,
 }
 
 /// The device's file as a passthrough backing file of this session.
@@ -634,6 +706,8 @@ enum Backing {
     /// The kernel would not (no passthrough negotiated, no CAP_SYS_ADMIN,
     /// a backing file stacked too deep): I/O stays in user space.
     Refused,
+    /// Passthrough was revoked (`Revoker`); never again in this session.
+    Revoked,
 }
 
 impl Session {
@@ -769,7 +843,7 @@ impl Session {
         let mut backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
         match *backing {
             Backing::Registered(id) => return Some(id),
-            Backing::Refused => return None,
+            Backing::Refused | Backing::Revoked => return None,
             Backing::Untried => {}
         }
         let map = fuse_backing_map {
@@ -841,6 +915,7 @@ impl Session {
         match self.attr(VOLUME_INO) {
             Some(attr) => Response::Small(Small::of(&fuse_entry_out {
                 nodeid: VOLUME_INO,
+                generation: self.generation.load(Ordering::SeqCst),
                 entry_valid: ENTRY_TTL_SECS,
                 attr_valid: ATTR_TTL_SECS,
                 attr,
@@ -1015,6 +1090,7 @@ mod tests {
             device: Arc::new(Mem(Mutex::new(vec![7; 1 << 16]))),
             dev: None,
             backing: Mutex::new(Backing::Untried),
+            generation: AtomicU64::new(0),
             uid: 0,
             gid: 0,
             time: 0,

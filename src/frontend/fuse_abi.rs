@@ -42,6 +42,7 @@ pub const FUSE_FALLOCATE: u32 = 43;
 
 // Notification codes (sent in `fuse_out_header.error` with `unique == 0`).
 pub const FUSE_NOTIFY_INVAL_INODE: i32 = 2;
+pub const FUSE_NOTIFY_INVAL_ENTRY: i32 = 3;
 pub const FUSE_NOTIFY_RESEND: i32 = 7;
 
 // fuse_init flags (first word).
@@ -324,6 +325,14 @@ pub struct fuse_notify_inval_inode_out {
     pub len: i64,
 }
 
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct fuse_notify_inval_entry_out {
+    pub parent: u64,
+    pub namelen: u32,
+    pub flags: u32,
+}
+
 pod! {
     fuse_in_header = 40,
     fuse_out_header = 16,
@@ -342,4 +351,5 @@ pod! {
     fuse_dirent = 24,
     fuse_notify_inval_inode_out = 24,
     fuse_backing_map = 16,
+    fuse_notify_inval_entry_out = 16,
 }
