@@ -375,7 +375,7 @@ async fn main() {
     let (runtime, rounds, size) = if quick {
         (1, 3, 256 * MIB)
     } else {
-        (10, 3, 1024 * MIB)
+        (10, 5, 1024 * MIB)
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let results = root.join("bench/results");
