@@ -26,6 +26,30 @@ fn aligned(data: &[u8]) -> terna::replica::aligned::AlignedBuf {
     terna::replica::aligned::AlignedBuf::copy_of(data)
 }
 
+/// Writes `data` at `at` with O_DIRECT, then fsyncs.
+fn write_direct(path: &std::path::Path, at: u64, data: &[u8]) -> std::io::Result<()> {
+    let mut dev = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)?;
+    dev.seek(SeekFrom::Start(at))?;
+    dev.write_all(aligned(data).as_slice())?;
+    dev.sync_all()
+}
+
+/// Reads `len` bytes at `at` with O_DIRECT.
+fn read_direct(path: &std::path::Path, at: u64, len: usize) -> Vec<u8> {
+    let mut back = terna::replica::aligned::AlignedBuf::zeroed(len);
+    let mut dev = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    dev.seek(SeekFrom::Start(at)).unwrap();
+    dev.read_exact(back.as_mut_slice()).unwrap();
+    back.as_slice().to_vec()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_volume_serves_raw_device_and_keeps_data_across_restage() {
     if !common::require_root("block_volume_serves_raw_device_and_keeps_data_across_restage") {
@@ -48,18 +72,10 @@ async fn block_volume_serves_raw_device_and_keeps_data_across_restage() {
     csi.publish(&id, &staging, &target, block_cap()).await;
 
     let data = pattern(7, 4 * MIB as usize);
-    {
-        let mut dev = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&target)
-            .unwrap();
-        assert_eq!(dev.seek(SeekFrom::End(0)).unwrap(), 64 * MIB as u64);
-        dev.seek(SeekFrom::Start(8 * MIB as u64)).unwrap();
-        dev.write_all(aligned(&data).as_slice()).unwrap();
-        dev.sync_all().unwrap();
-    }
+    let mut dev = std::fs::File::open(&target).unwrap();
+    assert_eq!(dev.seek(SeekFrom::End(0)).unwrap(), 64 * MIB as u64);
+    drop(dev);
+    write_direct(&target, 8 * MIB as u64, &data).unwrap();
     csi.unpublish(&id, &target).await;
     assert!(!target.exists(), "unpublish removes the target file");
     csi.unstage(&id, &staging).await;
@@ -67,19 +83,10 @@ async fn block_volume_serves_raw_device_and_keeps_data_across_restage() {
 
     csi.stage(&id, &staging, block_cap()).await;
     csi.publish(&id, &staging, &target, block_cap()).await;
-    let mut back = terna::replica::aligned::AlignedBuf::zeroed(data.len());
-    let mut dev = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&target)
-        .unwrap();
-    dev.seek(SeekFrom::Start(8 * MIB as u64)).unwrap();
-    dev.read_exact(back.as_mut_slice()).unwrap();
     assert!(
-        back.as_slice() == data.as_slice(),
+        read_direct(&target, 8 * MIB as u64, data.len()) == data,
         "block data differs after restage"
     );
-    drop(dev);
     // Each replica file holds the data too.
     for i in 0..3 {
         let f = std::fs::read(terna.find_replica(&id, i).unwrap()).unwrap();
@@ -118,14 +125,7 @@ async fn one_replica_volume_is_served_by_the_kernel_from_its_replica_file() {
     let run_dir = terna.data_dir.join("run").join(&id);
     let write = |seed: u8, at: u64| {
         let data = pattern(seed, 4 * MIB as usize);
-        let mut dev = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&target)
-            .unwrap();
-        dev.seek(SeekFrom::Start(at)).unwrap();
-        dev.write_all(aligned(&data).as_slice()).unwrap();
-        dev.sync_all().unwrap();
+        write_direct(&target, at, &data).unwrap();
         data
     };
     let first = write(1, 8 * MIB as u64);
@@ -163,34 +163,17 @@ async fn one_replica_volume_is_served_by_the_kernel_from_its_replica_file() {
     csi.unstage(&id, &staging).await;
     csi.stage(&id, &staging, block_cap()).await;
     csi.publish(&id, &staging, &target, block_cap()).await;
-    let mut back = terna::replica::aligned::AlignedBuf::zeroed(first.len());
-    let mut dev = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&target)
-        .unwrap();
-    dev.seek(SeekFrom::Start(8 * MIB as u64)).unwrap();
-    dev.read_exact(back.as_mut_slice()).unwrap();
     assert!(
-        back.as_slice() == first.as_slice(),
+        read_direct(&target, 8 * MIB as u64, first.len()) == first,
         "data differs after restage"
     );
-    drop(dev);
 
     // Losing the one replica ends passthrough: I/O fails instead of going
     // on into a removed file.
     std::fs::remove_file(terna.find_replica(&id, 0).unwrap()).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let err = loop {
-        let mut dev = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&target)
-            .unwrap();
-        let attempt = dev
-            .write_all(aligned(&first).as_slice())
-            .and_then(|()| dev.sync_all());
-        match attempt {
+        match write_direct(&target, 0, &first) {
             Err(e) => break e,
             Ok(()) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(200))
