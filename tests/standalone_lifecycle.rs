@@ -50,15 +50,15 @@ fn read_direct(path: &std::path::Path, at: u64, len: usize) -> Vec<u8> {
     back.as_slice().to_vec()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn block_volume_serves_raw_device_and_keeps_data_across_restage() {
-    if !common::require_root("block_volume_serves_raw_device_and_keeps_data_across_restage") {
-        return;
-    }
-    let terna = common::Standalone::start();
-    let mut csi = Csi::connect(&terna.socket).await;
+/// A new block volume of 64 MiB, staged and published: (id, staging, target).
+async fn published_block(
+    terna: &common::Standalone,
+    csi: &mut Csi,
+    name: &str,
+    replicas: &str,
+) -> (String, std::path::PathBuf, std::path::PathBuf) {
     let vol = csi
-        .create("block-vol", 64 * MIB, &[("replicas", "3")], block_cap())
+        .create(name, 64 * MIB, &[("replicas", replicas)], block_cap())
         .await
         .unwrap();
     let id = vol.volume_id;
@@ -67,6 +67,17 @@ async fn block_volume_serves_raw_device_and_keeps_data_across_restage() {
     let target = terna.dir.path().join("pods/p1/dev");
     csi.stage(&id, &staging, block_cap()).await;
     csi.publish(&id, &staging, &target, block_cap()).await;
+    (id, staging, target)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_volume_serves_raw_device_and_keeps_data_across_restage() {
+    if !common::require_root("block_volume_serves_raw_device_and_keeps_data_across_restage") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let (id, staging, target) = published_block(&terna, &mut csi, "block-vol", "3").await;
     // Repeating both is success.
     csi.stage(&id, &staging, block_cap()).await;
     csi.publish(&id, &staging, &target, block_cap()).await;
@@ -112,16 +123,7 @@ async fn one_replica_volume_is_served_by_the_kernel_from_its_replica_file() {
     }
     let terna = common::Standalone::start();
     let mut csi = Csi::connect(&terna.socket).await;
-    let vol = csi
-        .create("single", 64 * MIB, &[("replicas", "1")], block_cap())
-        .await
-        .unwrap();
-    let id = vol.volume_id;
-    let staging = terna.dir.path().join("staging");
-    std::fs::create_dir_all(&staging).unwrap();
-    let target = terna.dir.path().join("pods/p1/dev");
-    csi.stage(&id, &staging, block_cap()).await;
-    csi.publish(&id, &staging, &target, block_cap()).await;
+    let (id, staging, target) = published_block(&terna, &mut csi, "single", "1").await;
     let run_dir = terna.data_dir.join("run").join(&id);
     let write = |seed: u8, at: u64| {
         let data = pattern(seed, 4 * MIB as usize);

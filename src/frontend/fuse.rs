@@ -1267,6 +1267,42 @@ mod tests {
     }
 
     #[test]
+    fn passthrough_is_asked_for_only_when_offered_and_opens_without_a_backing_file_go_through_us() {
+        let s = session();
+        let mut buf = AlignedBuf::new(BUF_LEN).unwrap();
+        let buf = buf.as_mut_slice();
+        let mut init = fuse_init_in {
+            major: 7,
+            minor: 44,
+            max_readahead: 128 << 10,
+            flags: FUSE_INIT_EXT | FUSE_ASYNC_DIO,
+            flags2: FUSE_PASSTHROUGH_FLAGS2,
+            ..Default::default()
+        };
+        let n = request(buf, FUSE_INIT, 0, bytes_of(&init));
+        let out: fuse_init_out = read(&small(s.handle(buf, n))).unwrap();
+        assert_ne!(out.flags & FUSE_INIT_EXT, 0);
+        assert_eq!(out.flags2, FUSE_PASSTHROUGH_FLAGS2);
+        assert_eq!(out.unused[0], FUSE_MAX_STACK_DEPTH, "max_stack_depth");
+        // Without FUSE_INIT_EXT the second word is not the kernel's.
+        init.flags = FUSE_ASYNC_DIO;
+        let n = request(buf, FUSE_INIT, 0, bytes_of(&init));
+        let out: fuse_init_out = read(&small(s.handle(buf, n))).unwrap();
+        assert_eq!(
+            (out.flags & FUSE_INIT_EXT, out.flags2, out.unused[0]),
+            (0, 0, 0)
+        );
+
+        // The test device offers no backing file: direct I/O through us.
+        let n = request(buf, FUSE_OPEN, VOLUME_INO, &[0; 8]);
+        let out: fuse_open_out = read(&small(s.handle(buf, n))).unwrap();
+        assert_eq!(
+            (out.open_flags, out.backing_id),
+            (FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES, 0)
+        );
+    }
+
+    #[test]
     fn mountinfo_unescape() {
         assert_eq!(unescape_octal(r"/a\040b\134c\011"), Path::new("/a b\\c\t"));
         assert_eq!(unescape_octal(r"/a\04"), Path::new(r"/a\04"));
