@@ -641,28 +641,24 @@ mod tests {
             mode: AccessMode::SingleNodeWriter,
         };
         let xfs = [mount(Some(FsType::Xfs))];
-        assert_eq!(
-            fit_filesystem(64 * MIB, 0, &xfs, FsType::Ext4).unwrap(),
-            300 * MIB
-        );
-        assert_eq!(
-            fit_filesystem(512 * MIB, 0, &xfs, FsType::Ext4).unwrap(),
-            512 * MIB
-        );
-        // The class's filesystem counts when the capability names none.
         let unnamed = [mount(None)];
-        assert_eq!(
-            fit_filesystem(64 * MIB, 0, &unnamed, FsType::Xfs).unwrap(),
-            300 * MIB
-        );
-        assert_eq!(
-            fit_filesystem(64 * MIB, 0, &unnamed, FsType::Ext4).unwrap(),
-            64 * MIB
-        );
-        assert_eq!(
-            fit_filesystem(64 * MIB, 0, &[block], FsType::Xfs).unwrap(),
-            64 * MIB
-        );
+        let block = [block];
+        // (requested, capabilities, the class's filesystem, size made);
+        // the class's filesystem counts when the capability names none.
+        let cases: [(u64, &[Capability], FsType, u64); 5] = [
+            (64 * MIB, &xfs, FsType::Ext4, 300 * MIB),
+            (512 * MIB, &xfs, FsType::Ext4, 512 * MIB),
+            (64 * MIB, &unnamed, FsType::Xfs, 300 * MIB),
+            (64 * MIB, &unnamed, FsType::Ext4, 64 * MIB),
+            (64 * MIB, &block, FsType::Xfs, 64 * MIB),
+        ];
+        for (requested, caps, class_fs, made) in cases {
+            assert_eq!(
+                fit_filesystem(requested, 0, caps, class_fs).unwrap(),
+                made,
+                "{requested} bytes, class {class_fs:?}"
+            );
+        }
         let refused = fit_filesystem(64 * MIB, 100 * MIB, &xfs, FsType::Ext4).unwrap_err();
         assert_eq!(refused.kind, ErrorKind::OutOfRange);
         assert!(refused.to_string().contains("xfs"), "{refused}");

@@ -24,6 +24,16 @@ fn config(pools: &str) -> String {
     format!("agent_timeout_ms = 2000\nreplace_after_secs = 600\nrebuild_mib_per_sec = 0\n{pools}")
 }
 
+/// Checks the test runs as root and makes the directory its NFS servers
+/// live in.
+fn nfs_root() -> tempfile::TempDir {
+    common::assert_root(TEST);
+    tempfile::Builder::new()
+        .prefix("terna-nfs-")
+        .tempdir()
+        .unwrap()
+}
+
 fn start_terna(pools: String) -> common::Standalone {
     common::Standalone::start_with(move |data_dir| {
         std::fs::create_dir_all(data_dir).unwrap();
@@ -33,11 +43,7 @@ fn start_terna(pools: String) -> common::Standalone {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_mid_write_degrades_the_volume_and_catches_up_when_back() {
-    common::assert_root(TEST);
-    let root = tempfile::Builder::new()
-        .prefix("terna-nfs-")
-        .tempdir()
-        .unwrap();
+    let root = nfs_root();
     let mut servers = common::nfs::start_servers(root.path(), 3);
     let terna = start_terna(common::nfs::pools_toml(&servers));
     let mut csi = Csi::connect(&terna.socket).await;
@@ -200,11 +206,7 @@ async fn outage(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_volume_mixes_local_and_nfs_replicas() {
-    common::assert_root(TEST);
-    let root = tempfile::Builder::new()
-        .prefix("terna-nfs-")
-        .tempdir()
-        .unwrap();
+    let root = nfs_root();
     let servers: Vec<Ganesha> = (1..=2)
         .map(|i| Ganesha::start(root.path(), &format!("m{i}")))
         .collect();
@@ -281,11 +283,7 @@ fn pools_used_index(rec: &serde_json::Value, pool: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_and_read_only_exports_give_clear_errors() {
-    common::assert_root(TEST);
-    let root = tempfile::Builder::new()
-        .prefix("terna-nfs-")
-        .tempdir()
-        .unwrap();
+    let root = nfs_root();
     // A read-only export.
     let ro = Ganesha::start_with(root.path(), "ro", true, None);
     // A full export: a 16 MiB tmpfs, already filled.
