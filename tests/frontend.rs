@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use terna::frontend::BlockDevice;
 use terna::frontend::fuse::{self, FuseExport, FuseOptions};
 use terna::frontend::loopdev::{LoopDevice, LoopOptions};
+use terna::frontend::{BlockDevice, DirectRead};
 
 const MIB: usize = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -43,6 +43,35 @@ struct Stats {
     flushes: AtomicU64,
     discards: AtomicU64,
     discarded: AtomicU64,
+    /// Reads through `read_at`, and reads the FUSE server did itself.
+    reads: AtomicU64,
+    direct_done: Arc<AtomicU64>,
+}
+
+/// What `direct_read` hands out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Direct {
+    Nothing = 0,
+    /// The device's own file.
+    TheFile = 1,
+    /// A file shorter than any read (/dev/null: every read comes back empty).
+    Broken = 2,
+}
+
+struct FileRead {
+    fd: std::os::fd::RawFd,
+    _keep: Option<File>,
+    done: Arc<AtomicU64>,
+}
+
+impl DirectRead for FileRead {
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.fd
+    }
+    fn done(self: Box<Self>) {
+        self.done.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 struct FileDevice {
@@ -51,6 +80,7 @@ struct FileDevice {
     /// Simulated write latency (a disk), in microseconds.
     latency_us: AtomicU64,
     stats: Stats,
+    direct: std::sync::atomic::AtomicU8,
 }
 
 impl FileDevice {
@@ -72,6 +102,7 @@ impl FileDevice {
             size: AtomicU64::new(size),
             latency_us: AtomicU64::new(0),
             stats,
+            direct: std::sync::atomic::AtomicU8::new(Direct::Nothing as u8),
         })
     }
 
@@ -107,7 +138,28 @@ impl BlockDevice for FileDevice {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check(offset, buf.len())?;
+        self.stats.reads.fetch_add(1, Ordering::SeqCst);
         self.file.read_exact_at(buf, offset)
+    }
+    fn direct_read(&self, offset: u64, len: usize) -> Option<Box<dyn DirectRead>> {
+        self.check(offset, len).ok()?;
+        let done = self.stats.direct_done.clone();
+        match self.direct.load(Ordering::SeqCst) {
+            x if x == Direct::TheFile as u8 => Some(Box::new(FileRead {
+                fd: self.file.as_raw_fd(),
+                _keep: None,
+                done,
+            })),
+            x if x == Direct::Broken as u8 => {
+                let null = File::open("/dev/null").unwrap();
+                Some(Box::new(FileRead {
+                    fd: null.as_raw_fd(),
+                    _keep: Some(null),
+                    done,
+                }))
+            }
+            _ => None,
+        }
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check(offset, buf.len())?;
@@ -434,7 +486,8 @@ fn fuse_export_serves_the_volume_file() {
             .filter(|(n, _)| n.starts_with("fuse-"))
             .map(|(_, f)| *f)
             .collect();
-        assert_eq!(workers.len(), 32);
+        // 32 helpers and 2 readers ("fuse-reader-N", cut to 15 bytes).
+        assert_eq!(workers.len(), 34);
         if has_cap_sys_resource() {
             assert!(workers.iter().all(|f| *f), "{flushers:?}");
         } else {
@@ -501,6 +554,59 @@ fn fuse_export_serves_the_volume_file() {
         // The free unmount is idempotent.
         fuse::unmount(&mp).unwrap();
     });
+}
+
+#[test]
+fn reads_the_device_hands_out_are_done_by_the_server_and_failed_ones_fall_back() {
+    run(
+        "reads_the_device_hands_out_are_done_by_the_server_and_failed_ones_fall_back",
+        false,
+        || {
+            let mut s = Stack::new(16 * MIB as u64, FuseOptions::default());
+            let f = open_direct(&s.volume());
+            let mut data = Aligned::new(4 * MIB);
+            fill_random(data.get_mut(), 7);
+            f.write_all_at(data.get(), 0).unwrap();
+            let st = &s.device.stats;
+            // Every 4 KiB block and 1 MiB chunk, in three modes: the
+            // device's own reads, the server's reads of the device's file,
+            // and the server's reads failing (so the device reads after all).
+            for mode in [Direct::Nothing, Direct::TheFile, Direct::Broken] {
+                s.device.direct.store(mode as u8, Ordering::SeqCst);
+                let (reads, direct) = (
+                    st.reads.load(Ordering::SeqCst),
+                    st.direct_done.load(Ordering::SeqCst),
+                );
+                let mut back = Aligned::new(4 * MIB);
+                for (i, chunk) in back.get_mut().chunks_mut(4096).enumerate().take(64) {
+                    f.read_exact_at(chunk, (i * 4096) as u64).unwrap();
+                }
+                for (i, chunk) in back.get_mut().chunks_mut(MIB).enumerate() {
+                    f.read_exact_at(chunk, (i * MIB) as u64).unwrap();
+                }
+                assert!(back.get() == data.get(), "data differs");
+                let reads = st.reads.load(Ordering::SeqCst) - reads;
+                let direct = st.direct_done.load(Ordering::SeqCst) - direct;
+                match mode {
+                    Direct::Nothing | Direct::Broken => {
+                        assert_eq!((reads, direct), (68, 0))
+                    }
+                    Direct::TheFile => assert_eq!((reads, direct), (0, 68)),
+                }
+            }
+            // Past the end, the device offers nothing and the read is short.
+            s.device
+                .direct
+                .store(Direct::TheFile as u8, Ordering::SeqCst);
+            let mut tail = Aligned::new(MIB);
+            assert_eq!(
+                f.read_at(tail.get_mut(), 16 * MIB as u64 - 4096).unwrap(),
+                4096
+            );
+            drop(f);
+            s.teardown();
+        },
+    );
 }
 
 #[test]

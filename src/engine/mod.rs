@@ -22,7 +22,7 @@ pub mod workers;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -31,9 +31,9 @@ use tracing::{error, info, warn};
 use crate::dirty::{DEFAULT_REGION, DirtyMap};
 use crate::volume::StagedOn;
 
-use crate::frontend::BlockDevice;
+use crate::frontend::{BlockDevice, DirectRead};
 use crate::replica::ReplicaIo;
-use crate::replica::aligned::{AlignedBuf, is_aligned};
+use crate::replica::aligned::{ALIGN, AlignedBuf, is_aligned};
 use crate::store::StateStore;
 use workers::Workers;
 
@@ -59,6 +59,9 @@ struct Slot {
 /// Writes to a region hold its stripe shared; catch-up holds it exclusive.
 const STRIPES: usize = 256;
 
+/// Reads of one such region go to the same replica (see `read_order`).
+const READ_REGION: u64 = 1 << 20;
+
 pub struct Engine {
     volume_id: String,
     size: AtomicU64,
@@ -69,7 +72,6 @@ pub struct Engine {
     /// Serialises fault recording so each fault is persisted exactly once.
     fault_lock: Mutex<()>,
     workers: Workers,
-    next_read: AtomicUsize,
     /// What each faulted replica (by replica index) has missed.
     dirty: Mutex<BTreeMap<usize, DirtyMap>>,
     /// Where dirty maps are persisted (`dirty-<index>.map`); `None` keeps
@@ -81,7 +83,7 @@ pub struct Engine {
     /// When each currently faulted replica (by index) was faulted.
     faulted_since: Mutex<BTreeMap<usize, Instant>>,
     rebuild: RebuildPolicy,
-    stats: crate::metrics::IoStats,
+    stats: Arc<crate::metrics::IoStats>,
     claim: Option<StagedOn>,
 }
 
@@ -184,7 +186,6 @@ impl Engine {
             min_healthy: min_healthy.max(1),
             fault_lock: Mutex::new(()),
             workers: Workers::new("replica-io", worker_threads)?,
-            next_read: AtomicUsize::new(0),
             stats: Default::default(),
             claim,
         })
@@ -630,27 +631,63 @@ impl Engine {
             slot.io.read_at(bounce.as_mut_slice(), offset)?;
             buf.copy_from_slice(bounce.as_slice());
         }
-        let took = start.elapsed().as_nanos() as u64;
-        let old = slot.read_latency_ns.load(Ordering::Relaxed);
-        slot.read_latency_ns
-            .store(old - old / 8 + took / 8, Ordering::Relaxed);
+        slot.note_read_latency(start.elapsed());
         Ok(())
     }
 }
 
+impl Slot {
+    fn note_read_latency(&self, took: std::time::Duration) {
+        let took = took.as_nanos() as u64;
+        let old = self.read_latency_ns.load(Ordering::Relaxed);
+        self.read_latency_ns
+            .store(old - old / 8 + took / 8, Ordering::Relaxed);
+    }
+}
+
+/// A read of one replica's file done by the frontend itself.
+struct ReplicaRead {
+    slot: Arc<Slot>,
+    fd: std::os::fd::RawFd,
+    len: usize,
+    started: Instant,
+    stats: Arc<crate::metrics::IoStats>,
+}
+
+impl DirectRead for ReplicaRead {
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.fd
+    }
+
+    fn done(self: Box<Self>) {
+        let took = self.started.elapsed();
+        self.slot.note_read_latency(took);
+        self.stats
+            .record(crate::metrics::Op::Read, self.len, took, true);
+    }
+}
+
 impl Engine {
-    fn read_replicas(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.check_range(offset, buf.len())?;
+    /// Healthy replicas in the order to try a read at `offset` on: fastest
+    /// first; among equals, each region of the volume is read from one
+    /// replica, so regions spread over the replicas while each replica's
+    /// share stays in its disk's caches (which a per-request rotation
+    /// would triple).
+    fn read_order(&self, offset: u64) -> Vec<Arc<Slot>> {
         let mut slots = self.healthy_slots();
-        // Fastest replica first; rotate among equals so load spreads.
-        let spin = self.next_read.fetch_add(1, Ordering::Relaxed);
+        let spin = (offset / READ_REGION) as usize;
         if !slots.is_empty() {
             let n = slots.len();
             slots.rotate_left(spin % n);
         }
         slots.sort_by_key(|s| s.read_latency_ns.load(Ordering::Relaxed) / 200_000);
+        slots
+    }
+
+    fn read_replicas(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check_range(offset, buf.len())?;
         let mut last = io::Error::from_raw_os_error(libc::EIO);
-        for slot in slots {
+        for slot in self.read_order(offset) {
             match self.read_from(&slot, buf, offset) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
@@ -707,6 +744,24 @@ impl BlockDevice for Engine {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         let len = len.min(self.size().saturating_sub(offset));
         self.mutate("discard", offset, len, move |io| io.discard(offset, len))
+    }
+
+    /// The replica `read_at` would try first, when it is a local file
+    /// open O_DIRECT; any other replica needs the engine's own I/O.
+    fn direct_read(&self, offset: u64, len: usize) -> Option<Box<dyn DirectRead>> {
+        self.check_range(offset, len).ok()?;
+        if !len.is_multiple_of(ALIGN) || !offset.is_multiple_of(ALIGN as u64) {
+            return None;
+        }
+        let slot = self.read_order(offset).into_iter().next()?;
+        let fd = slot.io.direct_fd()?;
+        Some(Box::new(ReplicaRead {
+            slot,
+            fd,
+            len,
+            started: Instant::now(),
+            stats: self.stats.clone(),
+        }))
     }
 
     /// Only a volume of exactly one replica, local and healthy: with more,

@@ -1,7 +1,7 @@
 use super::*;
 use crate::store::FileStore;
 use crate::volume::{ReplicaState, VolumeRecord};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 /// A replica in memory whose failures the test switches on.
 #[derive(Clone)]
@@ -298,6 +298,29 @@ fn reads_fall_over_to_another_replica() {
     }
     let rec = store.get("tv-test").unwrap().unwrap();
     assert_eq!(rec.healthy_count(), 1);
+}
+
+#[test]
+fn each_region_is_read_from_one_replica_and_regions_spread_over_all() {
+    let (_d, _s, mems, e) = setup_big(3);
+    let reads = |m: &MemReplica| m.reads.load(Ordering::SeqCst);
+    let mut b = [0u8; 4096];
+    for region in 0..(BIG as u64 / READ_REGION) {
+        let before: Vec<usize> = mems.iter().map(reads).collect();
+        for i in 0..16 {
+            e.read_at(&mut b, region * READ_REGION + i * 4096).unwrap();
+        }
+        let served: Vec<usize> = mems
+            .iter()
+            .zip(&before)
+            .map(|(m, b)| reads(m) - b)
+            .collect();
+        assert!(served.contains(&16), "region {region}: {served:?}");
+    }
+    // 8 regions over 3 equally fast replicas: 3, 3 and 2 regions each.
+    let mut per: Vec<usize> = mems.iter().map(|m| reads(m) / 16).collect();
+    per.sort();
+    assert_eq!(per, [2, 3, 3]);
 }
 
 #[test]

@@ -4,11 +4,12 @@
 //!
 //! Design:
 //! - `mount(2)` is called directly (we are root); the kernel's INIT arrives
-//!   on the device once the worker threads start reading.
-//! - N worker threads (default 32, so ~32 requests can be in flight against
-//!   O_DIRECT replicas) read the session's `/dev/fuse` fd (or, optionally, a
-//!   clone of it made with `FUSE_DEV_IOC_CLONE`), each with one page-aligned
-//!   buffer, and answer requests synchronously: thread-per-request.
+//!   on the device once the readers start.
+//! - Reader threads (default 2), on the session fd made non-blocking, take
+//!   every request; reads of the volume that the device
+//!   hands out as a replica file they serve themselves with io_uring, the
+//!   rest goes to helper threads (default 32) that answer synchronously
+//!   (`reactor`).
 //! - The file is opened with `FOPEN_DIRECT_IO`, and we negotiate async direct
 //!   I/O, 1 MiB requests and 128 background requests, so a loop device with
 //!   direct I/O on top sends its requests concurrently and unsplit.
@@ -20,8 +21,9 @@
 //!   thread wake-ups, which on a VM's halting CPUs cost more than the disk.
 //!   The file is registered once per server (`FUSE_DEV_IOC_BACKING_OPEN`);
 //!   a kernel that refuses it leaves us serving the I/O.
-//! - Workers are marked `PR_SET_IO_FLUSHER` (a per-thread flag), so memory
-//!   reclaim they trigger does not recurse into I/O that waits on them.
+//! - Readers and helpers are marked `PR_SET_IO_FLUSHER` (a per-thread
+//!   flag), so memory reclaim they trigger does not recurse into I/O that
+//!   waits on them.
 //!
 //! The session ends when the kernel says so (ENODEV on read): after an
 //! unmount, or an abort through fusectl.
@@ -41,7 +43,9 @@ use nix::fcntl::OFlag;
 use nix::mount::{MntFlags, MsFlags};
 use nix::sys::stat::Mode;
 
-use super::BlockDevice;
+use super::{BlockDevice, DirectRead};
+
+mod reactor;
 
 #[path = "fuse_abi.rs"]
 #[allow(non_camel_case_types)]
@@ -82,12 +86,12 @@ const PR_SET_IO_FLUSHER: libc::c_int = 57;
 /// Tuning of a FUSE export.
 #[derive(Debug, Clone)]
 pub struct FuseOptions {
-    /// Worker threads, i.e. requests served concurrently.
+    /// Threads that take requests off `/dev/fuse` and serve reads of the
+    /// volume asynchronously (io_uring); see `reactor`.
+    pub readers: usize,
+    /// Threads that answer every other request synchronously, i.e. writes
+    /// (and reads the readers cannot serve) in flight at once.
     pub threads: usize,
-    /// Give each worker its own `/dev/fuse` fd (`FUSE_DEV_IOC_CLONE`; a
-    /// per-fd processing queue). Measured no gain on 2 cores, so off by
-    /// default; worth re-measuring on large nodes.
-    pub clone_fd: bool,
     /// How long `unmount`/drop wait for the session to end before aborting
     /// the connection through fusectl.
     pub stop_timeout: Duration,
@@ -96,8 +100,8 @@ pub struct FuseOptions {
 impl Default for FuseOptions {
     fn default() -> Self {
         Self {
+            readers: 2,
             threads: 32,
-            clone_fd: false,
             stop_timeout: Duration::from_secs(10),
         }
     }
@@ -197,30 +201,39 @@ impl FuseExport {
                 .unwrap_or(0),
         });
         export.session = Some(session.clone());
+        let buffers = Arc::new(reactor::Buffers::new(opts.threads + 2 * opts.readers));
+        let (to_helpers, requests) = crossbeam_channel::unbounded();
+        let spawn_failed = |e| FuseError::Io {
+            mountpoint: mountpoint.to_path_buf(),
+            op: "spawn FUSE thread",
+            source: e,
+        };
         for i in 0..opts.threads.max(1) {
-            let fd = if opts.clone_fd {
-                clone_fd(&dev).unwrap_or_else(|e| {
-                    tracing::debug!(error = %e, "FUSE_DEV_IOC_CLONE failed, sharing the fd");
-                    dev.clone()
-                })
-            } else {
-                dev.clone()
-            };
-            let buf = AlignedBuf::new(BUF_LEN).ok_or_else(|| FuseError::Io {
-                mountpoint: mountpoint.to_path_buf(),
-                op: "allocate request buffer",
-                source: io::ErrorKind::OutOfMemory.into(),
-            })?;
-            let session = session.clone();
+            let (session, requests, buffers) = (session.clone(), requests.clone(), buffers.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("fuse-{i}"))
                 .stack_size(512 * 1024)
-                .spawn(move || worker(i, &session, &fd, buf))
-                .map_err(|e| FuseError::Io {
-                    mountpoint: mountpoint.to_path_buf(),
-                    op: "spawn worker thread",
-                    source: e,
-                })?;
+                .spawn(move || reactor::helper(&session, requests, &buffers))
+                .map_err(spawn_failed)?;
+            export.threads.push(handle);
+        }
+        set_nonblocking(&dev).map_err(|e| FuseError::Io {
+            mountpoint: mountpoint.to_path_buf(),
+            op: "make the /dev/fuse fd non-blocking",
+            source: e,
+        })?;
+        for i in 0..opts.readers.max(1) {
+            let (session, dev, to_helpers, buffers) = (
+                session.clone(),
+                dev.clone(),
+                to_helpers.clone(),
+                buffers.clone(),
+            );
+            let handle = std::thread::Builder::new()
+                .name(format!("fuse-reader-{i}"))
+                .stack_size(512 * 1024)
+                .spawn(move || reactor::reader(&session, dev, &buffers, to_helpers))
+                .map_err(spawn_failed)?;
             export.threads.push(handle);
         }
         Ok(export)
@@ -533,22 +546,19 @@ fn abort_connection(conn: u64) {
     }
 }
 
-fn clone_fd(dev: &OwnedFd) -> io::Result<Arc<OwnedFd>> {
-    let fd = nix::fcntl::open("/dev/fuse", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())?;
-    let master = u32::try_from(dev.as_raw_fd()).map_err(|_| io::Error::from(Errno::EBADF))?;
-    // SAFETY: FUSE_DEV_IOC_CLONE reads one u32 (the session's fd) from the
-    // pointer, which points to a live local; both fds are open.
-    let rc = unsafe {
-        libc::ioctl(
-            fd.as_raw_fd(),
-            FUSE_DEV_IOC_CLONE as libc::Ioctl,
-            &master as *const u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(Arc::new(fd))
+/// Readers wait for requests and for their reads at once, so they read
+/// the session without blocking. They share the session's own open file:
+/// a clone (`FUSE_DEV_IOC_CLONE`) has its own queue of requests being
+/// processed, which the kernel fails with EIO when the clone closes, e.g.
+/// when a worker is killed; on the session's file, which the supervisor
+/// keeps open, they stay queued for the next worker (`request_resend`).
+fn set_nonblocking(dev: &OwnedFd) -> io::Result<()> {
+    let flags = OFlag::from_bits_retain(nix::fcntl::fcntl(dev, nix::fcntl::FcntlArg::F_GETFL)?);
+    nix::fcntl::fcntl(
+        dev,
+        nix::fcntl::FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK),
+    )?;
+    Ok(())
 }
 
 /// A zeroed, page-aligned heap buffer.
@@ -574,6 +584,11 @@ impl AlignedBuf {
         // for as long as `self` lives, and `&mut self` makes this the only view.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
     }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: as in `as_mut_slice`; `&self` excludes writers through us.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
 }
 
 impl Drop for AlignedBuf {
@@ -583,51 +598,41 @@ impl Drop for AlignedBuf {
     }
 }
 
-fn worker(index: usize, session: &Session, fd: &OwnedFd, mut buf: AlignedBuf) {
+/// Answers request `unique` on `fd`, the fd it was read from (each fd
+/// has its own queue of requests being processed).
+fn reply(fd: &OwnedFd, unique: u64, resp: &Response<'_>) {
+    let (error, payload): (i32, &[u8]) = match resp {
+        Response::Error(e) => (-e, &[]),
+        Response::Small(s) => (0, s.as_slice()),
+        Response::Data(d) => (0, d),
+    };
+    let hdr = fuse_out_header {
+        len: (size_of::<fuse_out_header>() + payload.len()) as u32,
+        error,
+        unique,
+    };
+    match nix::sys::uio::writev(
+        fd.as_fd(),
+        &[IoSlice::new(bytes_of(&hdr)), IoSlice::new(payload)],
+    ) {
+        // ENOENT: the request was interrupted or aborted meanwhile; ENODEV:
+        // the session ended, which the readers notice and stop on.
+        Ok(_) | Err(Errno::ENOENT | Errno::ENODEV) => {}
+        Err(e) => tracing::warn!(error = %e, unique, "writing FUSE reply failed"),
+    }
+}
+
+/// Marks the calling thread `PR_SET_IO_FLUSHER`.
+fn mark_io_flusher(warn: bool) {
     // SAFETY: prctl with integer arguments only; it marks the calling thread
     // (PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE are per task). EPERM without
     // CAP_SYS_RESOURCE and EINVAL on old kernels are tolerated.
     let rc = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1 as libc::c_ulong, 0, 0, 0) };
-    if rc < 0 && index == 0 {
+    if rc < 0 && warn {
         tracing::warn!(
             error = %io::Error::last_os_error(),
             "PR_SET_IO_FLUSHER refused (needs CAP_SYS_RESOURCE); memory reclaim may wait on this FUSE server"
         );
-    }
-    let buf = buf.as_mut_slice();
-    loop {
-        let n = match nix::unistd::read(fd.as_fd(), &mut buf[REQ_OFFSET..]) {
-            Ok(n) => n,
-            // ENOENT: the request was interrupted before we could read it.
-            Err(Errno::EINTR | Errno::EAGAIN | Errno::ENOENT) => continue,
-            Err(Errno::ENODEV | Errno::ECONNABORTED) => return,
-            Err(e) => {
-                tracing::error!(error = %e, "reading /dev/fuse failed, worker exits");
-                return;
-            }
-        };
-        let Some((unique, resp)) = session.handle(buf, n) else {
-            continue;
-        };
-        let (error, payload): (i32, &[u8]) = match &resp {
-            Response::Error(e) => (-e, &[]),
-            Response::Small(s) => (0, s.as_slice()),
-            Response::Data(d) => (0, d),
-        };
-        let hdr = fuse_out_header {
-            len: (size_of::<fuse_out_header>() + payload.len()) as u32,
-            error,
-            unique,
-        };
-        match nix::sys::uio::writev(
-            fd.as_fd(),
-            &[IoSlice::new(bytes_of(&hdr)), IoSlice::new(payload)],
-        ) {
-            // ENOENT: the request was interrupted or aborted meanwhile.
-            Ok(_) | Err(Errno::ENOENT) => {}
-            Err(Errno::ENODEV) => return,
-            Err(e) => tracing::warn!(error = %e, unique, "writing FUSE reply failed"),
-        }
     }
 }
 
@@ -766,6 +771,24 @@ impl Session {
             _ => Response::Error(libc::ENOSYS),
         };
         Some((hdr.unique, resp))
+    }
+
+    /// The request of `n` bytes at `buf[REQ_OFFSET..]` when it is a read
+    /// of the volume that the device lets the caller do itself:
+    /// (unique, offset, length, the read). Anything else goes to `handle`.
+    fn direct_read(&self, buf: &[u8], n: usize) -> Option<(u64, u64, usize, Box<dyn DirectRead>)> {
+        let req = buf.get(REQ_OFFSET..REQ_OFFSET.checked_add(n)?)?;
+        let hdr: fuse_in_header = read(req)?;
+        if hdr.opcode != FUSE_READ || hdr.nodeid != VOLUME_INO || hdr.len as usize != n {
+            return None;
+        }
+        let arg: fuse_read_in = read(&req[IN_HEADER..])?;
+        let len = arg.size as usize;
+        if len == 0 || len > MAX_WRITE as usize {
+            return None;
+        }
+        let direct = self.device.direct_read(arg.offset, len)?;
+        Some((hdr.unique, arg.offset, len, direct))
     }
 
     fn init(&self, body: &[u8]) -> Response<'static> {

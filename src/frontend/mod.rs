@@ -6,7 +6,7 @@ pub mod fuse;
 pub mod loopdev;
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 
 /// A byte-addressable volume as the frontend needs it. The engine implements
 /// this; the frontend knows nothing about replicas.
@@ -31,4 +31,22 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn passthrough_fd(&self) -> Option<OwnedFd> {
         None
     }
+    /// Where the caller may read `len` bytes at `offset` itself, with
+    /// asynchronous I/O, in place of `read_at`: a replica file opened
+    /// O_DIRECT, so the caller's buffer must be page aligned. `None`: use
+    /// `read_at` (a range not page aligned, no local healthy replica).
+    fn direct_read(&self, _offset: u64, _len: usize) -> Option<Box<dyn DirectRead>> {
+        None
+    }
+}
+
+/// A read the caller performs on a replica file (see
+/// [`BlockDevice::direct_read`]). Holding it keeps the file open. A read
+/// that fails or comes back short is dropped and done again with `read_at`,
+/// which records the replica's fault and reads another one.
+pub trait DirectRead: Send {
+    /// The file, to read at the offset asked for.
+    fn fd(&self) -> RawFd;
+    /// The read completed in full.
+    fn done(self: Box<Self>);
 }
