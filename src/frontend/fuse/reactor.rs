@@ -115,9 +115,11 @@ pub(super) fn reader(
     helpers: Sender<Request>,
 ) {
     super::mark_io_flusher(true);
+    // Not DEFER_TASKRUN: completions would then wait for a blocking
+    // submit, and while requests keep coming the reader does not block.
     let ring = IoUring::builder()
         .setup_single_issuer()
-        .setup_defer_taskrun()
+        .setup_coop_taskrun()
         .build(RING_ENTRIES)
         .or_else(|_| IoUring::new(RING_ENTRIES));
     match ring {
