@@ -6,10 +6,10 @@
 //! sequential write bandwidth.
 //!
 //! Durability of every figure: fio uses direct I/O (no page cache above the
-//! volume); the loop device runs with direct I/O, and the engine writes every
-//! replica with O_DIRECT (no page cache below; a 1-replica volume's
-//! passthrough I/O uses the engine's O_DIRECT descriptor of its replica), so
-//! nothing is measured from memory.
+//! volume); the loop device runs with direct I/O, and the engine writes and
+//! reads every replica with O_DIRECT (no page cache below; the FUSE readers'
+//! io_uring reads and a 1-replica volume's passthrough I/O use the engine's
+//! O_DIRECT descriptor of the replica), so nothing is measured from memory.
 
 #![allow(clippy::unwrap_used)]
 
@@ -622,7 +622,7 @@ async fn main() {
     );
 
     let header = format!(
-        "# Terna data path benchmark\n\n{} run, {rounds} rounds alternating raw and Terna, {runtime} s per fio job, {} MiB working set, medians.\nDurability: fio direct I/O, loop device with direct I/O, replicas written with O_DIRECT; flushes reach every replica. 1-replica volumes are FUSE passthrough: the kernel reads and writes the replica file itself, still with O_DIRECT, so their engine CPU is only opens and flushes. All replicas share this machine's one disk, so a write's physical limit is raw / replicas.\n\n",
+        "# Terna data path benchmark\n\n{} run, {rounds} rounds alternating raw and Terna, {runtime} s per fio job, {} MiB working set, medians.\nDurability: fio direct I/O, loop device with direct I/O, replicas written and read with O_DIRECT (the FUSE readers' io_uring reads use the replica's O_DIRECT descriptor); flushes reach every replica. 1-replica volumes are FUSE passthrough: the kernel reads and writes the replica file itself, still with O_DIRECT, so their engine CPU is only opens and flushes. All replicas share this machine's one disk, so a write's physical limit is raw / replicas.\n\n",
         if quick { "Quick" } else { "Full" },
         size / MIB
     );
