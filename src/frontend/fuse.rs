@@ -202,7 +202,10 @@ impl FuseExport {
         });
         export.session = Some(session.clone());
         let buffers = Arc::new(reactor::Buffers::new(opts.threads + 2 * opts.readers));
-        let (to_helpers, requests) = crossbeam_channel::unbounded();
+        // Bounded: a reader with this many requests waiting for helpers
+        // stops taking more, so the kernel keeps the rest, not our memory
+        // (a 1 MiB buffer each, and the engine's copy of each write).
+        let (to_helpers, requests) = crossbeam_channel::bounded(opts.threads.max(1));
         let spawn_failed = |e| FuseError::Io {
             mountpoint: mountpoint.to_path_buf(),
             op: "spawn FUSE thread",

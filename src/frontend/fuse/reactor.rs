@@ -340,7 +340,9 @@ impl Reader<'_> {
     }
 
     fn pass_on(&self, req: Request) {
-        // Helpers outlive readers, so this fails only in a teardown.
+        // Blocks while the helpers' queue is full; helpers never wait on a
+        // reader, so it drains. They outlive readers, so this fails only in
+        // a teardown.
         let _ = self.helpers.send(req);
     }
 }
