@@ -37,17 +37,6 @@ use crate::replica::aligned::{ALIGN, AlignedBuf, is_aligned};
 use crate::store::StateStore;
 use workers::Workers;
 
-/// Linux reclaim must not wait on the thread that completes its I/O.
-pub fn mark_io_flusher() {
-    // From linux/prctl.h; libc does not export it.
-    const PR_SET_IO_FLUSHER: libc::c_int = 57;
-    // SAFETY: prctl(PR_SET_IO_FLUSHER) takes integer arguments only and
-    // changes a flag of the calling thread; failure (old kernel) is harmless.
-    unsafe {
-        libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0);
-    }
-}
-
 struct Slot {
     index: usize,
     io: Box<dyn ReplicaIo>,

@@ -23,7 +23,9 @@ impl Workers {
                     .name(format!("{name}-{i}"))
                     .stack_size(256 * 1024)
                     .spawn(move || {
-                        crate::engine::mark_io_flusher();
+                        // Reclaim must not wait on the thread that completes its I/O;
+                        // without the capability the pool still works.
+                        let _ = crate::frontend::mark_io_flusher();
                         for job in receiver {
                             job();
                         }

@@ -81,7 +81,6 @@ const ENTRY_TTL_SECS: u64 = 60;
 /// Attributes are not cached: a resized volume shows its new size at the next
 /// stat (which also updates the inode size the loop driver reads).
 const ATTR_TTL_SECS: u64 = 0;
-const PR_SET_IO_FLUSHER: libc::c_int = 57;
 
 /// Tuning of a FUSE export.
 #[derive(Debug, Clone)]
@@ -143,7 +142,7 @@ pub struct FuseExport {
     mountpoint: PathBuf,
     threads: Vec<JoinHandle<()>>,
     stop_timeout: Duration,
-    /// The session's original fd (workers may hold clones of it).
+    /// The session's fd, which the readers share.
     _session_fd: Arc<OwnedFd>,
     session: Option<Arc<Session>>,
     stopped: bool,
@@ -622,20 +621,6 @@ fn reply(fd: &OwnedFd, unique: u64, resp: &Response<'_>) {
         // the session ended, which the readers notice and stop on.
         Ok(_) | Err(Errno::ENOENT | Errno::ENODEV) => {}
         Err(e) => tracing::warn!(error = %e, unique, "writing FUSE reply failed"),
-    }
-}
-
-/// Marks the calling thread `PR_SET_IO_FLUSHER`.
-fn mark_io_flusher(warn: bool) {
-    // SAFETY: prctl with integer arguments only; it marks the calling thread
-    // (PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE are per task). EPERM without
-    // CAP_SYS_RESOURCE and EINVAL on old kernels are tolerated.
-    let rc = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1 as libc::c_ulong, 0, 0, 0) };
-    if rc < 0 && warn {
-        tracing::warn!(
-            error = %io::Error::last_os_error(),
-            "PR_SET_IO_FLUSHER refused (needs CAP_SYS_RESOURCE); memory reclaim may wait on this FUSE server"
-        );
     }
 }
 

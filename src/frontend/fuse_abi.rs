@@ -67,8 +67,6 @@ pub const FOPEN_PASSTHROUGH: u32 = 1 << 7;
 // fuse_setattr_in.valid.
 pub const FATTR_SIZE: u32 = 1 << 3;
 
-/// `_IOR(229, 0, uint32_t)`.
-pub const FUSE_DEV_IOC_CLONE: u32 = (2 << 30) | (4 << 16) | (229 << 8);
 /// `_IOW(229, 1, struct fuse_backing_map)`: registers a backing file,
 /// returns its id.
 pub const FUSE_DEV_IOC_BACKING_OPEN: u32 = (1 << 30) | (16 << 16) | (229 << 8) | 1;

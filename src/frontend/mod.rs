@@ -8,6 +8,21 @@ pub mod loopdev;
 use std::io;
 use std::os::fd::{OwnedFd, RawFd};
 
+/// Marks the calling thread `PR_SET_IO_FLUSHER`, so memory reclaim it
+/// triggers does not wait on I/O that this thread completes. Needs
+/// CAP_SYS_RESOURCE; old kernels refuse it (EINVAL).
+pub fn mark_io_flusher() -> io::Result<()> {
+    // From linux/prctl.h; libc does not export it.
+    const PR_SET_IO_FLUSHER: libc::c_int = 57;
+    // SAFETY: prctl with integer arguments only; it sets a flag of the
+    // calling thread (PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE).
+    let rc = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1 as libc::c_ulong, 0, 0, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A byte-addressable volume as the frontend needs it. The engine implements
 /// this; the frontend knows nothing about replicas.
 ///

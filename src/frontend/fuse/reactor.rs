@@ -76,7 +76,7 @@ impl Buffers {
 
 /// A helper: answers the requests readers pass on, one at a time.
 pub(super) fn helper(session: &Session, requests: Receiver<Request>, buffers: &Buffers) {
-    super::mark_io_flusher(false);
+    let _ = crate::frontend::mark_io_flusher();
     for mut req in requests {
         if let Some((unique, resp)) = session.handle(req.buf.as_mut_slice(), req.n) {
             super::reply(&req.fd, unique, &resp);
@@ -114,7 +114,9 @@ pub(super) fn reader(
     buffers: &Buffers,
     helpers: Sender<Request>,
 ) {
-    super::mark_io_flusher(true);
+    if let Err(e) = crate::frontend::mark_io_flusher() {
+        tracing::warn!(error = %e, "PR_SET_IO_FLUSHER refused (needs CAP_SYS_RESOURCE); memory reclaim may wait on this FUSE server");
+    }
     // Not DEFER_TASKRUN: completions would then wait for a blocking
     // submit, and while requests keep coming the reader does not block.
     let ring = IoUring::builder()
@@ -132,6 +134,9 @@ pub(super) fn reader(
             slots: Vec::new(),
             free_slots: Vec::new(),
             in_flight: 0,
+            readable: true,
+            polling: false,
+            done: Vec::new(),
         }
         .run(),
         Err(e) => {
@@ -196,15 +201,19 @@ struct Reader<'a> {
     slots: Vec<Option<InFlight>>,
     free_slots: Vec<usize>,
     in_flight: usize,
+    /// Requests may be queued on the session (no EAGAIN since the last poll).
+    readable: bool,
+    /// The multishot poll on the session is armed.
+    polling: bool,
+    /// Completions being handled; kept to reuse its allocation.
+    done: Vec<(u64, i32, u32)>,
 }
 
 impl Reader<'_> {
     fn run(mut self) {
-        let mut readable = true;
-        let mut polling = false;
         let mut ended = false;
         while !ended {
-            if !polling {
+            if !self.polling {
                 // Multishot: one entry per wake-up of the session's queue,
                 // so a request queued after we found it empty wakes us.
                 let poll =
@@ -213,14 +222,14 @@ impl Reader<'_> {
                         .build()
                         .user_data(POLL);
                 self.push(&poll);
-                polling = true;
+                self.polling = true;
             }
-            if readable {
+            if self.readable {
                 for _ in 0..BATCH {
                     match take(&self.fd, self.buffers) {
                         Taken::Request(req) => self.dispatch(req),
                         Taken::Empty => {
-                            readable = false;
+                            self.readable = false;
                             break;
                         }
                         Taken::Ended => {
@@ -234,26 +243,14 @@ impl Reader<'_> {
                 break;
             }
             // Still readable: submit this batch and come back for more.
-            let wait = usize::from(!readable);
+            let wait = usize::from(!self.readable);
             if let Err(e) = self.ring.submit_and_wait(wait)
                 && !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY))
             {
                 tracing::error!(error = %e, "io_uring submit failed, reader exits");
                 break;
             }
-            let done: Vec<(u64, i32, u32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result(), c.flags()))
-                .collect();
-            for (data, result, flags) in done {
-                if data == POLL {
-                    readable = true;
-                    polling = cqueue::more(flags);
-                } else {
-                    self.complete(data, result);
-                }
-            }
+            self.reap();
         }
         // The kernel writes into the buffers of reads in flight: they must
         // outlive those reads.
@@ -265,17 +262,28 @@ impl Reader<'_> {
                 std::mem::forget(std::mem::take(&mut self.slots));
                 return;
             }
-            let done: Vec<(u64, i32)> = self
-                .ring
+            self.reap();
+        }
+    }
+
+    /// Handles the completions posted so far: the session's poll, and reads.
+    fn reap(&mut self) {
+        let mut done = std::mem::take(&mut self.done);
+        done.extend(
+            self.ring
                 .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            for (data, result) in done {
-                if data != POLL {
-                    self.complete(data, result);
-                }
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        for &(data, result, flags) in &done {
+            if data == POLL {
+                self.readable = true;
+                self.polling = cqueue::more(flags);
+            } else {
+                self.complete(data, result);
             }
         }
+        done.clear();
+        self.done = done;
     }
 
     fn dispatch(&mut self, mut req: Request) {
