@@ -115,6 +115,26 @@ fn fio(target: &Path, size: u64, job: &Job, runtime: u32) -> (f64, u64) {
     (figure, side["io_bytes"].as_u64().unwrap())
 }
 
+/// Writes `size` bytes from the start of `target` once, as fio's layout of
+/// a file does.
+fn fill(target: &Path, size: u64) {
+    let status = Command::new("fio")
+        .args([
+            "--name=fill",
+            "--ioengine=libaio",
+            "--direct=1",
+            "--rw=write",
+            "--bs=1M",
+            "--iodepth=16",
+        ])
+        .arg(format!("--filename={}", target.display()))
+        .arg(format!("--size={size}"))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run fio");
+    assert!(status.success(), "fio could not fill {}", target.display());
+}
+
 /// The engine worker serving a staged volume (`terna engine ... <id> ...
 /// --fuse-fd N`): the process doing the replica I/O, not its supervisor.
 fn engine_pid(volume_id: &str) -> u32 {
@@ -447,6 +467,13 @@ async fn main() {
         .map(|t| memory_mib(t.engine, "VmRSS"))
         .collect();
 
+    // fio lays out the files it reads (raw, ext4) by writing them; a block
+    // volume gets the same, or the first round would read holes, which
+    // replicas answer without touching the disk.
+    for t in targets.iter().filter(|t| t.block) {
+        fill(&t.path, size);
+    }
+
     // figures[job][target label] = per-round values; "raw" is the disk.
     let mut figures: BTreeMap<&str, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
     for round in 0..rounds {
@@ -622,7 +649,7 @@ async fn main() {
     );
 
     let header = format!(
-        "# Terna data path benchmark\n\n{} run, {rounds} rounds alternating raw and Terna, {runtime} s per fio job, {} MiB working set, medians.\nDurability: fio direct I/O, loop device with direct I/O, replicas written and read with O_DIRECT (the FUSE readers' io_uring reads use the replica's O_DIRECT descriptor); flushes reach every replica. 1-replica volumes are FUSE passthrough: the kernel reads and writes the replica file itself, still with O_DIRECT, so their engine CPU is only opens and flushes. All replicas share this machine's one disk, so a write's physical limit is raw / replicas.\n\n",
+        "# Terna data path benchmark\n\n{} run, {rounds} rounds alternating raw and Terna, {runtime} s per fio job, {} MiB working set, medians.\nDurability: fio direct I/O, loop device with direct I/O, replicas written and read with O_DIRECT (the FUSE readers' io_uring reads use the replica's O_DIRECT descriptor); flushes reach every replica. Every target is written in full before the first round (fio lays out its files; block volumes are filled the same way), so no read is of a hole. 1-replica volumes are FUSE passthrough: the kernel reads and writes the replica file itself, still with O_DIRECT, so their engine CPU is only opens and flushes. All replicas share this machine's one disk, so a write's physical limit is raw / replicas.\n\n",
         if quick { "Quick" } else { "Full" },
         size / MIB
     );
