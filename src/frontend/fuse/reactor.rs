@@ -209,8 +209,7 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn run(mut self) {
-        let mut ended = false;
-        while !ended {
+        loop {
             if !self.polling {
                 // Multishot: one entry per wake-up of the session's queue,
                 // so a request queued after we found it empty wakes us.
@@ -233,11 +232,8 @@ impl Reader<'_> {
                 match take(&self.fd, self.buffers) {
                     Taken::Request(req) => self.dispatch(req),
                     Taken::Empty => self.readable = false,
-                    Taken::Ended => ended = true,
+                    Taken::Ended => break,
                 }
-            }
-            if ended {
-                break;
             }
             // Still readable: submit, reap, and come back for more.
             let wait = usize::from(!self.readable);
