@@ -81,19 +81,23 @@ const JOBS: [Job; 5] = [
 ];
 
 /// Runs one fio job; returns its figure and the bytes it moved.
+/// fio with direct, asynchronous I/O on the first `size` bytes of `target`.
+fn fio_on(target: &Path, size: u64) -> Command {
+    let mut fio = Command::new("fio");
+    fio.args(["--name=bench", "--ioengine=libaio", "--direct=1"])
+        .arg(format!("--filename={}", target.display()))
+        .arg(format!("--size={size}"));
+    fio
+}
+
 fn fio(target: &Path, size: u64, job: &Job, runtime: u32) -> (f64, u64) {
-    let out = Command::new("fio")
+    let out = fio_on(target, size)
         .args([
-            "--name=bench",
-            "--ioengine=libaio",
-            "--direct=1",
             "--time_based",
             "--output-format=json",
             "--randrepeat=0",
             "--norandommap",
         ])
-        .arg(format!("--filename={}", target.display()))
-        .arg(format!("--size={size}"))
         .arg(format!("--rw={}", job.rw))
         .arg(format!("--bs={}", job.bs))
         .arg(format!("--iodepth={}", job.depth))
@@ -118,17 +122,8 @@ fn fio(target: &Path, size: u64, job: &Job, runtime: u32) -> (f64, u64) {
 /// Writes `size` bytes from the start of `target` once, as fio's layout of
 /// a file does.
 fn fill(target: &Path, size: u64) {
-    let status = Command::new("fio")
-        .args([
-            "--name=fill",
-            "--ioengine=libaio",
-            "--direct=1",
-            "--rw=write",
-            "--bs=1M",
-            "--iodepth=16",
-        ])
-        .arg(format!("--filename={}", target.display()))
-        .arg(format!("--size={size}"))
+    let status = fio_on(target, size)
+        .args(["--rw=write", "--bs=1M", "--iodepth=16"])
         .stdout(std::process::Stdio::null())
         .status()
         .expect("run fio");
