@@ -272,7 +272,7 @@ impl Drop for Agent {
 /// bytes the catch-up copied).
 async fn catch_up_after_absence(work: &Path, size: u64, away: u64) -> (u64, u64) {
     let base = work.join("catch-up");
-    let token = "bench-token";
+    let token = "bench-cluster-token-0123456789abcdef";
     let mut agents: Vec<Agent> = (1..=3)
         .map(|i| {
             let name = format!("a{i}");

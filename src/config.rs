@@ -30,6 +30,10 @@ pub struct Config {
     /// How long a replica agent may take to answer before its replica is faulted.
     #[serde(default = "default_agent_timeout_ms")]
     pub agent_timeout_ms: u64,
+    /// Connections this node's replica agent serves at once (one thread
+    /// each); more are closed as they arrive.
+    #[serde(default = "default_agent_max_connections")]
+    pub agent_max_connections: usize,
     /// A replica unreachable this long is replaced on another pool and rebuilt.
     #[serde(default = "default_replace_after_secs")]
     pub replace_after_secs: u64,
@@ -110,6 +114,10 @@ fn default_agent_timeout_ms() -> u64 {
     5000
 }
 
+fn default_agent_max_connections() -> usize {
+    crate::agent::server::DEFAULT_MAX_CONNECTIONS
+}
+
 fn default_replace_after_secs() -> u64 {
     300
 }
@@ -124,7 +132,8 @@ const HEADER: &str = "\
 # failure domains, zones, capacities and the overcommit ratio, then restart terna.
 # Allocatable bytes of a pool = capacity_bytes (default: its filesystem's size) x overcommit_ratio.
 # Pools on other machines: add [[nodes]] (name, agent = \"host:7420\") and give the pool
-# node = \"name\"; both sides read the same cluster_token_file. A replica unreachable for
+# node = \"name\"; both sides read the same cluster_token_file (make one with
+# `openssl rand -hex 32 > token`; `terna agent` refuses to start without it). A replica unreachable for
 # replace_after_secs is replaced on another pool and rebuilt at up to rebuild_mib_per_sec.
 ";
 
@@ -150,6 +159,7 @@ impl Config {
             nodes: Vec::new(),
             cluster_token_file: None,
             agent_timeout_ms: default_agent_timeout_ms(),
+            agent_max_connections: default_agent_max_connections(),
             replace_after_secs: default_replace_after_secs(),
             rebuild_mib_per_sec: default_rebuild_mib_per_sec(),
             metrics_listen: None,
@@ -180,6 +190,7 @@ impl Config {
     }
 
     pub fn load_or_init_with(data_dir: &Path, default: fn() -> Config) -> Result<Config> {
+        prepare_data_dir(data_dir)?;
         let path = data_dir.join(CONFIG_FILE);
         match std::fs::read_to_string(&path) {
             Ok(text) => Self::parse(&text, &path),
@@ -269,20 +280,29 @@ impl Config {
         Ok(())
     }
 
-    /// The cluster token, or an empty one when no token file is configured
-    /// (agents then accept only peers that also have none).
+    /// The cluster token agents and their peers authenticate with, from
+    /// `cluster_token_file`. There is no default: an agent without one
+    /// would serve anyone, so a missing, short or placeholder token is an
+    /// error saying how to make one.
     pub fn cluster_token(&self, data_dir: &Path) -> Result<Vec<u8>> {
         let Some(file) = &self.cluster_token_file else {
-            return Ok(Vec::new());
+            return Err(Error::precondition(format!(
+                "no cluster token: set cluster_token_file in {} to a file holding a secret of at least {MIN_TOKEN_BYTES} bytes, made with `openssl rand -hex 32 > FILE` (the replica agent and every node reaching it must share it)",
+                data_dir.join(CONFIG_FILE).display()
+            )));
         };
         let path = if file.is_absolute() {
             file.clone()
         } else {
             data_dir.join(file)
         };
-        let token = std::fs::read(&path)
-            .map_err(|e| Error::io(format!("cannot read cluster token {}", path.display()), e))?;
-        Ok(token.trim_ascii().to_vec())
+        let token = read_cluster_token(&path)?;
+        if path.starts_with(data_dir) {
+            restrict_token_file(&path)?;
+        } else {
+            warn_if_readable(&path);
+        }
+        Ok(token)
     }
 
     pub fn pool_path(&self, data_dir: &Path, pool: &PoolConfig) -> PathBuf {
@@ -292,6 +312,109 @@ impl Config {
             data_dir.join(&pool.path)
         }
     }
+}
+
+/// Shortest cluster token accepted.
+pub const MIN_TOKEN_BYTES: usize = 16;
+/// Longest cluster token accepted (it must fit in a pre-authentication Hello).
+pub const MAX_TOKEN_BYTES: usize = 1024;
+/// How deploy/kustomization.yaml's placeholder token begins.
+const PLACEHOLDER_TOKEN: &[u8] = b"REPLACE-ME";
+
+/// Reads a cluster token file (`cluster_token_file`, `--cluster-token-file`):
+/// surrounding whitespace is not part of the token, and a token shorter
+/// than `MIN_TOKEN_BYTES`, longer than `MAX_TOKEN_BYTES`, or the deploy
+/// placeholder is refused with a message saying how to make a good one.
+pub fn read_cluster_token(path: &Path) -> Result<Vec<u8>> {
+    let make = format!("make one with `openssl rand -hex 32 > {}`", path.display());
+    let mut token = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| {
+            std::io::Read::read_to_end(&mut std::io::Read::take(f, 64 * 1024), &mut token)
+        })
+        .map_err(|e| {
+            Error::with_source(
+                crate::error::ErrorKind::FailedPrecondition,
+                format!(
+                    "cannot read cluster token {} (cluster_token_file); {make}",
+                    path.display()
+                ),
+                e,
+            )
+        })?;
+    let token = token.trim_ascii();
+    if token.len() < MIN_TOKEN_BYTES {
+        return Err(Error::precondition(format!(
+            "cluster token {} (cluster_token_file) is {} bytes, fewer than the {MIN_TOKEN_BYTES} required; {make}",
+            path.display(),
+            token.len()
+        )));
+    }
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(Error::precondition(format!(
+            "cluster token {} (cluster_token_file) is {} bytes, more than the {MAX_TOKEN_BYTES} allowed; {make}",
+            path.display(),
+            token.len()
+        )));
+    }
+    if token.starts_with(PLACEHOLDER_TOKEN) {
+        return Err(Error::precondition(format!(
+            "cluster token {} (cluster_token_file) is the public placeholder from deploy/kustomization.yaml; {make}",
+            path.display()
+        )));
+    }
+    Ok(token.to_vec())
+}
+
+/// A token file inside the data dir is ours to keep private: 0600 in a
+/// 0700 directory.
+fn restrict_token_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        crate::store::private_dir(dir)?;
+    }
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
+    if meta.file_type().is_file() && meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(
+            path,
+            std::fs::Permissions::from_mode(crate::store::PRIVATE_FILE_MODE),
+        )
+        .map_err(|e| Error::io(format!("cannot restrict {}", path.display()), e))?;
+    }
+    Ok(())
+}
+
+/// A token file elsewhere (a mounted Secret) is left alone, but a token
+/// other users can read is worth a warning.
+fn warn_if_readable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            file = %path.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the cluster token file is readable by other users: chmod 600 it"
+        );
+    }
+}
+
+/// The data dir and the directories of private state in it: created 0700
+/// (the data dir itself only when it is new), and tightened to 0700 when an
+/// older version left them open (`state`, `dirty`, `fences`).
+pub fn prepare_data_dir(data_dir: &Path) -> Result<()> {
+    if !data_dir.exists() {
+        crate::store::private_dir(data_dir)?;
+    }
+    for sub in ["state", "dirty"] {
+        crate::store::private_dir(&data_dir.join(sub))?;
+    }
+    let fences = crate::agent::fence_dir(data_dir);
+    if fences.exists() {
+        crate::store::private_dir(&fences)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -330,5 +453,96 @@ mod tests {
         );
         let ok = "[[nodes]]\nname='n9'\nagent='10.1.0.9:7420'\n[[pools]]\nname='a'\nnode='n9'\npath='a'\ntier='fast'\n";
         Config::parse(ok, p).unwrap();
+    }
+
+    fn with_token(dir: &Path, token: &[u8]) -> Config {
+        std::fs::write(dir.join("token"), token).unwrap();
+        Config {
+            cluster_token_file: Some("token".into()),
+            ..Config::default_standalone()
+        }
+    }
+
+    #[test]
+    fn a_missing_short_long_or_placeholder_token_is_refused_saying_how_to_make_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Config::default_standalone()
+            .cluster_token(dir.path())
+            .unwrap_err();
+        assert!(
+            err.message.contains("cluster_token_file"),
+            "{}",
+            err.message
+        );
+        assert!(
+            err.message.contains("openssl rand -hex 32"),
+            "{}",
+            err.message
+        );
+        for bad in [
+            &b""[..],
+            b"\n",
+            b"   \n",
+            b"short-token\n",
+            b"REPLACE-ME-with-the-output-of-openssl-rand-hex-32",
+            &[b'x'; 2000][..],
+        ] {
+            let err = with_token(dir.path(), bad)
+                .cluster_token(dir.path())
+                .unwrap_err();
+            assert!(
+                err.message.contains("cluster_token_file"),
+                "{}",
+                err.message
+            );
+            assert!(
+                err.message.contains("openssl rand -hex 32"),
+                "{}",
+                err.message
+            );
+        }
+        let missing = Config {
+            cluster_token_file: Some("/nonexistent/token".into()),
+            ..Config::default_standalone()
+        };
+        let err = missing.cluster_token(dir.path()).unwrap_err();
+        assert!(
+            err.message.contains("/nonexistent/token"),
+            "{}",
+            err.message
+        );
+        let good = "0123456789abcdef0123456789abcdef";
+        let config = with_token(dir.path(), format!("  {good}\n").as_bytes());
+        assert_eq!(config.cluster_token(dir.path()).unwrap(), good.as_bytes());
+    }
+
+    #[test]
+    fn the_token_and_the_private_dirs_are_tightened_at_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        // As an older version left it: everything 0755, the token 0644.
+        for d in ["state/volumes", "dirty/tv-x", "fences/p"] {
+            std::fs::create_dir_all(data.join(d)).unwrap();
+        }
+        for d in ["", "state", "dirty", "fences"] {
+            std::fs::set_permissions(data.join(d), std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let config = with_token(&data, b"0123456789abcdef0123456789abcdef");
+        std::fs::set_permissions(data.join("token"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        Config::load_or_init(&data).unwrap();
+        for d in ["state", "dirty", "fences"] {
+            assert_eq!(mode(&data.join(d)), 0o700, "{d}");
+        }
+        assert_eq!(mode(&data.join(CONFIG_FILE)), 0o600);
+        config.cluster_token(&data).unwrap();
+        assert_eq!(mode(&data.join("token")), 0o600);
+        assert_eq!(mode(&data), 0o700);
+        // A new data dir is private from the start.
+        let fresh = root.path().join("fresh/data");
+        Config::load_or_init(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
     }
 }

@@ -52,7 +52,23 @@ impl Pools {
     /// Every configured pool: this node's as local pools, other nodes'
     /// through their replica agents.
     pub fn from_config(config: &Config, data_dir: &Path, node: &str) -> Result<Pools> {
-        let token = config.cluster_token(data_dir)?;
+        // Only pools on other nodes need the token: a data dir of local
+        // (and NFS) pools alone runs without one.
+        let remote = config
+            .pools
+            .iter()
+            .any(|p| p.nfs.is_none() && p.node.as_deref().is_some_and(|n| n != node));
+        let token = if remote {
+            config.cluster_token(data_dir).map_err(|e| Error {
+                message: format!(
+                    "pools on other nodes are configured, which needs the cluster token: {}",
+                    e.message
+                ),
+                ..e
+            })?
+        } else {
+            Vec::new()
+        };
         let timeout = Duration::from_millis(config.agent_timeout_ms);
         let clients: BTreeMap<&str, Arc<Client>> = config
             .nodes

@@ -18,14 +18,30 @@ pub fn fence_dir(data_dir: &Path) -> std::path::PathBuf {
 }
 
 /// `terna agent`: serves the pools on this node's disks until killed.
+/// Refuses to start without a cluster token (`cluster_token_file`): an
+/// agent serves every replica on the node to whoever it lets in.
 pub fn run(data_dir: &Path, listen: SocketAddr, node: &str) -> Result<()> {
     let config = Config::load_or_init(data_dir)?;
-    let token = config.cluster_token(data_dir)?;
+    let token = config.cluster_token(data_dir).map_err(|e| Error {
+        message: format!(
+            "the replica agent will not start without a cluster token: {}",
+            e.message
+        ),
+        ..e
+    })?;
     let pools = Pools::local_to(&config, data_dir, node)?;
+    let fences = fence_dir(data_dir);
+    crate::store::private_dir(&fences)?;
     let listener = TcpListener::bind(listen)
         .map_err(|e| Error::io(format!("cannot listen on {listen}"), e))?;
-    let state =
-        Arc::new(server::AgentState::new(node, &token, pools).with_fence_dir(&fence_dir(data_dir)));
+    let state = Arc::new(
+        server::AgentState::new(node, &token, pools)
+            .with_fence_dir(&fences)
+            .with_limits(server::Limits {
+                max_connections: config.agent_max_connections.max(1),
+                ..server::Limits::default()
+            }),
+    );
     server::serve(listener, state).map_err(|e| Error::io("replica agent stopped", e))
 }
 

@@ -18,7 +18,14 @@
 //! then the bytes. A frame that fails any check (magic, version, length,
 //! either checksum, trailing bytes) ends the connection: nothing read from a
 //! damaged frame is ever acted on. The first request on a connection must be
-//! `Hello` with the cluster token; anything else is refused.
+//! `Hello` with the cluster token; anything else is refused. Until Hello
+//! succeeds a frame may carry at most `PRE_AUTH_MAX_PAYLOAD` bytes: a larger
+//! one is refused from its header alone, before its payload is read.
+//!
+//! Names are decoded as sent (bounded only by the frame) and checked by the
+//! agent, which answers a bad one with an error rather than dropping the
+//! connection: pool names are plain names, replica names replica file names
+//! (`replica::check_replica_name`).
 //!
 //! Fencing: a write sent before a link was cut can still arrive after the
 //! link comes back, after the engine has already copied newer data over that
@@ -42,8 +49,9 @@ pub const VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 28;
 /// Largest payload: a 4 MiB write plus its names.
 pub const MAX_PAYLOAD: u32 = (4 << 20) + 4096;
-/// Longest pool or replica name.
-const MAX_NAME: usize = 255;
+/// Largest payload before Hello succeeds: a Hello (token, node name, claim)
+/// fits easily, and nothing bigger is allocated for an unknown peer.
+pub const PRE_AUTH_MAX_PAYLOAD: u32 = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -149,8 +157,6 @@ pub enum FrameError {
     Truncated,
     #[error("{0} trailing bytes after the message")]
     Trailing(usize),
-    #[error("name longer than {MAX_NAME} bytes or not UTF-8")]
-    BadName,
 }
 
 /// A decoded frame header; the payload follows.
@@ -265,12 +271,10 @@ impl<'a> Reader<'a> {
         let n = self.u32()? as usize;
         Ok(self.take(n)?.to_vec())
     }
+    /// A name as sent; the agent decides whether it is acceptable (invalid
+    /// UTF-8 becomes U+FFFD, which no valid name contains).
     fn name(&mut self) -> Result<String, FrameError> {
-        let n = self.u32()? as usize;
-        if n > MAX_NAME {
-            return Err(FrameError::BadName);
-        }
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| FrameError::BadName)
+        self.text()
     }
     fn text(&mut self) -> Result<String, FrameError> {
         Ok(String::from_utf8_lossy(&self.bytes()?).into_owned())
@@ -283,6 +287,9 @@ impl<'a> Reader<'a> {
         }
     }
 }
+
+/// The kind of a `Hello` frame: the only one accepted before authentication.
+pub const HELLO_KIND: u16 = kind::HELLO;
 
 mod kind {
     pub const HELLO: u16 = 1;
@@ -596,13 +603,33 @@ mod tests {
         );
         let http: [u8; HEADER_LEN] = *b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\0";
         assert!(matches!(decode_header(&http), Err(FrameError::Magic(_))));
-        let long = "x".repeat(300);
+        // Long and non-UTF-8 names decode (the agent answers them with an
+        // error); only the frame limits their length.
+        let long = "x".repeat(4096);
         let bytes = Request::Stat {
             pool: long.clone(),
-            name: long,
+            name: long.clone(),
         }
         .encode(1);
         let (h, p) = split_frame(&bytes).unwrap();
-        assert_eq!(Request::decode(h.kind, p), Err(FrameError::BadName));
+        assert_eq!(
+            Request::decode(h.kind, p),
+            Ok(Request::Stat {
+                pool: long.clone(),
+                name: long
+            })
+        );
+        let mut raw = Vec::new();
+        raw.extend_from_slice(&1u32.to_le_bytes());
+        raw.push(b'p');
+        raw.extend_from_slice(&2u32.to_le_bytes());
+        raw.extend_from_slice(&[0xff, 0]);
+        assert_eq!(
+            Request::decode(kind::FLUSH, &raw),
+            Ok(Request::Flush {
+                pool: "p".into(),
+                name: "\u{fffd}\0".into()
+            })
+        );
     }
 }

@@ -7,22 +7,29 @@ use crate::replica::aligned::AlignedBuf;
 
 const MIB: u64 = 1 << 20;
 
+/// Replica `index` of the suite's volume: pools take replica file names only.
+pub fn name(index: usize) -> String {
+    crate::volume::replica_file_name(&crate::volume::volume_id_for("conformance"), index)
+}
+
 pub fn run(pool: &dyn Pool, remove_behind: &dyn Fn(&str)) {
+    let (a, b, missing) = (name(0), name(1), name(2));
+    let (a, b, missing) = (a.as_str(), b.as_str(), missing.as_str());
     // Create is idempotent and sparse; grow never shrinks.
-    pool.create("a", 4 * MIB).unwrap();
-    pool.create("a", 4 * MIB).unwrap();
-    assert_eq!(pool.size_of("a").unwrap(), Some(4 * MIB));
-    pool.grow("a", 8 * MIB).unwrap();
-    pool.grow("a", 2 * MIB).unwrap();
-    assert_eq!(pool.size_of("a").unwrap(), Some(8 * MIB));
-    assert_eq!(pool.size_of("missing").unwrap(), None);
+    pool.create(a, 4 * MIB).unwrap();
+    pool.create(a, 4 * MIB).unwrap();
+    assert_eq!(pool.size_of(a).unwrap(), Some(4 * MIB));
+    pool.grow(a, 8 * MIB).unwrap();
+    pool.grow(a, 2 * MIB).unwrap();
+    assert_eq!(pool.size_of(a).unwrap(), Some(8 * MIB));
+    assert_eq!(pool.size_of(missing).unwrap(), None);
     assert!(
-        pool.open("missing").is_err(),
+        pool.open(missing).is_err(),
         "opening a missing replica fails"
     );
     assert!(pool.capacity().unwrap() > 0);
 
-    let r = pool.open("a").unwrap();
+    let r = pool.open(a).unwrap();
     // Never-written space reads as zeroes.
     let mut buf = AlignedBuf::zeroed(64 * 1024);
     r.read_at(buf.as_mut_slice(), 7 * MIB).unwrap();
@@ -53,14 +60,27 @@ pub fn run(pool: &dyn Pool, remove_behind: &dyn Fn(&str)) {
 
     // Removal behind the backend's back is reported by check.
     assert!(r.check().is_ok());
-    remove_behind("a");
+    remove_behind(a);
     assert!(r.check().is_err(), "check must notice a removed replica");
 
+    // Names that are not replica file names are refused, not looked up.
+    for bad in ["../a", "/etc/passwd", "a/b", "..", "", "x\0"] {
+        let err = pool.create(bad, MIB).unwrap_err();
+        assert_eq!(
+            err.kind,
+            crate::error::ErrorKind::InvalidArgument,
+            "{bad:?}: {err}"
+        );
+        assert!(pool.open(bad).is_err(), "{bad:?}");
+        assert!(pool.delete(bad).is_err(), "{bad:?}");
+        assert!(pool.size_of(bad).is_err(), "{bad:?}");
+    }
+
     // Delete is idempotent.
-    pool.create("b", MIB).unwrap();
-    pool.delete("b").unwrap();
-    pool.delete("b").unwrap();
-    assert_eq!(pool.size_of("b").unwrap(), None);
+    pool.create(b, MIB).unwrap();
+    pool.delete(b).unwrap();
+    pool.delete(b).unwrap();
+    assert_eq!(pool.size_of(b).unwrap(), None);
 }
 
 #[test]

@@ -175,6 +175,7 @@ impl Pool for RemotePool {
     }
 
     fn create(&self, name: &str, size: u64) -> Result<()> {
+        crate::replica::check_replica_name(name)?;
         self.call(
             "create replica",
             Request::Create {
@@ -187,6 +188,7 @@ impl Pool for RemotePool {
     }
 
     fn grow(&self, name: &str, size: u64) -> Result<()> {
+        crate::replica::check_replica_name(name)?;
         self.call(
             "grow replica",
             Request::Grow {
@@ -199,6 +201,7 @@ impl Pool for RemotePool {
     }
 
     fn delete(&self, name: &str) -> Result<()> {
+        crate::replica::check_replica_name(name)?;
         self.call(
             "delete replica",
             Request::Delete {
@@ -210,6 +213,7 @@ impl Pool for RemotePool {
     }
 
     fn size_of(&self, name: &str) -> Result<Option<u64>> {
+        crate::replica::check_replica_name(name)?;
         match self.call(
             "stat replica",
             Request::Stat {
@@ -223,6 +227,7 @@ impl Pool for RemotePool {
     }
 
     fn open(&self, name: &str) -> Result<Box<dyn ReplicaIo>> {
+        crate::replica::check_replica_name(name)?;
         let replica = RemoteReplica {
             client: self.client.clone(),
             pool: self.pool.clone(),
