@@ -12,6 +12,7 @@ pub mod dirty;
 pub mod engine;
 pub mod error;
 pub mod frontend;
+pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod node;

@@ -1,0 +1,135 @@
+//! Accepted Unix socket connections, their reads passed through an
+//! [`authority::Rewriter`](super::authority::Rewriter), as the incoming
+//! stream tonic's `serve_with_incoming` takes. Writes (server→client) go
+//! straight to the socket. No task, no extra socket: the rewrite happens
+//! inside `poll_read`, on bytes already read.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_stream::{Stream, StreamExt, wrappers::UnixListenerStream};
+use tonic::transport::server::{Connected, UdsConnectInfo};
+use tracing::{debug, warn};
+
+use super::authority::{Rewriter, Violation};
+
+/// How much is read from the socket at a time.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// The connections `listener` accepts, each wrapped in a [`Connection`].
+/// Accept errors are passed on as `UnixListenerStream` passes them.
+pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<Connection>> + Send {
+    UnixListenerStream::new(listener).map(|accepted| accepted.map(Connection::new))
+}
+
+/// One accepted connection whose client→server bytes are rewritten.
+pub struct Connection {
+    socket: UnixStream,
+    rewriter: Rewriter,
+    /// What was read from the socket, before rewriting.
+    chunk: Box<[u8]>,
+    /// Rewritten bytes not yet handed to the reader, from `pending_at` on.
+    pending: Vec<u8>,
+    pending_at: usize,
+    eof: bool,
+}
+
+impl Connection {
+    pub fn new(socket: UnixStream) -> Connection {
+        Connection {
+            socket,
+            rewriter: Rewriter::default(),
+            chunk: vec![0; READ_CHUNK].into_boxed_slice(),
+            pending: Vec::new(),
+            pending_at: 0,
+            eof: false,
+        }
+    }
+
+    fn violation(&self, v: Violation) -> io::Error {
+        warn!(error = %v, "closing a gRPC connection that broke the HTTP/2 protocol");
+        io::Error::new(io::ErrorKind::InvalidData, v)
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.pending_at < this.pending.len() {
+                let n = buf.remaining().min(this.pending.len() - this.pending_at);
+                buf.put_slice(&this.pending[this.pending_at..this.pending_at + n]);
+                this.pending_at += n;
+                if this.pending_at == this.pending.len() {
+                    this.pending.clear();
+                    this.pending_at = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof || buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            let mut read = ReadBuf::new(&mut this.chunk);
+            ready!(Pin::new(&mut this.socket).poll_read(cx, &mut read))?;
+            if read.filled().is_empty() {
+                this.eof = true;
+                continue;
+            }
+            let replaced = this.rewriter.replaced;
+            if let Err(v) = this.rewriter.feed(read.filled(), &mut this.pending) {
+                return Poll::Ready(Err(this.violation(v)));
+            }
+            if replaced == 0 && this.rewriter.replaced > 0 {
+                debug!("replaced an invalid :authority with localhost");
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().socket).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().socket).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.socket.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().socket).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().socket).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Connection {
+    type ConnectInfo = UdsConnectInfo;
+
+    fn connect_info(&self) -> UdsConnectInfo {
+        self.socket.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests;
