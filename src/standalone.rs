@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -127,7 +126,7 @@ pub async fn run(opts: Options) -> Result<()> {
             locks: locks.clone(),
         }))
         .add_service(NodeServer::new(NodeService { core: node, locks }))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(crate::grpc::uds::incoming(listener), async {
             let _ = stop_rx.await;
         });
     // Graceful shutdown waits for clients to hang up; one that never does

@@ -56,7 +56,7 @@ async fn serve_csi(endpoint: &str, core: Arc<ControllerCore>) -> Result<()> {
             topology_node: None,
             locks: Default::default(),
         }))
-        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+        .serve_with_incoming(crate::grpc::uds::incoming(listener))
         .await
         .map_err(|e| Error::with_source(ErrorKind::Internal, "gRPC server failed", e))
 }

@@ -439,7 +439,7 @@ async fn serve_csi(endpoint: &str, core: Arc<crate::node::NodeCore>) -> Result<(
             core,
             locks: Default::default(),
         }))
-        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+        .serve_with_incoming(crate::grpc::uds::incoming(listener))
         .await
         .map_err(|e| Error::with_source(crate::error::ErrorKind::Internal, "gRPC server failed", e))
 }

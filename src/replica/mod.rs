@@ -178,4 +178,30 @@ mod tests {
             assert!(check_pool_name(bad).is_err(), "{bad:?}");
         }
     }
+
+    /// An NFS pool sends a name as one LOOKUP/CREATE/REMOVE component:
+    /// `..` would reach the export's root or another pool's subdir, so bad
+    /// names are refused before any call (this server does not exist).
+    #[test]
+    fn nfs_pools_refuse_bad_names_before_any_call() {
+        let cfg = crate::config::NfsPoolConfig {
+            server: "192.0.2.1".into(),
+            port: Some(2049),
+            mount_port: Some(2049),
+            export: "/export".into(),
+            subdir: Some("pool-a".into()),
+        };
+        let pool = nfs::NfsPool::new(&cfg, std::time::Duration::from_secs(30));
+        let start = std::time::Instant::now();
+        for bad in ["..", "../pool-b/x", "/etc/passwd", "a/b", "x\0", "."] {
+            let kind = |r: Result<()>| r.unwrap_err().kind;
+            let invalid = crate::error::ErrorKind::InvalidArgument;
+            assert_eq!(kind(pool.create(bad, 4096)), invalid, "{bad:?}");
+            assert_eq!(kind(pool.grow(bad, 4096)), invalid, "{bad:?}");
+            assert_eq!(kind(pool.delete(bad)), invalid, "{bad:?}");
+            assert_eq!(kind(pool.size_of(bad).map(drop)), invalid, "{bad:?}");
+            assert_eq!(kind(pool.open(bad).map(drop)), invalid, "{bad:?}");
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+    }
 }

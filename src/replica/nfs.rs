@@ -431,6 +431,9 @@ impl NfsPool {
 
 impl Pool for NfsPool {
     fn create(&self, name: &str, size: u64) -> Result<()> {
+        // A name is one component in the pool's directory: never `..`
+        // (the export's root or another pool's subdir), never a path.
+        crate::replica::check_replica_name(name)?;
         self.target
             .call("create replica", async |conn, dir| {
                 let fh = match lookup(conn, dir, name).await? {
@@ -466,6 +469,7 @@ impl Pool for NfsPool {
     }
 
     fn grow(&self, name: &str, size: u64) -> Result<()> {
+        crate::replica::check_replica_name(name)?;
         self.target
             .call("grow replica", async |conn, dir| {
                 let fh = lookup(conn, dir, name)
@@ -480,6 +484,7 @@ impl Pool for NfsPool {
     }
 
     fn delete(&self, name: &str) -> Result<()> {
+        crate::replica::check_replica_name(name)?;
         self.target
             .call("delete replica", async |conn, dir| {
                 let removed = conn
@@ -499,6 +504,7 @@ impl Pool for NfsPool {
     }
 
     fn size_of(&self, name: &str) -> Result<Option<u64>> {
+        crate::replica::check_replica_name(name)?;
         self.target
             .call("stat replica", async |conn, dir| {
                 match lookup(conn, dir, name).await? {
@@ -510,6 +516,7 @@ impl Pool for NfsPool {
     }
 
     fn open(&self, name: &str) -> Result<Box<dyn ReplicaIo>> {
+        crate::replica::check_replica_name(name)?;
         let fh = self
             .target
             .call("open replica", async |conn, dir| {
