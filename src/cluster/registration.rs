@@ -56,18 +56,39 @@ pub fn socket_in(registry_dir: &Path) -> PathBuf {
 
 /// Serves the registration API in `registry_dir` until the process ends.
 pub async fn serve(registry_dir: &Path, csi_socket: PathBuf) -> Result<()> {
+    serve_until(registry_dir, csi_socket, std::future::pending()).await
+}
+
+/// Serves the registration API in `registry_dir` until `shutdown`
+/// resolves, then removes the socket: the kubelet deregisters a plugin
+/// when its socket goes, and would keep retrying a stale one.
+pub async fn serve_until(
+    registry_dir: &Path,
+    csi_socket: PathBuf,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     let endpoint = format!("unix://{}", socket_in(registry_dir).display());
-    let (_, listener) = crate::standalone::bind_endpoint(&endpoint)?;
+    let (socket, listener) = crate::standalone::bind_endpoint(&endpoint)?;
     info!(socket = %endpoint, "kubelet registration socket ready");
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(RegistrationServer::new(RegistrationService { csi_socket }))
-        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
-        .await
-        .map_err(|e| {
-            Error::with_source(
-                crate::error::ErrorKind::Internal,
-                "registration server failed",
-                e,
-            )
-        })
+        .serve_with_incoming(crate::grpc::uds::incoming(listener));
+    // Not a graceful shutdown: a client that never hangs up must not keep
+    // the socket around.
+    let served = tokio::select! {
+        served = server => served,
+        () = shutdown => Ok(()),
+    };
+    if let Err(e) = std::fs::remove_file(&socket)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(socket = %socket.display(), error = %e, "cannot remove the registration socket");
+    }
+    served.map_err(|e| {
+        Error::with_source(
+            crate::error::ErrorKind::Internal,
+            "registration server failed",
+            e,
+        )
+    })
 }
