@@ -13,7 +13,7 @@
 //! 4. create each replica file (sparse, fsynced);
 //! 5. write the record in phase `Ready`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tracing::{info, warn};
@@ -36,6 +36,11 @@ pub struct ControllerCore {
     overcommit_ratio: f64,
     /// Placement reads free space and then claims it: one at a time.
     placing: Mutex<()>,
+    /// Volume ids with a create, delete or expand under way in this
+    /// process: a second one on the same volume is Aborted rather than
+    /// interleaved (a delete between a create's replica files would leak
+    /// the files made after it).
+    busy: Arc<Mutex<HashSet<String>>>,
     /// Data dir whose `dirty/<id>` maps are removed with their volume.
     data_dir: Option<std::path::PathBuf>,
 }
@@ -52,6 +57,20 @@ pub struct CreateRequest {
     pub allowed_nodes: Option<Vec<String>>,
     /// The claim being provisioned, "namespace/name/uid".
     pub claim: Option<String>,
+}
+
+/// A volume id marked busy in `ControllerCore::busy`, until dropped.
+struct Busy {
+    busy: Arc<Mutex<HashSet<String>>>,
+    id: String,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if let Ok(mut busy) = self.busy.lock() {
+            busy.remove(&self.id);
+        }
+    }
 }
 
 impl From<PlacementError> for Error {
@@ -156,6 +175,7 @@ impl ControllerCore {
             pools: std::sync::RwLock::new(pools),
             overcommit_ratio,
             placing: Mutex::new(()),
+            busy: Arc::default(),
             data_dir: None,
         }
     }
@@ -178,6 +198,24 @@ impl ControllerCore {
             Ok(mut p) => *p = pools,
             Err(poisoned) => *poisoned.into_inner() = pools,
         }
+    }
+
+    /// Marks `volume_id` busy until the guard drops; Aborted if it is.
+    fn hold(&self, volume_id: &str) -> Result<Busy> {
+        let mut busy = self
+            .busy
+            .lock()
+            .map_err(|_| Error::internal("volume operation table poisoned"))?;
+        if !busy.insert(volume_id.to_string()) {
+            return Err(Error::new(
+                ErrorKind::Aborted,
+                format!("another operation on volume {volume_id} is in progress; retry"),
+            ));
+        }
+        Ok(Busy {
+            busy: self.busy.clone(),
+            id: volume_id.to_string(),
+        })
     }
 
     pub fn get(&self, volume_id: &str) -> Result<Option<VolumeRecord>> {
@@ -277,6 +315,7 @@ impl ControllerCore {
         let size = size_for(req.required_bytes, req.limit_bytes)?;
         let size = fit_filesystem(size, req.limit_bytes, &req.capabilities, class.fs_type)?;
         let id = volume_id_for(&req.name);
+        let _busy = self.hold(&id)?;
 
         // Only choosing pools and recording the choice is serialised;
         // creating the replicas runs concurrently with other creates.
@@ -316,13 +355,30 @@ impl ControllerCore {
                 .backend
                 .create(&replica_file_name(&id, index), record.capacity_bytes)?;
         }
-        let ready = self
-            .store
-            .update(&id, &mut |r| {
+        // Ready only if still being created: a controller elsewhere may have
+        // deleted the volume meanwhile, and then what this call made goes.
+        let ready = self.store.update(&id, &mut |r| match r.phase {
+            Phase::Creating => {
                 r.phase = Phase::Ready;
                 Ok(true)
-            })?
-            .ok_or_else(|| Error::internal(format!("volume {id} vanished while being created")))?;
+            }
+            Phase::Ready | Phase::Deleting => Ok(false),
+        })?;
+        let Some(ready) = ready.filter(|r| r.phase == Phase::Ready) else {
+            for (index, replica) in record.replicas.iter().enumerate() {
+                self.pools()
+                    .get(&replica.pool)?
+                    .backend
+                    .delete(&replica_file_name(&id, index))?;
+            }
+            return Err(Error::new(
+                ErrorKind::Aborted,
+                format!(
+                    "volume {:?} was deleted while being created; retry",
+                    req.name
+                ),
+            ));
+        };
         let pools: Vec<&str> = ready.replicas.iter().map(|r| r.pool.as_str()).collect();
         info!(volume_id = %id, name = %req.name, bytes = size, pools = ?pools, "volume created");
         Ok(ready)
@@ -418,6 +474,10 @@ impl ControllerCore {
     }
 
     pub fn delete(&self, volume_id: &str) -> Result<()> {
+        if !is_valid_volume_id(volume_id) {
+            return Ok(());
+        }
+        let _busy = self.hold(volume_id)?;
         let Some(record) = self.get(volume_id)? else {
             return Ok(());
         };
@@ -454,6 +514,7 @@ impl ControllerCore {
 
     /// Grows every replica, then the record. Returns the new size.
     pub fn expand(&self, volume_id: &str, required: u64, limit: u64) -> Result<u64> {
+        let _busy = self.hold(volume_id)?;
         let record = self
             .get(volume_id)?
             .ok_or_else(|| Error::not_found(format!("volume {volume_id} does not exist")))?;
@@ -604,6 +665,149 @@ impl ControllerCore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A local pool whose `create` of replica 1 waits until the test lets
+    /// it go, so another caller can act in the middle of a create.
+    struct GatedPool {
+        inner: crate::replica::local::LocalPool,
+        entered: std::sync::mpsc::SyncSender<()>,
+        release: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl crate::replica::Pool for GatedPool {
+        fn create(&self, name: &str, size: u64) -> Result<()> {
+            if name.ends_with(".r1.img") {
+                let _ = self.entered.send(());
+                if let Ok(rx) = self.release.lock() {
+                    let _ = rx.recv();
+                }
+            }
+            self.inner.create(name, size)
+        }
+        fn grow(&self, name: &str, size: u64) -> Result<()> {
+            self.inner.grow(name, size)
+        }
+        fn delete(&self, name: &str) -> Result<()> {
+            self.inner.delete(name)
+        }
+        fn size_of(&self, name: &str) -> Result<Option<u64>> {
+            self.inner.size_of(name)
+        }
+        fn open(&self, name: &str) -> Result<Box<dyn crate::replica::ReplicaIo>> {
+            self.inner.open(name)
+        }
+        fn capacity(&self) -> Result<u64> {
+            Ok(1 << 40)
+        }
+    }
+
+    /// Three one-pool nodes, all gated; returns the pools' directories
+    /// and the channels that see and release a create of replica 1.
+    #[allow(clippy::type_complexity)]
+    fn gated_pools(
+        root: &std::path::Path,
+    ) -> (
+        Arc<Pools>,
+        Vec<std::path::PathBuf>,
+        std::sync::mpsc::Receiver<()>,
+        Vec<std::sync::mpsc::SyncSender<()>>,
+    ) {
+        let (entered_tx, entered_rx) = std::sync::mpsc::sync_channel(8);
+        let mut releases = Vec::new();
+        let mut dirs = Vec::new();
+        let entries = (0..3)
+            .map(|i| {
+                let dir = root.join(format!("pool-{i}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                dirs.push(dir.clone());
+                let (release_tx, release_rx) = std::sync::mpsc::sync_channel(8);
+                releases.push(release_tx);
+                crate::pools::PoolEntry {
+                    name: format!("p{i}"),
+                    node: format!("n{i}"),
+                    tier: Tier::Standard,
+                    domain: format!("d{i}"),
+                    zone: "z".into(),
+                    overcommit_ratio: None,
+                    backend: Box::new(GatedPool {
+                        inner: crate::replica::local::LocalPool::new(&dir, Some(1 << 40)).unwrap(),
+                        entered: entered_tx.clone(),
+                        release: Mutex::new(release_rx),
+                    }),
+                }
+            })
+            .collect();
+        (
+            Arc::new(Pools::from_entries(entries)),
+            dirs,
+            entered_rx,
+            releases,
+        )
+    }
+
+    fn request(name: &str) -> CreateRequest {
+        CreateRequest {
+            name: name.into(),
+            required_bytes: 1 << 20,
+            limit_bytes: 0,
+            parameters: BTreeMap::new(),
+            capabilities: vec![Capability {
+                access_type: AccessType::Block,
+                mode: crate::capability::AccessMode::SingleNodeWriter,
+            }],
+            preferred_node: None,
+            allowed_nodes: None,
+            claim: None,
+        }
+    }
+
+    fn files_in(dirs: &[std::path::PathBuf]) -> Vec<String> {
+        dirs.iter()
+            .flat_map(|d| std::fs::read_dir(d).unwrap().flatten())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".img"))
+            .collect()
+    }
+
+    #[test]
+    fn delete_in_the_middle_of_a_create_leaks_no_replica() {
+        let root = tempfile::tempdir().unwrap();
+        let store: Arc<dyn StateStore> =
+            Arc::new(crate::store::FileStore::open(&root.path().join("state")).unwrap());
+        let (pools, dirs, entered, releases) = gated_pools(root.path());
+        let here = Arc::new(ControllerCore::new(store.clone(), pools.clone(), 1.0));
+        // Another controller process on the same records.
+        let elsewhere = ControllerCore::new(store.clone(), pools, 1.0);
+        let id = volume_id_for("racy");
+
+        let creating = {
+            let here = here.clone();
+            std::thread::spawn(move || here.create(&request("racy")))
+        };
+        entered.recv().unwrap();
+        // The same process refuses to interleave; another one deletes.
+        assert_eq!(here.delete(&id).unwrap_err().kind, ErrorKind::Aborted);
+        elsewhere.delete(&id).unwrap();
+        for r in &releases {
+            let _ = r.send(());
+        }
+        let created = creating.join().unwrap();
+        assert_eq!(created.unwrap_err().kind, ErrorKind::Aborted);
+        assert!(store.get(&id).unwrap().is_none());
+        assert_eq!(
+            files_in(&dirs),
+            Vec::<String>::new(),
+            "replica files leaked"
+        );
+
+        // The retry the caller makes creates the volume whole.
+        for r in &releases {
+            let _ = r.send(());
+        }
+        let record = here.create(&request("racy")).unwrap();
+        assert_eq!(record.phase, Phase::Ready);
+        assert_eq!(files_in(&dirs).len(), 3);
+    }
 
     #[test]
     fn sizes_round_up_within_limits() {

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod config;
 pub mod controller;
 pub mod csi;
+pub mod data_dir;
 pub mod dirty;
 pub mod engine;
 pub mod error;

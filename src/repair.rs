@@ -109,6 +109,45 @@ fn repair_one(data_dir: &Path, node: &str, store: &Arc<dyn StateStore>, id: &str
     result
 }
 
+/// Releases the repair claims a previous run of this node left behind
+/// (killed mid-repair): no repair of this node is under way at start, and
+/// such a claim would keep the volume from being staged or deleted forever.
+pub fn release_claims(store: &dyn StateStore, node: &str) {
+    let records = match store.list() {
+        Ok(records) => records,
+        Err(e) => {
+            warn!(error = %e, "cannot look for repair claims left by an earlier run");
+            return;
+        }
+    };
+    for record in records {
+        let stale = |r: &VolumeRecord| {
+            r.staged_on
+                .as_ref()
+                .is_some_and(|s| s.node == node && s.staging_path == REPAIR_CLAIM)
+        };
+        if !stale(&record) {
+            continue;
+        }
+        let released = store.update(&record.id, &mut |r| {
+            if stale(r) {
+                r.staged_on = None;
+                Ok(true)
+            } else {
+                Ok(false)
+            }
+        });
+        match released {
+            Ok(_) => {
+                info!(volume_id = %record.id, "released the repair claim an earlier run left behind")
+            }
+            Err(e) => {
+                warn!(volume_id = %record.id, error = %e, "cannot release a stale repair claim")
+            }
+        }
+    }
+}
+
 /// One pass over every unstaged volume.
 pub fn pass(data_dir: &Path, node: &str, store: &Arc<dyn StateStore>, pools: &Pools) {
     pass_over(data_dir, node, store, pools, |_| true);

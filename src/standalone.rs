@@ -1,6 +1,7 @@
 //! `terna standalone`: controller and node in one process, on a data dir
 //! holding the configuration, the state store and the default pools.
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -51,14 +52,26 @@ pub fn bind_endpoint(endpoint: &str) -> Result<(PathBuf, UnixListener)> {
         std::fs::create_dir_all(parent)
             .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
     }
-    match std::fs::remove_file(&socket) {
-        Ok(()) => {}
+    // Only a socket is replaced: an endpoint naming a regular file, a
+    // directory or a symlink is a mistake, and the file is not ours.
+    match std::fs::symlink_metadata(&socket) {
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(&socket).map_err(|e| {
+                Error::io(
+                    format!("cannot remove stale socket {}", socket.display()),
+                    e,
+                )
+            })?;
+        }
+        Ok(_) => {
+            return Err(Error::invalid(format!(
+                "endpoint {} exists and is not a socket; refusing to replace it",
+                socket.display()
+            )));
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
-            return Err(Error::io(
-                format!("cannot remove stale socket {}", socket.display()),
-                e,
-            ));
+            return Err(Error::io(format!("cannot inspect {}", socket.display()), e));
         }
     }
     let listener = UnixListener::bind(&socket)
@@ -70,6 +83,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let data_dir = &opts.data_dir;
     std::fs::create_dir_all(data_dir)
         .map_err(|e| Error::io(format!("cannot create data dir {}", data_dir.display()), e))?;
+    let _owner = crate::data_dir::lock(data_dir)?;
     let config = Config::load_or_init(data_dir)?;
     let store: Arc<dyn StateStore> = Arc::new(FileStore::open(&crate::state_dir(data_dir))?);
     let pools = Arc::new(Pools::from_config(&config, data_dir, &opts.node_id)?);
@@ -79,6 +93,7 @@ pub async fn run(opts: Options) -> Result<()> {
     );
     let node = Arc::new(NodeCore::new(data_dir, &opts.node_id, store.clone()));
     resume_interrupted(&controller, &store);
+    crate::repair::release_claims(store.as_ref(), &opts.node_id);
     {
         let (data_dir, node, store, pools) = (
             data_dir.clone(),

@@ -105,6 +105,71 @@ pub fn volume_id_for(name: &str) -> String {
     format!("tv-{hex}")
 }
 
+/// The longest volume id or name a caller may send (the CSI spec asks
+/// plugins for no more than 128 bytes).
+pub const MAX_ID_BYTES: usize = 128;
+
+/// How much of a rejected caller string an error message repeats.
+const SHOWN_BYTES: usize = 64;
+
+/// A caller's string, for an error message: escaped, and cut short so a
+/// 4 KiB id does not become a 4 KiB log line.
+pub fn shown(value: &str) -> String {
+    if value.len() <= SHOWN_BYTES {
+        return format!("{value:?}");
+    }
+    let mut end = SHOWN_BYTES;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &value[..end], value.len())
+}
+
+/// Why `value` (a volume id or name from a caller) can never be valid, if
+/// it cannot: empty, too long, or holding anything but ASCII letters,
+/// digits, `.`, `_` and `-` (so never a path separator, NUL, `..` or a
+/// control character). Ids become file names, so this is what stands
+/// between a caller and the file system.
+pub fn malformed_reason(value: &str) -> Option<&'static str> {
+    if value.is_empty() {
+        return Some("it is empty");
+    }
+    if value.len() > MAX_ID_BYTES {
+        return Some("it is longer than 128 bytes");
+    }
+    if value == "." || value == ".." {
+        return Some("it is a path component");
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Some("only ASCII letters, digits, '.', '_' and '-' may appear in it");
+    }
+    None
+}
+
+/// Checks a volume id a caller sent, before anything is looked up or any
+/// path is built from it: malformed is `InvalidArgument`; well formed but
+/// not an id Terna makes is `NotFound` (no such volume can exist); `Ok`
+/// means it has Terna's format and may be looked up.
+pub fn check_volume_id(id: &str) -> crate::error::Result<()> {
+    use crate::error::Error;
+    if id.is_empty() {
+        return Err(Error::invalid("volume id is required"));
+    }
+    if let Some(why) = malformed_reason(id) {
+        return Err(Error::invalid(format!(
+            "volume id {} is malformed: {why}",
+            shown(id)
+        )));
+    }
+    if !is_valid_volume_id(id) {
+        return Err(Error::not_found(format!("volume {id} does not exist")));
+    }
+    Ok(())
+}
+
 pub fn is_valid_volume_id(id: &str) -> bool {
     id.len() == 27
         && id.starts_with("tv-")
@@ -361,5 +426,58 @@ pub(crate) mod tests {
             text.contains("2 of 3") && text.contains("pool p1") && text.contains("file removed"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn hostile_volume_ids_are_invalid_and_never_reach_a_path() {
+        use crate::error::ErrorKind;
+        let long = "a".repeat(4096);
+        for id in [
+            "",
+            "/",
+            ".",
+            "..",
+            "../../etc",
+            "/etc/passwd",
+            "a/b",
+            "tv-\0",
+            "a\0b",
+            "a b",
+            "é",
+            "tv-0123456789abcdef01234567\n",
+            &long,
+        ] {
+            let err = check_volume_id(id).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::InvalidArgument, "{id:?}: {err}");
+            assert!(err.message.len() < 200, "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn well_formed_foreign_ids_are_not_found_and_ours_pass() {
+        use crate::error::ErrorKind;
+        for id in ["fake-vol-id-0123456789", "pvc-1", "TV-ABC", "tv-0123"] {
+            assert_eq!(
+                check_volume_id(id).unwrap_err().kind,
+                ErrorKind::NotFound,
+                "{id}"
+            );
+        }
+        check_volume_id(&volume_id_for("pvc-1")).unwrap();
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn an_accepted_id_is_always_one_plain_file_name(id in ".{0,200}") {
+            if check_volume_id(&id).is_ok() {
+                proptest::prop_assert!(is_valid_volume_id(&id));
+                let p = std::path::Path::new("/base").join(&id);
+                proptest::prop_assert_eq!(p.parent(), Some(std::path::Path::new("/base")));
+                proptest::prop_assert_eq!(p.file_name().and_then(|f| f.to_str()), Some(id.as_str()));
+            }
+            if malformed_reason(&id).is_none() {
+                proptest::prop_assert!(!id.contains('/') && !id.contains('\0') && id != "..");
+            }
+        }
     }
 }

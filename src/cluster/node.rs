@@ -107,6 +107,7 @@ fn statvfs_used(path: &Path) -> Option<u64> {
 /// Runs until the agent stops: the agent on its own threads, the
 /// registration loop here.
 pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
+    let _owner = crate::data_dir::lock(&opts.data_dir)?;
     let config = Config::load_or_init_with(&opts.data_dir, Config::default_node)?;
     let token = config.cluster_token(&opts.data_dir)?;
     let agent = Arc::new(
@@ -138,6 +139,14 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
             client.clone(),
             tokio::runtime::Handle::current(),
         ));
+        {
+            let (store, node) = (store.clone(), opts.node_id.clone());
+            tokio::task::spawn_blocking(move || {
+                crate::repair::release_claims(store.as_ref(), &node)
+            })
+            .await
+            .map_err(|e| Error::internal(format!("claim recovery panicked: {e}")))?;
+        }
         if let Some(addr) = config.metrics_listen {
             crate::http::spawn(
                 addr,

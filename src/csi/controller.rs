@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use tracing::info_span;
 
 use crate::controller::{ControllerCore, CreateRequest, list_key, list_token, parse_list_token};
-use crate::csi::{VolumeLocks, blocking, parse_capability, require, sorted};
+use crate::csi::{VolumeLocks, blocking, parse_capability, sorted};
 use crate::proto::csi as pb;
 use crate::volume::VolumeRecord;
 use pb::controller_server::Controller;
@@ -27,6 +27,39 @@ impl ControllerService {
                 segments: HashMap::from([(crate::TOPOLOGY_NODE_KEY.to_string(), n.clone())]),
             })
             .collect()
+    }
+
+    /// A requisite topology must name somewhere our volumes are reachable
+    /// from: the standalone's one node, or in a cluster any node (every
+    /// node reaches every replica), and no topology key but ours.
+    fn check_requisite(&self, req: &Option<pb::TopologyRequirement>) -> Result<(), Status> {
+        let Some(req) = req else { return Ok(()) };
+        if req.requisite.is_empty() {
+            return Ok(());
+        }
+        let reachable = |t: &pb::Topology| {
+            t.segments.iter().all(|(k, v)| {
+                k == crate::TOPOLOGY_NODE_KEY && self.topology_node.as_ref().is_none_or(|n| n == v)
+            })
+        };
+        if req.requisite.iter().any(reachable) {
+            return Ok(());
+        }
+        let named: Vec<String> = req
+            .requisite
+            .iter()
+            .flat_map(|t| t.segments.iter().map(|(k, v)| format!("{k}={v}")))
+            .take(8)
+            .map(|s| crate::volume::shown(&s))
+            .collect();
+        Err(Status::resource_exhausted(format!(
+            "no volume can be reachable from the requisite topology ({}): {}",
+            named.join(", "),
+            match &self.topology_node {
+                Some(n) => format!("volumes are reachable from node {n} only"),
+                None => format!("the only topology key is {}", crate::TOPOLOGY_NODE_KEY),
+            }
+        )))
     }
 
     fn volume(&self, r: &VolumeRecord) -> pb::Volume {
@@ -55,6 +88,36 @@ fn condition(r: &VolumeRecord) -> pb::VolumeCondition {
 
 fn published_nodes(r: &VolumeRecord) -> Vec<String> {
     r.staged_on.iter().map(|s| s.node.clone()).collect()
+}
+
+/// A volume id from a request. Malformed is InvalidArgument; anything
+/// else is looked up (ids Terna never makes are simply not found).
+fn volume_id(id: &str) -> Result<String, Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("volume id is required"));
+    }
+    if let Some(why) = crate::volume::malformed_reason(id) {
+        return Err(Status::invalid_argument(format!(
+            "volume id {} is malformed: {why}",
+            crate::volume::shown(id)
+        )));
+    }
+    Ok(id.to_string())
+}
+
+/// The CreateVolume name: required, at most 128 bytes (the CSI spec's limit
+/// for strings), and printable.
+fn volume_name(name: &str) -> Result<String, Status> {
+    if name.is_empty() {
+        return Err(Status::invalid_argument("volume name is required"));
+    }
+    if name.len() > crate::volume::MAX_ID_BYTES || name.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!(
+            "volume name {} is not valid: at most 128 bytes, no control characters",
+            crate::volume::shown(name)
+        )));
+    }
+    Ok(name.to_string())
 }
 
 fn preferred_node(req: &Option<pb::TopologyRequirement>) -> Option<String> {
@@ -87,7 +150,7 @@ impl Controller for ControllerService {
         req: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
         let req = req.into_inner();
-        let name = require(&req.name, "volume name")?.to_string();
+        let name = volume_name(&req.name)?;
         if req.volume_capabilities.is_empty() {
             return Err(Status::invalid_argument("volume capabilities are required"));
         }
@@ -102,6 +165,7 @@ impl Controller for ControllerService {
             ));
         }
         let (required_bytes, limit_bytes) = capacity_range(&req.capacity_range)?;
+        self.check_requisite(&req.accessibility_requirements)?;
         let create = CreateRequest {
             name: name.clone(),
             required_bytes,
@@ -114,7 +178,8 @@ impl Controller for ControllerService {
             allowed_nodes: None,
             claim: None,
         };
-        let _lock = self.locks.try_lock(&name)?;
+        // The key DeleteVolume locks too: the two must never interleave.
+        let _lock = self.locks.try_lock(&crate::volume::volume_id_for(&name))?;
         let core = self.core.clone();
         let span = info_span!("CreateVolume", volume_name = %name);
         let record = blocking(span, move || core.create(&create)).await?;
@@ -128,7 +193,7 @@ impl Controller for ControllerService {
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let req = req.into_inner();
-        let id = require(&req.volume_id, "volume id")?.to_string();
+        let id = volume_id(&req.volume_id)?;
         let _lock = self.locks.try_lock(&id)?;
         let core = self.core.clone();
         let span = info_span!("DeleteVolume", volume_id = %id);
@@ -159,7 +224,7 @@ impl Controller for ControllerService {
         req: Request<pb::ValidateVolumeCapabilitiesRequest>,
     ) -> Result<Response<pb::ValidateVolumeCapabilitiesResponse>, Status> {
         let req = req.into_inner();
-        let id = require(&req.volume_id, "volume id")?.to_string();
+        let id = volume_id(&req.volume_id)?;
         if req.volume_capabilities.is_empty() {
             return Err(Status::invalid_argument("volume capabilities are required"));
         }
@@ -168,7 +233,12 @@ impl Controller for ControllerService {
         let span = info_span!("ValidateVolumeCapabilities", volume_id = %id);
         let record = blocking(span, move || core.get(&lookup))
             .await?
-            .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "volume {} does not exist",
+                    crate::volume::shown(&id)
+                ))
+            })?;
         let mut problems = Vec::new();
         for cap in &req.volume_capabilities {
             match parse_capability(cap) {
@@ -331,7 +401,7 @@ impl Controller for ControllerService {
         req: Request<pb::ControllerExpandVolumeRequest>,
     ) -> Result<Response<pb::ControllerExpandVolumeResponse>, Status> {
         let req = req.into_inner();
-        let id = require(&req.volume_id, "volume id")?.to_string();
+        let id = volume_id(&req.volume_id)?;
         if req.capacity_range.is_none() {
             return Err(Status::invalid_argument("capacity range is required"));
         }
@@ -351,13 +421,18 @@ impl Controller for ControllerService {
         req: Request<pb::ControllerGetVolumeRequest>,
     ) -> Result<Response<pb::ControllerGetVolumeResponse>, Status> {
         let req = req.into_inner();
-        let id = require(&req.volume_id, "volume id")?.to_string();
+        let id = volume_id(&req.volume_id)?;
         let core = self.core.clone();
         let lookup = id.clone();
         let span = info_span!("ControllerGetVolume", volume_id = %id);
         let record = blocking(span, move || core.get(&lookup))
             .await?
-            .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "volume {} does not exist",
+                    crate::volume::shown(&id)
+                ))
+            })?;
         Ok(Response::new(pb::ControllerGetVolumeResponse {
             volume: Some(self.volume(&record)),
             status: Some(pb::controller_get_volume_response::VolumeStatus {

@@ -35,14 +35,6 @@ impl From<Error> for Status {
     }
 }
 
-pub(crate) fn require<'a>(value: &'a str, what: &str) -> Result<&'a str, Status> {
-    if value.is_empty() {
-        Err(Status::invalid_argument(format!("{what} is required")))
-    } else {
-        Ok(value)
-    }
-}
-
 pub(crate) fn parse_capability(cap: &pb::VolumeCapability) -> Result<Capability, Status> {
     use pb::volume_capability::access_mode::Mode;
     let mode = cap

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use tracing::info_span;
 
 use crate::capability::AccessType;
-use crate::csi::{VolumeLocks, blocking, parse_capability, require};
+use crate::csi::{VolumeLocks, blocking, parse_capability};
 use crate::node::NodeCore;
 use crate::proto::csi as pb;
 use pb::node_server::Node;
@@ -16,6 +16,17 @@ use pb::node_server::Node;
 pub struct NodeService {
     pub core: Arc<NodeCore>,
     pub locks: VolumeLocks,
+}
+
+/// The volume id, checked before it is used as a lock key or anywhere else.
+fn volume_id(id: &str) -> Result<String, Status> {
+    crate::volume::check_volume_id(id)?;
+    Ok(id.to_string())
+}
+
+/// A path from the request, checked and normalised (see `node::paths`).
+fn path(value: &str, what: &str) -> Result<PathBuf, Status> {
+    Ok(crate::node::paths::caller_path(value, what)?)
 }
 
 fn capability(cap: &Option<pb::VolumeCapability>) -> Result<crate::capability::Capability, Status> {
@@ -36,8 +47,8 @@ impl Node for NodeService {
         req: Request<pb::NodeStageVolumeRequest>,
     ) -> Result<Response<pb::NodeStageVolumeResponse>, Status> {
         let req = req.into_inner();
-        let id = require(&req.volume_id, "volume id")?.to_string();
-        let staging = PathBuf::from(require(&req.staging_target_path, "staging target path")?);
+        let id = volume_id(&req.volume_id)?;
+        let staging = path(&req.staging_target_path, "staging target path")?;
         let cap = capability(&req.volume_capability)?;
         let _lock = self.locks.try_lock(&id)?;
         let core = self.core.clone();
@@ -51,8 +62,8 @@ impl Node for NodeService {
         req: Request<pb::NodeUnstageVolumeRequest>,
     ) -> Result<Response<pb::NodeUnstageVolumeResponse>, Status> {
         let req = req.into_inner();
-        let id = require(&req.volume_id, "volume id")?.to_string();
-        let staging = PathBuf::from(require(&req.staging_target_path, "staging target path")?);
+        let id = volume_id(&req.volume_id)?;
+        let staging = path(&req.staging_target_path, "staging target path")?;
         let _lock = self.locks.try_lock(&id)?;
         let core = self.core.clone();
         let span = info_span!("NodeUnstageVolume", volume_id = %id);
@@ -65,9 +76,9 @@ impl Node for NodeService {
         req: Request<pb::NodePublishVolumeRequest>,
     ) -> Result<Response<pb::NodePublishVolumeResponse>, Status> {
         let req = req.into_inner();
-        let id = require(&req.volume_id, "volume id")?.to_string();
-        let target = PathBuf::from(require(&req.target_path, "target path")?);
-        let staging = PathBuf::from(require(&req.staging_target_path, "staging target path")?);
+        let id = volume_id(&req.volume_id)?;
+        let target = path(&req.target_path, "target path")?;
+        let staging = path(&req.staging_target_path, "staging target path")?;
         let cap = capability(&req.volume_capability)?;
         let read_only = req.readonly;
         let _lock = self.locks.try_lock(&id)?;
@@ -85,8 +96,8 @@ impl Node for NodeService {
         req: Request<pb::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<pb::NodeUnpublishVolumeResponse>, Status> {
         let req = req.into_inner();
-        let id = require(&req.volume_id, "volume id")?.to_string();
-        let target = PathBuf::from(require(&req.target_path, "target path")?);
+        let id = volume_id(&req.volume_id)?;
+        let target = path(&req.target_path, "target path")?;
         let _lock = self.locks.try_lock(&id)?;
         let core = self.core.clone();
         let span = info_span!("NodeUnpublishVolume", volume_id = %id);
@@ -100,11 +111,11 @@ impl Node for NodeService {
     ) -> Result<Response<pb::NodeGetVolumeStatsResponse>, Status> {
         use pb::volume_usage::Unit;
         let req = req.into_inner();
-        let id = require(&req.volume_id, "volume id")?.to_string();
-        let path = PathBuf::from(require(&req.volume_path, "volume path")?);
+        let id = volume_id(&req.volume_id)?;
+        let volume_path = path(&req.volume_path, "volume path")?;
         let core = self.core.clone();
         let span = info_span!("NodeGetVolumeStats", volume_id = %id);
-        let stats = blocking(span, move || core.stats(&id, &path)).await?;
+        let stats = blocking(span, move || core.stats(&id, &volume_path)).await?;
         let mut usage = vec![pb::VolumeUsage {
             available: stats.available_bytes as i64,
             total: stats.total_bytes as i64,
@@ -140,8 +151,8 @@ impl Node for NodeService {
         req: Request<pb::NodeExpandVolumeRequest>,
     ) -> Result<Response<pb::NodeExpandVolumeResponse>, Status> {
         let req = req.into_inner();
-        let id = require(&req.volume_id, "volume id")?.to_string();
-        let volume_path = PathBuf::from(require(&req.volume_path, "volume path")?);
+        let id = volume_id(&req.volume_id)?;
+        let volume_path = path(&req.volume_path, "volume path")?;
         let block = match &req.volume_capability {
             Some(c) => parse_capability(c)?.access_type == AccessType::Block,
             None => false,
@@ -149,18 +160,7 @@ impl Node for NodeService {
         let _lock = self.locks.try_lock(&id)?;
         let core = self.core.clone();
         let span = info_span!("NodeExpandVolume", volume_id = %id);
-        let size = blocking(span, move || {
-            if !volume_path.exists() {
-                return Err(crate::error::Error::not_found(format!(
-                    "volume path {} does not exist",
-                    volume_path.display()
-                )));
-            }
-            let is_dir = volume_path.is_dir();
-            let mount = (!block && is_dir).then_some(volume_path.as_path());
-            core.expand(&id, mount)
-        })
-        .await?;
+        let size = blocking(span, move || core.expand(&id, &volume_path, block)).await?;
         Ok(Response::new(pb::NodeExpandVolumeResponse {
             capacity_bytes: size as i64,
         }))

@@ -6,8 +6,10 @@
 pub mod filesystem;
 pub mod metrics;
 pub mod mounts;
+pub mod paths;
 
 use std::collections::HashMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -94,19 +96,42 @@ impl NodeCore {
         self.fuse_dir(volume_id).join("volume")
     }
 
+    /// The volume's record. The id is checked before anything else, and
+    /// every path built from an id is built after this succeeded.
     fn record(&self, volume_id: &str) -> Result<VolumeRecord> {
+        crate::volume::check_volume_id(volume_id)?;
         self.store
             .get(volume_id)?
             .ok_or_else(|| Error::not_found(format!("volume {volume_id} does not exist")))
     }
 
+    /// Refuses a staging path or target that is not a plain absolute path,
+    /// or lies in a system directory or Terna's own data dir.
+    fn check_caller_path(&self, path: &Path, what: &str) -> Result<()> {
+        paths::caller_path(&path.to_string_lossy(), what)?;
+        paths::outside_protected(path, what, &[self.data_dir.as_path()])
+    }
+
     pub fn stage(&self, volume_id: &str, staging_path: &Path, cap: &Capability) -> Result<()> {
         cap.check()?;
         let record = self.record(volume_id)?;
+        self.check_caller_path(staging_path, "staging target path")?;
         if record.phase != Phase::Ready {
             return Err(Error::precondition(format!(
                 "volume {volume_id} is {:?}, not ready",
                 record.phase
+            )));
+        }
+        // Something already mounted at the staging path must be this
+        // volume's own device, or staging stops before touching anything.
+        if let Some(m) = mounts::mount_at(staging_path)?
+            && self.own_device_of(volume_id, &m).is_none()
+        {
+            return Err(Error::precondition(format!(
+                "staging path {} already has {} ({}) mounted, not volume {volume_id}; unmount it first",
+                staging_path.display(),
+                m.source,
+                m.fs_type
             )));
         }
         let staging = staging_path.to_string_lossy().into_owned();
@@ -147,6 +172,12 @@ impl NodeCore {
             )));
         }
 
+        if !self.engine_running(volume_id)? {
+            // The engine (its supervisor) died: the device still reads from
+            // its dead session and can never work again. Rebuild the stack
+            // unless a pod still holds it.
+            self.drop_dead_device(volume_id, staging_path)?;
+        }
         self.ensure_engine(volume_id)?;
         let device = self.ensure_loop(volume_id)?;
         if let AccessType::Mount {
@@ -173,7 +204,49 @@ impl NodeCore {
                 mounts::mount_fs(device.path(), staging_path, fs.as_str(), mount_flags)?;
             }
         }
+        // OK means the volume answers, not only that the pieces exist.
+        read_first_block(device.path()).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Unavailable,
+                format!(
+                    "volume {volume_id} is staged but its device {} does not answer reads",
+                    device.path().display()
+                ),
+                e,
+            )
+        })?;
         info!(volume_id, device = %device.path().display(), "volume staged");
+        Ok(())
+    }
+
+    /// Tears down the loop device of an engine that is gone (and the
+    /// staging mount on it), so staging can start afresh. Refused while
+    /// anything but the staging path still holds the device: taking it
+    /// from under a pod would hand the pod whatever volume gets the device
+    /// next.
+    fn drop_dead_device(&self, volume_id: &str, staging: &Path) -> Result<()> {
+        let mut dev = self.device(volume_id)?;
+        let held = self.holders(volume_id, Some(staging))?;
+        if !held.is_empty() {
+            return Err(Error::precondition(format!(
+                "the engine of volume {volume_id} stopped while it is published at {}; \
+                 unpublish and unstage it, then stage it again",
+                join_paths(&held)
+            )));
+        }
+        while let Some(m) = mounts::mount_at(staging)? {
+            let Some(d) = self.own_device_of(volume_id, &m) else {
+                break;
+            };
+            mounts::unmount_one(staging)?;
+            dev = dev.or(Some(d));
+        }
+        if let Some(dev) = dev {
+            warn!(volume_id, device = %dev.path().display(), "engine of staged volume is gone; restaging");
+            dev.detach().map_err(|e| {
+                Error::with_source(ErrorKind::Internal, "cannot detach loop device", e)
+            })?;
+        }
         Ok(())
     }
 
@@ -316,15 +389,54 @@ impl NodeCore {
     }
 
     pub fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
-        // Once the engine's session is gone (its worker lost the claim, or
-        // it died with the node), the loop device's backing path no longer
-        // resolves, so the device is only known as what the staging path
-        // was mounted from.
-        let orphan = mounts::mount_at(staging_path)?
-            .filter(|m| m.source.starts_with("/dev/loop"))
-            .map(|m| LoopDevice::open(Path::new(&m.source)))
-            .filter(|d| d.backing_file().is_some_and(|b| !b.exists()));
-        mounts::unmount_all(staging_path)?;
+        let record = self.record(volume_id)?;
+        self.check_caller_path(staging_path, "staging target path")?;
+        let here = record.staged_on.as_ref().filter(|s| s.node == self.node_id);
+        if let Some(s) = here {
+            if s.staging_path == crate::repair::REPAIR_CLAIM {
+                return Err(Error::new(
+                    ErrorKind::Aborted,
+                    format!("volume {volume_id} is being repaired on this node; retry shortly"),
+                ));
+            }
+            if Path::new(&s.staging_path) != staging_path {
+                return Err(Error::precondition(format!(
+                    "volume {volume_id} is staged at {}, not at {}; nothing was unstaged",
+                    s.staging_path,
+                    staging_path.display()
+                )));
+            }
+        }
+        // Published anywhere, as the kernel sees it: a pod still holds the
+        // device, and tearing it down would hand the pod the next volume
+        // that gets this loop device.
+        let held = self.holders(volume_id, Some(staging_path))?;
+        if !held.is_empty() {
+            return Err(Error::precondition(format!(
+                "volume {volume_id} is still published at {}; NodeUnpublishVolume first",
+                join_paths(&held)
+            )));
+        }
+        // What is mounted at the staging path is unmounted only while it is
+        // this volume; a foreign mount there is left alone.
+        let mut orphan = None;
+        while let Some(m) = mounts::mount_at(staging_path)? {
+            let Some(dev) = self.own_device_of(volume_id, &m) else {
+                if here.is_some() {
+                    return Err(Error::precondition(format!(
+                        "staging path {} has {} ({}) mounted over volume {volume_id}; unmount it first",
+                        staging_path.display(),
+                        m.source,
+                        m.fs_type
+                    )));
+                }
+                break;
+            };
+            mounts::unmount_one(staging_path)?;
+            orphan = Some(dev);
+        }
+        // Once the engine's session is gone the device's backing path no
+        // longer resolves, so it may only be known from the staging mount.
         if let Some(dev) = self.device(volume_id)?.or(orphan) {
             dev.detach().map_err(|e| {
                 Error::with_source(ErrorKind::Internal, "cannot detach loop device", e)
@@ -346,6 +458,70 @@ impl NodeCore {
         Ok(())
     }
 
+    /// The loop device `m` is mounted from (a filesystem on it, or a bind
+    /// mount of its device node), if that device is this volume's.
+    fn own_device_of(&self, volume_id: &str, m: &mounts::MountEntry) -> Option<LoopDevice> {
+        let path = if m.source.starts_with("/dev/loop") {
+            PathBuf::from(&m.source)
+        } else if m.root.starts_with("/loop") && !m.root[1..].contains('/') {
+            Path::new("/dev").join(&m.root[1..])
+        } else {
+            return None;
+        };
+        let dev = LoopDevice::open(&path);
+        let backing = dev.backing_file()?;
+        let ours = backing == self.backing_file(volume_id)
+            || std::fs::canonicalize(self.run_dir(volume_id))
+                .is_ok_and(|run| backing == run.join("fuse").join("volume"));
+        if !ours {
+            return None;
+        }
+        // A bind mount of some other file that merely sits at `/loopN`
+        // inside its filesystem is not the device node.
+        if !m.source.starts_with("/dev/loop") {
+            let node = std::fs::metadata(&m.mount_point).ok()?;
+            let dev_node = std::fs::metadata(&path).ok()?;
+            if !node.file_type().is_block_device() || node.rdev() != dev_node.rdev() {
+                return None;
+            }
+        }
+        Some(dev)
+    }
+
+    /// Where this volume's device is mounted on this node, other than at
+    /// `except`: filesystems on it and bind mounts of its device node.
+    fn holders(&self, volume_id: &str, except: Option<&Path>) -> Result<Vec<PathBuf>> {
+        Ok(mounts::mounts()?
+            .into_iter()
+            .filter(|m| Some(m.mount_point.as_path()) != except)
+            .filter(|m| self.own_device_of(volume_id, m).is_some())
+            .map(|m| m.mount_point)
+            .collect())
+    }
+
+    /// `path` is where this volume is staged on this node, or one of its
+    /// publish targets (by the record, or as mounted).
+    fn check_volume_path(&self, record: &VolumeRecord, path: &Path) -> Result<()> {
+        self.check_caller_path(path, "volume path")?;
+        let text = path.to_string_lossy();
+        let staged_here = record
+            .staged_on
+            .as_ref()
+            .is_some_and(|s| s.node == self.node_id && Path::new(&s.staging_path) == path);
+        let published = record.published.iter().any(|p| *p == text);
+        let mounted =
+            mounts::mount_at(path)?.is_some_and(|m| self.own_device_of(&record.id, &m).is_some());
+        if staged_here || published || mounted {
+            Ok(())
+        } else {
+            Err(Error::not_found(format!(
+                "volume {} is not staged or published at {}",
+                record.id,
+                path.display()
+            )))
+        }
+    }
+
     pub fn publish(
         &self,
         volume_id: &str,
@@ -356,19 +532,56 @@ impl NodeCore {
     ) -> Result<()> {
         cap.check()?;
         let record = self.record(volume_id)?;
-        if record
+        self.check_caller_path(staging_path, "staging target path")?;
+        self.check_caller_path(target, "target path")?;
+        if target == staging_path {
+            return Err(Error::invalid(
+                "target path and staging target path are the same",
+            ));
+        }
+        let staged = record
             .staged_on
             .as_ref()
-            .is_none_or(|s| s.node != self.node_id)
-        {
+            .filter(|s| s.node == self.node_id && s.staging_path != crate::repair::REPAIR_CLAIM)
+            .ok_or_else(|| {
+                Error::precondition(format!(
+                    "volume {volume_id} is not staged on this node; NodeStageVolume first"
+                ))
+            })?;
+        if Path::new(&staged.staging_path) != staging_path {
             return Err(Error::precondition(format!(
-                "volume {volume_id} is not staged on this node; NodeStageVolume first"
+                "volume {volume_id} is staged at {}, not at {}",
+                staged.staging_path,
+                staging_path.display()
             )));
         }
-        if mounts::is_mounted(target)? {
+        let t = target.to_string_lossy().into_owned();
+        if let Some(m) = mounts::mount_at(target)? {
+            if self.own_device_of(volume_id, &m).is_none() {
+                return Err(Error::precondition(format!(
+                    "target path {} already has {} ({}) mounted, not volume {volume_id}",
+                    target.display(),
+                    m.source,
+                    m.fs_type
+                )));
+            }
+            if m.read_only() != read_only {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "volume {volume_id} is already published at {} {}; unpublish it to change that",
+                        target.display(),
+                        if m.read_only() {
+                            "read-only"
+                        } else {
+                            "read-write"
+                        }
+                    ),
+                ));
+            }
+            self.record_published(volume_id, &t)?;
             return Ok(());
         }
-        let t = target.to_string_lossy().into_owned();
         if cap.mode == AccessMode::SingleNodeSingleWriter
             && let Some(other) = record.published.iter().find(|p| **p != t)
         {
@@ -376,57 +589,100 @@ impl NodeCore {
                 "volume {volume_id} is single-writer and already published at {other}"
             )));
         }
-        match &cap.access_type {
-            AccessType::Mount { mount_flags, .. } => {
-                if !mounts::is_mounted(staging_path)? {
-                    return Err(Error::precondition(format!(
-                        "staging path {} is not mounted; NodeStageVolume first",
-                        staging_path.display()
-                    )));
-                }
-                std::fs::create_dir_all(target)
-                    .map_err(|e| Error::io(format!("cannot create {}", target.display()), e))?;
-                mounts::bind_mount(staging_path, target, read_only, mount_flags)?;
-            }
-            AccessType::Block => {
-                let dev = self.device(volume_id)?.ok_or_else(|| {
-                    Error::precondition(format!(
-                        "volume {volume_id} has no device; NodeStageVolume first"
-                    ))
-                })?;
-                if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent)
-                        .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
-                }
-                if !target.exists() {
-                    std::fs::File::create(target)
-                        .map_err(|e| Error::io(format!("cannot create {}", target.display()), e))?;
-                }
-                mounts::bind_mount(dev.path(), target, read_only, &[])?;
-            }
-        }
-        self.store.update(volume_id, &mut |r| {
-            if r.published.contains(&t) {
-                Ok(false)
-            } else {
-                r.published.push(t.clone());
-                Ok(true)
-            }
+        let device = self.device(volume_id)?.ok_or_else(|| {
+            Error::precondition(format!(
+                "volume {volume_id} has no device; NodeStageVolume first"
+            ))
         })?;
+        if let AccessType::Mount { .. } = &cap.access_type
+            && mounts::mount_at(staging_path)?
+                .is_none_or(|m| self.own_device_of(volume_id, &m).is_none())
+        {
+            return Err(Error::precondition(format!(
+                "volume {volume_id} is not mounted at its staging path {}; NodeStageVolume first",
+                staging_path.display()
+            )));
+        }
+        // Recorded before anything is made at the target, so unpublish
+        // knows the target is this volume's whatever step a crash hits.
+        self.record_published(volume_id, &t)?;
+        let made = match &cap.access_type {
+            AccessType::Mount { mount_flags, .. } => std::fs::create_dir_all(target)
+                .map_err(|e| Error::io(format!("cannot create {}", target.display()), e))
+                .and_then(|()| mounts::bind_mount(staging_path, target, read_only, mount_flags)),
+            AccessType::Block => target
+                .parent()
+                .map_or(Ok(()), |parent| {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))
+                })
+                .and_then(|()| {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .mode(0o600)
+                        .open(target)
+                        .map(drop)
+                        .map_err(|e| Error::io(format!("cannot create {}", target.display()), e))
+                })
+                .and_then(|()| mounts::bind_mount(device.path(), target, read_only, &[])),
+        };
+        if let Err(e) = made {
+            let _ = self.unpublish(volume_id, target);
+            return Err(e);
+        }
         info!(volume_id, target = %target.display(), read_only, "volume published");
         Ok(())
     }
 
+    fn record_published(&self, volume_id: &str, target: &str) -> Result<()> {
+        self.store.update(volume_id, &mut |r| {
+            if r.published.iter().any(|p| p == target) {
+                Ok(false)
+            } else {
+                r.published.push(target.to_string());
+                Ok(true)
+            }
+        })?;
+        Ok(())
+    }
+
     pub fn unpublish(&self, volume_id: &str, target: &Path) -> Result<()> {
-        self.record(volume_id)?;
-        mounts::unmount_all(target)?;
-        match std::fs::metadata(target) {
-            Ok(m) if m.is_dir() => std::fs::remove_dir(target),
-            Ok(_) => std::fs::remove_file(target),
-            Err(_) => Ok(()),
-        }
-        .map_err(|e| Error::io(format!("cannot remove {}", target.display()), e))?;
+        let record = self.record(volume_id)?;
+        self.check_caller_path(target, "target path")?;
         let t = target.to_string_lossy().into_owned();
+        let mut ours = record.published.contains(&t);
+        while let Some(m) = mounts::mount_at(target)? {
+            if self.own_device_of(volume_id, &m).is_none() {
+                if !ours {
+                    // Not this volume's: nothing of it is published here.
+                    return Ok(());
+                }
+                return Err(Error::precondition(format!(
+                    "target path {} has {} ({}) mounted, which is not volume {volume_id}; left alone",
+                    target.display(),
+                    m.source,
+                    m.fs_type
+                )));
+            }
+            mounts::unmount_one(target)?;
+            ours = true;
+        }
+        if !ours {
+            return Ok(());
+        }
+        // Only what publish made: an empty directory or an empty file.
+        let removed = match std::fs::symlink_metadata(target) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir(target),
+            Ok(m) if m.is_file() && m.len() == 0 => std::fs::remove_file(target),
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = removed {
+            warn!(volume_id, target = %target.display(), error = %e, "target left in place");
+        }
         self.store.update(volume_id, &mut |r| {
             let before = r.published.len();
             r.published.retain(|p| p != &t);
@@ -438,6 +694,7 @@ impl NodeCore {
 
     pub fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats> {
         let record = self.record(volume_id)?;
+        self.check_volume_path(&record, path)?;
         let meta = std::fs::metadata(path)
             .map_err(|_| Error::not_found(format!("path {} does not exist", path.display())))?;
         let mut abnormal = record.degradation();
@@ -478,8 +735,10 @@ impl NodeCore {
 
     /// Makes the staged device (and its filesystem, when `mount_path` is
     /// given) as large as the volume record says.
-    pub fn expand(&self, volume_id: &str, mount_path: Option<&Path>) -> Result<u64> {
+    pub fn expand(&self, volume_id: &str, volume_path: &Path, block: bool) -> Result<u64> {
         let record = self.record(volume_id)?;
+        self.check_volume_path(&record, volume_path)?;
+        let mount_path = (!block && volume_path.is_dir()).then_some(volume_path);
         let dev = self.device(volume_id)?.ok_or_else(|| {
             Error::precondition(format!("volume {volume_id} is not staged on this node"))
         })?;
@@ -516,6 +775,26 @@ impl NodeCore {
         info!(volume_id, bytes = want, "volume expanded on node");
         Ok(want)
     }
+}
+
+fn join_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Reads the device's first 4 KiB, bypassing the page cache: proves the
+/// loop device, the FUSE session and the engine behind it all answer.
+fn read_first_block(device: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(device)?;
+    let mut buf = crate::replica::aligned::AlignedBuf::zeroed(4096);
+    file.read_at(buf.as_mut_slice(), 0).map(drop)
 }
 
 fn is_engine_process(pid: i32, volume_id: &str) -> bool {

@@ -11,9 +11,21 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
     pub mount_point: PathBuf,
+    /// `major:minor` of the mounted filesystem's device.
+    pub device: String,
+    /// Which part of that filesystem is mounted (`/` for all of it; a bind
+    /// mount of a device node shows the node's path, e.g. `/loop3`).
+    pub root: String,
     pub fs_type: String,
     pub source: String,
     pub options: String,
+}
+
+impl MountEntry {
+    /// Mounted read-only (the per-mount flag, which a read-only bind mount sets).
+    pub fn read_only(&self) -> bool {
+        self.options.split(',').any(|o| o == "ro")
+    }
 }
 
 /// `/proc/self/mountinfo` escapes space, tab, newline and backslash as octal.
@@ -46,6 +58,8 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
             let left: Vec<&str> = left.split(' ').collect();
             let right: Vec<&str> = right.split(' ').collect();
             Some(MountEntry {
+                device: left.get(2)?.to_string(),
+                root: unescape(left.get(3)?),
                 mount_point: PathBuf::from(unescape(left.get(4)?)),
                 options: left.get(5)?.to_string(),
                 fs_type: right.first()?.to_string(),
@@ -120,23 +134,14 @@ pub fn bind_mount(source: &Path, target: &Path, read_only: bool, options: &[Stri
     Ok(())
 }
 
-/// Unmounts every mount stacked at `path`. Not mounted is success.
-pub fn unmount_all(path: &Path) -> Result<()> {
-    for _ in 0..16 {
-        if !is_mounted(path)? {
-            return Ok(());
-        }
-        umount2(path, MntFlags::empty()).map_err(|e| {
-            Error::io(
-                format!("cannot unmount {}", path.display()),
-                std::io::Error::from(e),
-            )
-        })?;
-    }
-    Err(Error::internal(format!(
-        "{} still mounted after 16 unmounts",
-        path.display()
-    )))
+/// Unmounts the topmost mount at `path`.
+pub fn unmount_one(path: &Path) -> Result<()> {
+    umount2(path, MntFlags::empty()).map_err(|e| {
+        Error::io(
+            format!("cannot unmount {}", path.display()),
+            std::io::Error::from(e),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -154,6 +159,8 @@ mod tests {
         assert_eq!(m[0].fs_type, "ext3");
         assert_eq!(m[0].source, "/dev/root");
         assert_eq!(m[0].options, "rw,noatime");
+        assert_eq!(m[0].device, "98:0");
+        assert_eq!(m[0].root, "/mnt1");
         assert_eq!(m[1].fs_type, "fuse.terna");
     }
 

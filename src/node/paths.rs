@@ -1,0 +1,152 @@
+//! Paths a caller hands the node plugin (staging paths, publish targets,
+//! volume paths). Whoever can reach the CSI socket chooses them, so they
+//! are checked before anything is created, mounted or removed at them.
+//! Pure logic: no I/O.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::volume::shown;
+
+/// Linux's PATH_MAX.
+pub const MAX_PATH_BYTES: usize = 4096;
+
+/// Directories a volume is never staged or published on, nor anything
+/// beneath them: the system's own, where a bind mount would shadow what the
+/// machine runs on.
+const SYSTEM_DIRS: &[&str] = &[
+    "/proc",
+    "/sys",
+    "/dev",
+    "/etc",
+    "/boot",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/run/terna",
+];
+
+/// `value` as an absolute path without `.` or `..` components (so what
+/// is checked is what gets used), with doubled and trailing slashes
+/// removed. `what` names the field for the error.
+pub fn caller_path(value: &str, what: &str) -> Result<PathBuf> {
+    let bad = |why: &str| Err(Error::invalid(format!("{what} {} {why}", shown(value))));
+    if value.is_empty() {
+        return Err(Error::invalid(format!("{what} is required")));
+    }
+    if value.len() > MAX_PATH_BYTES {
+        return bad("is longer than 4096 bytes");
+    }
+    if value.contains('\0') {
+        return bad("contains a NUL byte");
+    }
+    if !value.starts_with('/') {
+        return bad("is not absolute");
+    }
+    if value.split('/').any(|c| c == "." || c == "..") {
+        return bad("has a '.' or '..' component");
+    }
+    let path: PathBuf = Path::new(value).components().collect();
+    if path == Path::new("/") {
+        return bad("is the root directory");
+    }
+    Ok(path)
+}
+
+/// Refuses a path that is, or is inside, a system directory or one of
+/// `own` (Terna's data dir): a volume mounted there would hide what the
+/// node or Terna itself depends on.
+pub fn outside_protected(path: &Path, what: &str, own: &[&Path]) -> Result<()> {
+    let system = SYSTEM_DIRS.iter().map(Path::new);
+    if let Some(dir) = system
+        .chain(own.iter().copied())
+        .find(|d| path.starts_with(d))
+    {
+        return Err(Error::invalid(format!(
+            "{what} {} is inside {}, where Terna never mounts a volume",
+            shown(&path.to_string_lossy()),
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    #[test]
+    fn hostile_paths_are_invalid_arguments() {
+        let long = format!("/{}", "a".repeat(4096));
+        for p in [
+            "",
+            "relative/path",
+            "/",
+            "//",
+            "/a/../b",
+            "/a/..",
+            "/a/./b",
+            "/a/.",
+            "/a\0/b",
+            &long,
+        ] {
+            let err = caller_path(p, "target path").unwrap_err();
+            assert_eq!(err.kind, ErrorKind::InvalidArgument, "{p:?}");
+            assert!(err.message.len() < 200, "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn plain_absolute_paths_are_normalised() {
+        assert_eq!(
+            caller_path("/var/lib//kubelet/pods/x/", "target path").unwrap(),
+            PathBuf::from("/var/lib/kubelet/pods/x")
+        );
+        assert_eq!(
+            caller_path("/tmp/a..b/.c", "target path").unwrap(),
+            PathBuf::from("/tmp/a..b/.c")
+        );
+    }
+
+    #[test]
+    fn system_and_own_directories_are_refused() {
+        let own = Path::new("/var/lib/terna");
+        for p in [
+            "/etc",
+            "/etc/x",
+            "/proc/1",
+            "/dev/loop0",
+            "/var/lib/terna/state",
+        ] {
+            let err = outside_protected(Path::new(p), "target path", &[own]).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::InvalidArgument, "{p}");
+        }
+        for p in [
+            "/var/lib/kubelet/pods/x",
+            "/tmp/etc",
+            "/devices",
+            "/var/lib/ternax",
+        ] {
+            outside_protected(Path::new(p), "target path", &[own]).unwrap();
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn an_accepted_path_never_climbs(value in "[/a.]{0,24}") {
+            if let Ok(path) = caller_path(&value, "path") {
+                proptest::prop_assert!(path.is_absolute());
+                proptest::prop_assert!(path.components().all(|c| matches!(
+                    c,
+                    std::path::Component::RootDir | std::path::Component::Normal(_)
+                )));
+                proptest::prop_assert!(!path.components().any(|c| c.as_os_str() == ".."));
+            }
+        }
+    }
+}

@@ -1,0 +1,612 @@
+//! CSI calls from the worst caller against `terna standalone`: ids that are
+//! paths, paths that are not the volume's, unstaging under a live pod,
+//! foreign mounts where Terna expects its own, a dead engine under a
+//! staged volume, and the process-level mistakes (an endpoint that names
+//! a file, two processes on one data dir, a repair claim left by a kill).
+//! Each case was accepted by an earlier Terna; here each gets a specific
+//! error and touches nothing that is not the volume's. Needs root.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::csi_client::{Csi, block_cap, mount_cap};
+use terna::proto::csi as pb;
+use tonic::Code;
+
+const MIB: i64 = 1 << 20;
+
+fn code<T>(r: Result<T, tonic::Status>) -> (Code, String) {
+    match r {
+        Ok(_) => (Code::Ok, String::new()),
+        Err(s) => (s.code(), s.message().to_string()),
+    }
+}
+
+fn tmpfs_at(path: &Path) {
+    std::fs::create_dir_all(path).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        path,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap();
+}
+
+fn mounted(path: &Path) -> Option<terna::node::mounts::MountEntry> {
+    terna::node::mounts::mount_at(path).unwrap()
+}
+
+fn write_direct(path: &Path, at: u64, data: &[u8]) {
+    let mut dev = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    dev.seek(SeekFrom::Start(at)).unwrap();
+    dev.write_all(terna::replica::aligned::AlignedBuf::copy_of(data).as_slice())
+        .unwrap();
+    dev.sync_all().unwrap();
+}
+
+fn read_direct(path: &Path, at: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut back = terna::replica::aligned::AlignedBuf::zeroed(len);
+    let mut dev = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)?;
+    dev.seek(SeekFrom::Start(at))?;
+    dev.read_exact(back.as_mut_slice())?;
+    Ok(back.as_slice().to_vec())
+}
+
+async fn unstage(csi: &mut Csi, id: &str, staging: &Path) -> (Code, String) {
+    code(
+        csi.node
+            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.to_string_lossy().into_owned(),
+            })
+            .await,
+    )
+}
+
+async fn unpublish(csi: &mut Csi, id: &str, target: &Path) -> (Code, String) {
+    code(
+        csi.node
+            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: target.to_string_lossy().into_owned(),
+            })
+            .await,
+    )
+}
+
+async fn stage(
+    csi: &mut Csi,
+    id: &str,
+    staging: &Path,
+    cap: pb::VolumeCapability,
+) -> (Code, String) {
+    code(
+        csi.node
+            .node_stage_volume(pb::NodeStageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.to_string_lossy().into_owned(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .await,
+    )
+}
+
+async fn publish(
+    csi: &mut Csi,
+    id: &str,
+    staging: &Path,
+    target: &Path,
+    cap: pb::VolumeCapability,
+    readonly: bool,
+) -> (Code, String) {
+    code(
+        csi.node
+            .node_publish_volume(pb::NodePublishVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.to_string_lossy().into_owned(),
+                target_path: target.to_string_lossy().into_owned(),
+                volume_capability: Some(cap),
+                readonly,
+                ..Default::default()
+            })
+            .await,
+    )
+}
+
+async fn stats(csi: &mut Csi, id: &str, path: &str) -> (Code, String) {
+    code(
+        csi.node
+            .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+                volume_id: id.into(),
+                volume_path: path.into(),
+                staging_target_path: String::new(),
+            })
+            .await,
+    )
+}
+
+/// A directory tree outside the data dir that no call may touch.
+fn victim(root: &Path, name: &str) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(dir.join("fuse")).unwrap();
+    std::fs::write(dir.join("precious"), b"keep me").unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_ids_that_are_paths_are_invalid_and_delete_nothing() {
+    if !common::require_root("volume_ids_that_are_paths_are_invalid_and_delete_nothing") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let root = terna.dir.path();
+    // `<data>/run/<id>` with these ids is the victim directory itself.
+    let relative = victim(root, "victim-relative");
+    let absolute = victim(root, "victim-absolute");
+    let staging = root.join("staging");
+    let ids = [
+        "../../victim-relative".to_string(),
+        absolute.to_string_lossy().into_owned(),
+        format!("tv-{}", "\0".repeat(24)),
+        "a".repeat(4096),
+    ];
+    for id in &ids {
+        let (c, message) = unstage(&mut csi, id, &staging).await;
+        assert_eq!(
+            c,
+            Code::InvalidArgument,
+            "unstage {:?}: {message}",
+            &id[..id.len().min(40)]
+        );
+        assert!(
+            message.len() < 300,
+            "message repeats the whole id: {message}"
+        );
+        assert!(
+            !message.contains(&*terna.data_dir.to_string_lossy()),
+            "message shows internal paths: {message}"
+        );
+        let (c, _) = unpublish(&mut csi, id, &root.join("target")).await;
+        assert_eq!(c, Code::InvalidArgument);
+        let (c, _) = stage(&mut csi, id, &staging, mount_cap("ext4")).await;
+        assert_eq!(c, Code::InvalidArgument);
+        let (c, _) = publish(
+            &mut csi,
+            id,
+            &staging,
+            &root.join("t"),
+            mount_cap("ext4"),
+            false,
+        )
+        .await;
+        assert_eq!(c, Code::InvalidArgument);
+        let (c, _) = stats(&mut csi, id, &staging.to_string_lossy()).await;
+        assert_eq!(c, Code::InvalidArgument);
+    }
+    for dir in [&relative, &absolute] {
+        assert_eq!(std::fs::read(dir.join("precious")).unwrap(), b"keep me");
+    }
+    // Well formed but never made by Terna: no such volume.
+    let (c, _) = unstage(&mut csi, "fake-vol-id-0123456789", &staging).await;
+    assert_eq!(c, Code::NotFound);
+    let (c, _) = stats(
+        &mut csi,
+        "fake-vol-id-0123456789",
+        &staging.to_string_lossy(),
+    )
+    .await;
+    assert_eq!(c, Code::NotFound);
+    // The controller side says the same of malformed ids.
+    let got = csi
+        .controller
+        .controller_get_volume(pb::ControllerGetVolumeRequest {
+            volume_id: "a\0b".into(),
+        })
+        .await;
+    assert_eq!(code(got).0, Code::InvalidArgument);
+    let created = csi
+        .create(&"n".repeat(4096), MIB, &[], mount_cap("ext4"))
+        .await;
+    assert_eq!(code(created).0, Code::InvalidArgument);
+    terna.stop_and_check_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_block_volume_is_never_torn_down_under_its_pod() {
+    if !common::require_root("a_published_block_volume_is_never_torn_down_under_its_pod") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let root = terna.dir.path();
+    let id = csi
+        .create("pod-a", 16 * MIB, &[("replicas", "1")], block_cap())
+        .await
+        .unwrap()
+        .volume_id;
+    let staging = root.join("staging-a");
+    let target = root.join("pods/a/dev");
+    csi.stage(&id, &staging, block_cap()).await;
+    csi.publish(&id, &staging, &target, block_cap()).await;
+    let data = common::content(7, 64 << 10);
+    write_direct(&target, 0, &data);
+
+    // Not its staging path, and still published at its own: both refused.
+    let (c, message) = unstage(&mut csi, &id, &root.join("elsewhere")).await;
+    assert_eq!(c, Code::FailedPrecondition, "{message}");
+    assert!(message.contains(&*staging.to_string_lossy()), "{message}");
+    let (c, message) = unstage(&mut csi, &id, &staging).await;
+    assert_eq!(c, Code::FailedPrecondition, "{message}");
+    assert!(message.contains(&*target.to_string_lossy()), "{message}");
+
+    // Another volume staged now must not inherit the pod's device.
+    let other = csi
+        .create("pod-b", 16 * MIB, &[("replicas", "1")], block_cap())
+        .await
+        .unwrap()
+        .volume_id;
+    let other_staging = root.join("staging-b");
+    csi.stage(&other, &other_staging, block_cap()).await;
+    assert_eq!(read_direct(&target, 0, data.len()).unwrap(), data);
+
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+    csi.unstage(&other, &other_staging).await;
+    csi.delete(&id).await;
+    csi.delete(&other).await;
+    terna.stop_and_check_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_that_were_never_the_volumes_are_left_alone() {
+    if !common::require_root("paths_that_were_never_the_volumes_are_left_alone") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let root = terna.dir.path();
+    let id = csi
+        .create("paths", 16 * MIB, &[("replicas", "1")], mount_cap("ext4"))
+        .await
+        .unwrap()
+        .volume_id;
+
+    // Unstaged volume: an empty directory and a tmpfs at paths it never used.
+    let empty = root.join("never-published");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (c, m) = unpublish(&mut csi, &id, &empty).await;
+    assert_eq!(c, Code::Ok, "{m}");
+    assert!(
+        empty.is_dir(),
+        "unpublish removed a directory the volume never published"
+    );
+    let foreign = root.join("foreign-tmpfs");
+    tmpfs_at(&foreign);
+    std::fs::write(foreign.join("data"), b"not terna's").unwrap();
+    let (c, m) = unpublish(&mut csi, &id, &foreign).await;
+    assert_eq!(c, Code::Ok, "{m}");
+    let (c, m) = unstage(&mut csi, &id, &foreign).await;
+    assert_eq!(c, Code::Ok, "{m}");
+    assert_eq!(
+        mounted(&foreign).map(|m| m.fs_type),
+        Some("tmpfs".to_string())
+    );
+
+    // Staging where something else is mounted is refused, not faked.
+    let (c, m) = stage(&mut csi, &id, &foreign, mount_cap("ext4")).await;
+    assert_eq!(c, Code::FailedPrecondition, "{m}");
+    assert!(m.contains("tmpfs"), "{m}");
+    assert_eq!(std::fs::read(foreign.join("data")).unwrap(), b"not terna's");
+
+    // Staged and published: a foreign mount at another target stays, and a
+    // tmpfs stacked on the volume's own target is not unmounted either.
+    let staging = root.join("staging");
+    csi.stage(&id, &staging, mount_cap("ext4")).await;
+    let target = root.join("pods/p/volume");
+    let (c, m) = publish(&mut csi, &id, &staging, &foreign, mount_cap("ext4"), false).await;
+    assert_eq!(c, Code::FailedPrecondition, "{m}");
+    assert_eq!(
+        mounted(&foreign).map(|m| m.fs_type),
+        Some("tmpfs".to_string())
+    );
+    csi.publish(&id, &staging, &target, mount_cap("ext4")).await;
+
+    // Same target, read-only flipped: incompatible, not OK.
+    let (c, m) = publish(&mut csi, &id, &staging, &target, mount_cap("ext4"), true).await;
+    assert_eq!(c, Code::AlreadyExists, "{m}");
+    let (c, _) = publish(&mut csi, &id, &staging, &target, mount_cap("ext4"), false).await;
+    assert_eq!(c, Code::Ok);
+    // A target with `..` could never be unpublished by the path it names.
+    let climbing = format!("{}/pods/../pods/q", root.display());
+    let (c, _) = publish(
+        &mut csi,
+        &id,
+        &staging,
+        Path::new(&climbing),
+        mount_cap("ext4"),
+        false,
+    )
+    .await;
+    assert_eq!(c, Code::InvalidArgument);
+
+    // Stats only where the volume is.
+    for path in ["/", &*foreign.to_string_lossy(), &*empty.to_string_lossy()] {
+        let (c, m) = stats(&mut csi, &id, path).await;
+        assert!(
+            c == Code::NotFound || c == Code::InvalidArgument,
+            "stats at {path}: {c:?} {m}"
+        );
+    }
+    assert_eq!(
+        stats(&mut csi, &id, &target.to_string_lossy()).await.0,
+        Code::Ok
+    );
+    assert_eq!(
+        stats(&mut csi, &id, &staging.to_string_lossy()).await.0,
+        Code::Ok
+    );
+
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+    assert!(mounted(&foreign).is_some());
+    nix::mount::umount2(&foreign, nix::mount::MntFlags::empty()).unwrap();
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_over_a_dead_engine_restages_and_io_works() {
+    if !common::require_root("staging_over_a_dead_engine_restages_and_io_works") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let root = terna.dir.path();
+    let id = csi
+        .create(
+            "dead-engine",
+            32 * MIB,
+            &[("replicas", "3")],
+            mount_cap("ext4"),
+        )
+        .await
+        .unwrap()
+        .volume_id;
+    let staging = root.join("staging");
+    csi.stage(&id, &staging, mount_cap("ext4")).await;
+    let data = common::content(3, 256 << 10);
+    let sum = common::write_synced(&staging.join("file"), &data);
+
+    // The engine's supervisor and worker die (the whole process group).
+    let pid: i32 = std::fs::read_to_string(terna.data_dir.join("run").join(&id).join("engine.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The kubelet stages again: OK must mean the volume works.
+    let (c, m) = stage(&mut csi, &id, &staging, mount_cap("ext4")).await;
+    assert_eq!(c, Code::Ok, "{m}");
+    let back = std::fs::read(staging.join("file")).unwrap();
+    use sha2::Digest;
+    assert_eq!(sha2::Sha256::digest(&back).to_vec(), sum);
+    common::write_synced(&staging.join("after"), b"written after restage");
+
+    csi.unstage(&id, &staging).await;
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_engine_under_a_published_volume_is_reported_not_hidden() {
+    if !common::require_root("a_dead_engine_under_a_published_volume_is_reported_not_hidden") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let root = terna.dir.path();
+    let id = csi
+        .create(
+            "dead-published",
+            16 * MIB,
+            &[("replicas", "1")],
+            block_cap(),
+        )
+        .await
+        .unwrap()
+        .volume_id;
+    let staging = root.join("staging");
+    let target = root.join("pods/x/dev");
+    csi.stage(&id, &staging, block_cap()).await;
+    csi.publish(&id, &staging, &target, block_cap()).await;
+    let pid: i32 = std::fs::read_to_string(terna.data_dir.join("run").join(&id).join("engine.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (c, m) = stage(&mut csi, &id, &staging, block_cap()).await;
+    assert_eq!(c, Code::FailedPrecondition, "{m}");
+    assert!(m.contains(&*target.to_string_lossy()), "{m}");
+    // The way out the message names works.
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+    csi.stage(&id, &staging, block_cap()).await;
+    csi.unstage(&id, &staging).await;
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requisite_topology_naming_an_unknown_node_is_resource_exhausted() {
+    if !common::require_root("requisite_topology_naming_an_unknown_node_is_resource_exhausted") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let topology = |node: &str| pb::Topology {
+        segments: [(terna::TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into(),
+    };
+    let request = |name: &str, node: &str| pb::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(pb::CapacityRange {
+            required_bytes: MIB,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap("ext4")],
+        accessibility_requirements: Some(pb::TopologyRequirement {
+            requisite: vec![topology(node)],
+            preferred: vec![topology(node)],
+        }),
+        ..Default::default()
+    };
+    let got = csi
+        .controller
+        .create_volume(request("nowhere", "no-such-node"))
+        .await;
+    let (c, m) = code(got);
+    assert_eq!(c, Code::ResourceExhausted, "{m}");
+    assert!(m.contains("test-node"), "{m}");
+    let made = csi
+        .controller
+        .create_volume(request("here", "test-node"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    csi.delete(&made.volume_id).await;
+    terna.stop_and_check_clean();
+}
+
+fn spawn_standalone(data_dir: &Path, endpoint: &Path, log: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_terna"))
+        .arg("standalone")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--endpoint")
+        .arg(format!("unix://{}", endpoint.display()))
+        .arg("--node-id")
+        .arg("test-node")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+fn exits_within(child: &mut std::process::Child, secs: u64) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_is_a_file_and_a_second_process_on_a_data_dir_are_refused() {
+    if !common::require_root(
+        "an_endpoint_that_is_a_file_and_a_second_process_on_a_data_dir_are_refused",
+    ) {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let root = terna.dir.path();
+
+    // --endpoint naming a regular file: refused, file intact.
+    let file = root.join("notes.txt");
+    std::fs::write(&file, b"my notes").unwrap();
+    let mut other = spawn_standalone(&root.join("data-2"), &file, &root.join("file.log"));
+    let status = exits_within(&mut other, 30).expect("terna kept running on a file endpoint");
+    assert!(!status.success());
+    assert_eq!(std::fs::read(&file).unwrap(), b"my notes");
+    let log = std::fs::read_to_string(root.join("file.log")).unwrap();
+    assert!(log.contains("not a socket"), "{log}");
+
+    // A second standalone on the first one's data dir: refused before it
+    // touches the first one's socket.
+    let mut second = spawn_standalone(&terna.data_dir, &terna.socket, &root.join("second.log"));
+    let status = exits_within(&mut second, 30).expect("a second terna ran on the same data dir");
+    assert!(!status.success());
+    let log = std::fs::read_to_string(root.join("second.log")).unwrap();
+    assert!(log.contains("in use"), "{log}");
+    let mut csi = Csi::connect(&terna.socket).await;
+    csi.identity
+        .probe(pb::ProbeRequest {})
+        .await
+        .expect("the first terna no longer answers on its socket");
+    terna.stop_and_check_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_claim_left_by_a_killed_process_is_released_at_start() {
+    if !common::require_root("a_repair_claim_left_by_a_killed_process_is_released_at_start") {
+        return;
+    }
+    let mut terna = common::Standalone::start();
+    let id = {
+        let mut csi = Csi::connect(&terna.socket).await;
+        csi.create("claimed", 16 * MIB, &[("replicas", "1")], mount_cap("ext4"))
+            .await
+            .unwrap()
+            .volume_id
+    };
+    terna.kill_hard();
+    // What a process killed in the middle of a repair leaves in the record.
+    let store = terna::store::FileStore::open(&terna::state_dir(&terna.data_dir)).unwrap();
+    use terna::store::StateStore;
+    store
+        .update(&id, &mut |r| {
+            r.claim_staging("test-node", terna::repair::REPAIR_CLAIM);
+            Ok(true)
+        })
+        .unwrap();
+    terna.restart();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let staging = terna.dir.path().join("staging");
+    let (c, m) = stage(&mut csi, &id, &staging, mount_cap("ext4")).await;
+    assert_eq!(c, Code::Ok, "{m}");
+    csi.unstage(&id, &staging).await;
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}
