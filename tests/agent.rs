@@ -337,3 +337,36 @@ fn the_agent_refuses_to_start_without_a_token() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("3 bytes, fewer than the 16"), "{err}");
 }
+
+/// `terna node` runs the same agent: without a token it stops before
+/// listening or talking to the API server (which does not exist here).
+#[test]
+fn a_node_refuses_to_start_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:1\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\nusers:\n- name: u\n  user:\n    token: x\ncurrent-context: c\n",
+    )
+    .unwrap();
+    let listen = free_addr();
+    let out = Command::new(env!("CARGO_BIN_EXE_terna"))
+        .args([
+            "node",
+            "--node-id",
+            "n1",
+            "--agent-listen",
+            &listen.to_string(),
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cluster_token_file"), "{err}");
+    assert!(err.contains("openssl rand -hex 32"), "{err}");
+}
