@@ -18,10 +18,29 @@ pub struct NodeService {
     pub locks: VolumeLocks,
 }
 
-/// The volume id, checked before it is used as a lock key or anywhere else.
+/// The volume id, checked before it is used as a lock key or anywhere
+/// else. Malformed is InvalidArgument here; whether it exists is decided
+/// after every other field has been checked, as the spec orders the codes.
 fn volume_id(id: &str) -> Result<String, Status> {
-    crate::volume::check_volume_id(id)?;
+    if id.is_empty() {
+        return Err(Status::invalid_argument("volume id is required"));
+    }
+    if let Some(why) = crate::volume::malformed_reason(id) {
+        return Err(Status::invalid_argument(format!(
+            "volume id {} is malformed: {why}",
+            crate::volume::shown(id)
+        )));
+    }
     Ok(id.to_string())
+}
+
+/// A path that is only compared with where the volume is (stats,
+/// expansion): required, and otherwise NotFound unless it is the volume's.
+fn volume_path(value: &str) -> Result<PathBuf, Status> {
+    if value.is_empty() {
+        return Err(Status::invalid_argument("volume path is required"));
+    }
+    Ok(PathBuf::from(value))
 }
 
 /// A path from the request, checked and normalised (see `node::paths`).
@@ -112,7 +131,7 @@ impl Node for NodeService {
         use pb::volume_usage::Unit;
         let req = req.into_inner();
         let id = volume_id(&req.volume_id)?;
-        let volume_path = path(&req.volume_path, "volume path")?;
+        let volume_path = volume_path(&req.volume_path)?;
         let core = self.core.clone();
         let span = info_span!("NodeGetVolumeStats", volume_id = %id);
         let stats = blocking(span, move || core.stats(&id, &volume_path)).await?;
@@ -152,7 +171,7 @@ impl Node for NodeService {
     ) -> Result<Response<pb::NodeExpandVolumeResponse>, Status> {
         let req = req.into_inner();
         let id = volume_id(&req.volume_id)?;
-        let volume_path = path(&req.volume_path, "volume path")?;
+        let volume_path = volume_path(&req.volume_path)?;
         let block = match &req.volume_capability {
             Some(c) => parse_capability(c)?.access_type == AccessType::Block,
             None => false,
