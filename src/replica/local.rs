@@ -40,6 +40,52 @@ pub struct LocalPool {
     capacity_override: Option<u64>,
 }
 
+/// Creates the pool directory 0700 (parents too), or tightens one an older
+/// version left open, but only when it holds nothing but replicas: a pool
+/// pointed at a directory with other files in it (by mistake, or at `/etc`)
+/// never has its mode changed; its replica files are 0600 all the same.
+fn restrict_pool_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(crate::store::PRIVATE_DIR_MODE)
+        .create(dir)
+        .map_err(|e| Error::io(format!("cannot create pool dir {}", dir.display()), e))?;
+    let mode = std::fs::metadata(dir)
+        .map_err(|e| Error::io(format!("cannot stat pool dir {}", dir.display()), e))?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    let foreign = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(format!("cannot list pool dir {}", dir.display()), e))?
+        .flatten()
+        .find(|e| {
+            let name = e.file_name();
+            !name
+                .to_str()
+                .is_some_and(|n| is_replica_name(n) || matches!(n, ".terna-probe" | "lost+found"))
+        });
+    if let Some(entry) = foreign {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{mode:o}"),
+            other = ?entry.file_name(),
+            "pool directory holds more than replicas: its mode is left as it is (replicas are 0600)"
+        );
+        return Ok(());
+    }
+    std::fs::set_permissions(
+        dir,
+        std::fs::Permissions::from_mode(crate::store::PRIVATE_DIR_MODE),
+    )
+    .map_err(|e| Error::io(format!("cannot restrict pool dir {}", dir.display()), e))?;
+    tracing::info!(dir = %dir.display(), was = format!("{mode:o}"), "pool directory restricted to mode 700");
+    Ok(())
+}
+
 fn errno_io(e: nix::errno::Errno) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
 }
@@ -119,9 +165,7 @@ fn open_in(dir: &OwnedFd, path: &Path, name: &str, flags: OFlag, what: &str) -> 
 
 impl LocalPool {
     pub fn new(dir: &Path, capacity_override: Option<u64>) -> Result<LocalPool> {
-        if let Some(was) = crate::store::private_dir(dir)? {
-            tracing::info!(dir = %dir.display(), was = format!("{was:o}"), "pool directory restricted to mode 700");
-        }
+        restrict_pool_dir(dir)?;
         let fd: OwnedFd = File::open(dir)
             .map_err(|e| Error::io(format!("cannot open pool dir {}", dir.display()), e))?
             .into();
@@ -580,13 +624,24 @@ mod tests {
         let old = pool_dir.join(name(0));
         std::fs::write(&old, vec![7u8; 4096]).unwrap();
         std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let other = pool_dir.join("not-a-replica");
-        std::fs::write(&other, b"x").unwrap();
-        std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o644)).unwrap();
         let pool = LocalPool::new(&pool_dir, None).unwrap();
         assert_eq!(mode_of(&pool_dir), 0o700);
         assert_eq!(mode_of(&old), REPLICA_MODE);
+        // A directory holding more than replicas keeps its mode (a pool
+        // pointed at /etc must not close it), but its replicas are closed.
+        let shared = root.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let other = shared.join("not-a-replica");
+        std::fs::write(&other, b"x").unwrap();
+        std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let in_shared = shared.join(name(5));
+        std::fs::write(&in_shared, b"x").unwrap();
+        std::fs::set_permissions(&in_shared, std::fs::Permissions::from_mode(0o644)).unwrap();
+        LocalPool::new(&shared, None).unwrap();
+        assert_eq!(mode_of(&shared), 0o755);
         assert_eq!(mode_of(&other), 0o644, "only replica files are touched");
+        assert_eq!(mode_of(&in_shared), REPLICA_MODE);
         pool.create(&name(1), 1 << 20).unwrap();
         let new = pool_dir.join(name(1));
         assert_eq!(mode_of(&new), REPLICA_MODE);
