@@ -49,7 +49,7 @@ mod reactor;
 
 #[path = "fuse_abi.rs"]
 #[allow(non_camel_case_types)]
-mod abi;
+pub mod abi;
 
 use abi::*;
 
@@ -707,44 +707,40 @@ impl Session {
     /// Handles the request of `n` bytes at `buf[REQ_OFFSET..]`; `None` means
     /// no reply (FORGET, INTERRUPT, or a request too short to answer).
     fn handle<'a>(&self, buf: &'a mut [u8], n: usize) -> Option<(u64, Response<'a>)> {
-        let req = buf.get(REQ_OFFSET..REQ_OFFSET.checked_add(n)?)?;
-        let hdr: fuse_in_header = read(req)?;
-        if hdr.len as usize != n {
-            return Some((hdr.unique, Response::Error(libc::EINVAL)));
-        }
-        let body = &req[IN_HEADER..];
-        let resp = match hdr.opcode {
-            FUSE_READ => {
-                let Some(r) = read::<fuse_read_in>(body) else {
-                    return Some((hdr.unique, Response::Error(libc::EINVAL)));
-                };
-                return Some((
-                    hdr.unique,
-                    self.read(hdr.nodeid, &r, &mut buf[DATA_OFFSET..]),
-                ));
+        let req = match parse_request(buf.get(REQ_OFFSET..REQ_OFFSET.checked_add(n)?)?) {
+            Ok(req) => req,
+            Err(ParseError::Short) => return None,
+            Err(ParseError::Invalid { unique }) => {
+                return Some((unique, Response::Error(libc::EINVAL)));
             }
-            FUSE_WRITE => self.write(hdr.nodeid, body),
-            FUSE_FORGET | FUSE_BATCH_FORGET | FUSE_INTERRUPT => return None,
-            FUSE_INIT => self.init(body),
-            FUSE_LOOKUP => self.lookup(hdr.nodeid, body),
-            FUSE_GETATTR => self.attr_reply(hdr.nodeid),
-            FUSE_SETATTR => self.setattr(hdr.nodeid, body),
-            FUSE_OPEN => match hdr.nodeid {
+        };
+        let (unique, ino) = (req.unique, req.nodeid);
+        let resp = match req.op {
+            Operation::Read(arg) => {
+                return Some((unique, self.read(ino, &arg, &mut buf[DATA_OFFSET..])));
+            }
+            Operation::Write { arg, payload } => self.write(ino, &arg, payload),
+            Operation::NoReply => return None,
+            Operation::Init(arg) => self.init(&arg),
+            Operation::Lookup { name } => self.lookup(ino, name),
+            Operation::Getattr => self.attr_reply(ino),
+            Operation::Setattr(arg) => self.setattr(ino, &arg),
+            Operation::Open => match ino {
                 VOLUME_INO => Response::Small(Small::of(&self.open_volume())),
                 FUSE_ROOT_ID => Response::Error(libc::EISDIR),
                 _ => Response::Error(libc::ENOENT),
             },
-            FUSE_OPENDIR => match hdr.nodeid {
+            Operation::Opendir => match ino {
                 FUSE_ROOT_ID => Response::Small(Small::of(&fuse_open_out::default())),
                 _ => Response::Error(libc::ENOTDIR),
             },
-            FUSE_READDIR => self.readdir(hdr.nodeid, body),
-            FUSE_FSYNC => match self.device.flush() {
+            Operation::Readdir(arg) => self.readdir(ino, &arg),
+            Operation::Fsync => match self.device.flush() {
                 Ok(()) => ok_empty(),
                 Err(e) => Response::Error(errno_of(&e)),
             },
-            FUSE_FLUSH | FUSE_RELEASE | FUSE_RELEASEDIR | FUSE_ACCESS | FUSE_DESTROY => ok_empty(),
-            FUSE_STATFS => {
+            Operation::Acknowledge => ok_empty(),
+            Operation::Statfs => {
                 let blocks = self.device.size() / PAGE as u64;
                 Response::Small(Small::of(&fuse_kstatfs {
                     blocks,
@@ -755,35 +751,29 @@ impl Session {
                     ..Default::default()
                 }))
             }
-            FUSE_FALLOCATE => self.fallocate(hdr.nodeid, body),
-            _ => Response::Error(libc::ENOSYS),
+            Operation::Fallocate(arg) => self.fallocate(ino, &arg),
+            Operation::Unsupported(_) => Response::Error(libc::ENOSYS),
         };
-        Some((hdr.unique, resp))
+        Some((unique, resp))
     }
 
     /// The request of `n` bytes at `buf[REQ_OFFSET..]` when it is a read
     /// of the volume that the device lets the caller do itself:
     /// (unique, offset, length, the read). Anything else goes to `handle`.
     fn direct_read(&self, buf: &[u8], n: usize) -> Option<(u64, u64, usize, Box<dyn DirectRead>)> {
-        let req = buf.get(REQ_OFFSET..REQ_OFFSET.checked_add(n)?)?;
-        let hdr: fuse_in_header = read(req)?;
-        if hdr.opcode != FUSE_READ || hdr.nodeid != VOLUME_INO || hdr.len as usize != n {
+        let req = parse_request(buf.get(REQ_OFFSET..REQ_OFFSET.checked_add(n)?)?).ok()?;
+        let (VOLUME_INO, Operation::Read(arg)) = (req.nodeid, req.op) else {
             return None;
-        }
-        let arg: fuse_read_in = read(&req[IN_HEADER..])?;
+        };
         let len = arg.size as usize;
         if len == 0 || len > MAX_WRITE as usize {
             return None;
         }
         let direct = self.device.direct_read(arg.offset, len)?;
-        Some((hdr.unique, arg.offset, len, direct))
+        Some((req.unique, arg.offset, len, direct))
     }
 
-    fn init(&self, body: &[u8]) -> Response<'static> {
-        if body.len() < 16 {
-            return Response::Error(libc::EINVAL);
-        }
-        let arg: fuse_init_in = read_prefix(body);
+    fn init(&self, arg: &fuse_init_in) -> Response<'static> {
         if arg.major != FUSE_KERNEL_VERSION {
             tracing::error!(major = arg.major, "unsupported FUSE major version");
             return Response::Error(libc::EPROTO);
@@ -918,8 +908,7 @@ impl Session {
         }
     }
 
-    fn lookup(&self, parent: u64, body: &[u8]) -> Response<'static> {
-        let name = body.split(|b| *b == 0).next().unwrap_or_default();
+    fn lookup(&self, parent: u64, name: &[u8]) -> Response<'static> {
         if parent != FUSE_ROOT_ID || name != VOLUME_NAME {
             return Response::Error(libc::ENOENT);
         }
@@ -936,10 +925,7 @@ impl Session {
         }
     }
 
-    fn setattr(&self, ino: u64, body: &[u8]) -> Response<'static> {
-        let Some(arg) = read::<fuse_setattr_in>(body) else {
-            return Response::Error(libc::EINVAL);
-        };
+    fn setattr(&self, ino: u64, arg: &fuse_setattr_in) -> Response<'static> {
         // The size belongs to the volume; anything else (times, mode) is
         // accepted and ignored.
         if ino == VOLUME_INO && arg.valid & FATTR_SIZE != 0 && arg.size != self.device.size() {
@@ -948,10 +934,7 @@ impl Session {
         self.attr_reply(ino)
     }
 
-    fn readdir(&self, ino: u64, body: &[u8]) -> Response<'static> {
-        let Some(arg) = read::<fuse_read_in>(body) else {
-            return Response::Error(libc::EINVAL);
-        };
+    fn readdir(&self, ino: u64, arg: &fuse_read_in) -> Response<'static> {
         if ino != FUSE_ROOT_ID {
             return Response::Error(libc::ENOTDIR);
         }
@@ -999,16 +982,7 @@ impl Session {
         }
     }
 
-    fn write(&self, ino: u64, body: &[u8]) -> Response<'static> {
-        let Some(arg) = read::<fuse_write_in>(body) else {
-            return Response::Error(libc::EINVAL);
-        };
-        // The payload follows fuse_write_in; with REQ_OFFSET it is page
-        // aligned here, but that is our buffer trick, not a kernel promise.
-        let start = size_of::<fuse_write_in>();
-        let Some(payload) = body.get(start..start + arg.size as usize) else {
-            return Response::Error(libc::EINVAL);
-        };
+    fn write(&self, ino: u64, arg: &fuse_write_in, payload: &[u8]) -> Response<'static> {
         if ino != VOLUME_INO {
             return Response::Error(libc::EISDIR);
         }
@@ -1025,10 +999,7 @@ impl Session {
         }
     }
 
-    fn fallocate(&self, ino: u64, body: &[u8]) -> Response<'static> {
-        let Some(arg) = read::<fuse_fallocate_in>(body) else {
-            return Response::Error(libc::EINVAL);
-        };
+    fn fallocate(&self, ino: u64, arg: &fuse_fallocate_in) -> Response<'static> {
         if ino != VOLUME_INO {
             return Response::Error(libc::EISDIR);
         }
@@ -1061,6 +1032,104 @@ impl Session {
             _ => Response::Error(libc::EOPNOTSUPP),
         }
     }
+}
+
+/// A request read from `/dev/fuse`, parsed but not yet acted on. Borrows
+/// the request buffer (a WRITE's payload, a LOOKUP's name).
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub unique: u64,
+    pub nodeid: u64,
+    pub op: Operation<'a>,
+}
+
+/// What a request asks for, with its argument structure read and checked
+/// against the request's length. Only what the export serves is told
+/// apart; everything else is `Unsupported`.
+#[derive(Debug, Clone, Copy)]
+pub enum Operation<'a> {
+    Read(fuse_read_in),
+    /// `payload` is exactly `arg.size` bytes.
+    Write {
+        arg: fuse_write_in,
+        payload: &'a [u8],
+    },
+    /// FORGET, BATCH_FORGET, INTERRUPT: never answered.
+    NoReply,
+    /// Zero-extended when an old kernel sends it shorter (at least 16 bytes).
+    Init(fuse_init_in),
+    /// The name up to its NUL.
+    Lookup {
+        name: &'a [u8],
+    },
+    Getattr,
+    Setattr(fuse_setattr_in),
+    Open,
+    Opendir,
+    Readdir(fuse_read_in),
+    Fsync,
+    /// FLUSH, RELEASE, RELEASEDIR, ACCESS, DESTROY: answered with success.
+    Acknowledge,
+    Statfs,
+    Fallocate(fuse_fallocate_in),
+    Unsupported(u32),
+}
+
+/// Why a request buffer is not a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParseError {
+    /// Shorter than a request header: there is no `unique` to answer.
+    Short,
+    /// Its length field disagrees with what was read, or its argument is
+    /// short: answered with EINVAL.
+    Invalid { unique: u64 },
+}
+
+/// Parses one request exactly as read from `/dev/fuse` (the read's length
+/// is `req.len()`). Pure and allocation-free: the hot path calls it on
+/// every request, and it is what `tests/fuzz.rs` feeds hostile bytes.
+pub fn parse_request(req: &[u8]) -> Result<Request<'_>, ParseError> {
+    let hdr: fuse_in_header = read(req).ok_or(ParseError::Short)?;
+    let invalid = ParseError::Invalid { unique: hdr.unique };
+    if hdr.len as usize != req.len() {
+        return Err(invalid);
+    }
+    let body = &req[IN_HEADER..];
+    let op = match hdr.opcode {
+        FUSE_READ => Operation::Read(read(body).ok_or(invalid)?),
+        FUSE_WRITE => {
+            let arg: fuse_write_in = read(body).ok_or(invalid)?;
+            // The payload follows fuse_write_in; with REQ_OFFSET it is page
+            // aligned in our buffer, but that is our trick, not a kernel
+            // promise.
+            let start = size_of::<fuse_write_in>();
+            let payload = body.get(start..start + arg.size as usize).ok_or(invalid)?;
+            Operation::Write { arg, payload }
+        }
+        FUSE_FORGET | FUSE_BATCH_FORGET | FUSE_INTERRUPT => Operation::NoReply,
+        FUSE_INIT if body.len() < 16 => return Err(invalid),
+        FUSE_INIT => Operation::Init(read_prefix(body)),
+        FUSE_LOOKUP => Operation::Lookup {
+            name: body.split(|b| *b == 0).next().unwrap_or_default(),
+        },
+        FUSE_GETATTR => Operation::Getattr,
+        FUSE_SETATTR => Operation::Setattr(read(body).ok_or(invalid)?),
+        FUSE_OPEN => Operation::Open,
+        FUSE_OPENDIR => Operation::Opendir,
+        FUSE_READDIR => Operation::Readdir(read(body).ok_or(invalid)?),
+        FUSE_FSYNC => Operation::Fsync,
+        FUSE_FLUSH | FUSE_RELEASE | FUSE_RELEASEDIR | FUSE_ACCESS | FUSE_DESTROY => {
+            Operation::Acknowledge
+        }
+        FUSE_STATFS => Operation::Statfs,
+        FUSE_FALLOCATE => Operation::Fallocate(read(body).ok_or(invalid)?),
+        other => Operation::Unsupported(other),
+    };
+    Ok(Request {
+        unique: hdr.unique,
+        nodeid: hdr.nodeid,
+        op,
+    })
 }
 
 #[cfg(test)]
