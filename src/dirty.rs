@@ -87,10 +87,12 @@ impl DirtyMap {
         (0..self.regions()).filter(|&r| self.is_dirty(r))
     }
 
-    /// Byte range of `region`, clipped to the volume.
+    /// Byte range of `region`, clipped to the volume (and empty past its
+    /// end). Saturating: a decoded map may be as large as u64 allows.
     pub fn range(&self, region: u64) -> (u64, u64) {
-        let start = region * self.region;
-        (start, (start + self.region).min(self.size) - start)
+        let start = region.saturating_mul(self.region).min(self.size);
+        let end = start.saturating_add(self.region).min(self.size);
+        (start, end - start)
     }
 
     /// Grows the map after a volume expansion; new space is clean.
@@ -125,13 +127,27 @@ impl DirtyMap {
             a.copy_from_slice(&body[at..at + 8]);
             u64::from_le_bytes(a)
         };
-        let mut map = DirtyMap::new(u64_at(16), u64_at(8));
-        let words = (body.len() - 24) / 8;
-        if words != map.words.len() || (body.len() - 24) % 8 != 0 {
+        // Checked before allocating anything: a damaged header may claim
+        // any size, and the words present are all there is.
+        let (region, size) = (u64_at(8), u64_at(16));
+        // A region of 0 and bits past the last region are never written
+        // (`new` takes at least 1, `mark` clips to the size).
+        let words = body[24..].chunks_exact(8);
+        if region == 0
+            || !words.remainder().is_empty()
+            || size.div_ceil(region).div_ceil(64) != words.len() as u64
+        {
             return None;
         }
-        for (i, w) in map.words.iter_mut().enumerate() {
-            *w = u64_at(24 + i * 8);
+        let mut map = DirtyMap::new(size, region);
+        for (w, bytes) in map.words.iter_mut().zip(words) {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(bytes);
+            *w = u64::from_le_bytes(a);
+        }
+        let tail = map.regions() % 64;
+        if tail != 0 && map.words.last().is_some_and(|w| w >> tail != 0) {
+            return None;
         }
         Some(map)
     }
@@ -168,7 +184,114 @@ mod tests {
         assert_eq!(DirtyMap::decode(b"short"), None);
     }
 
+    /// A map's encoding from its header fields and words, with a valid CRC.
+    fn encoded(region: u64, size: u64, words: &[u64]) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&region.to_le_bytes());
+        out.extend_from_slice(&size.to_le_bytes());
+        for w in words {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out.extend_from_slice(&crc32c::crc32c(&out).to_le_bytes());
+        out
+    }
+
+    // Found by tests/fuzz.rs (dirty_map); the inputs are also in
+    // fuzz/corpus/dirty_map/crash-*.
+
+    #[test]
+    fn fuzz_regression_a_claimed_size_is_checked_against_the_words_before_allocating() {
+        // 7 words claiming 2^64 - 2^58 bytes of 1 MiB regions: decode used
+        // to allocate the 2 TB bitmap (and abort) before comparing.
+        let bytes = encoded(1 << 20, 0xeaea_ea00_4000_0200, &[0, 1, 0, 0, 0, 0, 0]);
+        assert_eq!(DirtyMap::decode(&bytes), None);
+    }
+
+    #[test]
+    fn fuzz_regression_ranges_saturate_at_the_end_of_u64() {
+        // Two regions of 2^63 bytes: the second one's end used to overflow.
+        let map = DirtyMap::decode(&encoded(1 << 63, u64::MAX, &[0b11])).unwrap();
+        assert_eq!(map.dirty_regions().collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(map.range(1), (1 << 63, (1 << 63) - 1));
+        assert_eq!(map.range(2), (u64::MAX, 0), "past the end: empty");
+    }
+
+    #[test]
+    fn fuzz_regression_bits_past_the_last_region_are_corruption() {
+        // Three regions, a bit set for a fourth: counted as dirty, yet no
+        // dirty region would ever clear it.
+        assert_eq!(
+            DirtyMap::decode(&encoded(1 << 20, 3 << 20, &[0b1001])),
+            None
+        );
+        assert!(DirtyMap::decode(&encoded(1 << 20, 3 << 20, &[0b101])).is_some());
+        // A full last word is all regions.
+        assert!(DirtyMap::decode(&encoded(1, 64, &[u64::MAX])).is_some());
+    }
+
+    #[test]
+    fn fuzz_regression_region_zero_is_corruption() {
+        // `new` never makes one; decoded as 1 it re-encoded differently.
+        assert_eq!(DirtyMap::decode(&encoded(0, 0, &[])), None);
+        assert_eq!(DirtyMap::decode(&encoded(0, 64, &[1])), None);
+    }
+
     proptest! {
+        /// Any mutation of a real map, its checksum then recomputed (so it
+        /// is not simply refused), is either refused or decodes to a map no
+        /// bigger than its bytes, whose dirty regions lie within it and
+        /// which encodes back to exactly those bytes.
+        #[test]
+        fn mutated_maps_are_refused_or_bounded(
+            size in 0u64..(1 << 40),
+            region_shift in 10u32..30,
+            marks in proptest::collection::vec((any::<u64>(), any::<u64>()), 0..8),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+            truncate in any::<bool>(),
+        ) {
+            let mut m = DirtyMap::new(size % (1 << 30), 1 << region_shift);
+            for (off, len) in marks {
+                m.mark(off % (size + 1), len % (1 << 30));
+            }
+            let mut bytes = m.encode();
+            prop_assert_eq!(DirtyMap::decode(&bytes), Some(m));
+            let body = bytes.len() - 4;
+            let mut body_bytes = bytes[..body].to_vec();
+            for (at, value) in edits {
+                let i = at.index(body_bytes.len());
+                body_bytes[i] = value;
+            }
+            if truncate {
+                body_bytes.truncate(cut.index(body_bytes.len() + 1));
+            }
+            bytes = body_bytes.clone();
+            bytes.extend_from_slice(&crc32c::crc32c(&body_bytes).to_le_bytes());
+            if let Some(d) = DirtyMap::decode(&bytes) {
+                prop_assert_eq!(d.words.len() * 8 + 28, bytes.len());
+                prop_assert!(d.count() <= d.regions());
+                prop_assert!(d.dirty_regions().all(|r| d.range(r).1 > 0));
+                prop_assert_eq!(d.encode(), bytes);
+            }
+        }
+
+        /// The checksum catches every single-bit error, wherever it is.
+        #[test]
+        fn any_bit_flip_is_refused(
+            size in 0u64..(1 << 30),
+            marks in proptest::collection::vec(any::<u64>(), 0..8),
+            bit in any::<prop::sample::Index>(),
+        ) {
+            let mut m = DirtyMap::new(size, 1 << 16);
+            for off in marks {
+                m.mark(off % (size + 1), 1);
+            }
+            let mut bytes = m.encode();
+            let i = bit.index(bytes.len() * 8);
+            bytes[i / 8] ^= 1 << (i % 8);
+            prop_assert_eq!(DirtyMap::decode(&bytes), None);
+        }
+
         /// Against a reference model: a set of dirty byte-region indices.
         #[test]
         fn behaves_like_a_set_of_regions(
