@@ -85,8 +85,10 @@ pub struct Rewriter {
     /// The header block that is waiting for its END_HEADERS.
     block: Option<Block>,
     failed: Option<Violation>,
-    /// How many `:authority` values were replaced, for the caller's logs.
+    /// How many `:authority` values were replaced, and the first one, for
+    /// the caller's logs.
     pub replaced: u64,
+    pub first_replaced: Option<Vec<u8>>,
 }
 
 enum State {
@@ -134,6 +136,7 @@ impl Rewriter {
             block: None,
             failed: None,
             replaced: 0,
+            first_replaced: None,
         }
     }
 
@@ -332,6 +335,9 @@ impl Rewriter {
         for (name, value) in &fields {
             let value = if name == b":authority" && !is_valid_authority(value) {
                 self.replaced += 1;
+                if self.first_replaced.is_none() {
+                    self.first_replaced = Some(value.clone());
+                }
                 REPLACEMENT_AUTHORITY
             } else {
                 &value[..]

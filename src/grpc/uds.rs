@@ -86,8 +86,11 @@ impl AsyncRead for Connection {
             if let Err(v) = this.rewriter.feed(read.filled(), &mut this.pending) {
                 return Poll::Ready(Err(this.violation(v)));
             }
-            if replaced == 0 && this.rewriter.replaced > 0 {
-                debug!("replaced an invalid :authority with localhost");
+            if replaced == 0
+                && let Some(authority) = &this.rewriter.first_replaced
+            {
+                let authority = String::from_utf8_lossy(authority);
+                debug!(%authority, "replacing an :authority h2 rejects with localhost");
             }
         }
     }

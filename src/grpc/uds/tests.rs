@@ -41,6 +41,7 @@ fn serve(socket: &Path, shim: bool) {
 }
 
 #[derive(Debug)]
+#[expect(dead_code, reason = "the GOAWAY code is for failure messages")]
 enum Outcome {
     Reset(u32),
     GoAway(u32),
