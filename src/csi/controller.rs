@@ -277,8 +277,8 @@ impl Controller for ControllerService {
         } else {
             Some(parse_list_token(&req.starting_token).ok_or_else(|| {
                 Status::aborted(format!(
-                    "starting_token {:?} is not valid",
-                    req.starting_token
+                    "starting_token {} is not valid",
+                    crate::volume::shown(&req.starting_token)
                 ))
             })?)
         };

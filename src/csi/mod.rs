@@ -69,6 +69,14 @@ pub(crate) fn parse_capability(cap: &pb::VolumeCapability) -> Result<Capability,
                     ))
                 })?)
             };
+            for flag in &m.mount_flags {
+                if let Some(why) = mount_flag_problem(flag) {
+                    return Err(Status::invalid_argument(format!(
+                        "mount flag {} is not accepted: {why}",
+                        crate::volume::shown(flag)
+                    )));
+                }
+            }
             AccessType::Mount {
                 fs_type,
                 mount_flags: m.mount_flags.clone(),
@@ -81,6 +89,55 @@ pub(crate) fn parse_capability(cap: &pb::VolumeCapability) -> Result<Capability,
         }
     };
     Ok(Capability { access_type, mode })
+}
+
+/// Options that would make `mount` do something else than mount the
+/// volume's filesystem at the target (bind or move another tree, change
+/// propagation, run helpers, change ownership of the mount point).
+const REFUSED_MOUNT_OPTIONS: &[&str] = &[
+    "bind",
+    "rbind",
+    "move",
+    "remount",
+    "shared",
+    "rshared",
+    "slave",
+    "rslave",
+    "private",
+    "rprivate",
+    "unbindable",
+    "runbindable",
+    "helper",
+    "owner",
+    "group",
+    "user",
+    "users",
+];
+
+/// Why a mount flag from a request is refused, if it is. Flags reach
+/// `mount -o` joined with commas, so each comma-separated piece counts.
+fn mount_flag_problem(flag: &str) -> Option<&'static str> {
+    if flag.is_empty() || flag.len() > 256 {
+        return Some("empty or longer than 256 bytes");
+    }
+    for piece in flag.split(',') {
+        if piece.is_empty()
+            || !piece
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_=.:/+-@".contains(&b))
+        {
+            return Some("only ASCII letters, digits and _=.:/+-@ may appear in mount options");
+        }
+        let name = piece
+            .split('=')
+            .next()
+            .unwrap_or(piece)
+            .to_ascii_lowercase();
+        if REFUSED_MOUNT_OPTIONS.contains(&name.as_str()) || name.starts_with("x-") {
+            return Some("it changes what is mounted or how, not the volume's filesystem options");
+        }
+    }
+    None
 }
 
 pub(crate) fn sorted(params: &HashMap<String, String>) -> BTreeMap<String, String> {
@@ -135,6 +192,40 @@ impl Drop for VolumeLock {
     fn drop(&mut self) {
         if let Ok(mut held) = self.held.lock() {
             held.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_flags_that_change_what_is_mounted_are_refused() {
+        for bad in [
+            "bind",
+            "remount,rw",
+            "noatime,bind",
+            "X-mount.mkdir",
+            "a b",
+            "a\0",
+            "",
+            ",",
+            "rbind",
+            "helper=/bin/sh",
+            "ro;rm",
+        ] {
+            assert!(mount_flag_problem(bad).is_some(), "{bad:?}");
+        }
+        for good in [
+            "noatime",
+            "discard",
+            "data=ordered",
+            "ro",
+            "nodev,nosuid",
+            "commit=30",
+        ] {
+            assert_eq!(mount_flag_problem(good), None, "{good}");
         }
     }
 }
