@@ -109,7 +109,11 @@ impl NodeCore {
     /// or lies in a system directory or Terna's own data dir.
     fn check_caller_path(&self, path: &Path, what: &str) -> Result<()> {
         paths::caller_path(&path.to_string_lossy(), what)?;
-        paths::outside_protected(path, what, &[self.data_dir.as_path()])
+        let real = std::fs::canonicalize(&self.data_dir).unwrap_or_else(|_| self.data_dir.clone());
+        let own = [self.data_dir.as_path(), real.as_path()];
+        paths::outside_protected(path, what, &own)?;
+        // Mounting follows symlinks: where the path leads counts too.
+        paths::outside_protected(&paths::resolved(path), what, &own)
     }
 
     pub fn stage(&self, volume_id: &str, staging_path: &Path, cap: &Capability) -> Result<()> {

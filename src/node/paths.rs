@@ -1,7 +1,8 @@
 //! Paths a caller hands the node plugin (staging paths, publish targets,
 //! volume paths). Whoever can reach the CSI socket chooses them, so they
 //! are checked before anything is created, mounted or removed at them.
-//! Pure logic: no I/O.
+//! Pure logic, except `resolved`, which asks the file system where
+//! symlinks lead.
 
 use std::path::{Path, PathBuf};
 
@@ -75,6 +76,25 @@ pub fn outside_protected(path: &Path, what: &str, own: &[&Path]) -> Result<()> {
     Ok(())
 }
 
+/// `path` with the symlinks of its longest existing prefix resolved: what
+/// mount(2) and mkdir would really act on.
+pub fn resolved(path: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut prefix = path;
+    loop {
+        if let Ok(real) = std::fs::canonicalize(prefix) {
+            return rest.iter().rev().fold(real, |p, c| p.join(c));
+        }
+        match (prefix.parent(), prefix.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                prefix = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +154,21 @@ mod tests {
         ] {
             outside_protected(Path::new(p), "target path", &[own]).unwrap();
         }
+    }
+
+    #[test]
+    fn a_symlink_into_a_system_directory_is_seen_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("/etc", &link).unwrap();
+        let target = link.join("new/target");
+        assert_eq!(resolved(&target), Path::new("/etc/new/target"));
+        assert!(outside_protected(&resolved(&target), "target path", &[]).is_err());
+        let plain = dir.path().join("a/b");
+        assert_eq!(
+            resolved(&plain),
+            std::fs::canonicalize(dir.path()).unwrap().join("a/b")
+        );
     }
 
     proptest::proptest! {
