@@ -47,8 +47,11 @@ pub struct Limits {
     pub idle_timeout: Duration,
 }
 
-/// Default of `agent_max_connections`.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default of `agent_max_connections`. An engine keeps up to 32 idle
+/// connections to each agent holding one of its replicas (more in bursts),
+/// so this serves a dozen busy volumes per node pair; nodes with more raise
+/// it. Threads have 256 KiB stacks, mostly untouched.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 
 impl Default for Limits {
     fn default() -> Limits {
@@ -260,18 +263,33 @@ impl AgentState {
         }
     }
 
-    /// Refuses `len` bytes at `offset` unless they lie inside the replica.
-    fn check_range(&self, pool: &str, name: &str, offset: u64, len: u64) -> Result<(), Response> {
-        let size = self
-            .pool_for(pool, name)?
-            .size_of(name)
-            .map_err(error_response)?
-            .ok_or_else(|| {
+    /// Refuses `len` bytes at `offset` unless they lie inside `replica`.
+    fn check_range(
+        &self,
+        replica: &dyn ReplicaIo,
+        pool: &str,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), Response> {
+        let size = match replica.size() {
+            Some(size) => size.map_err(|e| {
                 refused(
-                    libc::ENOENT,
-                    format!("replica {pool}/{name} does not exist"),
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    format!("cannot size replica {pool}/{name}: {e}"),
                 )
-            })?;
+            })?,
+            None => self
+                .pool_for(pool, name)?
+                .size_of(name)
+                .map_err(error_response)?
+                .ok_or_else(|| {
+                    refused(
+                        libc::ENOENT,
+                        format!("replica {pool}/{name} does not exist"),
+                    )
+                })?,
+        };
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
             _ => Err(refused(
@@ -344,7 +362,7 @@ impl AgentState {
                     ));
                 }
                 let replica = self.replica(&pool, &name)?;
-                self.check_range(&pool, &name, offset, u64::from(len))?;
+                self.check_range(&*replica, &pool, &name, offset, u64::from(len))?;
                 let mut buf = AlignedBuf::zeroed(len as usize);
                 replica
                     .read_at(buf.as_mut_slice(), offset)
@@ -360,7 +378,7 @@ impl AgentState {
                 data,
             } => {
                 let replica = self.replica(&pool, &name)?;
-                self.check_range(&pool, &name, offset, data.len() as u64)?;
+                self.check_range(&*replica, &pool, &name, offset, data.len() as u64)?;
                 let buf = AlignedBuf::copy_of(&data);
                 self.fenced(conn, &pool, &name, || {
                     replica.write_at(buf.as_slice(), offset).map_err(io_err)
@@ -378,7 +396,7 @@ impl AgentState {
                 len,
             } => {
                 let replica = self.replica(&pool, &name)?;
-                self.check_range(&pool, &name, offset, len)?;
+                self.check_range(&*replica, &pool, &name, offset, len)?;
                 self.fenced(conn, &pool, &name, || {
                     replica.discard(offset, len).map_err(io_err)
                 })?;

@@ -20,7 +20,6 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use nix::fcntl::{OFlag, openat};
 use nix::sys::stat::{FileStat, Mode, SFlag, fchmod, fstat, fstatat};
@@ -35,9 +34,25 @@ pub const REPLICA_MODE: u32 = 0o600;
 
 pub struct LocalPool {
     dir: PathBuf,
-    /// The pool directory, opened once: every replica is reached through it.
-    fd: Arc<OwnedFd>,
     capacity_override: Option<u64>,
+}
+
+/// Opens the pool directory, by its configured path (an admin's symbolic
+/// link or a disk mounted there since is followed), for one operation: what
+/// is inside it is then reached only through this descriptor.
+fn open_dir(dir: &Path) -> Result<OwnedFd> {
+    openat(
+        nix::fcntl::AT_FDCWD,
+        dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        Error::io(
+            format!("cannot open pool dir {}", dir.display()),
+            errno_io(e),
+        )
+    })
 }
 
 /// Creates the pool directory 0700 (parents too), or tightens one an older
@@ -166,12 +181,8 @@ fn open_in(dir: &OwnedFd, path: &Path, name: &str, flags: OFlag, what: &str) -> 
 impl LocalPool {
     pub fn new(dir: &Path, capacity_override: Option<u64>) -> Result<LocalPool> {
         restrict_pool_dir(dir)?;
-        let fd: OwnedFd = File::open(dir)
-            .map_err(|e| Error::io(format!("cannot open pool dir {}", dir.display()), e))?
-            .into();
         let pool = LocalPool {
             dir: dir.to_path_buf(),
-            fd: Arc::new(fd),
             capacity_override,
         };
         pool.restrict_replicas()?;
@@ -180,6 +191,7 @@ impl LocalPool {
 
     /// Tightens replica files an older version created 0644.
     fn restrict_replicas(&self) -> Result<()> {
+        let fd = open_dir(&self.dir)?;
         let entries = std::fs::read_dir(&self.dir)
             .map_err(|e| Error::io(format!("cannot list pool dir {}", self.dir.display()), e))?;
         for entry in entries.flatten() {
@@ -187,20 +199,11 @@ impl LocalPool {
             let Some(name) = name.to_str().filter(|n| is_replica_name(n)) else {
                 continue;
             };
-            if let Ok(st) = fstatat(
-                self.fd.as_fd(),
-                name,
-                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-            ) && is_regular(&st)
+            if let Ok(st) = fstatat(fd.as_fd(), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+                && is_regular(&st)
                 && st.st_mode & 0o077 != 0
             {
-                open_in(
-                    &self.fd,
-                    &self.path(name),
-                    name,
-                    OFlag::O_RDONLY,
-                    "restrict",
-                )?;
+                open_in(&fd, &self.path(name), name, OFlag::O_RDONLY, "restrict")?;
             }
         }
         Ok(())
@@ -211,13 +214,13 @@ impl LocalPool {
         self.dir.join(name)
     }
 
-    fn open_file(&self, name: &str, flags: OFlag, what: &str) -> Result<File> {
+    fn open_file(&self, dir: &OwnedFd, name: &str, flags: OFlag, what: &str) -> Result<File> {
         check_replica_name(name)?;
-        open_in(&self.fd, &self.path(name), name, flags, what)
+        open_in(dir, &self.path(name), name, flags, what)
     }
 
-    fn sync_dir(&self) -> Result<()> {
-        nix::unistd::fsync(self.fd.as_fd()).map_err(|e| {
+    fn sync_dir(&self, dir: &OwnedFd) -> Result<()> {
+        nix::unistd::fsync(dir.as_fd()).map_err(|e| {
             Error::io(
                 format!("cannot sync pool dir {}", self.dir.display()),
                 errno_io(e),
@@ -245,7 +248,8 @@ impl Pool for LocalPool {
         check_replica_name(name)?;
         let path = self.path(name);
         check_size(&path, size)?;
-        let file = self.open_file(name, OFlag::O_CREAT | OFlag::O_WRONLY, "create")?;
+        let dir = open_dir(&self.dir)?;
+        let file = self.open_file(&dir, name, OFlag::O_CREAT | OFlag::O_WRONLY, "create")?;
         let current = file
             .metadata()
             .map_err(|e| Error::io(format!("cannot stat replica {}", path.display()), e))?
@@ -256,14 +260,14 @@ impl Pool for LocalPool {
         }
         file.sync_all()
             .map_err(|e| Error::io(format!("cannot sync replica {}", path.display()), e))?;
-        self.sync_dir()
+        self.sync_dir(&dir)
     }
 
     fn grow(&self, name: &str, size: u64) -> Result<()> {
         check_replica_name(name)?;
         let path = self.path(name);
         check_size(&path, size)?;
-        let file = self.open_file(name, OFlag::O_WRONLY, "grow")?;
+        let file = self.open_file(&open_dir(&self.dir)?, name, OFlag::O_WRONLY, "grow")?;
         let current = file
             .metadata()
             .map_err(|e| Error::io(format!("cannot stat replica {}", path.display()), e))?
@@ -279,7 +283,8 @@ impl Pool for LocalPool {
     fn delete(&self, name: &str) -> Result<()> {
         check_replica_name(name)?;
         // unlinkat removes a symbolic link itself, never what it points to.
-        match unlinkat(self.fd.as_fd(), name, UnlinkatFlags::NoRemoveDir) {
+        let dir = open_dir(&self.dir)?;
+        match unlinkat(dir.as_fd(), name, UnlinkatFlags::NoRemoveDir) {
             Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
             Err(e) => Err(Error::io(
                 format!("cannot delete replica {}", self.path(name).display()),
@@ -292,7 +297,7 @@ impl Pool for LocalPool {
         check_replica_name(name)?;
         let path = self.path(name);
         match fstatat(
-            self.fd.as_fd(),
+            open_dir(&self.dir)?.as_fd(),
             name,
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         ) {
@@ -311,18 +316,14 @@ impl Pool for LocalPool {
 
     fn open(&self, name: &str) -> Result<Box<dyn ReplicaIo>> {
         check_replica_name(name)?;
-        Ok(Box::new(LocalReplica::open_in(
-            self.fd.clone(),
-            &self.dir,
-            name,
-        )?))
+        Ok(Box::new(LocalReplica::open_in(&self.dir, name)?))
     }
 
     fn capacity(&self) -> Result<u64> {
         if let Some(c) = self.capacity_override {
             return Ok(c);
         }
-        let st = nix::sys::statvfs::fstatvfs(self.fd.as_fd()).map_err(|e| {
+        let st = nix::sys::statvfs::statvfs(&self.dir).map_err(|e| {
             Error::io(
                 format!("cannot statvfs pool dir {}", self.dir.display()),
                 errno_io(e),
@@ -334,7 +335,7 @@ impl Pool for LocalPool {
 
 pub struct LocalReplica {
     /// The pool directory and the replica's name in it, for `check`.
-    dir: Arc<OwnedFd>,
+    dir: PathBuf,
     name: String,
     /// For messages.
     path: PathBuf,
@@ -348,8 +349,9 @@ pub struct LocalReplica {
 impl LocalReplica {
     /// Opens replica `name` (already checked to be a replica file name) in
     /// the pool directory `dir`.
-    fn open_in(dir: Arc<OwnedFd>, dir_path: &Path, name: &str) -> Result<LocalReplica> {
+    fn open_in(dir_path: &Path, name: &str) -> Result<LocalReplica> {
         let path = dir_path.join(name);
+        let dir = open_dir(dir_path)?;
         let buffered = open_in(&dir, &path, name, OFlag::O_RDWR, "open")?;
         // Some filesystems (tmpfs) refuse O_DIRECT; then every I/O is buffered
         // and flush still makes it durable.
@@ -370,7 +372,7 @@ impl LocalReplica {
             )));
         }
         Ok(LocalReplica {
-            dir,
+            dir: dir_path.to_path_buf(),
             name: name.to_string(),
             path,
             direct,
@@ -430,6 +432,10 @@ impl ReplicaIo for LocalReplica {
         self.is_direct.then(|| self.direct.as_raw_fd())
     }
 
+    fn size(&self) -> Option<io::Result<u64>> {
+        Some(self.buffered.metadata().map(|m| m.len()))
+    }
+
     fn check(&self) -> std::result::Result<(), String> {
         let open = self
             .buffered
@@ -438,8 +444,9 @@ impl ReplicaIo for LocalReplica {
         if open.nlink() == 0 {
             return Err(format!("replica file {} was removed", self.path.display()));
         }
+        let dir = open_dir(&self.dir).map_err(|e| e.to_string())?;
         match fstatat(
-            self.dir.as_fd(),
+            dir.as_fd(),
             self.name.as_str(),
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         ) {
@@ -612,6 +619,28 @@ mod tests {
         nix::unistd::mkfifo(&pool_dir.join(name(3)), Mode::from_bits_truncate(0o600)).unwrap();
         let err = pool.open(&name(3)).map(drop).unwrap_err();
         assert!(err.message.contains("not a regular file"), "{err}");
+    }
+
+    /// The pool directory is found by its path on every operation, so a
+    /// disk mounted there (or the directory replaced) after the pool was
+    /// made is where replicas go, as with plain paths.
+    #[test]
+    fn the_pool_dir_is_resolved_by_its_path_each_time() {
+        let root = tempfile::tempdir().unwrap();
+        let pool_dir = root.path().join("pool");
+        let pool = LocalPool::new(&pool_dir, None).unwrap();
+        pool.create(&name(0), 4096).unwrap();
+        let r = pool.open(&name(0)).unwrap();
+        std::fs::rename(&pool_dir, root.path().join("old")).unwrap();
+        std::fs::create_dir(&pool_dir).unwrap();
+        assert!(
+            r.check().is_err(),
+            "the replica's path no longer leads to it"
+        );
+        assert_eq!(pool.size_of(&name(0)).unwrap(), None);
+        pool.create(&name(1), 4096).unwrap();
+        assert!(pool_dir.join(name(1)).exists());
+        assert!(!root.path().join("old").join(name(1)).exists());
     }
 
     #[test]

@@ -104,6 +104,11 @@ pub trait ReplicaIo: Send + Sync {
     fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
+    /// The replica's size, when the backend knows it without a round trip
+    /// (a local file); `None` asks the pool instead.
+    fn size(&self) -> Option<io::Result<u64>> {
+        None
+    }
 }
 
 /// A place replicas live: a directory on a disk, an agent, an NFS export.
