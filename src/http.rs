@@ -1,11 +1,12 @@
 //! A minimal HTTP/1.1 endpoint for Prometheus and probes: GET /metrics,
 //! /healthz and /readyz, one short request per connection. Thread per
-//! connection, bounded reads, nothing else served.
+//! connection (at most 16 at once), bounded reads, nothing else served.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
@@ -84,26 +85,118 @@ impl<R: std::io::Read> TakeBounded for R {
     }
 }
 
+/// Connections served at once; more are closed at once. Scrapes and probes
+/// are a handful per minute, so this only bites a flood.
+const MAX_CONNECTIONS: usize = 16;
+
 /// Serves on `addr` from a background thread.
 pub fn spawn(addr: SocketAddr, probe: Arc<dyn Probe>) -> Result<()> {
     let listener =
         TcpListener::bind(addr).map_err(|e| Error::io(format!("cannot listen on {addr}"), e))?;
     info!(%addr, "metrics and health endpoint serving");
+    serve_on(listener, probe)
+}
+
+fn serve_on(listener: TcpListener, probe: Arc<dyn Probe>) -> Result<()> {
+    let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("http".into())
         .spawn(move || {
+            let mut backoff = Duration::ZERO;
+            let mut last_warning: Option<Instant> = None;
+            let mut warn_rarely = |what: &str, error: &dyn std::fmt::Display| {
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    warn!(%error, "metrics endpoint: {what}");
+                    last_warning = Some(Instant::now());
+                }
+            };
             for stream in listener.incoming() {
-                match stream {
+                let stream = match stream {
                     Ok(stream) => {
-                        let probe = probe.clone();
-                        let _ = std::thread::Builder::new()
-                            .name("http-conn".into())
-                            .spawn(move || serve_one(stream, probe.as_ref()));
+                        backoff = Duration::ZERO;
+                        stream
                     }
-                    Err(e) => warn!(error = %e, "metrics endpoint accept failed"),
+                    Err(e) => {
+                        // Out of file descriptors: accepting again at once
+                        // would spin and flood the log.
+                        warn_rarely("accept failed; backing off", &e);
+                        backoff =
+                            (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                        std::thread::sleep(backoff);
+                        continue;
+                    }
+                };
+                if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                    active.fetch_sub(1, Ordering::AcqRel);
+                    warn_rarely("too many connections; closing new ones", &MAX_CONNECTIONS);
+                    continue;
+                }
+                let (probe, done) = (probe.clone(), active.clone());
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("http-conn".into())
+                        .spawn(move || {
+                            serve_one(stream, probe.as_ref());
+                            done.fetch_sub(1, Ordering::AcqRel);
+                        });
+                if let Err(e) = spawned {
+                    active.fetch_sub(1, Ordering::AcqRel);
+                    warn_rarely("cannot start a connection thread", &e);
                 }
             }
         })
         .map_err(|e| Error::io("cannot start the metrics endpoint", e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    struct Fixed;
+    impl Probe for Fixed {
+        fn metrics(&self) -> String {
+            "up 1\n".into()
+        }
+        fn ready(&self) -> std::result::Result<(), String> {
+            Ok(())
+        }
+    }
+
+    fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok(body)
+    }
+
+    #[test]
+    fn a_flood_of_idle_connections_is_capped_and_service_resumes() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        serve_on(listener, Arc::new(Fixed)).unwrap();
+        assert!(get(addr, "/healthz").unwrap().starts_with("HTTP/1.1 200"));
+        let idle: Vec<TcpStream> = (0..MAX_CONNECTIONS + 8)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        // Connections past the cap are closed without being served.
+        let mut extra = TcpStream::connect(addr).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(extra.read(&mut buf).unwrap_or(0), 0);
+        drop(idle);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match get(addr, "/metrics") {
+                Ok(body) if body.contains("up 1") => break,
+                _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                other => panic!("not served again: {other:?}"),
+            }
+        }
+    }
 }
