@@ -20,7 +20,9 @@
 //! [`MAX_HEADER_LIST`]), malformed HPACK or framing is a [`Violation`], and
 //! the caller closes the connection.
 
-use loona_hpack::Decoder;
+#[cfg(test)]
+use super::hpack::encode_integer;
+use super::hpack::{Decoder, HpackError, encode_literal};
 
 /// What a client sends before its first frame (RFC 9113 §3.4).
 pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -76,7 +78,7 @@ pub enum Violation {
 pub struct Rewriter {
     state: State,
     max_frame_size: usize,
-    decoder: Decoder<'static>,
+    decoder: Decoder,
     /// The frame header being read, `header_len` bytes of it so far.
     header: [u8; FRAME_HEADER_LEN],
     header_len: usize,
@@ -124,12 +126,10 @@ impl Rewriter {
     /// A rewriter for a connection whose server accepts frames of up to
     /// `max_frame_size` bytes (its SETTINGS_MAX_FRAME_SIZE).
     pub fn new(max_frame_size: usize) -> Rewriter {
-        let mut decoder = Decoder::new();
-        decoder.set_max_allowed_table_size(MAX_DECODER_TABLE);
         Rewriter {
             state: State::Preface(0),
             max_frame_size,
-            decoder,
+            decoder: Decoder::new(MAX_DECODER_TABLE),
             header: [0; FRAME_HEADER_LEN],
             header_len: 0,
             payload: Vec::new(),
@@ -313,24 +313,19 @@ impl Rewriter {
     fn finish_block(&mut self, block: Block, out: &mut Vec<u8>) -> Result<(), Violation> {
         let stream = block.stream;
         let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        let mut list_size = 0usize;
-        let mut too_large = false;
+        let mut list_size = 0;
         self.decoder
-            .decode_with_cb(&block.fragment, |name, value| {
-                list_size = list_size.saturating_add(name.len() + value.len() + 32);
-                if list_size > MAX_HEADER_LIST {
-                    too_large = true;
-                } else {
-                    fields.push((name.into_owned(), value.into_owned()));
-                }
+            .decode(&block.fragment, MAX_HEADER_LIST, |name, value| {
+                list_size += name.len() + value.len() + 8;
+                fields.push((name.to_vec(), value.to_vec()));
             })
-            .map_err(|e| Violation::Hpack {
-                stream,
-                reason: e.to_string(),
+            .map_err(|e| match e {
+                HpackError::ListTooLarge(_) => Violation::HeaderListTooLarge { stream },
+                e => Violation::Hpack {
+                    stream,
+                    reason: e.to_string(),
+                },
             })?;
-        if too_large {
-            return Err(Violation::HeaderListTooLarge { stream });
-        }
         let mut encoded = Vec::with_capacity(list_size);
         for (name, value) in &fields {
             let value = if name == b":authority" && !is_valid_authority(value) {
@@ -379,33 +374,6 @@ fn split_headers_payload(payload: &[u8], flags: u8) -> Option<(Option<[u8; 5]>, 
     }
     let end = rest.len().checked_sub(pad)?;
     Some((priority, rest.get(..end)?))
-}
-
-/// An HPACK integer with an `prefix_bits`-bit prefix (RFC 7541 §5.1); `first`
-/// holds the bits above the prefix.
-fn encode_integer(value: usize, prefix_bits: u8, first: u8, out: &mut Vec<u8>) {
-    let max_prefix = (1usize << prefix_bits) - 1;
-    if value < max_prefix {
-        out.push(first | value as u8);
-        return;
-    }
-    out.push(first | max_prefix as u8);
-    let mut rest = value - max_prefix;
-    while rest >= 128 {
-        out.push((rest % 128) as u8 | 0x80);
-        rest /= 128;
-    }
-    out.push(rest as u8);
-}
-
-/// "Literal Header Field without Indexing — New Name" with both strings
-/// raw (RFC 7541 §6.2.2): nothing enters the server's dynamic table.
-fn encode_literal(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
-    out.push(0x00);
-    for s in [name, value] {
-        encode_integer(s.len(), 7, 0x00, out);
-        out.extend_from_slice(s);
-    }
 }
 
 /// One header block as a HEADERS frame and as many CONTINUATIONs as it

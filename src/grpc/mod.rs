@@ -6,4 +6,5 @@
 //! connections from [`uds::incoming`].
 
 pub mod authority;
+pub mod hpack;
 pub mod uds;
