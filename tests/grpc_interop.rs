@@ -5,11 +5,13 @@
 //! `insecure_channel("unix:" + path)`. Neither sends an `:authority` h2
 //! accepts, so without `terna::grpc` every call here is reset.
 //!
-//! `terna standalone` serves Identity, Controller and Node (the same Node
-//! service `terna node` serves); `terna node` itself needs an API server,
-//! so its kubelet registration server runs here in-process, from the same
-//! library function. The clients live in tests/interop and are installed
-//! by scripts/install-test-tools.
+//! Every Unix socket Terna serves gRPC on: `terna standalone` (Identity,
+//! Controller, Node); `terna node`'s kubelet registration socket and CSI
+//! socket and `terna controller`'s CSI socket, against a real control plane
+//! (scripts/kube-testenv, as tests/kubernetes.rs); and the registration
+//! server in-process, to check it removes its socket when stopped. The
+//! clients live in tests/interop and are installed by
+//! scripts/install-test-tools.
 
 #![allow(clippy::unwrap_used)]
 
@@ -150,6 +152,64 @@ fn grpc_go_and_grpc_python_call_standalone() {
     assert_eq!(py["nodeInfo"]["nodeId"], "test-node", "{py}");
     assert_eq!(py["nodeInfo"]["accessibleTopology"], topology, "{py}");
     terna.stop_and_check_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_go_and_grpc_python_call_terna_node_and_controller() {
+    let Some(clients) = clients() else { return };
+    let mut cluster = common::cluster::Cluster::start(1).await;
+    let controller_socket = cluster.root.path().join("controller-csi.sock");
+    let endpoint = format!("unix://{}", controller_socket.display());
+    cluster.start_controller_with("c1", &["--endpoint", &endpoint]);
+    let registration = terna::cluster::registration::socket_in(&cluster.registry_dir(1));
+    let node_socket = cluster.node_socket(1);
+    for socket in [&registration, &node_socket, &controller_socket] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {}:\n{}",
+                socket.display(),
+                cluster.logs()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    // The clients are processes: wait for them off the runtime's workers.
+    let go = |args: &[&str]| tokio::task::block_in_place(|| clients.go(args));
+    let python = |args: &[&str]| tokio::task::block_in_place(|| clients.python(args));
+
+    // The kubelet's plugin watcher: who are you, then the CSI socket named.
+    let expected = json!({
+        "getInfo": {
+            "type": "CSIPlugin",
+            "name": terna::DRIVER_NAME,
+            "endpoint": node_socket.to_str().unwrap(),
+            "supportedVersions": terna::cluster::registration::SUPPORTED_VERSIONS,
+        },
+        "notifyRegistrationStatus": "ok",
+    });
+    let reg = registration.to_str().unwrap();
+    assert_eq!(go(&["-registration", reg]), expected);
+    assert_eq!(python(&["--registration", reg]), expected);
+    let log = cluster.nodes[0].log();
+    assert!(log.contains("registered with the kubelet"), "{log}");
+
+    let node = node_socket.to_str().unwrap();
+    let g = go(&["-csi", node]);
+    assert_eq!(g["pluginInfo"]["name"], terna::DRIVER_NAME, "{g}");
+    assert_eq!(g["nodeInfo"]["nodeId"], "n1", "{g}");
+    let node_caps = g["nodeCapabilities"].as_array().unwrap();
+    assert!(node_caps.contains(&json!("STAGE_UNSTAGE_VOLUME")), "{g}");
+    let py = python(&["--csi", node]);
+    assert_eq!(py["nodeInfo"]["nodeId"], "n1", "{py}");
+    assert_eq!(py["probe"]["ready"], true, "{py}");
+
+    let controller = controller_socket.to_str().unwrap();
+    let g = go(&["-csi", controller, "-node=false", "-controller"]);
+    assert_eq!(g["pluginInfo"]["name"], terna::DRIVER_NAME, "{g}");
+    let caps = g["controllerCapabilities"].as_array().unwrap();
+    assert!(caps.contains(&json!("CREATE_DELETE_VOLUME")), "{g}");
 }
 
 #[test]

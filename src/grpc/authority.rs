@@ -312,12 +312,22 @@ impl Rewriter {
     /// writes the block again as HEADERS + CONTINUATION frames.
     fn finish_block(&mut self, block: Block, out: &mut Vec<u8>) -> Result<(), Violation> {
         let stream = block.stream;
-        let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        let mut list_size = 0;
-        self.decoder
+        let mut encoded = Vec::with_capacity(block.fragment.len() * 2);
+        let Rewriter {
+            decoder,
+            replaced,
+            first_replaced,
+            ..
+        } = self;
+        decoder
             .decode(&block.fragment, MAX_HEADER_LIST, |name, value| {
-                list_size += name.len() + value.len() + 8;
-                fields.push((name.to_vec(), value.to_vec()));
+                if name == b":authority" && !is_valid_authority(value) {
+                    *replaced += 1;
+                    first_replaced.get_or_insert_with(|| value.to_vec());
+                    encode_literal(name, REPLACEMENT_AUTHORITY, &mut encoded);
+                } else {
+                    encode_literal(name, value, &mut encoded);
+                }
             })
             .map_err(|e| match e {
                 HpackError::ListTooLarge(_) => Violation::HeaderListTooLarge { stream },
@@ -326,19 +336,6 @@ impl Rewriter {
                     reason: e.to_string(),
                 },
             })?;
-        let mut encoded = Vec::with_capacity(list_size);
-        for (name, value) in &fields {
-            let value = if name == b":authority" && !is_valid_authority(value) {
-                self.replaced += 1;
-                if self.first_replaced.is_none() {
-                    self.first_replaced = Some(value.clone());
-                }
-                REPLACEMENT_AUTHORITY
-            } else {
-                &value[..]
-            };
-            encode_literal(name, value, &mut encoded);
-        }
         write_header_frames(
             stream,
             block.end_stream,

@@ -38,6 +38,9 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// For a tonic server with the default SETTINGS_MAX_FRAME_SIZE (16384);
+    /// one configured with a larger `max_frame_size` needs the rewriter to
+    /// allow it too (`Rewriter::new`).
     pub fn new(socket: UnixStream) -> Connection {
         Connection {
             socket,

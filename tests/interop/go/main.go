@@ -7,7 +7,7 @@
 // Usage:
 //
 //	terna-grpc-client -registration SOCKET
-//	terna-grpc-client -csi SOCKET [-controller]
+//	terna-grpc-client -csi SOCKET [-node=false] [-controller]
 //
 // It prints what the server answered as one JSON object and exits non-zero
 // on the first failed call.
@@ -59,7 +59,7 @@ func registration(ctx context.Context, conn *grpc.ClientConn) (map[string]any, e
 	}, nil
 }
 
-func csiCalls(ctx context.Context, conn *grpc.ClientConn, controller bool) (map[string]any, error) {
+func csiCalls(ctx context.Context, conn *grpc.ClientConn, withNode, controller bool) (map[string]any, error) {
 	identity := csi.NewIdentityClient(conn)
 	plugin, err := identity.GetPluginInfo(ctx, &csi.GetPluginInfoRequest{})
 	if err != nil {
@@ -69,36 +69,18 @@ func csiCalls(ctx context.Context, conn *grpc.ClientConn, controller bool) (map[
 	if err != nil {
 		return nil, fmt.Errorf("Probe: %w", err)
 	}
-	node := csi.NewNodeClient(conn)
-	nodeInfo, err := node.NodeGetInfo(ctx, &csi.NodeGetInfoRequest{})
-	if err != nil {
-		return nil, fmt.Errorf("NodeGetInfo: %w", err)
-	}
-	nodeCaps, err := node.NodeGetCapabilities(ctx, &csi.NodeGetCapabilitiesRequest{})
-	if err != nil {
-		return nil, fmt.Errorf("NodeGetCapabilities: %w", err)
-	}
 	var ready any
 	if probe.Ready != nil {
 		ready = probe.Ready.Value
 	}
-	nodeRPCs := []string{}
-	for _, c := range nodeCaps.Capabilities {
-		nodeRPCs = append(nodeRPCs, c.GetRpc().GetType().String())
-	}
-	var topology map[string]string
-	if t := nodeInfo.AccessibleTopology; t != nil {
-		topology = t.Segments
-	}
 	out := map[string]any{
 		"pluginInfo": map[string]any{"name": plugin.Name, "vendorVersion": plugin.VendorVersion},
 		"probe":      map[string]any{"ready": ready},
-		"nodeInfo": map[string]any{
-			"nodeId":             nodeInfo.NodeId,
-			"maxVolumesPerNode":  nodeInfo.MaxVolumesPerNode,
-			"accessibleTopology": topology,
-		},
-		"nodeCapabilities": nodeRPCs,
+	}
+	if withNode {
+		if err := nodeCalls(ctx, conn, out); err != nil {
+			return nil, err
+		}
 	}
 	if controller {
 		caps, err := csi.NewControllerClient(conn).ControllerGetCapabilities(ctx, &csi.ControllerGetCapabilitiesRequest{})
@@ -114,9 +96,37 @@ func csiCalls(ctx context.Context, conn *grpc.ClientConn, controller bool) (map[
 	return out, nil
 }
 
+func nodeCalls(ctx context.Context, conn *grpc.ClientConn, out map[string]any) error {
+	node := csi.NewNodeClient(conn)
+	nodeInfo, err := node.NodeGetInfo(ctx, &csi.NodeGetInfoRequest{})
+	if err != nil {
+		return fmt.Errorf("NodeGetInfo: %w", err)
+	}
+	nodeCaps, err := node.NodeGetCapabilities(ctx, &csi.NodeGetCapabilitiesRequest{})
+	if err != nil {
+		return fmt.Errorf("NodeGetCapabilities: %w", err)
+	}
+	nodeRPCs := []string{}
+	for _, c := range nodeCaps.Capabilities {
+		nodeRPCs = append(nodeRPCs, c.GetRpc().GetType().String())
+	}
+	var topology map[string]string
+	if t := nodeInfo.AccessibleTopology; t != nil {
+		topology = t.Segments
+	}
+	out["nodeInfo"] = map[string]any{
+		"nodeId":             nodeInfo.NodeId,
+		"maxVolumesPerNode":  nodeInfo.MaxVolumesPerNode,
+		"accessibleTopology": topology,
+	}
+	out["nodeCapabilities"] = nodeRPCs
+	return nil
+}
+
 func main() {
 	reg := flag.String("registration", "", "kubelet plugin registration socket to call")
 	csiSocket := flag.String("csi", "", "CSI socket to call (Identity and Node)")
+	withNode := flag.Bool("node", true, "call Node.NodeGetInfo and Node.NodeGetCapabilities on -csi")
 	controller := flag.Bool("controller", false, "also call Controller.ControllerGetCapabilities on -csi")
 	timeout := flag.Duration("timeout", 10*time.Second, "deadline for dialing and all calls")
 	flag.Parse()
@@ -137,7 +147,7 @@ func main() {
 	if *reg != "" {
 		out, err = registration(ctx, conn)
 	} else {
-		out, err = csiCalls(ctx, conn, *controller)
+		out, err = csiCalls(ctx, conn, *withNode, *controller)
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "%s: %v\n", socket, err)
