@@ -127,11 +127,14 @@ async fn report_allocation(
 
 pub async fn run(client: kube::Client, opts: ControllerOptions) -> Result<()> {
     let token = match &opts.cluster_token_file {
-        Some(path) => std::fs::read(path)
-            .map_err(|e| Error::io(format!("cannot read cluster token {}", path.display()), e))?
-            .trim_ascii()
-            .to_vec(),
-        None => Vec::new(),
+        Some(path) => crate::config::read_cluster_token(path)?,
+        None => {
+            warn!(
+                "no --cluster-token-file: every node's agent will refuse this controller, \
+                 so only NFS pools can hold new replicas"
+            );
+            Vec::new()
+        }
     };
     let store = Arc::new(KubeStore::new(
         client.clone(),
