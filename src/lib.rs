@@ -22,6 +22,7 @@ pub mod pools;
 pub mod repair;
 pub mod replica;
 pub mod report;
+pub mod shutdown;
 pub mod standalone;
 pub mod store;
 pub mod volume;

@@ -147,7 +147,7 @@ pub async fn run(opts: Options) -> Result<()> {
     // Graceful shutdown waits for clients to hang up; one that never does
     // must not keep the process alive.
     let grace = async {
-        shutdown_signal().await;
+        crate::shutdown::requested().await;
         let _ = stop_tx.send(());
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
@@ -191,19 +191,5 @@ fn resume_interrupted(controller: &ControllerCore, store: &Arc<dyn StateStore>) 
         if let Err(e) = outcome {
             warn!(volume_id = %r.id, error = %e, "cannot finish interrupted operation");
         }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
     }
 }

@@ -210,6 +210,33 @@ async fn grpc_go_and_grpc_python_call_terna_node_and_controller() {
     assert_eq!(g["pluginInfo"]["name"], terna::DRIVER_NAME, "{g}");
     let caps = g["controllerCapabilities"].as_array().unwrap();
     assert!(caps.contains(&json!("CREATE_DELETE_VOLUME")), "{g}");
+
+    // A node stopped as a rolling update stops it leaves no socket the
+    // kubelet would keep trying.
+    let pid = cluster.nodes[0].pid().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while cluster.nodes[0].is_running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "terna node ignored SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        !registration.exists(),
+        "{} left behind",
+        registration.display()
+    );
+    assert!(
+        !node_socket.exists(),
+        "{} left behind",
+        node_socket.display()
+    );
 }
 
 #[test]

@@ -123,6 +123,8 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
         .map_err(|e| Error::io("cannot start the replica agent", e))?;
     info!(node = %opts.node_id, listen = %opts.agent_listen, "replica agent serving");
 
+    let (stopping, _) = tokio::sync::watch::channel(false);
+    let mut registration = None;
     let api: Api<StoragePool> = Api::all(client.clone());
     for pool in configured_pools(&config, &opts.data_dir, &opts.node_id) {
         register(&api, &pool).await?;
@@ -193,11 +195,17 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
         );
         if let Some(registry) = opts.registry_dir.clone() {
             let csi_socket = crate::standalone::socket_path(&endpoint)?;
-            tokio::spawn(async move {
-                if let Err(e) = super::registration::serve(&registry, csi_socket).await {
+            let mut stop = stopping.subscribe();
+            registration = Some(tokio::spawn(async move {
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) =
+                    super::registration::serve_until(&registry, csi_socket, stopped).await
+                {
                     tracing::error!(error = %e, "kubelet registration stopped");
                 }
-            });
+            }));
         }
         spawn_repair(&opts.data_dir, &opts.node_id)?;
         tokio::spawn(async move {
@@ -210,6 +218,8 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
             "--kubelet-registry needs --endpoint: the kubelet is told where CSI Node listens",
         ));
     }
+    let shutdown = crate::shutdown::requested();
+    tokio::pin!(shutdown);
     loop {
         if agent_thread.is_finished() {
             return Err(Error::internal("the replica agent stopped"));
@@ -217,8 +227,24 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
         if let Err(e) = heartbeat(&api, &agent, &opts).await {
             warn!(error = %e, "cannot report pools");
         }
-        tokio::time::sleep(opts.heartbeat).await;
+        tokio::select! {
+            () = tokio::time::sleep(opts.heartbeat) => {}
+            () = &mut shutdown => break,
+        }
     }
+    // The kubelet must not find a registration socket nobody answers;
+    // engines keep serving mounted volumes in their own process groups.
+    let _ = stopping.send(true);
+    if let Some(task) = registration {
+        let _ = task.await;
+    }
+    if let Some(endpoint) = &opts.endpoint
+        && let Ok(socket) = crate::standalone::socket_path(endpoint)
+    {
+        let _ = std::fs::remove_file(socket);
+    }
+    info!("terna node stopped; staged volumes keep running in their engines");
+    Ok(())
 }
 
 /// Creates the object, or brings its spec in line with the configuration.

@@ -54,11 +54,6 @@ pub fn socket_in(registry_dir: &Path) -> PathBuf {
     registry_dir.join(format!("{}-reg.sock", crate::DRIVER_NAME))
 }
 
-/// Serves the registration API in `registry_dir` until the process ends.
-pub async fn serve(registry_dir: &Path, csi_socket: PathBuf) -> Result<()> {
-    serve_until(registry_dir, csi_socket, std::future::pending()).await
-}
-
 /// Serves the registration API in `registry_dir` until `shutdown`
 /// resolves, then removes the socket: the kubelet deregisters a plugin
 /// when its socket goes, and would keep retrying a stale one.
