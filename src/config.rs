@@ -114,8 +114,14 @@ fn default_agent_timeout_ms() -> u64 {
     5000
 }
 
+/// Connections an agent serves at once by default. An engine keeps up to
+/// 32 idle connections to each agent holding one of its replicas (more in
+/// bursts), so this serves a dozen busy volumes per node pair; nodes with
+/// more raise it.
+pub const DEFAULT_AGENT_MAX_CONNECTIONS: usize = 512;
+
 fn default_agent_max_connections() -> usize {
-    crate::agent::server::DEFAULT_MAX_CONNECTIONS
+    DEFAULT_AGENT_MAX_CONNECTIONS
 }
 
 fn default_replace_after_secs() -> u64 {
@@ -410,7 +416,7 @@ pub fn prepare_data_dir(data_dir: &Path) -> Result<()> {
     for sub in ["state", "dirty"] {
         crate::store::private_dir(&data_dir.join(sub))?;
     }
-    let fences = crate::agent::fence_dir(data_dir);
+    let fences = crate::data_dir::fence_dir(data_dir);
     if fences.exists() {
         crate::store::private_dir(&fences)?;
     }

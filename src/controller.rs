@@ -506,7 +506,7 @@ impl ControllerCore {
         }
         self.store.remove(volume_id)?;
         if let Some(dir) = &self.data_dir {
-            let _ = std::fs::remove_dir_all(crate::dirty_dir(dir, volume_id));
+            let _ = std::fs::remove_dir_all(crate::data_dir::dirty_dir(dir, volume_id));
         }
         info!(volume_id, "volume deleted");
         Ok(())

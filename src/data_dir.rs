@@ -1,15 +1,33 @@
-//! The data dir's exclusive owner: one `terna standalone` or `terna node`
-//! per data dir. A second one would replace the first's socket, run a
-//! second repair loop over the same volumes and race it on every record.
+//! The data dir: where each kind of state lives in it, and its exclusive
+//! owner (one `terna standalone` or `terna node` per data dir; a second one
+//! would replace the first's socket, run a second repair loop over the same
+//! volumes and race it on every record).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::error::{Error, ErrorKind, Result};
+
+/// Where the file state store keeps volume records.
+pub fn state_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("state").join("volumes")
+}
+
+/// Where a volume's dirty maps are kept; they outlive staging, so a
+/// replica that returns while the volume is unstaged still catches up
+/// incrementally.
+pub fn dirty_dir(data_dir: &Path, volume_id: &str) -> PathBuf {
+    data_dir.join("dirty").join(volume_id)
+}
+
+/// Where an agent keeps its replicas' claim floors.
+pub fn fence_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("fences")
+}
 
 /// Held while the process runs; the kernel drops the lock when it exits,
 /// however it exits.

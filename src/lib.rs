@@ -41,15 +41,3 @@ pub mod proto {
 pub const DRIVER_NAME: &str = "csi.terna.dev";
 /// Topology key carrying the node id.
 pub const TOPOLOGY_NODE_KEY: &str = "topology.terna.dev/node";
-
-/// Where a volume's dirty maps are kept; they outlive staging, so a
-/// replica that returns while the volume is unstaged still catches up
-/// incrementally.
-pub fn dirty_dir(data_dir: &std::path::Path, volume_id: &str) -> std::path::PathBuf {
-    data_dir.join("dirty").join(volume_id)
-}
-
-/// Where the file state store keeps volume records inside a data dir.
-pub fn state_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
-    data_dir.join("state").join("volumes")
-}

@@ -197,7 +197,7 @@ fn gather(source: &ReportSource) -> anyhow::Result<Rows> {
     if source.cluster {
         let runtime = tokio::runtime::Runtime::new()?;
         Ok(runtime.block_on(async {
-            let client = terna::cluster::controller::client(source.kubeconfig.as_deref()).await?;
+            let client = terna::cluster::client::client(source.kubeconfig.as_deref()).await?;
             terna::report::from_cluster(client).await
         })?)
     } else {
@@ -323,7 +323,7 @@ fn main() -> anyhow::Result<()> {
             });
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
-                let client = terna::cluster::controller::client(kubeconfig.as_deref()).await?;
+                let client = terna::cluster::client::client(kubeconfig.as_deref()).await?;
                 terna::cluster::controller::run(
                     client,
                     terna::cluster::controller::ControllerOptions {
@@ -361,7 +361,7 @@ fn main() -> anyhow::Result<()> {
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
-                let client = terna::cluster::controller::client(kubeconfig.as_deref()).await?;
+                let client = terna::cluster::client::client(kubeconfig.as_deref()).await?;
                 let kubeconfig = kubeconfig.map(|k| std::path::absolute(&k).unwrap_or(k));
                 terna::cluster::node::run(
                     client,

@@ -46,7 +46,7 @@ fn notice_missing(
             Ok(None) => format!("replica file missing on pool {}", replica.pool),
             Err(e) => format!("pool {} unreachable: {e}", replica.pool),
         };
-        let dir = crate::dirty_dir(data_dir, &record.id);
+        let dir = crate::data_dir::dirty_dir(data_dir, &record.id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| crate::error::Error::io(format!("cannot create {}", dir.display()), e))?;
         let map = DirtyMap::new(record.capacity_bytes, DEFAULT_REGION);

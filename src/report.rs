@@ -171,7 +171,7 @@ fn volume_row(r: &VolumeRecord, progress: Option<f64>) -> VolumeRow {
 /// How far the least advanced faulted replica has caught up, from the
 /// dirty maps this data dir holds.
 fn catch_up_progress(data_dir: &Path, r: &VolumeRecord) -> Option<f64> {
-    let dir = crate::dirty_dir(data_dir, &r.id);
+    let dir = crate::data_dir::dirty_dir(data_dir, &r.id);
     r.replicas
         .iter()
         .enumerate()
@@ -197,7 +197,7 @@ pub fn from_data_dir(data_dir: &Path, node: &str) -> Result<(Vec<PoolRow>, Vec<V
         )
     })?;
     let config = Config::parse(&text, &path)?;
-    let records = FileStore::open(&crate::state_dir(data_dir))?.list()?;
+    let records = FileStore::open(&crate::data_dir::state_dir(data_dir))?.list()?;
     let mut allocated: BTreeMap<&str, u64> = BTreeMap::new();
     for r in &records {
         for rep in &r.replicas {

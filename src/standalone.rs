@@ -1,11 +1,9 @@
 //! `terna standalone`: controller and node in one process, on a data dir
 //! holding the configuration, the state store and the default pools.
 
-use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::net::UnixListener;
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -32,60 +30,14 @@ pub struct Options {
     pub node_id: String,
 }
 
-/// The socket path of a `unix://` endpoint.
-pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
-    let path = endpoint
-        .strip_prefix("unix://")
-        .ok_or_else(|| Error::invalid(format!("endpoint {endpoint:?} must start with unix://")))?;
-    if path.is_empty() {
-        return Err(Error::invalid(format!(
-            "endpoint {endpoint:?} names no socket path"
-        )));
-    }
-    Ok(PathBuf::from(path))
-}
-
-/// Listens on a `unix://` CSI endpoint, replacing a stale socket file.
-pub fn bind_endpoint(endpoint: &str) -> Result<(PathBuf, UnixListener)> {
-    let socket = socket_path(endpoint)?;
-    if let Some(parent) = socket.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
-    }
-    // Only a socket is replaced: an endpoint naming a regular file, a
-    // directory or a symlink is a mistake, and the file is not ours.
-    match std::fs::symlink_metadata(&socket) {
-        Ok(m) if m.file_type().is_socket() => {
-            std::fs::remove_file(&socket).map_err(|e| {
-                Error::io(
-                    format!("cannot remove stale socket {}", socket.display()),
-                    e,
-                )
-            })?;
-        }
-        Ok(_) => {
-            return Err(Error::invalid(format!(
-                "endpoint {} exists and is not a socket; refusing to replace it",
-                socket.display()
-            )));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(Error::io(format!("cannot inspect {}", socket.display()), e));
-        }
-    }
-    let listener = UnixListener::bind(&socket)
-        .map_err(|e| Error::io(format!("cannot listen on {}", socket.display()), e))?;
-    Ok((socket, listener))
-}
-
 pub async fn run(opts: Options) -> Result<()> {
     let data_dir = &opts.data_dir;
     std::fs::create_dir_all(data_dir)
         .map_err(|e| Error::io(format!("cannot create data dir {}", data_dir.display()), e))?;
     let _owner = crate::data_dir::lock(data_dir)?;
     let config = Config::load_or_init(data_dir)?;
-    let store: Arc<dyn StateStore> = Arc::new(FileStore::open(&crate::state_dir(data_dir))?);
+    let store: Arc<dyn StateStore> =
+        Arc::new(FileStore::open(&crate::data_dir::state_dir(data_dir))?);
     let pools = Arc::new(Pools::from_config(&config, data_dir, &opts.node_id)?);
     let controller = Arc::new(
         ControllerCore::new(store.clone(), pools.clone(), config.overcommit_ratio)
@@ -112,7 +64,7 @@ pub async fn run(opts: Options) -> Result<()> {
             .map_err(|e| Error::io("cannot start repair thread", e))?;
     }
 
-    let (socket, listener) = bind_endpoint(&opts.endpoint)?;
+    let (socket, listener) = crate::grpc::uds::bind_endpoint(&opts.endpoint)?;
     if let Some(addr) = config.metrics_listen {
         crate::http::spawn(
             addr,

@@ -12,11 +12,6 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::pools::Pools;
 
-/// Where an agent keeps its replicas' claim floors.
-pub fn fence_dir(data_dir: &Path) -> std::path::PathBuf {
-    data_dir.join("fences")
-}
-
 /// `terna agent`: serves the pools on this node's disks until killed.
 /// Refuses to start without a cluster token (`cluster_token_file`): an
 /// agent serves every replica on the node to whoever it lets in.
@@ -30,7 +25,7 @@ pub fn run(data_dir: &Path, listen: SocketAddr, node: &str) -> Result<()> {
         ..e
     })?;
     let pools = Pools::local_to(&config, data_dir, node)?;
-    let fences = fence_dir(data_dir);
+    let fences = crate::data_dir::fence_dir(data_dir);
     crate::store::private_dir(&fences)?;
     let listener = TcpListener::bind(listen)
         .map_err(|e| Error::io(format!("cannot listen on {listen}"), e))?;

@@ -47,11 +47,9 @@ pub struct Limits {
     pub idle_timeout: Duration,
 }
 
-/// Default of `agent_max_connections`. An engine keeps up to 32 idle
-/// connections to each agent holding one of its replicas (more in bursts),
-/// so this serves a dozen busy volumes per node pair; nodes with more raise
-/// it. Threads have 256 KiB stacks, mostly untouched.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// Default of `agent_max_connections` (threads have 256 KiB stacks,
+/// mostly untouched).
+pub const DEFAULT_MAX_CONNECTIONS: usize = crate::config::DEFAULT_AGENT_MAX_CONNECTIONS;
 
 impl Default for Limits {
     fn default() -> Limits {

@@ -47,7 +47,7 @@ async fn serve_csi(endpoint: &str, core: Arc<ControllerCore>) -> Result<()> {
     use crate::csi::identity::IdentityService;
     use crate::proto::csi::controller_server::ControllerServer;
     use crate::proto::csi::identity_server::IdentityServer;
-    let (_, listener) = crate::standalone::bind_endpoint(endpoint)?;
+    let (_, listener) = crate::grpc::uds::bind_endpoint(endpoint)?;
     info!(endpoint = %endpoint, "serving CSI Identity and Controller");
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService { controller: true }))
@@ -59,25 +59,6 @@ async fn serve_csi(endpoint: &str, core: Arc<ControllerCore>) -> Result<()> {
         .serve_with_incoming(crate::grpc::uds::incoming(listener))
         .await
         .map_err(|e| Error::with_source(ErrorKind::Internal, "gRPC server failed", e))
-}
-
-/// A client from `kubeconfig`, or the usual places (KUBECONFIG, in-cluster).
-pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
-    let unavailable = |what: String| Error::new(ErrorKind::Unavailable, what);
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| unavailable(format!("cannot read {}: {e}", path.display())))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .map_err(|e| unavailable(format!("kubeconfig {}: {e}", path.display())))?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| unavailable(format!("no Kubernetes configuration found: {e}")))?,
-    };
-    kube::Client::try_from(config)
-        .map_err(|e| unavailable(format!("cannot build a Kubernetes client: {e}")))
 }
 
 async fn refresh_pools(

@@ -2,6 +2,7 @@
 //! them, the provisioner, leader election and node pool registration.
 
 pub mod capacity;
+pub mod client;
 pub mod controller;
 pub mod crd;
 pub mod health_events;

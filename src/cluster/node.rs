@@ -112,7 +112,7 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
     let token = config.cluster_token(&opts.data_dir)?;
     let agent = Arc::new(
         AgentState::new(&opts.node_id, &token, Default::default())
-            .with_fence_dir(&crate::agent::fence_dir(&opts.data_dir)),
+            .with_fence_dir(&crate::data_dir::fence_dir(&opts.data_dir)),
     );
     let listener = TcpListener::bind(opts.agent_listen)
         .map_err(|e| Error::io(format!("cannot listen on {}", opts.agent_listen), e))?;
@@ -156,7 +156,7 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
                     data_dir: opts.data_dir.clone(),
                     store: store.clone(),
                     all_volumes: false,
-                    socket: crate::standalone::socket_path(&endpoint)?,
+                    socket: crate::grpc::uds::socket_path(&endpoint)?,
                 }),
             )?;
         }
@@ -194,7 +194,7 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
             ),
         );
         if let Some(registry) = opts.registry_dir.clone() {
-            let csi_socket = crate::standalone::socket_path(&endpoint)?;
+            let csi_socket = crate::grpc::uds::socket_path(&endpoint)?;
             let mut stop = stopping.subscribe();
             registration = Some(tokio::spawn(async move {
                 let stopped = async move {
@@ -239,7 +239,7 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
         let _ = task.await;
     }
     if let Some(endpoint) = &opts.endpoint
-        && let Ok(socket) = crate::standalone::socket_path(endpoint)
+        && let Ok(socket) = crate::grpc::uds::socket_path(endpoint)
     {
         let _ = std::fs::remove_file(socket);
     }
@@ -379,7 +379,7 @@ impl ClusterBacking {
                 .build()
                 .map_err(|e| Error::io("cannot start a runtime", e))?,
         );
-        let client = runtime.block_on(super::controller::client(file.kubeconfig.as_deref()))?;
+        let client = runtime.block_on(super::client::client(file.kubeconfig.as_deref()))?;
         let store = super::store::KubeStore::with_runtime(client.clone(), runtime.clone());
         let api: Api<StoragePool> = Api::all(client);
         let objects = runtime
@@ -466,7 +466,7 @@ async fn serve_csi(endpoint: &str, core: Arc<crate::node::NodeCore>) -> Result<(
     use crate::csi::node::NodeService;
     use crate::proto::csi::identity_server::IdentityServer;
     use crate::proto::csi::node_server::NodeServer;
-    let (_, listener) = crate::standalone::bind_endpoint(endpoint)?;
+    let (_, listener) = crate::grpc::uds::bind_endpoint(endpoint)?;
     info!(endpoint = %endpoint, "serving CSI Identity and Node");
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService { controller: false }))

@@ -63,7 +63,7 @@ pub async fn serve_until(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let endpoint = format!("unix://{}", socket_in(registry_dir).display());
-    let (socket, listener) = crate::standalone::bind_endpoint(&endpoint)?;
+    let (socket, listener) = crate::grpc::uds::bind_endpoint(&endpoint)?;
     info!(socket = %endpoint, "kubelet registration socket ready");
     let server = tonic::transport::Server::builder()
         .add_service(RegistrationServer::new(RegistrationService { csi_socket }))

@@ -91,7 +91,7 @@ pub fn assemble(
         match crate::cluster::node::ClusterBacking::open(data_dir, node_id, &config)? {
             Some(cluster) => (cluster.store, cluster.pools),
             None => (
-                Arc::new(FileStore::open(&crate::state_dir(data_dir))?),
+                Arc::new(FileStore::open(&crate::data_dir::state_dir(data_dir))?),
                 Arc::new(Pools::from_config(&config, data_dir, node_id)?),
             ),
         };
@@ -102,7 +102,7 @@ pub fn assemble(
     // another node takes it over, this engine's writes are fenced out.
     let claim = record.staged_on.clone().filter(|s| s.node == node_id);
     pools.act_under_claim(claim.as_ref().map_or(0, |s| s.epoch));
-    let dirty_dir = crate::dirty_dir(data_dir, volume_id);
+    let dirty_dir = crate::data_dir::dirty_dir(data_dir, volume_id);
     std::fs::create_dir_all(&dirty_dir)
         .map_err(|e| Error::io(format!("cannot create {}", dirty_dir.display()), e))?;
 

@@ -5,6 +5,8 @@
 //! inside `poll_read`, on bytes already read.
 
 use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -15,9 +17,57 @@ use tonic::transport::server::{Connected, UdsConnectInfo};
 use tracing::{debug, warn};
 
 use super::authority::{Rewriter, Violation};
+use crate::error::{Error, Result};
 
 /// How much is read from the socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
+
+/// The socket path of a `unix://` endpoint.
+pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
+    let path = endpoint
+        .strip_prefix("unix://")
+        .ok_or_else(|| Error::invalid(format!("endpoint {endpoint:?} must start with unix://")))?;
+    if path.is_empty() {
+        return Err(Error::invalid(format!(
+            "endpoint {endpoint:?} names no socket path"
+        )));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Listens on a `unix://` CSI endpoint, replacing a stale socket file.
+pub fn bind_endpoint(endpoint: &str) -> Result<(PathBuf, UnixListener)> {
+    let socket = socket_path(endpoint)?;
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
+    }
+    // Only a socket is replaced: an endpoint naming a regular file, a
+    // directory or a symlink is a mistake, and the file is not ours.
+    match std::fs::symlink_metadata(&socket) {
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(&socket).map_err(|e| {
+                Error::io(
+                    format!("cannot remove stale socket {}", socket.display()),
+                    e,
+                )
+            })?;
+        }
+        Ok(_) => {
+            return Err(Error::invalid(format!(
+                "endpoint {} exists and is not a socket; refusing to replace it",
+                socket.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(Error::io(format!("cannot inspect {}", socket.display()), e));
+        }
+    }
+    let listener = UnixListener::bind(&socket)
+        .map_err(|e| Error::io(format!("cannot listen on {}", socket.display()), e))?;
+    Ok((socket, listener))
+}
 
 /// The connections `listener` accepts, each wrapped in a [`Connection`].
 /// Accept errors are passed on as `UnixListenerStream` passes them.

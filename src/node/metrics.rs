@@ -50,7 +50,7 @@ impl crate::http::Probe for NodeMetrics {
         };
         let mut remaining = Vec::new();
         for r in &records {
-            let dir = crate::dirty_dir(&self.data_dir, &r.id);
+            let dir = crate::data_dir::dirty_dir(&self.data_dir, &r.id);
             for (i, rep) in r.replicas.iter().enumerate() {
                 if rep.is_healthy() {
                     continue;

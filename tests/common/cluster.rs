@@ -98,7 +98,7 @@ impl KubeEnv {
     }
 
     pub async fn client(&self) -> kube::Client {
-        terna::cluster::controller::client(Some(&self.kubeconfig))
+        terna::cluster::client::client(Some(&self.kubeconfig))
             .await
             .unwrap()
     }
