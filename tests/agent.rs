@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use terna::agent::protocol::{HEADER_LEN, Request, Response};
-use terna::agent::server::read_frame;
+use terna::agent::protocol::read_frame;
 
 const TOKEN: &str = "agent-test-token-0123456789abcdef";
 

@@ -42,6 +42,8 @@
 //! the volume over) cannot write to the replicas the new engine has fenced,
 //! however it reconnects. Version 2 added the claim.
 
+use std::io::{self, Read};
+
 use thiserror::Error;
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"TRNA");
@@ -477,6 +479,25 @@ pub fn split_frame(bytes: &[u8]) -> Result<(Header, &[u8]), FrameError> {
         ));
     }
     Ok((header, payload))
+}
+
+/// Reads one frame; `Ok(None)` at a clean end of stream.
+pub fn read_frame(stream: &mut impl Read) -> io::Result<Option<(Header, Vec<u8>)>> {
+    let mut head = [0u8; HEADER_LEN];
+    match stream.read_exact(&mut head) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let header = decode_header(&head).map_err(invalid)?;
+    let mut payload = vec![0u8; header.len as usize];
+    stream.read_exact(&mut payload)?;
+    check_payload(&header, &payload).map_err(invalid)?;
+    Ok(Some((header, payload)))
+}
+
+pub fn invalid(e: FrameError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 #[cfg(test)]

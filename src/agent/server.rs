@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use crate::agent::protocol::{
-    self, FrameError, HEADER_LEN, HELLO_KIND, PRE_AUTH_MAX_PAYLOAD, Request, Response,
+    self, FrameError, HEADER_LEN, HELLO_KIND, PRE_AUTH_MAX_PAYLOAD, Request, Response, invalid,
+    read_frame,
 };
 use crate::replica::aligned::AlignedBuf;
 use crate::replica::{Pool, ReplicaIo, check_pool_name, check_replica_name};
@@ -488,25 +489,6 @@ fn error_response(e: crate::error::Error) -> Response {
         errno,
         message: e.to_string(),
     }
-}
-
-/// Reads one frame; `Ok(None)` at a clean end of stream.
-pub fn read_frame(stream: &mut impl Read) -> io::Result<Option<(protocol::Header, Vec<u8>)>> {
-    let mut head = [0u8; HEADER_LEN];
-    match stream.read_exact(&mut head) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let header = protocol::decode_header(&head).map_err(invalid)?;
-    let mut payload = vec![0u8; header.len as usize];
-    stream.read_exact(&mut payload)?;
-    protocol::check_payload(&header, &payload).map_err(invalid)?;
-    Ok(Some((header, payload)))
-}
-
-pub fn invalid(e: FrameError) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 /// Token comparison that takes the same time wherever the first difference is.

@@ -243,7 +243,7 @@ impl Raw {
     }
 
     fn answer(&mut self) -> Response {
-        let (h, p) = super::server::read_frame(&mut self.stream)
+        let (h, p) = super::protocol::read_frame(&mut self.stream)
             .unwrap()
             .expect("an answer, not a closed connection");
         Response::decode(h.kind, &p).unwrap()
@@ -689,7 +689,7 @@ fn connections_beyond_the_limit_are_closed_at_once() {
             claim: 0,
         };
         if raw.stream.write_all(&hello.encode(1)).is_ok()
-            && let Ok(Some((h, p))) = super::server::read_frame(&mut raw.stream)
+            && let Ok(Some((h, p))) = super::protocol::read_frame(&mut raw.stream)
         {
             assert!(matches!(
                 Response::decode(h.kind, &p).unwrap(),

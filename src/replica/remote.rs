@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::agent::protocol::{Request, Response};
-use crate::agent::server::{invalid, read_frame};
+use crate::agent::protocol::{invalid, read_frame};
 use crate::error::{Error, ErrorKind, Result};
 use crate::replica::{Pool, ReplicaIo};
 
