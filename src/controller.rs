@@ -482,7 +482,7 @@ impl ControllerCore {
             return Ok(());
         };
         if let Some(s) = &record.staged_on {
-            if s.staging_path == crate::repair::REPAIR_CLAIM {
+            if s.is_repair() {
                 return Err(Error::new(
                     ErrorKind::Aborted,
                     format!("volume {volume_id} is being repaired; retry shortly"),
@@ -621,6 +621,7 @@ impl ControllerCore {
                         generation: next,
                         reason: reason.clone(),
                         since: crate::volume::unix_now(),
+                        replaced: true,
                     },
                     last_catch_up_bytes: None,
                 };

@@ -3,7 +3,7 @@
 //! up, and lost ones are replaced and rebuilt, with no pod attached.
 //!
 //! While a volume is being repaired it is claimed (`staged_on` names this
-//! node and `REPAIR_CLAIM`), so a NodeStage meanwhile gets Aborted and is
+//! node, marked `repair`), so a NodeStage meanwhile gets Aborted and is
 //! retried; the claim is released when the pass ends.
 
 use std::path::Path;
@@ -20,8 +20,6 @@ use crate::pools::Pools;
 use crate::store::StateStore;
 use crate::volume::{Phase, VolumeRecord, replica_file_name};
 
-/// The staging path recorded while a volume is claimed for repair.
-pub const REPAIR_CLAIM: &str = "(repairing)";
 /// One volume's repair gives up (and retries next pass) after this long.
 const PASS_LIMIT: Duration = Duration::from_secs(120);
 const IO_THREADS: usize = 8;
@@ -62,14 +60,10 @@ fn repair_one(data_dir: &Path, node: &str, store: &Arc<dyn StateStore>, id: &str
         if r.staged_on.is_some() || r.phase != Phase::Ready {
             return Ok(false);
         }
-        r.claim_staging(node, REPAIR_CLAIM);
+        r.claim_repair(node);
         Ok(true)
     })?;
-    let ours = claimed.is_some_and(|r| {
-        r.staged_on
-            .as_ref()
-            .is_some_and(|s| s.staging_path == REPAIR_CLAIM)
-    });
+    let ours = claimed.is_some_and(|r| r.staged_on.as_ref().is_some_and(|s| s.is_repair()));
     if !ours {
         return Ok(());
     }
@@ -96,10 +90,7 @@ fn repair_one(data_dir: &Path, node: &str, store: &Arc<dyn StateStore>, id: &str
         Ok(())
     })();
     store.update(id, &mut |r| {
-        if r.staged_on
-            .as_ref()
-            .is_some_and(|s| s.staging_path == REPAIR_CLAIM)
-        {
+        if r.staged_on.as_ref().is_some_and(|s| s.is_repair()) {
             r.staged_on = None;
             Ok(true)
         } else {
@@ -124,7 +115,7 @@ pub fn release_claims(store: &dyn StateStore, node: &str) {
         let stale = |r: &VolumeRecord| {
             r.staged_on
                 .as_ref()
-                .is_some_and(|s| s.node == node && s.staging_path == REPAIR_CLAIM)
+                .is_some_and(|s| s.node == node && s.is_repair())
         };
         if !stale(&record) {
             continue;

@@ -34,8 +34,20 @@ pub enum ReplicaState {
         /// before replacement counts from here.
         #[serde(default)]
         since: u64,
+        /// An empty replacement of a lost replica, being filled in full
+        /// (rather than a returning one catching up on what it missed).
+        #[serde(default, skip_serializing_if = "is_false")]
+        replaced: bool,
     },
 }
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The staging path records written before claims carried their purpose
+/// used for a repair claim.
+const LEGACY_REPAIR_PATH: &str = "(repairing)";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaRecord {
@@ -64,6 +76,25 @@ pub struct StagedOn {
     /// engines of an older claim once a newer one has fenced the replica.
     #[serde(default)]
     pub epoch: u64,
+    /// Held by background repair (no staging path, no pod), not by a
+    /// NodeStage: a stage meanwhile is told to retry, not to unstage.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub repair: bool,
+}
+
+impl StagedOn {
+    pub fn is_repair(&self) -> bool {
+        self.repair || self.staging_path == LEGACY_REPAIR_PATH
+    }
+
+    /// Where the claim stands, for people: the staging path, or what holds it.
+    pub fn place(&self) -> &str {
+        if self.is_repair() {
+            "(repair)"
+        } else {
+            &self.staging_path
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,7 +268,26 @@ impl VolumeRecord {
             node: node.to_string(),
             staging_path: staging_path.to_string(),
             epoch: self.claims,
+            repair: false,
         });
+    }
+
+    /// Claims the volume for background repair on `node`.
+    pub fn claim_repair(&mut self, node: &str) {
+        self.claims += 1;
+        self.staged_on = Some(StagedOn {
+            node: node.to_string(),
+            staging_path: String::new(),
+            epoch: self.claims,
+            repair: true,
+        });
+    }
+
+    /// A replacement is being filled in full.
+    pub fn rebuilding(&self) -> bool {
+        self.replicas
+            .iter()
+            .any(|r| matches!(r.state, ReplicaState::Faulted { replaced: true, .. }))
     }
 
     /// Claims the volume for `node` at `staging_path` unless another claim
@@ -297,6 +347,7 @@ impl VolumeRecord {
                     generation: next,
                     reason: reason.to_string(),
                     since: unix_now(),
+                    replaced: false,
                 };
                 self.generation = next;
                 true

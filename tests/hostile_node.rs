@@ -593,11 +593,12 @@ async fn a_repair_claim_left_by_a_killed_process_is_released_at_start() {
     };
     terna.kill_hard();
     // What a process killed in the middle of a repair leaves in the record.
-    let store = terna::store::FileStore::open(&terna::data_dir::state_dir(&terna.data_dir)).unwrap();
+    let store =
+        terna::store::FileStore::open(&terna::data_dir::state_dir(&terna.data_dir)).unwrap();
     use terna::store::StateStore;
     store
         .update(&id, &mut |r| {
-            r.claim_staging("test-node", terna::repair::REPAIR_CLAIM);
+            r.claim_repair("test-node");
             Ok(true)
         })
         .unwrap();

@@ -246,7 +246,8 @@ pub struct TernaVolumeStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicaStatus {
-    /// healthy or faulted.
+    /// healthy, faulted (missed writes; catches up when back) or rebuilding
+    /// (an empty replacement being filled in full).
     pub state: String,
     /// The generation from which a faulted replica missed writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -268,6 +269,9 @@ pub struct StagedOnStatus {
     /// The claim's epoch (see `claims`).
     #[serde(default)]
     pub epoch: u64,
+    /// Held by background repair rather than a NodeStage.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub repair: bool,
 }
 
 /// The CRDs as YAML documents, in a stable order: what `terna crds` prints

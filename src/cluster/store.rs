@@ -315,9 +315,7 @@ pub fn volume_state(record: &VolumeRecord) -> &'static str {
         "healthy"
     } else if healthy == 0 {
         "faulted"
-    } else if record.replicas.iter().any(|r| {
-        matches!(&r.state, ReplicaState::Faulted { reason, .. } if reason.contains("rebuilding"))
-    }) {
+    } else if record.rebuilding() {
         "rebuilding"
     } else {
         "degraded"
@@ -371,8 +369,9 @@ pub fn to_resource(record: &VolumeRecord) -> (TernaVolumeSpec, TernaVolumeStatus
                     generation,
                     reason,
                     since,
+                    replaced,
                 } => ReplicaStatus {
-                    state: "faulted".into(),
+                    state: if *replaced { "rebuilding" } else { "faulted" }.into(),
                     faulted_at_generation: Some(*generation),
                     reason: Some(reason.clone()),
                     since: Some(*since),
@@ -384,6 +383,7 @@ pub fn to_resource(record: &VolumeRecord) -> (TernaVolumeSpec, TernaVolumeStatus
             node: s.node.clone(),
             staging_path: s.staging_path.clone(),
             epoch: s.epoch,
+            repair: s.repair,
         }),
         claims: record.claims,
         published: record.published.clone(),
@@ -419,11 +419,14 @@ pub fn from_resource(obj: &TernaVolume) -> Result<VolumeRecord> {
         .map(|(i, p)| {
             let s = status.replicas.get(i);
             let state = match s {
-                Some(s) if s.state == "faulted" => ReplicaState::Faulted {
-                    generation: s.faulted_at_generation.unwrap_or(status.generation),
-                    reason: s.reason.clone().unwrap_or_default(),
-                    since: s.since.unwrap_or(0),
-                },
+                Some(s) if s.state == "faulted" || s.state == "rebuilding" => {
+                    ReplicaState::Faulted {
+                        generation: s.faulted_at_generation.unwrap_or(status.generation),
+                        reason: s.reason.clone().unwrap_or_default(),
+                        since: s.since.unwrap_or(0),
+                        replaced: s.state == "rebuilding",
+                    }
+                }
                 _ => ReplicaState::Healthy,
             };
             ReplicaRecord {
@@ -450,6 +453,7 @@ pub fn from_resource(obj: &TernaVolume) -> Result<VolumeRecord> {
             node: s.node,
             staging_path: s.staging_path,
             epoch: s.epoch,
+            repair: s.repair,
         }),
         claims: status.claims,
         published: status.published,
@@ -522,8 +526,14 @@ mod tests {
         assert_eq!(volume_state(&r), "healthy");
         r.fault_replica(0, "link cut");
         assert_eq!(volume_state(&r), "degraded");
-        r.fault_replica(1, "replaced on pool p after pool q was lost; rebuilding");
+        r.fault_replica(1, "replaced on pool p after pool q was lost");
+        assert_eq!(volume_state(&r), "degraded", "prose decides nothing");
+        if let ReplicaState::Faulted { replaced, .. } = &mut r.replicas[1].state {
+            *replaced = true;
+        }
         assert_eq!(volume_state(&r), "rebuilding");
+        let (_, status) = to_resource(&r);
+        assert_eq!(status.replicas[1].state, "rebuilding");
         r.fault_replica(2, "gone");
         assert_eq!(volume_state(&r), "faulted");
     }

@@ -152,7 +152,7 @@ impl NodeCore {
         };
         let mut conflict = claim(None)?;
         if let Some(dead) = conflict.clone()
-            && dead.staging_path != crate::repair::REPAIR_CLAIM
+            && !dead.is_repair()
             && self.holder_expired(&dead.node)?
         {
             conflict = claim(Some(&dead))?;
@@ -161,7 +161,7 @@ impl NodeCore {
             }
         }
         if let Some(s) = conflict {
-            if s.staging_path == crate::repair::REPAIR_CLAIM {
+            if s.is_repair() {
                 return Err(Error::new(
                     ErrorKind::Aborted,
                     format!(
@@ -397,7 +397,7 @@ impl NodeCore {
         self.check_caller_path(staging_path, "staging target path")?;
         let here = record.staged_on.as_ref().filter(|s| s.node == self.node_id);
         if let Some(s) = here {
-            if s.staging_path == crate::repair::REPAIR_CLAIM {
+            if s.is_repair() {
                 return Err(Error::new(
                     ErrorKind::Aborted,
                     format!("volume {volume_id} is being repaired on this node; retry shortly"),
@@ -545,7 +545,7 @@ impl NodeCore {
         let staged = record
             .staged_on
             .as_ref()
-            .filter(|s| s.node == self.node_id && s.staging_path != crate::repair::REPAIR_CLAIM)
+            .filter(|s| s.node == self.node_id && !s.is_repair())
             .ok_or_else(|| {
                 Error::precondition(format!(
                     "volume {volume_id} is not staged on this node; NodeStageVolume first"
