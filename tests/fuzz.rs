@@ -6,7 +6,7 @@
 //! Targets (one test each; `fuzz/README.md` says how to run them longer):
 //! - `agent_frame`: `split_frame` and `Request`/`Response::decode` on one
 //!   frame, re-encoding what decodes;
-//! - `agent_stream`: `agent::server::read_frame`, what the agent and the
+//! - `agent_stream`: `agent::protocol::read_frame`, what the agent and the
 //!   remote replica client call on a TCP stream, frame after frame;
 //! - `fuse_request`: `frontend::fuse::parse_request`, every request the
 //!   kernel hands the FUSE server;
@@ -921,20 +921,23 @@ fn kind_class(kind: u16) -> u64 {
 /// What the agent (and the remote replica client) do with a stream.
 fn run_agent_stream(data: &[u8]) -> u64 {
     let mut stream = data;
+    // Coarse on purpose: how many frames, what the last one was and how
+    // the stream ended (a finer signature keeps every mutant).
     let mut feature = 0u64;
-    for _ in 0..8 {
-        match terna::agent::server::read_frame(&mut stream) {
+    for frames in 0..8u64 {
+        match terna::agent::protocol::read_frame(&mut stream) {
             Ok(Some((header, payload))) => {
                 assert!(payload.len() <= MAX_PAYLOAD as usize);
+                assert_eq!(payload.len(), header.len as usize);
                 let req = Request::decode(header.kind, &payload).is_ok();
                 let resp = Response::decode(header.kind, &payload).is_ok();
-                feature = feature.rotate_left(7)
-                    ^ kind_class(header.kind)
-                    ^ (u64::from(req) << 16)
-                    ^ (u64::from(resp) << 17);
+                feature = (frames + 1) << 12
+                    | kind_class(header.kind) << 2
+                    | u64::from(req) << 1
+                    | u64::from(resp);
             }
-            Ok(None) => return feature.rotate_left(3) ^ 1,
-            Err(e) => return feature.rotate_left(3) ^ (e.kind().hash_u64() << 1),
+            Ok(None) => return (feature << 8) | 1,
+            Err(e) => return (feature << 8) | ((e.kind().hash_u64() % 64) << 1),
         }
     }
     feature
@@ -1281,11 +1284,11 @@ fn config_seeds() -> Vec<Vec<u8>> {
 /// Parses as `load_or_init` does, with validation; what parses is written
 /// back as `load_or_init` writes it and must read back equal.
 fn run_config(data: &[u8]) -> u64 {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return 0;
-    };
+    // read_to_string refuses invalid UTF-8 before the parser sees it; the
+    // lossy form keeps byte-level mutants useful as text.
+    let text = String::from_utf8_lossy(data);
     let path = Path::new("/var/lib/terna/terna.toml");
-    match Config::parse(text, path) {
+    match Config::parse(&text, path) {
         Ok(config) => {
             let written = toml::to_string_pretty(&config).expect("a parsed config encodes");
             let again = Config::parse(&written, path).expect("what we write parses");
