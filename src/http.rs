@@ -28,11 +28,36 @@ fn respond(stream: &mut TcpStream, status: &str, content_type: &str, body: &str)
     );
 }
 
+/// Reads from a connection until a deadline for the whole request, so a
+/// client sending a byte now and then cannot hold a connection slot.
+struct ByDeadline<'a> {
+    stream: &'a TcpStream,
+    until: Instant,
+}
+
+impl std::io::Read for ByDeadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut stream = self.stream;
+        std::io::Read::read(&mut stream, buf)
+    }
+}
+
+/// The whole request must arrive within this.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
 fn serve_one(mut stream: TcpStream, probe: &dyn Probe) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut line = String::new();
     {
-        let mut reader = BufReader::new((&stream).take_bounded());
+        let deadline = ByDeadline {
+            stream: &stream,
+            until: Instant::now() + REQUEST_DEADLINE,
+        };
+        let mut reader = BufReader::new(deadline.take_bounded());
         if reader.read_line(&mut line).is_err() {
             return;
         }
@@ -171,6 +196,38 @@ mod tests {
         let mut body = String::new();
         s.read_to_string(&mut body)?;
         Ok(body)
+    }
+
+    #[test]
+    fn a_client_trickling_its_request_is_cut_off_at_the_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        serve_on(listener, Arc::new(Fixed)).unwrap();
+        let mut slow = TcpStream::connect(addr).unwrap();
+        slow.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 64];
+        // A byte every 200 ms never completes a line; each read alone is
+        // far inside any per-read timeout.
+        loop {
+            assert!(
+                started.elapsed() < REQUEST_DEADLINE * 4,
+                "the trickling client still holds its connection"
+            );
+            if slow.write_all(b"G").is_err() {
+                break;
+            }
+            match slow.read(&mut buf) {
+                Ok(_) => break,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => break,
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(started.elapsed() >= REQUEST_DEADLINE / 2);
     }
 
     #[test]

@@ -43,7 +43,15 @@ pub async fn run(opts: Options) -> Result<()> {
         ControllerCore::new(store.clone(), pools.clone(), config.overcommit_ratio)
             .with_data_dir(data_dir),
     );
-    let node = Arc::new(NodeCore::new(data_dir, &opts.node_id, store.clone()));
+    let node = Arc::new(
+        NodeCore::new(data_dir, &opts.node_id, store.clone()).with_protected(
+            config
+                .pools
+                .iter()
+                .filter(|p| p.nfs.is_none())
+                .map(|p| config.pool_path(data_dir, p)),
+        ),
+    );
     resume_interrupted(&controller, &store);
     crate::repair::release_claims(store.as_ref(), &opts.node_id);
     {

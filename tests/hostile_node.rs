@@ -611,3 +611,207 @@ async fn a_repair_claim_left_by_a_killed_process_is_released_at_start() {
     csi.delete(&id).await;
     terna.stop_and_check_clean();
 }
+
+/// An MBR with one Linux partition, as a Block-mode user would write.
+fn partition_table() -> Vec<u8> {
+    let mut mbr = vec![0u8; 4096];
+    mbr[446 + 4] = 0x83;
+    mbr[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+    mbr[446 + 12..446 + 16].copy_from_slice(&8192u32.to_le_bytes());
+    mbr[510] = 0x55;
+    mbr[511] = 0xAA;
+    mbr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_block_volume_is_never_formatted() {
+    if !common::require_root("a_partitioned_block_volume_is_never_formatted") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let root = terna.dir.path();
+    let id = csi
+        .create("partitioned", 16 * MIB, &[("replicas", "1")], block_cap())
+        .await
+        .unwrap()
+        .volume_id;
+    let staging = root.join("staging");
+    let target = root.join("pods/p/dev");
+    csi.stage(&id, &staging, block_cap()).await;
+    csi.publish(&id, &staging, &target, block_cap()).await;
+    let data = common::content(11, 1 << 20);
+    write_direct(&target, 0, &partition_table());
+    write_direct(&target, 2 << 20, &data);
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+
+    let (c, m) = stage(&mut csi, &id, &staging, mount_cap("ext4")).await;
+    assert_eq!(c, Code::FailedPrecondition, "{m}");
+    assert!(m.contains("partition table"), "{m}");
+    let _ = unstage(&mut csi, &id, &staging).await;
+    csi.stage(&id, &staging, block_cap()).await;
+    csi.publish(&id, &staging, &target, block_cap()).await;
+    assert_eq!(read_direct(&target, 2 << 20, data.len()).unwrap(), data);
+    assert_eq!(read_direct(&target, 0, 4096).unwrap(), partition_table());
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_that_would_shadow_terna_or_lead_elsewhere_are_refused() {
+    if !common::require_root("targets_that_would_shadow_terna_or_lead_elsewhere_are_refused") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let root = terna.dir.path();
+    let id = csi
+        .create("shadow", 16 * MIB, &[("replicas", "1")], mount_cap("ext4"))
+        .await
+        .unwrap()
+        .volume_id;
+    // Above the data dir, or a pool: the volume would hide Terna's state.
+    for path in [root.to_path_buf(), terna.data_dir.join("pools/disk-1")] {
+        let (c, m) = stage(&mut csi, &id, &path, mount_cap("ext4")).await;
+        assert_eq!(c, Code::InvalidArgument, "{}: {m}", path.display());
+    }
+    // A staging path that is a file: refused before the volume is claimed.
+    let file = root.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let (c, m) = stage(&mut csi, &id, &file, mount_cap("ext4")).await;
+    assert_eq!(c, Code::InvalidArgument, "{m}");
+
+    let staging = root.join("staging");
+    csi.stage(&id, &staging, mount_cap("ext4")).await;
+    // Staged as ext4: asking for xfs or a block device is not the same request.
+    let (c, m) = stage(&mut csi, &id, &staging, mount_cap("xfs")).await;
+    assert_eq!(c, Code::AlreadyExists, "{m}");
+    let (c, m) = stage(&mut csi, &id, &staging, block_cap()).await;
+    assert_eq!(c, Code::AlreadyExists, "{m}");
+    // Its raw device under its mounted filesystem: refused.
+    let (c, m) = publish(
+        &mut csi,
+        &id,
+        &staging,
+        &root.join("raw"),
+        block_cap(),
+        false,
+    )
+    .await;
+    assert_eq!(c, Code::FailedPrecondition, "{m}");
+
+    // A target through a symlink would be mounted where the link leads.
+    let real = root.join("real-target");
+    std::fs::create_dir_all(&real).unwrap();
+    let link = root.join("link-target");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let (c, m) = publish(&mut csi, &id, &staging, &link, mount_cap("ext4"), false).await;
+    assert_eq!(c, Code::InvalidArgument, "{m}");
+    assert!(
+        !m.contains(&*real.to_string_lossy()),
+        "says where the link leads: {m}"
+    );
+    assert!(mounted(&real).is_none());
+
+    // A target that exists as the wrong kind of file is refused and kept.
+    let empty_file = root.join("empty-file");
+    std::fs::write(&empty_file, b"").unwrap();
+    let (c, m) = publish(
+        &mut csi,
+        &id,
+        &staging,
+        &empty_file,
+        mount_cap("ext4"),
+        false,
+    )
+    .await;
+    assert_eq!(c, Code::InvalidArgument, "{m}");
+    assert!(empty_file.is_file());
+
+    // readonly with `rw` among the flags stays read-only.
+    let ro = root.join("pods/ro");
+    let mut cap = mount_cap("ext4");
+    if let Some(pb::volume_capability::AccessType::Mount(m)) = &mut cap.access_type {
+        m.mount_flags = vec!["rw".into()];
+    }
+    let (c, m) = publish(&mut csi, &id, &staging, &ro, cap, true).await;
+    assert_eq!(c, Code::Ok, "{m}");
+    assert!(mounted(&ro).unwrap().read_only());
+    assert!(std::fs::write(ro.join("x"), b"x").is_err());
+    csi.unpublish(&id, &ro).await;
+
+    // Flags that would make the host panic or stack another device.
+    for flag in ["errors=panic", "loop", "journal_path=/dev/sda"] {
+        let mut cap = mount_cap("ext4");
+        if let Some(pb::volume_capability::AccessType::Mount(m)) = &mut cap.access_type {
+            m.mount_flags = vec![flag.into()];
+        }
+        let (c, m) = publish(&mut csi, &id, &staging, &root.join("pods/f"), cap, false).await;
+        assert_eq!(c, Code::InvalidArgument, "{flag}: {m}");
+    }
+    csi.unstage(&id, &staging).await;
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_over_a_dead_engine_is_refused() {
+    if !common::require_root("publishing_over_a_dead_engine_is_refused") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let root = terna.dir.path();
+    let id = csi
+        .create("dead-publish", 16 * MIB, &[("replicas", "1")], block_cap())
+        .await
+        .unwrap()
+        .volume_id;
+    let staging = root.join("staging");
+    csi.stage(&id, &staging, block_cap()).await;
+    let pid: i32 = std::fs::read_to_string(terna.data_dir.join("run").join(&id).join("engine.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let target = root.join("pods/x/dev");
+    let (c, m) = publish(&mut csi, &id, &staging, &target, block_cap(), false).await;
+    assert_eq!(c, Code::FailedPrecondition, "{m}");
+    csi.stage(&id, &staging, block_cap()).await;
+    csi.publish(&id, &staging, &target, block_cap()).await;
+    read_direct(&target, 0, 4096).unwrap();
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_socket_is_never_taken_over() {
+    if !common::require_root("a_live_socket_is_never_taken_over") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let root = terna.dir.path();
+    let mut intruder =
+        spawn_standalone(&root.join("other-data"), &terna.socket, &root.join("i.log"));
+    let status = exits_within(&mut intruder, 30).expect("a second terna took over a live socket");
+    assert!(!status.success());
+    let log = std::fs::read_to_string(root.join("i.log")).unwrap();
+    assert!(log.contains("in use"), "{log}");
+    let mut csi = Csi::connect(&terna.socket).await;
+    csi.identity.probe(pb::ProbeRequest {}).await.unwrap();
+    terna.stop_and_check_clean();
+}

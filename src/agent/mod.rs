@@ -16,6 +16,9 @@ use crate::pools::Pools;
 /// Refuses to start without a cluster token (`cluster_token_file`): an
 /// agent serves every replica on the node to whoever it lets in.
 pub fn run(data_dir: &Path, listen: SocketAddr, node: &str) -> Result<()> {
+    // Claim floors live partly in memory: two agents on one data dir could
+    // each let through what the other fenced.
+    let _owner = crate::data_dir::lock(data_dir)?;
     let config = Config::load_or_init(data_dir)?;
     let token = config.cluster_token(data_dir).map_err(|e| Error {
         message: format!(

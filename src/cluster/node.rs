@@ -186,12 +186,18 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
             });
         }
         let core = Arc::new(
-            crate::node::NodeCore::new(&opts.data_dir, &opts.node_id, store).with_liveness(
-                Arc::new(LeaseLiveness {
+            crate::node::NodeCore::new(&opts.data_dir, &opts.node_id, store)
+                .with_liveness(Arc::new(LeaseLiveness {
                     leases,
                     handle: tokio::runtime::Handle::current(),
-                }),
-            ),
+                }))
+                .with_protected(
+                    config
+                        .pools
+                        .iter()
+                        .filter(|p| p.nfs.is_none())
+                        .map(|p| config.pool_path(&opts.data_dir, p)),
+                ),
         );
         if let Some(registry) = opts.registry_dir.clone() {
             let csi_socket = crate::grpc::uds::socket_path(&endpoint)?;

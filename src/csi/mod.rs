@@ -108,10 +108,21 @@ const REFUSED_MOUNT_OPTIONS: &[&str] = &[
     "unbindable",
     "runbindable",
     "helper",
+    "uhelper",
     "owner",
     "group",
     "user",
     "users",
+    "loop",
+    "offset",
+    "sizelimit",
+    "journal_path",
+    "journal_dev",
+    "logdev",
+    "rtdev",
+    "sb",
+    "norecovery",
+    "abort",
 ];
 
 /// Why a mount flag from a request is refused, if it is. Flags reach
@@ -133,7 +144,9 @@ fn mount_flag_problem(flag: &str) -> Option<&'static str> {
             .next()
             .unwrap_or(piece)
             .to_ascii_lowercase();
-        if REFUSED_MOUNT_OPTIONS.contains(&name.as_str()) || name.starts_with("x-") {
+        // errors=panic turns any I/O error on the volume into a host panic.
+        let panics = name == "errors" && piece.to_ascii_lowercase().ends_with("=panic");
+        if REFUSED_MOUNT_OPTIONS.contains(&name.as_str()) || name.starts_with("x-") || panics {
             return Some("it changes what is mounted or how, not the volume's filesystem options");
         }
     }

@@ -46,6 +46,17 @@ pub fn bind_endpoint(endpoint: &str) -> Result<(PathBuf, UnixListener)> {
     // directory or a symlink is a mistake, and the file is not ours.
     match std::fs::symlink_metadata(&socket) {
         Ok(m) if m.file_type().is_socket() => {
+            // Stale only if nobody answers on it: a live one is another
+            // process's endpoint, not ours to take over.
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                return Err(Error::new(
+                    crate::error::ErrorKind::FailedPrecondition,
+                    format!(
+                        "endpoint {} is in use by a running process; stop it or choose another endpoint",
+                        socket.display()
+                    ),
+                ));
+            }
             std::fs::remove_file(&socket).map_err(|e| {
                 Error::io(
                     format!("cannot remove stale socket {}", socket.display()),

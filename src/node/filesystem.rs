@@ -7,18 +7,17 @@ use std::process::Command;
 use crate::class::FsType;
 use crate::error::{Error, Result};
 
-/// The filesystem type on `device`, or `None` when it holds no signature.
+/// What `device` holds: its filesystem type, or (with no filesystem) its
+/// partition table as `"<type> partition table"`; `None` when it holds no
+/// signature at all, the only case in which it may be formatted.
 pub fn probe(device: &Path) -> Result<Option<String>> {
     let out = Command::new("blkid")
-        .args(["-p", "-s", "TYPE", "-o", "value"])
+        .args(["-p", "-o", "export"])
         .arg(device)
         .output()
         .map_err(|e| Error::io("cannot run blkid", e))?;
     match out.status.code() {
-        Some(0) => {
-            let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            Ok(if t.is_empty() { None } else { Some(t) })
-        }
+        Some(0) => Ok(signature(&String::from_utf8_lossy(&out.stdout))),
         // blkid: 2 = nothing found.
         Some(2) => Ok(None),
         _ => Err(Error::internal(format!(
@@ -30,6 +29,22 @@ pub fn probe(device: &Path) -> Result<Option<String>> {
     }
 }
 
+/// The signature named in `blkid -o export` output. A device Block-mode
+/// users partitioned has a PTTYPE and no TYPE; it is someone's data too.
+fn signature(export: &str) -> Option<String> {
+    let value = |key: &str| {
+        export
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(fs) = value("TYPE") {
+        return Some(fs.to_string());
+    }
+    value("PTTYPE").map(|pt| format!("{pt} partition table"))
+}
+
 /// Makes `fs` on `device` unless it already holds a filesystem, which is
 /// never touched. A different filesystem than asked for is an error, not a
 /// reformat: the data on it is someone's.
@@ -37,7 +52,7 @@ pub fn ensure(device: &Path, fs: FsType) -> Result<()> {
     match probe(device)? {
         Some(existing) if existing == fs.as_str() => Ok(()),
         Some(existing) => Err(Error::precondition(format!(
-            "volume already holds a {existing} filesystem, but {} was requested; it is left untouched",
+            "volume already holds {existing}, but a {} filesystem was requested; it is left untouched",
             fs.as_str()
         ))),
         None => {
@@ -109,5 +124,28 @@ pub fn grow(device: &Path, mount_point: &Path) -> Result<()> {
             device.display(),
             String::from_utf8_lossy(&out.stderr).trim()
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_table_is_a_signature_and_nothing_is_none() {
+        assert_eq!(
+            signature("DEVNAME=/dev/loop3\nTYPE=ext4\nUUID=x\n").as_deref(),
+            Some("ext4")
+        );
+        assert_eq!(
+            signature("DEVNAME=/dev/loop3\nPTUUID=1234\nPTTYPE=dos\n").as_deref(),
+            Some("dos partition table")
+        );
+        assert_eq!(
+            signature("DEVNAME=/dev/loop3\nPTTYPE=gpt\nTYPE=xfs\n").as_deref(),
+            Some("xfs")
+        );
+        assert_eq!(signature("DEVNAME=/dev/loop3\n"), None);
+        assert_eq!(signature(""), None);
     }
 }

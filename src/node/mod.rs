@@ -37,6 +37,9 @@ pub struct NodeCore {
     /// Tells whether another node's claim has lapsed; `None` (standalone:
     /// one node) never takes a claim over.
     liveness: Option<Arc<dyn NodeLiveness>>,
+    /// Directories besides the data dir no volume is staged or published
+    /// in or above: this node's pools.
+    protected: Vec<PathBuf>,
 }
 
 /// Whether nodes are still alive, for taking over the staging claim of one
@@ -64,7 +67,14 @@ impl NodeCore {
             store,
             children: Mutex::new(HashMap::new()),
             liveness: None,
+            protected: Vec::new(),
         }
+    }
+
+    /// Never stages or publishes in or above these directories (the pools).
+    pub fn with_protected(mut self, dirs: impl IntoIterator<Item = PathBuf>) -> NodeCore {
+        self.protected.extend(dirs);
+        self
     }
 
     /// Lets stage take over claims of nodes `liveness` says are gone.
@@ -109,11 +119,25 @@ impl NodeCore {
     /// or lies in a system directory or Terna's own data dir.
     fn check_caller_path(&self, path: &Path, what: &str) -> Result<()> {
         paths::caller_path(&path.to_string_lossy(), what)?;
-        let real = std::fs::canonicalize(&self.data_dir).unwrap_or_else(|_| self.data_dir.clone());
-        let own = [self.data_dir.as_path(), real.as_path()];
+        let mut own: Vec<PathBuf> = vec![self.data_dir.clone()];
+        own.extend(self.protected.iter().cloned());
+        let real: Vec<PathBuf> = own
+            .iter()
+            .filter_map(|p| std::fs::canonicalize(p).ok())
+            .collect();
+        own.extend(real);
+        let own: Vec<&Path> = own.iter().map(PathBuf::as_path).collect();
         paths::outside_protected(path, what, &own)?;
-        // Mounting follows symlinks: where the path leads counts too.
-        paths::outside_protected(&paths::resolved(path), what, &own)
+        // Mounting follows symlinks, while the mount table and every later
+        // call name the real path: a path through a symlink could be
+        // published twice and never unpublished.
+        if paths::resolved(path) != path {
+            return Err(Error::invalid(format!(
+                "{what} {} leads through a symlink; give the path it resolves to",
+                crate::volume::shown(&path.to_string_lossy())
+            )));
+        }
+        Ok(())
     }
 
     pub fn stage(&self, volume_id: &str, staging_path: &Path, cap: &Capability) -> Result<()> {
@@ -128,7 +152,30 @@ impl NodeCore {
         }
         // Something already mounted at the staging path must be this
         // volume's own device, or staging stops before touching anything.
-        if let Some(m) = mounts::mount_at(staging_path)?
+        let staged_mount = mounts::mount_at(staging_path)?;
+        if let Some(m) = &staged_mount
+            && self.own_device_of(volume_id, m).is_some()
+        {
+            // Staged already: only the same way is the same request.
+            let differs = match &cap.access_type {
+                AccessType::Block => Some("a block device".to_string()),
+                AccessType::Mount {
+                    fs_type: Some(fs), ..
+                } if fs.as_str() != m.fs_type => Some(fs.as_str().to_string()),
+                AccessType::Mount { .. } => None,
+            };
+            if let Some(asked) = differs {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "volume {volume_id} is staged at {} with {}, not as {asked}; unstage it first",
+                        staging_path.display(),
+                        m.fs_type
+                    ),
+                ));
+            }
+        }
+        if let Some(m) = staged_mount
             && self.own_device_of(volume_id, &m).is_none()
         {
             return Err(Error::precondition(format!(
@@ -136,6 +183,14 @@ impl NodeCore {
                 staging_path.display(),
                 m.source,
                 m.fs_type
+            )));
+        }
+        if let AccessType::Mount { .. } = &cap.access_type
+            && std::fs::symlink_metadata(staging_path).is_ok_and(|m| !m.is_dir())
+        {
+            return Err(Error::invalid(format!(
+                "staging target path {} exists and is not a directory",
+                staging_path.display()
             )));
         }
         let staging = staging_path.to_string_lossy().into_owned();
@@ -597,15 +652,52 @@ impl NodeCore {
                 "volume {volume_id} has no device; NodeStageVolume first"
             ))
         })?;
-        if let AccessType::Mount { .. } = &cap.access_type
-            && mounts::mount_at(staging_path)?
-                .is_none_or(|m| self.own_device_of(volume_id, &m).is_none())
-        {
+        if !self.engine_running(volume_id)? {
             return Err(Error::precondition(format!(
-                "volume {volume_id} is not mounted at its staging path {}; NodeStageVolume first",
-                staging_path.display()
+                "the engine of volume {volume_id} is not running; NodeStageVolume again first"
             )));
         }
+        let staged_fs = mounts::mount_at(staging_path)?
+            .is_some_and(|m| self.own_device_of(volume_id, &m).is_some());
+        match (&cap.access_type, staged_fs) {
+            (AccessType::Mount { .. }, false) => {
+                return Err(Error::precondition(format!(
+                    "volume {volume_id} is not mounted at its staging path {}; NodeStageVolume first",
+                    staging_path.display()
+                )));
+            }
+            // Its raw device under a mounted filesystem: writes to one
+            // corrupt the other.
+            (AccessType::Block, true) => {
+                return Err(Error::precondition(format!(
+                    "volume {volume_id} is staged with a filesystem; publish it as a filesystem, or unstage it and stage it as a block device"
+                )));
+            }
+            _ => {}
+        }
+        // What is already at the target stays the caller's: it must be what
+        // publish would make, and is never removed if publishing fails.
+        let existed = match std::fs::symlink_metadata(target) {
+            Ok(m) => {
+                let fits = match &cap.access_type {
+                    AccessType::Mount { .. } => m.is_dir(),
+                    AccessType::Block => m.is_file(),
+                };
+                if !fits {
+                    return Err(Error::invalid(format!(
+                        "target path {} exists and is not {}",
+                        target.display(),
+                        match &cap.access_type {
+                            AccessType::Mount { .. } => "a directory",
+                            AccessType::Block => "a regular file",
+                        }
+                    )));
+                }
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(Error::io(format!("cannot inspect {}", target.display()), e)),
+        };
         // Recorded before anything is made at the target, so unpublish
         // knows the target is this volume's whatever step a crash hits.
         self.record_published(volume_id, &t)?;
@@ -632,10 +724,32 @@ impl NodeCore {
                 .and_then(|()| mounts::bind_mount(device.path(), target, read_only, &[])),
         };
         if let Err(e) = made {
-            let _ = self.unpublish(volume_id, target);
+            if existed {
+                let _ = self.forget_target(volume_id, target);
+            } else {
+                let _ = self.unpublish(volume_id, target);
+            }
             return Err(e);
         }
         info!(volume_id, target = %target.display(), read_only, "volume published");
+        Ok(())
+    }
+
+    /// Undoes a publish at a target that existed before it: unmounts what
+    /// is the volume's there and drops the record, removing nothing.
+    fn forget_target(&self, volume_id: &str, target: &Path) -> Result<()> {
+        while let Some(m) = mounts::mount_at(target)? {
+            if self.own_device_of(volume_id, &m).is_none() {
+                break;
+            }
+            mounts::unmount_one(target)?;
+        }
+        let t = target.to_string_lossy().into_owned();
+        self.store.update(volume_id, &mut |r| {
+            let before = r.published.len();
+            r.published.retain(|p| p != &t);
+            Ok(r.published.len() != before)
+        })?;
         Ok(())
     }
 

@@ -119,10 +119,11 @@ pub fn bind_mount(source: &Path, target: &Path, read_only: bool, options: &[Stri
     )?;
     if read_only || !options.is_empty() {
         let mut opts = vec!["remount".to_string(), "bind".to_string()];
+        opts.extend(options.iter().cloned());
+        // Last, so a flag such as `rw` in the options cannot undo it.
         if read_only {
             opts.push("ro".to_string());
         }
-        opts.extend(options.iter().cloned());
         run(
             Command::new("mount")
                 .arg("-o")

@@ -28,7 +28,17 @@ const SYSTEM_DIRS: &[&str] = &[
     "/lib32",
     "/lib64",
     "/libx32",
-    "/run/terna",
+    "/root",
+    "/home",
+    "/opt",
+    "/srv",
+    "/run",
+    "/var/run",
+    "/var/log",
+    "/var/cache",
+    "/var/spool",
+    "/var/mail",
+    "/var/backups",
 ];
 
 /// `value` as an absolute path without `.` or `..` components (so what
@@ -58,17 +68,20 @@ pub fn caller_path(value: &str, what: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Refuses a path that is, or is inside, a system directory or one of
-/// `own` (Terna's data dir): a volume mounted there would hide what the
-/// node or Terna itself depends on.
+/// Refuses a path that is, is inside, or is an ancestor of a system
+/// directory or one of `own` (Terna's data dir and pools): a volume mounted
+/// there would hide what the node or Terna itself depends on.
 pub fn outside_protected(path: &Path, what: &str, own: &[&Path]) -> Result<()> {
     let system = SYSTEM_DIRS.iter().map(Path::new);
-    if let Some(dir) = system
-        .chain(own.iter().copied())
-        .find(|d| path.starts_with(d))
-    {
+    let mut protected = system.chain(own.iter().copied());
+    if let Some(dir) = protected.find(|d| path.starts_with(d) || d.starts_with(path)) {
+        let relation = if path.starts_with(dir) {
+            "inside"
+        } else {
+            "above"
+        };
         return Err(Error::invalid(format!(
-            "{what} {} is inside {}, where Terna never mounts a volume",
+            "{what} {} is {relation} {}, where Terna never mounts a volume",
             shown(&path.to_string_lossy()),
             dir.display()
         )));
@@ -142,6 +155,9 @@ mod tests {
             "/proc/1",
             "/dev/loop0",
             "/var/lib/terna/state",
+            "/var/lib",
+            "/var",
+            "/root/.ssh",
         ] {
             let err = outside_protected(Path::new(p), "target path", &[own]).unwrap_err();
             assert_eq!(err.kind, ErrorKind::InvalidArgument, "{p}");
