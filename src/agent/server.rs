@@ -82,6 +82,8 @@ pub struct AgentState {
     limits: Limits,
     /// Connections being served now.
     connections: AtomicUsize,
+    /// Connections per peer address that have not said Hello yet.
+    unauthenticated: Mutex<HashMap<std::net::IpAddr, usize>>,
 }
 
 /// Writes to a replica are refused from connections older than `epoch` or
@@ -129,6 +131,7 @@ impl AgentState {
             fence_dir: None,
             limits: Limits::default(),
             connections: AtomicUsize::new(0),
+            unauthenticated: Mutex::new(HashMap::new()),
         }
     }
 
@@ -582,9 +585,15 @@ fn authenticate(state: &AgentState, stream: &mut TcpStream) -> io::Result<Option
     Ok(Some(conn))
 }
 
-fn serve_connection(state: &AgentState, mut stream: TcpStream) -> io::Result<()> {
+fn serve_connection(
+    state: &AgentState,
+    mut stream: TcpStream,
+    unauthenticated: Unauthenticated,
+) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    let Some(mut conn) = authenticate(state, &mut stream)? else {
+    let authenticated = authenticate(state, &mut stream);
+    drop(unauthenticated);
+    let Some(mut conn) = authenticated? else {
         return Ok(());
     };
     stream.set_read_timeout(Some(state.limits.idle_timeout))?;
@@ -635,6 +644,39 @@ impl RateLimited {
         }
         self.last = Some(now);
         Some(std::mem::take(&mut self.held))
+    }
+}
+
+/// Connections one peer address may have open before their Hello: enough
+/// for a node whose engines all start at once, too few for one address to
+/// take every place by connecting and saying nothing.
+pub const MAX_UNAUTHENTICATED_PER_PEER: usize = 64;
+
+/// A connection from `peer` counted as not yet authenticated, until dropped.
+struct Unauthenticated(Arc<AgentState>, std::net::IpAddr);
+
+impl Unauthenticated {
+    fn take(state: &Arc<AgentState>, peer: std::net::IpAddr) -> Option<Unauthenticated> {
+        let mut counts = state.unauthenticated.lock().ok()?;
+        let n = counts.entry(peer).or_insert(0);
+        if *n >= MAX_UNAUTHENTICATED_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(Unauthenticated(state.clone(), peer))
+    }
+}
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.0.unauthenticated.lock()
+            && let Some(n) = counts.get_mut(&self.1)
+        {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -711,11 +753,23 @@ pub fn serve(listener: TcpListener, state: Arc<AgentState>) -> io::Result<()> {
             continue;
         };
         let peer = stream.peer_addr().ok();
+        let Some(unauthenticated) = peer.and_then(|p| Unauthenticated::take(&state, p.ip())) else {
+            drop(stream);
+            if let Some(held) = full.ready() {
+                warn!(
+                    ?peer,
+                    per_peer = MAX_UNAUTHENTICATED_PER_PEER,
+                    also_closed = held,
+                    "replica agent: too many connections from one address without a Hello; new ones closed"
+                );
+            }
+            continue;
+        };
         let spawned = std::thread::Builder::new()
             .name("agent-conn".into())
             .stack_size(256 * 1024)
             .spawn(move || {
-                if let Err(e) = serve_connection(&slot.0, stream) {
+                if let Err(e) = serve_connection(&slot.0, stream, unauthenticated) {
                     debug!(?peer, error = %e, "agent connection closed");
                 }
                 drop(slot);

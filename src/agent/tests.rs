@@ -701,3 +701,51 @@ fn connections_beyond_the_limit_are_closed_at_once() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn one_address_saying_nothing_cannot_take_every_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start_agent_with(AgentState::new("node-a", TOKEN, pool_in(dir.path())));
+    // Silent connections from 127.0.0.1, more than one address may hold.
+    let silent: Vec<TcpStream> = (0..super::server::MAX_UNAUTHENTICATED_PER_PEER + 8)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    let mut extra = Raw::connect(addr);
+    assert!(extra.closed_within(Duration::from_secs(5)));
+    // Another peer address still gets in at once.
+    let other = connect_from("127.0.0.2", addr);
+    let mut raw = Raw {
+        stream: other,
+        id: 0,
+    };
+    let resp = raw.call(&Request::Hello {
+        token: TOKEN.to_vec(),
+        node: "peer".into(),
+        claim: 0,
+    });
+    assert!(matches!(resp, Response::Hello { .. }), "{resp:?}");
+    drop(silent);
+}
+
+/// A TCP connection to `to` from the local address `from` (any of 127/8
+/// is this machine's loopback).
+fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = rt
+        .block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(format!("{from}:0").parse().unwrap())?;
+            socket.connect(to).await
+        })
+        .unwrap()
+        .into_std()
+        .unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
