@@ -410,15 +410,25 @@ fn warn_if_readable(path: &Path) {
 /// (the data dir itself only when it is new), and tightened to 0700 when an
 /// older version left them open (`state`, `dirty`, `fences`).
 pub fn prepare_data_dir(data_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     if !data_dir.exists() {
         crate::store::private_dir(data_dir)?;
     }
     for sub in ["state", "dirty"] {
         crate::store::private_dir(&data_dir.join(sub))?;
     }
-    let fences = crate::data_dir::fence_dir(data_dir);
-    if fences.exists() {
-        crate::store::private_dir(&fences)?;
+    for dir in [crate::data_dir::fence_dir(data_dir), data_dir.join("run")] {
+        if dir.exists() {
+            crate::store::private_dir(&dir)?;
+        }
+    }
+    // It names the token file and the pools: nobody else's business.
+    let config = data_dir.join(CONFIG_FILE);
+    if let Ok(meta) = std::fs::metadata(&config)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io(format!("cannot restrict {}", config.display()), e))?;
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -38,14 +39,16 @@ pub struct DataDirLock {
 /// Takes `<data_dir>/terna.lock`, recording our pid in it, or fails
 /// naming the process that holds it.
 pub fn lock(data_dir: &Path) -> Result<DataDirLock> {
-    std::fs::create_dir_all(data_dir)
-        .map_err(|e| Error::io(format!("cannot create data dir {}", data_dir.display()), e))?;
+    if !data_dir.exists() {
+        crate::store::private_dir(data_dir)?;
+    }
     let path = data_dir.join("terna.lock");
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
     let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {

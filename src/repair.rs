@@ -45,8 +45,7 @@ fn notice_missing(
             Err(e) => format!("pool {} unreachable: {e}", replica.pool),
         };
         let dir = crate::data_dir::dirty_dir(data_dir, &record.id);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| crate::error::Error::io(format!("cannot create {}", dir.display()), e))?;
+        crate::store::private_dir(&dir)?;
         let map = DirtyMap::new(record.capacity_bytes, DEFAULT_REGION);
         crate::store::atomic_write(&dir.join(dirty_map_file(index)), &map.encode())?;
         store.update(&record.id, &mut |r| Ok(r.fault_replica(index, &reason)))?;

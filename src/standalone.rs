@@ -32,8 +32,6 @@ pub struct Options {
 
 pub async fn run(opts: Options) -> Result<()> {
     let data_dir = &opts.data_dir;
-    std::fs::create_dir_all(data_dir)
-        .map_err(|e| Error::io(format!("cannot create data dir {}", data_dir.display()), e))?;
     let _owner = crate::data_dir::lock(data_dir)?;
     let config = Config::load_or_init(data_dir)?;
     let store: Arc<dyn StateStore> =

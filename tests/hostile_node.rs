@@ -815,3 +815,47 @@ async fn a_live_socket_is_never_taken_over() {
     csi.identity.probe(pb::ProbeRequest {}).await.unwrap();
     terna.stop_and_check_clean();
 }
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_staged_volume_leaves_on_disk_is_roots_only() {
+    if !common::require_root("what_a_staged_volume_leaves_on_disk_is_roots_only") {
+        return;
+    }
+    let mut terna = common::Standalone::start();
+    let config = terna.data_dir.join("terna.toml");
+    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    terna.restart();
+    assert_eq!(mode(&config), 0o600, "an old terna.toml was not tightened");
+    assert_eq!(mode(&terna.data_dir.join("terna.lock")), 0o600);
+    let mut csi = Csi::connect(&terna.socket).await;
+    let id = csi
+        .create("private", 16 * MIB, &[("replicas", "3")], mount_cap("ext4"))
+        .await
+        .unwrap()
+        .volume_id;
+    let staging = terna.dir.path().join("staging");
+    csi.stage(&id, &staging, mount_cap("ext4")).await;
+    let run = terna.data_dir.join("run");
+    for dir in [
+        run.clone(),
+        run.join(&id),
+        terna.data_dir.join("dirty").join(&id),
+    ] {
+        assert_eq!(
+            mode(&dir) & 0o077,
+            0,
+            "{} is {:o}",
+            dir.display(),
+            mode(&dir)
+        );
+    }
+    assert_eq!(mode(&run.join(&id).join("engine.log")), 0o600);
+    csi.unstage(&id, &staging).await;
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}

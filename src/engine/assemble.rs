@@ -103,8 +103,7 @@ pub fn assemble(
     let claim = record.staged_on.clone().filter(|s| s.node == node_id);
     pools.act_under_claim(claim.as_ref().map_or(0, |s| s.epoch));
     let dirty_dir = crate::data_dir::dirty_dir(data_dir, volume_id);
-    std::fs::create_dir_all(&dirty_dir)
-        .map_err(|e| Error::io(format!("cannot create {}", dirty_dir.display()), e))?;
+    crate::store::private_dir(&dirty_dir)?;
 
     let mut replicas = Vec::new();
     for (index, replica) in record.replicas.iter().enumerate() {

@@ -354,6 +354,8 @@ impl NodeCore {
         }
         // A dead engine leaves its mount behind (reads fail with ENOTCONN).
         self.stop_engine(volume_id)?;
+        // The run dir holds the volume's FUSE file: root's only.
+        crate::store::private_dir(&self.run_dir(volume_id))?;
         let dir = self.fuse_dir(volume_id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
@@ -361,6 +363,7 @@ impl NodeCore {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&log_path)
             .map_err(|e| Error::io(format!("cannot open {}", log_path.display()), e))?;
         let exe = std::env::current_exe().map_err(|e| Error::io("cannot find own binary", e))?;
