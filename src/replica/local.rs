@@ -254,9 +254,15 @@ impl Pool for LocalPool {
             .metadata()
             .map_err(|e| Error::io(format!("cannot stat replica {}", path.display()), e))?
             .len();
-        if current < size {
-            file.set_len(size)
-                .map_err(|e| Error::io(format!("cannot size replica {}", path.display()), e))?;
+        if current < size
+            && let Err(e) = file.set_len(size)
+        {
+            // A file this call made and could not size is no replica: it
+            // would be taken for one of size 0 later.
+            if current == 0 {
+                let _ = unlinkat(dir.as_fd(), name, UnlinkatFlags::NoRemoveDir);
+            }
+            return Err(Error::io(format!("cannot size replica {}", path.display()), e));
         }
         file.sync_all()
             .map_err(|e| Error::io(format!("cannot sync replica {}", path.display()), e))?;
@@ -532,6 +538,20 @@ mod tests {
     }
 
     /// Every operation refuses names that are not replica file names, and
+    #[test]
+    fn a_create_the_file_system_cannot_size_leaves_no_file() {
+        let root = tempfile::tempdir().unwrap();
+        let pool = LocalPool::new(root.path(), None).unwrap();
+        let name = crate::volume::replica_file_name(&crate::volume::volume_id_for("huge"), 0);
+        // Past ext4's and xfs's largest file, inside i64.
+        if pool.create(&name, 1 << 62).is_err() {
+            assert_eq!(pool.size_of(&name).unwrap(), None);
+        } else {
+            // A file system that takes it (btrfs, tmpfs) holds a real replica.
+            assert_eq!(pool.size_of(&name).unwrap(), Some(1 << 62));
+        }
+    }
+
     /// nothing outside the pool is created, read or removed.
     #[test]
     fn names_outside_the_replica_format_are_refused_by_every_operation() {
