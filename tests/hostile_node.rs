@@ -859,3 +859,35 @@ async fn what_a_staged_volume_leaves_on_disk_is_roots_only() {
     csi.delete(&id).await;
     terna.stop_and_check_clean();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_first_stage_leaves_the_volume_free() {
+    if !common::require_root("a_failed_first_stage_leaves_the_volume_free") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let root = terna.dir.path();
+    let id = csi
+        .create(
+            "fails-first",
+            16 * MIB,
+            &[("replicas", "1")],
+            mount_cap("ext4"),
+        )
+        .await
+        .unwrap()
+        .volume_id;
+    // 16 MiB is too small for xfs: refused after the claim was taken.
+    let first = root.join("first");
+    let (c, m) = stage(&mut csi, &id, &first, mount_cap("xfs")).await;
+    assert_eq!(c, Code::FailedPrecondition, "{m}");
+    assert!(mounted(&first).is_none());
+    // Nothing holds it: staging elsewhere and deleting afterwards both work.
+    let staging = root.join("staging");
+    let (c, m) = stage(&mut csi, &id, &staging, mount_cap("ext4")).await;
+    assert_eq!(c, Code::Ok, "{m}");
+    csi.unstage(&id, &staging).await;
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}

@@ -194,6 +194,10 @@ impl NodeCore {
             )));
         }
         let staging = staging_path.to_string_lossy().into_owned();
+        let was_here = record
+            .staged_on
+            .as_ref()
+            .is_some_and(|s| s.node == self.node_id && s.staging_path == staging);
         // Claim the volume for this node before anything touches its data.
         let node = self.node_id.clone();
         let claim = |dead: Option<&StagedOn>| -> Result<Option<StagedOn>> {
@@ -231,6 +235,28 @@ impl NodeCore {
             )));
         }
 
+        let staged = self.stage_claimed(volume_id, staging_path, cap, &record);
+        if let Err(e) = &staged
+            && !was_here
+        {
+            // A first stage that failed leaves nothing holding the volume: a
+            // retry at another path, or a DeleteVolume, must not find it
+            // claimed with an engine running.
+            if let Err(undo) = self.unstage(volume_id, staging_path) {
+                warn!(volume_id, error = %e, undo_error = %undo, "failed stage could not be undone");
+            }
+        }
+        staged
+    }
+
+    /// The rest of `stage`, once the claim is this node's.
+    fn stage_claimed(
+        &self,
+        volume_id: &str,
+        staging_path: &Path,
+        cap: &Capability,
+        record: &VolumeRecord,
+    ) -> Result<()> {
         if !self.engine_running(volume_id)? {
             // The engine (its supervisor) died: the device still reads from
             // its dead session and can never work again. Rebuild the stack
