@@ -262,7 +262,10 @@ impl Pool for LocalPool {
             if current == 0 {
                 let _ = unlinkat(dir.as_fd(), name, UnlinkatFlags::NoRemoveDir);
             }
-            return Err(Error::io(format!("cannot size replica {}", path.display()), e));
+            return Err(Error::io(
+                format!("cannot size replica {}", path.display()),
+                e,
+            ));
         }
         file.sync_all()
             .map_err(|e| Error::io(format!("cannot sync replica {}", path.display()), e))?;
