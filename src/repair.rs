@@ -7,13 +7,12 @@
 //! retried; the claim is released when the pass ends.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
 use crate::dirty::{DEFAULT_REGION, DirtyMap};
-use crate::engine::assemble::assemble;
+use crate::engine::assemble::{Backing, assemble};
 use crate::engine::dirty_map_file;
 use crate::error::Result;
 use crate::pools::Pools;
@@ -54,7 +53,8 @@ fn notice_missing(
     Ok(())
 }
 
-fn repair_one(data_dir: &Path, node: &str, store: &Arc<dyn StateStore>, id: &str) -> Result<()> {
+fn repair_one(data_dir: &Path, node: &str, backing: &Backing, id: &str) -> Result<()> {
+    let store = &backing.store;
     let claimed = store.update(id, &mut |r| {
         if r.staged_on.is_some() || r.phase != Phase::Ready {
             return Ok(false);
@@ -67,7 +67,8 @@ fn repair_one(data_dir: &Path, node: &str, store: &Arc<dyn StateStore>, id: &str
         return Ok(());
     }
     let result = (|| -> Result<()> {
-        let (engine, _) = assemble(data_dir, node, id, IO_THREADS)?;
+        let config = crate::config::Config::load_or_init(data_dir)?;
+        let engine = assemble(data_dir, node, id, IO_THREADS, &config, backing)?;
         let started = Instant::now();
         let want = store.get(id)?.map(|r| r.replicas.len()).unwrap_or(0);
         // Hold the claim only while repair gets somewhere: a replica that
@@ -139,8 +140,8 @@ pub fn release_claims(store: &dyn StateStore, node: &str) {
 }
 
 /// One pass over every unstaged volume.
-pub fn pass(data_dir: &Path, node: &str, store: &Arc<dyn StateStore>, pools: &Pools) {
-    pass_over(data_dir, node, store, pools, |_| true);
+pub fn pass(data_dir: &Path, node: &str, backing: &Backing) {
+    pass_over(data_dir, node, backing, |_| true);
 }
 
 /// Whether `node` looks after `record` in a cluster: it holds one of its
@@ -158,10 +159,10 @@ pub fn looks_after(record: &VolumeRecord, node: &str) -> bool {
 pub fn pass_over(
     data_dir: &Path,
     node: &str,
-    store: &Arc<dyn StateStore>,
-    pools: &Pools,
+    backing: &Backing,
     mine: impl Fn(&VolumeRecord) -> bool,
 ) {
+    let (store, pools) = (&backing.store, backing.pools.as_ref());
     let Ok(records) = store.list() else { return };
     for record in records {
         if record.phase != Phase::Ready || record.staged_on.is_some() || !mine(&record) {
@@ -176,7 +177,7 @@ pub fn pass_over(
             .ok()
             .flatten()
             .is_some_and(|r| r.degradation().is_some());
-        if degraded && let Err(e) = repair_one(data_dir, node, store, &record.id) {
+        if degraded && let Err(e) = repair_one(data_dir, node, backing, &record.id) {
             warn!(volume_id = %record.id, error = %e, "repair of unstaged volume failed; will retry");
         }
     }

@@ -53,17 +53,16 @@ pub async fn run(opts: Options) -> Result<()> {
     resume_interrupted(&controller, &store);
     crate::repair::release_claims(store.as_ref(), &opts.node_id);
     {
-        let (data_dir, node, store, pools) = (
-            data_dir.clone(),
-            opts.node_id.clone(),
-            store.clone(),
-            pools.clone(),
-        );
+        let (data_dir, node) = (data_dir.clone(), opts.node_id.clone());
+        let backing = crate::engine::assemble::Backing {
+            store: store.clone(),
+            pools: pools.clone(),
+        };
         std::thread::Builder::new()
             .name("repair".into())
             .spawn(move || {
                 loop {
-                    crate::repair::pass(&data_dir, &node, &store, &pools);
+                    crate::repair::pass(&data_dir, &node, &backing);
                     std::thread::sleep(REPAIR_INTERVAL);
                 }
             })

@@ -4,17 +4,15 @@
 //! baseline: a restarted controller does not repeat old news.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::Api;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::{WatchStreamExt, watcher};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::crd::TernaVolume;
-use super::provisioner::Provisioner;
 
 /// Pure: the event for a change of state, `None` when nothing changed.
 pub fn event_for(
@@ -75,8 +73,8 @@ pub fn regarding(volume: &TernaVolume) -> Vec<ObjectReference> {
 }
 
 /// Watches every TernaVolume and publishes an event per state change.
-pub async fn run(prov: Arc<Provisioner>) {
-    let api: Api<TernaVolume> = Api::all(prov.client.clone());
+pub async fn run(client: kube::Client, recorder: kube::runtime::events::Recorder) {
+    let api: Api<TernaVolume> = Api::all(client);
     let mut last: HashMap<String, String> = HashMap::new();
     let mut stream = watcher(api, watcher::Config::default())
         .default_backoff()
@@ -117,17 +115,16 @@ pub async fn run(prov: Arc<Provisioner>) {
         };
         info!(volume_id = %name, from = %previous, to = %current, "volume health changed");
         for reference in regarding(&volume) {
-            prov.publish(
-                reference,
-                Event {
-                    type_,
-                    reason: reason.into(),
-                    note: Some(note.clone()),
-                    action: "Health".into(),
-                    secondary: None,
-                },
-            )
-            .await;
+            let event = Event {
+                type_,
+                reason: reason.into(),
+                note: Some(note.clone()),
+                action: "Health".into(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                warn!(error = %e, "cannot publish event");
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Kubernetes as the database: the `terna.dev` CRDs, the state store on
 //! them, the provisioner, leader election and node pool registration.
 
+pub mod backing;
 pub mod capacity;
 pub mod client;
 pub mod controller;

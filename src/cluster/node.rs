@@ -17,6 +17,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tracing::{info, warn};
 
+use super::backing::{CLUSTER_FILE, ClusterFile};
 use super::crd::{NfsPoolSpec, StoragePool, StoragePoolSpec, human_bytes};
 use super::leader::{Decision, LeaseConfig, decide, try_acquire};
 use crate::agent::server::{self, AgentState};
@@ -350,69 +351,6 @@ async fn heartbeat(api: &Api<StoragePool>, agent: &AgentState, opts: &NodeOption
     Ok(())
 }
 
-/// Written into a cluster node's data dir: tells the engines it starts
-/// that state lives in Kubernetes and pools are the StoragePools.
-pub const CLUSTER_FILE: &str = "cluster.json";
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct ClusterFile {
-    /// `None`: in-cluster configuration (or KUBECONFIG).
-    kubeconfig: Option<PathBuf>,
-    pool_stale_secs: u64,
-}
-
-/// An engine's state store (which keeps the runtime its Kubernetes calls
-/// run on) and pools on a cluster node.
-pub struct ClusterBacking {
-    pub store: Arc<dyn crate::store::StateStore>,
-    pub pools: Arc<crate::pools::Pools>,
-}
-
-impl ClusterBacking {
-    /// `None` when `data_dir` is not a cluster node's.
-    pub fn open(data_dir: &Path, node: &str, config: &Config) -> Result<Option<ClusterBacking>> {
-        let path = data_dir.join(CLUSTER_FILE);
-        let file: ClusterFile = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
-        };
-        let runtime = Arc::new(
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .map_err(|e| Error::io("cannot start a runtime", e))?,
-        );
-        let client = runtime.block_on(super::client::client(file.kubeconfig.as_deref()))?;
-        let store = super::store::KubeStore::with_runtime(client.clone(), runtime.clone());
-        let api: Api<StoragePool> = Api::all(client);
-        let objects = runtime
-            .block_on(api.list(&ListParams::default()))
-            .map_err(|e| {
-                Error::new(
-                    crate::error::ErrorKind::Unavailable,
-                    format!("cannot list StoragePools: {e}"),
-                )
-            })?
-            .items;
-        let token = config.cluster_token(data_dir)?;
-        let directory = super::pools::PoolDirectory::new(
-            &token,
-            node,
-            Duration::from_millis(config.agent_timeout_ms),
-            Duration::from_secs(file.pool_stale_secs),
-        )
-        .with_local_node(node);
-        let shared: Vec<Arc<StoragePool>> = objects.into_iter().map(Arc::new).collect();
-        Ok(Some(ClusterBacking {
-            store: Arc::new(store),
-            pools: Arc::new(directory.pools(&shared)),
-        }))
-    }
-}
-
 const REPAIR_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Repairs, in the background, degraded volumes staged nowhere that this
@@ -426,13 +364,11 @@ fn spawn_repair(data_dir: &Path, node: &str) -> Result<()> {
             loop {
                 std::thread::sleep(REPAIR_INTERVAL);
                 let backing = Config::load_or_init_with(&data_dir, Config::default_node)
-                    .and_then(|config| ClusterBacking::open(&data_dir, &node, &config));
+                    .and_then(|config| super::backing::open(&data_dir, &node, &config));
                 match backing {
-                    Ok(Some(b)) => {
-                        crate::repair::pass_over(&data_dir, &node, &b.store, &b.pools, |r| {
-                            crate::repair::looks_after(r, &node)
-                        })
-                    }
+                    Ok(Some(b)) => crate::repair::pass_over(&data_dir, &node, &b, |r| {
+                        crate::repair::looks_after(r, &node)
+                    }),
                     Ok(None) => {}
                     Err(e) => warn!(error = %e, "cannot look for volumes to repair"),
                 }

@@ -268,7 +268,7 @@ impl Provisioner {
             .run(reconcile_claim, retry_claim, ctx.clone())
             .for_each(|_| async {});
         let sweep = sweep_orphans(ctx.clone());
-        let health = super::health_events::run(self.clone());
+        let health = super::health_events::run(self.client.clone(), self.recorder.clone());
         tokio::join!(class_watch, pvs, claims, sweep, health);
     }
 

@@ -1,5 +1,5 @@
-//! Builds a volume's engine from the data dir: configuration, state store,
-//! pools, every replica opened (faulted ones with what they missed), and the
+//! Builds a volume's engine on the store and pools its role hands over:
+//! every replica opened (faulted ones with what they missed), and the
 //! replacement hook. Shared by the engine process and offline repair.
 
 use std::sync::{Arc, OnceLock};
@@ -80,21 +80,38 @@ fn reopening(pools: &Arc<Pools>, volume_id: &str, index: usize, pool: &str) -> B
     })
 }
 
+/// What an engine is built on, handed over by the role that starts it: a
+/// standalone's files and configured pools, or a cluster's TernaVolumes and
+/// StoragePools. The engine never decides which.
+#[derive(Clone)]
+pub struct Backing {
+    pub store: Arc<dyn StateStore>,
+    pub pools: Arc<Pools>,
+}
+
+impl Backing {
+    /// A standalone data dir's: the file store and the configured pools.
+    pub fn standalone(
+        data_dir: &std::path::Path,
+        node_id: &str,
+        config: &Config,
+    ) -> Result<Backing> {
+        Ok(Backing {
+            store: Arc::new(FileStore::open(&crate::data_dir::state_dir(data_dir))?),
+            pools: Arc::new(Pools::from_config(config, data_dir, node_id)?),
+        })
+    }
+}
+
 pub fn assemble(
     data_dir: &std::path::Path,
     node_id: &str,
     volume_id: &str,
     io_threads: usize,
-) -> Result<(Arc<Engine>, Arc<dyn StateStore>)> {
-    let config = Config::load_or_init(data_dir)?;
-    let (store, pools): (Arc<dyn StateStore>, Arc<Pools>) =
-        match crate::cluster::node::ClusterBacking::open(data_dir, node_id, &config)? {
-            Some(cluster) => (cluster.store, cluster.pools),
-            None => (
-                Arc::new(FileStore::open(&crate::data_dir::state_dir(data_dir))?),
-                Arc::new(Pools::from_config(&config, data_dir, node_id)?),
-            ),
-        };
+    config: &Config,
+    backing: &Backing,
+) -> Result<Arc<Engine>> {
+    let (store, pools) = (backing.store.clone(), backing.pools.clone());
     let record = store
         .get(volume_id)?
         .ok_or_else(|| Error::not_found(format!("volume {volume_id} does not exist")))?;
@@ -206,5 +223,5 @@ pub fn assemble(
         },
     )
     .map_err(|e| Error::io("cannot start replica I/O threads", e))?;
-    Ok((Arc::new(engine), store))
+    Ok(Arc::new(engine))
 }

@@ -17,6 +17,7 @@
 
 pub mod assemble;
 pub mod process;
+pub mod ready;
 pub mod workers;
 
 use std::collections::BTreeMap;

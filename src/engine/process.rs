@@ -24,7 +24,7 @@
 //! ends when the session does (SIGTERM unmounts it), and passes SIGUSR1
 //! (re-read the size after an expansion) on to the worker.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{error, info, warn};
 
-use crate::engine::assemble::assemble;
+use crate::engine::assemble::{Backing, assemble};
 use crate::error::{Error, ErrorKind, Result};
 use crate::frontend::BlockDevice;
 use crate::frontend::fuse::{self, FuseExport, FuseOptions};
@@ -248,7 +248,7 @@ fn start_worker(args: &EngineArgs, fd: RawFd) -> Result<Child> {
     let mut child = cmd
         .spawn()
         .map_err(|e| Error::io("cannot start the engine worker", e))?;
-    if !says_ready(&mut child, WORKER_READY_TIMEOUT) {
+    if !super::ready::says_ready(&mut child, WORKER_READY_TIMEOUT) {
         let _ = child.kill();
         let status = child.wait();
         return Err(Error::new(
@@ -260,20 +260,6 @@ fn start_worker(args: &EngineArgs, fd: RawFd) -> Result<Child> {
         ));
     }
     Ok(child)
-}
-
-/// Whether `child` prints `ready` on its (piped) stdout within `timeout`.
-pub fn says_ready(child: &mut Child, timeout: Duration) -> bool {
-    let Some(stdout) = child.stdout.take() else {
-        return false;
-    };
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    rx.recv_timeout(timeout).unwrap_or_default().trim() == "ready"
 }
 
 /// Takes the inherited fd, after checking it is what the supervisor says.
@@ -300,7 +286,22 @@ fn session_fd(fd: RawFd) -> Result<OwnedFd> {
 fn serve(args: &EngineArgs, fd: RawFd, signals: SigSet) -> Result<()> {
     let session = session_fd(fd)?;
     let volume_id = args.volume_id.as_str();
-    let (engine, store) = assemble(&args.data_dir, &args.node_id, volume_id, REPLICA_IO_THREADS)?;
+    let config = crate::config::Config::load_or_init(&args.data_dir)?;
+    // The engine process is a role: it alone decides what its engine runs
+    // on (a cluster node's data dir names its cluster in `cluster.json`).
+    let backing = match crate::cluster::backing::open(&args.data_dir, &args.node_id, &config)? {
+        Some(cluster) => cluster,
+        None => Backing::standalone(&args.data_dir, &args.node_id, &config)?,
+    };
+    let store = backing.store.clone();
+    let engine = assemble(
+        &args.data_dir,
+        &args.node_id,
+        volume_id,
+        REPLICA_IO_THREADS,
+        &config,
+        &backing,
+    )?;
     let claim = store
         .get(volume_id)?
         .and_then(|r| r.staged_on)

@@ -411,7 +411,7 @@ impl NodeCore {
             .process_group(0)
             .spawn()
             .map_err(|e| Error::io("cannot start engine", e))?;
-        if !crate::engine::process::says_ready(&mut child, ENGINE_READY_TIMEOUT) {
+        if !crate::engine::ready::says_ready(&mut child, ENGINE_READY_TIMEOUT) {
             let _ = child.kill();
             let _ = child.wait();
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
