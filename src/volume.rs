@@ -180,11 +180,9 @@ pub fn malformed_reason(value: &str) -> Option<&'static str> {
     None
 }
 
-/// Checks a volume id a caller sent, before anything is looked up or any
-/// path is built from it: malformed is `InvalidArgument`; well formed but
-/// not an id Terna makes is `NotFound` (no such volume can exist); `Ok`
-/// means it has Terna's format and may be looked up.
-pub fn check_volume_id(id: &str) -> crate::error::Result<()> {
+/// InvalidArgument unless `id` could be some volume's id (see
+/// `malformed_reason`); says nothing about whether it exists.
+pub fn check_id_well_formed(id: &str) -> crate::error::Result<()> {
     use crate::error::Error;
     if id.is_empty() {
         return Err(Error::invalid("volume id is required"));
@@ -195,8 +193,19 @@ pub fn check_volume_id(id: &str) -> crate::error::Result<()> {
             shown(id)
         )));
     }
+    Ok(())
+}
+
+/// Checks a volume id a caller sent, before anything is looked up or any
+/// path is built from it: malformed is `InvalidArgument`; well formed but
+/// not an id Terna makes is `NotFound` (no such volume can exist); `Ok`
+/// means it has Terna's format and may be looked up.
+pub fn check_volume_id(id: &str) -> crate::error::Result<()> {
+    check_id_well_formed(id)?;
     if !is_valid_volume_id(id) {
-        return Err(Error::not_found(format!("volume {id} does not exist")));
+        return Err(crate::error::Error::not_found(format!(
+            "volume {id} does not exist"
+        )));
     }
     Ok(())
 }

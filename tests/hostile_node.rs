@@ -142,6 +142,25 @@ async fn stats(csi: &mut Csi, id: &str, path: &str) -> (Code, String) {
     )
 }
 
+/// Kills a staged volume's engine, supervisor and worker, as a crash would,
+/// and waits for it to be gone.
+fn kill_engine(terna: &common::Standalone, id: &str) {
+    let pid: i32 = std::fs::read_to_string(terna.data_dir.join("run").join(id).join("engine.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A directory tree outside the data dir that no call may touch.
 fn victim(root: &Path, name: &str) -> PathBuf {
     let dir = root.join(name);
@@ -396,20 +415,7 @@ async fn staging_over_a_dead_engine_restages_and_io_works() {
     let sum = common::write_synced(&staging.join("file"), &data);
 
     // The engine's supervisor and worker die (the whole process group).
-    let pid: i32 = std::fs::read_to_string(terna.data_dir.join("run").join(&id).join("engine.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    kill_engine(&terna, &id);
 
     // The kubelet stages again: OK must mean the volume works.
     let (c, m) = stage(&mut csi, &id, &staging, mount_cap("ext4")).await;
@@ -446,20 +452,7 @@ async fn a_dead_engine_under_a_published_volume_is_reported_not_hidden() {
     let target = root.join("pods/x/dev");
     csi.stage(&id, &staging, block_cap()).await;
     csi.publish(&id, &staging, &target, block_cap()).await;
-    let pid: i32 = std::fs::read_to_string(terna.data_dir.join("run").join(&id).join("engine.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    kill_engine(&terna, &id);
     let (c, m) = stage(&mut csi, &id, &staging, block_cap()).await;
     assert_eq!(c, Code::FailedPrecondition, "{m}");
     assert!(m.contains(&*target.to_string_lossy()), "{m}");
@@ -772,20 +765,7 @@ async fn publishing_over_a_dead_engine_is_refused() {
         .volume_id;
     let staging = root.join("staging");
     csi.stage(&id, &staging, block_cap()).await;
-    let pid: i32 = std::fs::read_to_string(terna.data_dir.join("run").join(&id).join("engine.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    kill_engine(&terna, &id);
     let target = root.join("pods/x/dev");
     let (c, m) = publish(&mut csi, &id, &staging, &target, block_cap(), false).await;
     assert_eq!(c, Code::FailedPrecondition, "{m}");

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use tracing::info_span;
 
 use crate::controller::{ControllerCore, CreateRequest, list_key, list_token, parse_list_token};
-use crate::csi::{VolumeLocks, blocking, parse_capability, sorted};
+use crate::csi::{VolumeLocks, blocking, parse_capability, sorted, volume_id};
 use crate::proto::csi as pb;
 use crate::volume::VolumeRecord;
 use pb::controller_server::Controller;
@@ -88,21 +88,6 @@ fn condition(r: &VolumeRecord) -> pb::VolumeCondition {
 
 fn published_nodes(r: &VolumeRecord) -> Vec<String> {
     r.staged_on.iter().map(|s| s.node.clone()).collect()
-}
-
-/// A volume id from a request. Malformed is InvalidArgument; anything
-/// else is looked up (ids Terna never makes are simply not found).
-fn volume_id(id: &str) -> Result<String, Status> {
-    if id.is_empty() {
-        return Err(Status::invalid_argument("volume id is required"));
-    }
-    if let Some(why) = crate::volume::malformed_reason(id) {
-        return Err(Status::invalid_argument(format!(
-            "volume id {} is malformed: {why}",
-            crate::volume::shown(id)
-        )));
-    }
-    Ok(id.to_string())
 }
 
 /// The CreateVolume name: required, at most 128 bytes (the CSI spec's limit

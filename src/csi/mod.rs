@@ -35,6 +35,15 @@ impl From<Error> for Status {
     }
 }
 
+/// The volume id from a request, checked before it is a lock key or a
+/// lookup: malformed is InvalidArgument; whether it exists is decided after
+/// every other field has been checked, as the spec orders the codes (ids
+/// Terna never makes are then simply not found).
+pub(crate) fn volume_id(id: &str) -> Result<String, Status> {
+    crate::volume::check_id_well_formed(id)?;
+    Ok(id.to_string())
+}
+
 pub(crate) fn parse_capability(cap: &pb::VolumeCapability) -> Result<Capability, Status> {
     use pb::volume_capability::access_mode::Mode;
     let mode = cap

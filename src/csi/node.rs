@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use tracing::info_span;
 
 use crate::capability::AccessType;
-use crate::csi::{VolumeLocks, blocking, parse_capability};
+use crate::csi::{VolumeLocks, blocking, parse_capability, volume_id};
 use crate::node::NodeCore;
 use crate::proto::csi as pb;
 use pb::node_server::Node;
@@ -16,22 +16,6 @@ use pb::node_server::Node;
 pub struct NodeService {
     pub core: Arc<NodeCore>,
     pub locks: VolumeLocks,
-}
-
-/// The volume id, checked before it is used as a lock key or anywhere
-/// else. Malformed is InvalidArgument here; whether it exists is decided
-/// after every other field has been checked, as the spec orders the codes.
-fn volume_id(id: &str) -> Result<String, Status> {
-    if id.is_empty() {
-        return Err(Status::invalid_argument("volume id is required"));
-    }
-    if let Some(why) = crate::volume::malformed_reason(id) {
-        return Err(Status::invalid_argument(format!(
-            "volume id {} is malformed: {why}",
-            crate::volume::shown(id)
-        )));
-    }
-    Ok(id.to_string())
 }
 
 /// A path that is only compared with where the volume is (stats,
