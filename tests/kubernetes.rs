@@ -938,6 +938,10 @@ async fn a_node_that_dies_holding_a_volume_releases_it_when_its_lease_expires() 
         .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
         .collect();
     common::write_synced(&target1.join("before.bin"), &data);
+    let n1_device = terna::node::mounts::mount_at(&staging1)
+        .unwrap()
+        .expect("staged on n1")
+        .source;
 
     // Node n1's plugin dies (its lease lapses), but the volume's engine
     // there lives on, as on a node cut off from its peers' view: it must not
@@ -1048,6 +1052,15 @@ async fn a_node_that_dies_holding_a_volume_releases_it_when_its_lease_expires() 
     let mut n1 = common::csi_client::Csi::connect(&cluster.node_socket(1)).await;
     n1.unpublish(&id, &target1).await;
     n1.unstage(&id, &staging1).await;
+    // Its old engine ended the session and unmounted the export, so the
+    // kernel names the device's file `/volume`: unstage still finds it.
+    let name = n1_device.trim_start_matches("/dev/");
+    let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"));
+    assert!(
+        backing.as_deref().map(str::trim).ok() != Some("/volume"),
+        "n1's loop device {n1_device} was left attached"
+    );
+    assert!(terna::node::mounts::mount_at(&staging1).unwrap().is_none());
     let claim = terna_volume(&client, &id)
         .await
         .status

@@ -25,6 +25,8 @@ use crate::frontend::loopdev::{LoopDevice, LoopOptions};
 use crate::store::StateStore;
 use crate::volume::{Phase, StagedOn, VolumeRecord};
 
+/// In a volume's run dir: the loop device staging attached.
+const DEVICE_FILE: &str = "device";
 const ENGINE_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const ENGINE_EXIT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -337,22 +339,38 @@ impl NodeCore {
 
     /// The loop device serving `volume_id`, if it is staged here.
     pub fn device(&self, volume_id: &str) -> Result<Option<LoopDevice>> {
-        LoopDevice::find_by_backing(&self.backing_file(volume_id))
-            .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot scan loop devices", e))
+        let found = LoopDevice::find_by_backing(&self.backing_file(volume_id))
+            .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot scan loop devices", e))?;
+        Ok(found.or_else(|| self.detached_device(volume_id)))
+    }
+
+    /// The device recorded at staging, if its FUSE export has since been
+    /// unmounted under it (the engine ended its session): the kernel then
+    /// names the backing file `/volume`, relative to no mount, and only the
+    /// record says whose it is. A device reused by another volume names
+    /// that volume's full path instead.
+    fn detached_device(&self, volume_id: &str) -> Option<LoopDevice> {
+        let recorded = std::fs::read_to_string(self.run_dir(volume_id).join(DEVICE_FILE)).ok()?;
+        let dev = LoopDevice::open(Path::new(recorded.trim()));
+        (dev.backing_file()? == Path::new("/volume")).then_some(dev)
     }
 
     fn ensure_loop(&self, volume_id: &str) -> Result<LoopDevice> {
-        if let Some(dev) = self.device(volume_id)? {
-            return Ok(dev);
-        }
-        LoopDevice::attach(
-            &self.backing_file(volume_id),
-            LoopOptions {
-                read_only: false,
-                direct_io: true,
-            },
-        )
-        .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot attach loop device", e))
+        let dev = match self.device(volume_id)? {
+            Some(dev) => dev,
+            None => LoopDevice::attach(
+                &self.backing_file(volume_id),
+                LoopOptions {
+                    read_only: false,
+                    direct_io: true,
+                },
+            )
+            .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot attach loop device", e))?,
+        };
+        let record = self.run_dir(volume_id).join(DEVICE_FILE);
+        std::fs::write(&record, dev.path().to_string_lossy().as_bytes())
+            .map_err(|e| Error::io(format!("cannot write {}", record.display()), e))?;
+        Ok(dev)
     }
 
     /// The engine's supervisor is alive and its session mounted. Nothing
@@ -560,7 +578,10 @@ impl NodeCore {
         let backing = dev.backing_file()?;
         let ours = backing == self.backing_file(volume_id)
             || std::fs::canonicalize(self.run_dir(volume_id))
-                .is_ok_and(|run| backing == run.join("fuse").join("volume"));
+                .is_ok_and(|run| backing == run.join("fuse").join("volume"))
+            || self
+                .detached_device(volume_id)
+                .is_some_and(|d| d.path() == dev.path());
         if !ours {
             return None;
         }
