@@ -161,6 +161,20 @@ fn kill_engine(terna: &common::Standalone, id: &str) {
     }
 }
 
+/// A new volume of `mib` MiB with `replicas` replicas: its id.
+async fn create(
+    csi: &mut Csi,
+    name: &str,
+    mib: i64,
+    replicas: &str,
+    cap: pb::VolumeCapability,
+) -> String {
+    csi.create(name, mib * MIB, &[("replicas", replicas)], cap)
+        .await
+        .unwrap()
+        .volume_id
+}
+
 /// A directory tree outside the data dir that no call may touch.
 fn victim(root: &Path, name: &str) -> PathBuf {
     let dir = root.join(name);
@@ -256,11 +270,7 @@ async fn a_published_block_volume_is_never_torn_down_under_its_pod() {
     let terna = common::Standalone::start();
     let mut csi = Csi::connect(&terna.socket).await;
     let root = terna.dir.path();
-    let id = csi
-        .create("pod-a", 16 * MIB, &[("replicas", "1")], block_cap())
-        .await
-        .unwrap()
-        .volume_id;
+    let id = create(&mut csi, "pod-a", 16, "1", block_cap()).await;
     let staging = root.join("staging-a");
     let target = root.join("pods/a/dev");
     csi.stage(&id, &staging, block_cap()).await;
@@ -277,11 +287,7 @@ async fn a_published_block_volume_is_never_torn_down_under_its_pod() {
     assert!(message.contains(&*target.to_string_lossy()), "{message}");
 
     // Another volume staged now must not inherit the pod's device.
-    let other = csi
-        .create("pod-b", 16 * MIB, &[("replicas", "1")], block_cap())
-        .await
-        .unwrap()
-        .volume_id;
+    let other = create(&mut csi, "pod-b", 16, "1", block_cap()).await;
     let other_staging = root.join("staging-b");
     csi.stage(&other, &other_staging, block_cap()).await;
     assert_eq!(read_direct(&target, 0, data.len()).unwrap(), data);
@@ -302,11 +308,7 @@ async fn paths_that_were_never_the_volumes_are_left_alone() {
     let terna = common::Standalone::start();
     let mut csi = Csi::connect(&terna.socket).await;
     let root = terna.dir.path();
-    let id = csi
-        .create("paths", 16 * MIB, &[("replicas", "1")], mount_cap("ext4"))
-        .await
-        .unwrap()
-        .volume_id;
+    let id = create(&mut csi, "paths", 16, "1", mount_cap("ext4")).await;
 
     // Unstaged volume: an empty directory and a tmpfs at paths it never used.
     let empty = root.join("never-published");
@@ -399,16 +401,7 @@ async fn staging_over_a_dead_engine_restages_and_io_works() {
     let terna = common::Standalone::start();
     let mut csi = Csi::connect(&terna.socket).await;
     let root = terna.dir.path();
-    let id = csi
-        .create(
-            "dead-engine",
-            32 * MIB,
-            &[("replicas", "3")],
-            mount_cap("ext4"),
-        )
-        .await
-        .unwrap()
-        .volume_id;
+    let id = create(&mut csi, "dead-engine", 32, "3", mount_cap("ext4")).await;
     let staging = root.join("staging");
     csi.stage(&id, &staging, mount_cap("ext4")).await;
     let data = common::content(3, 256 << 10);
@@ -438,16 +431,7 @@ async fn a_dead_engine_under_a_published_volume_is_reported_not_hidden() {
     let terna = common::Standalone::start();
     let mut csi = Csi::connect(&terna.socket).await;
     let root = terna.dir.path();
-    let id = csi
-        .create(
-            "dead-published",
-            16 * MIB,
-            &[("replicas", "1")],
-            block_cap(),
-        )
-        .await
-        .unwrap()
-        .volume_id;
+    let id = create(&mut csi, "dead-published", 16, "1", block_cap()).await;
     let staging = root.join("staging");
     let target = root.join("pods/x/dev");
     csi.stage(&id, &staging, block_cap()).await;
@@ -624,11 +608,7 @@ async fn a_partitioned_block_volume_is_never_formatted() {
     let terna = common::Standalone::start();
     let mut csi = Csi::connect(&terna.socket).await;
     let root = terna.dir.path();
-    let id = csi
-        .create("partitioned", 16 * MIB, &[("replicas", "1")], block_cap())
-        .await
-        .unwrap()
-        .volume_id;
+    let id = create(&mut csi, "partitioned", 16, "1", block_cap()).await;
     let staging = root.join("staging");
     let target = root.join("pods/p/dev");
     csi.stage(&id, &staging, block_cap()).await;
@@ -661,11 +641,7 @@ async fn targets_that_would_shadow_terna_or_lead_elsewhere_are_refused() {
     let terna = common::Standalone::start();
     let mut csi = Csi::connect(&terna.socket).await;
     let root = terna.dir.path();
-    let id = csi
-        .create("shadow", 16 * MIB, &[("replicas", "1")], mount_cap("ext4"))
-        .await
-        .unwrap()
-        .volume_id;
+    let id = create(&mut csi, "shadow", 16, "1", mount_cap("ext4")).await;
     // Above the data dir, or a pool: the volume would hide Terna's state.
     for path in [root.to_path_buf(), terna.data_dir.join("pools/disk-1")] {
         let (c, m) = stage(&mut csi, &id, &path, mount_cap("ext4")).await;
@@ -758,11 +734,7 @@ async fn publishing_over_a_dead_engine_is_refused() {
     let terna = common::Standalone::start();
     let mut csi = Csi::connect(&terna.socket).await;
     let root = terna.dir.path();
-    let id = csi
-        .create("dead-publish", 16 * MIB, &[("replicas", "1")], block_cap())
-        .await
-        .unwrap()
-        .volume_id;
+    let id = create(&mut csi, "dead-publish", 16, "1", block_cap()).await;
     let staging = root.join("staging");
     csi.stage(&id, &staging, block_cap()).await;
     kill_engine(&terna, &id);
@@ -813,11 +785,7 @@ async fn what_a_staged_volume_leaves_on_disk_is_roots_only() {
     assert_eq!(mode(&config), 0o600, "an old terna.toml was not tightened");
     assert_eq!(mode(&terna.data_dir.join("terna.lock")), 0o600);
     let mut csi = Csi::connect(&terna.socket).await;
-    let id = csi
-        .create("private", 16 * MIB, &[("replicas", "3")], mount_cap("ext4"))
-        .await
-        .unwrap()
-        .volume_id;
+    let id = create(&mut csi, "private", 16, "3", mount_cap("ext4")).await;
     let staging = terna.dir.path().join("staging");
     csi.stage(&id, &staging, mount_cap("ext4")).await;
     let run = terna.data_dir.join("run");
@@ -848,16 +816,7 @@ async fn a_failed_first_stage_leaves_the_volume_free() {
     let terna = common::Standalone::start();
     let mut csi = Csi::connect(&terna.socket).await;
     let root = terna.dir.path();
-    let id = csi
-        .create(
-            "fails-first",
-            16 * MIB,
-            &[("replicas", "1")],
-            mount_cap("ext4"),
-        )
-        .await
-        .unwrap()
-        .volume_id;
+    let id = create(&mut csi, "fails-first", 16, "1", mount_cap("ext4")).await;
     // 16 MiB is too small for xfs: refused after the claim was taken.
     let first = root.join("first");
     let (c, m) = stage(&mut csi, &id, &first, mount_cap("xfs")).await;

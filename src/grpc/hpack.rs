@@ -1,7 +1,7 @@
-//! HPACK (RFC 7541) for [`super::authority`]: a decoder (header blocks
-//! in, (name, value) fields out, the dynamic table kept across blocks as
-//! the client's encoder expects) and the one encoding the rewriter writes,
-//! literals that never touch the server's dynamic table. Pure logic; hostile input is an error, never a
+//! HPACK (RFC 7541): a decoder (header blocks in, (name, value) fields
+//! out, the dynamic table kept across blocks as the client's encoder
+//! expects) and one encoding, literals that never touch the peer's
+//! dynamic table. Pure logic; hostile input is an error, never a
 //! panic, and costs time linear in its length: Huffman strings are decoded
 //! with a canonical-code walk over precomputed tables, and decoding stops
 //! as soon as the fields pass the caller's size limit.
