@@ -1144,8 +1144,17 @@ async fn a_volume_staged_nowhere_is_repaired_when_a_replica_node_dies_and_return
     wait_replica_state(&client, &id, "n3", "faulted", Duration::from_secs(60)).await;
     cluster.nodes[2].restart();
     wait_replica_state(&client, &id, "n3", "healthy", Duration::from_secs(90)).await;
-    let status = terna_volume(&client, &id).await.status.unwrap();
-    assert!(status.staged_on.is_none(), "repair released its claim");
+    // The replica turns healthy inside the repair pass; the claim is let go
+    // when the pass ends, a moment later.
+    let c = client.clone();
+    eventually("repair to release its claim", Duration::from_secs(30), || {
+        let (c, id) = (c.clone(), id.clone());
+        async move {
+            let status = terna_volume(&c, &id).await.status;
+            status.is_some_and(|s| s.staged_on.is_none())
+        }
+    })
+    .await;
 
     let (mut n2, staging2, target2) = mount_on(&cluster, 2, &id).await;
     let read = std::fs::read(target2.join("kept.bin")).unwrap();
