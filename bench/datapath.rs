@@ -192,7 +192,7 @@ impl Drop for Terna {
 }
 
 fn start_terna(dir: &Path) -> Terna {
-    let mut config = terna::config::Config::default_standalone();
+    let mut config = terna::core::config::Config::default_standalone();
     config.replace_after_secs = 0;
     config.rebuild_mib_per_sec = 0;
     start_terna_with(dir, &toml::to_string(&config).unwrap())
@@ -320,7 +320,8 @@ async fn catch_up_after_absence(work: &Path, size: u64, away: u64) -> (u64, u64)
     let write = |offsets: &mut dyn Iterator<Item = u64>| {
         use std::io::{Seek, SeekFrom, Write};
         use std::os::unix::fs::OpenOptionsExt;
-        let buf = terna::replica::aligned::AlignedBuf::copy_of(&vec![0xa5u8; MIB as usize]);
+        let buf =
+            terna::datapath::replica::aligned::AlignedBuf::copy_of(&vec![0xa5u8; MIB as usize]);
         let mut dev = std::fs::OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT)

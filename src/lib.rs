@@ -1,31 +1,10 @@
 //! Terna: a CSI driver and dynamic provisioner whose volumes are
 //! synchronously replicated across failure domains. See ARCHITECTURE.md.
 
-pub mod agent;
-pub mod capability;
-pub mod class;
-pub mod cluster;
-pub mod config;
-pub mod controller;
-pub mod csi;
-pub mod data_dir;
-pub mod dirty;
-pub mod engine;
-pub mod error;
-pub mod frontend;
-pub mod grpc;
-pub mod http;
-pub mod metrics;
-pub mod node;
-pub mod placement;
-pub mod pools;
-pub mod repair;
-pub mod replica;
-pub mod report;
-pub mod shutdown;
-pub mod standalone;
-pub mod store;
-pub mod volume;
+pub mod core;
+pub mod datapath;
+pub mod edge;
+pub mod roles;
 
 pub mod proto {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -185,7 +185,10 @@ struct ReportSource {
     output: String,
 }
 
-type Rows = (Vec<terna::report::PoolRow>, Vec<terna::report::VolumeRow>);
+type Rows = (
+    Vec<terna::roles::report::PoolRow>,
+    Vec<terna::roles::report::VolumeRow>,
+);
 
 fn gather(source: &ReportSource) -> anyhow::Result<Rows> {
     if !matches!(source.output.as_str(), "table" | "json") {
@@ -197,12 +200,15 @@ fn gather(source: &ReportSource) -> anyhow::Result<Rows> {
     if source.cluster {
         let runtime = tokio::runtime::Runtime::new()?;
         Ok(runtime.block_on(async {
-            let client = terna::cluster::client::client(source.kubeconfig.as_deref()).await?;
-            terna::report::from_cluster(client).await
+            let client = terna::edge::kube::client::client(source.kubeconfig.as_deref()).await?;
+            terna::roles::report::from_cluster(client).await
         })?)
     } else {
         let node = nix::unistd::gethostname()?.to_string_lossy().into_owned();
-        Ok(terna::report::from_data_dir(&source.data_dir, &node)?)
+        Ok(terna::roles::report::from_data_dir(
+            &source.data_dir,
+            &node,
+        )?)
     }
 }
 
@@ -259,11 +265,13 @@ fn main() -> anyhow::Result<()> {
                 None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
             };
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(terna::standalone::run(terna::standalone::Options {
-                data_dir,
-                endpoint,
-                node_id,
-            }))?;
+            runtime.block_on(terna::roles::standalone::run(
+                terna::roles::standalone::Options {
+                    data_dir,
+                    endpoint,
+                    node_id,
+                },
+            ))?;
         }
         Command::Engine {
             data_dir,
@@ -271,7 +279,7 @@ fn main() -> anyhow::Result<()> {
             volume,
             mountpoint,
             fuse_fd,
-        } => terna::engine::process::run(terna::engine::process::EngineArgs {
+        } => terna::roles::engine::run(terna::roles::engine::EngineArgs {
             data_dir,
             node_id,
             volume_id: volume,
@@ -287,7 +295,7 @@ fn main() -> anyhow::Result<()> {
                 Some(n) => n,
                 None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
             };
-            terna::agent::run(&data_dir, listen, &node_id)?;
+            terna::roles::agent::run(&data_dir, listen, &node_id)?;
         }
         Command::Controller {
             kubeconfig,
@@ -314,7 +322,7 @@ fn main() -> anyhow::Result<()> {
                 ),
             };
             let duration = std::time::Duration::from_secs(lease_duration_secs.max(3));
-            let lease = (!no_leader_elect).then(|| terna::cluster::leader::LeaseConfig {
+            let lease = (!no_leader_elect).then(|| terna::edge::kube::leader::LeaseConfig {
                 namespace: lease_namespace,
                 name: lease_name,
                 identity: identity.clone(),
@@ -323,10 +331,10 @@ fn main() -> anyhow::Result<()> {
             });
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
-                let client = terna::cluster::client::client(kubeconfig.as_deref()).await?;
-                terna::cluster::controller::run(
+                let client = terna::edge::kube::client::client(kubeconfig.as_deref()).await?;
+                terna::roles::controller::run(
                     client,
-                    terna::cluster::controller::ControllerOptions {
+                    terna::roles::controller::ControllerOptions {
                         identity,
                         lease,
                         cluster_token_file,
@@ -361,11 +369,11 @@ fn main() -> anyhow::Result<()> {
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
-                let client = terna::cluster::client::client(kubeconfig.as_deref()).await?;
+                let client = terna::edge::kube::client::client(kubeconfig.as_deref()).await?;
                 let kubeconfig = kubeconfig.map(|k| std::path::absolute(&k).unwrap_or(k));
-                terna::cluster::node::run(
+                terna::roles::node::run(
                     client,
-                    terna::cluster::node::NodeOptions {
+                    terna::roles::node::NodeOptions {
                         data_dir,
                         node_id,
                         agent_listen,
@@ -383,7 +391,7 @@ fn main() -> anyhow::Result<()> {
             })?;
         }
         Command::Crds { out } => {
-            let docs = terna::cluster::crd::crd_yaml()?;
+            let docs = terna::edge::kube::crd::crd_yaml()?;
             match out {
                 Some(dir) => {
                     std::fs::create_dir_all(&dir)?;
@@ -418,7 +426,7 @@ fn main() -> anyhow::Result<()> {
                 Ok(if json {
                     serde_json::to_string_pretty(volumes)? + "\n"
                 } else {
-                    terna::report::volumes_table(volumes)
+                    terna::roles::report::volumes_table(volumes)
                 })
             })?;
         }
@@ -428,7 +436,7 @@ fn main() -> anyhow::Result<()> {
                 Ok(if json {
                     serde_json::to_string_pretty(pools)? + "\n"
                 } else {
-                    terna::report::pools_table(pools)
+                    terna::roles::report::pools_table(pools)
                 })
             })?;
         }
@@ -440,7 +448,7 @@ fn main() -> anyhow::Result<()> {
                         &serde_json::json!({"pools": pools, "volumes": volumes}),
                     )? + "\n"
                 } else {
-                    terna::report::status_text(pools, volumes)
+                    terna::roles::report::status_text(pools, volumes)
                 })
             })?;
         }

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use terna::agent::protocol::read_frame;
-use terna::agent::protocol::{HEADER_LEN, Request, Response};
+use terna::datapath::agent::protocol::read_frame;
+use terna::datapath::agent::protocol::{HEADER_LEN, Request, Response};
 
 const TOKEN: &str = "agent-test-token-0123456789abcdef";
 

@@ -30,7 +30,7 @@ fn terna(args: &[&str], data_dir: &std::path::Path) -> String {
 async fn pools_volumes_and_status_tell_the_story_of_a_data_dir() {
     let terna_proc = Standalone::start_with(|data| {
         std::fs::create_dir_all(data).unwrap();
-        let mut config = terna::config::Config::default_standalone();
+        let mut config = terna::core::config::Config::default_standalone();
         // Keep the lost replica faulted (not replaced) while we look.
         config.replace_after_secs = 3600;
         std::fs::write(data.join("terna.toml"), toml::to_string(&config).unwrap()).unwrap();

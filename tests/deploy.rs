@@ -291,7 +291,7 @@ fn check_args_rejects_a_bogus_flag_and_a_bad_env_value() {
 fn node_config_parses_and_points_at_what_node_yaml_mounts() {
     let cm: ConfigMap = serde_yaml::from_str(&read("deploy/node-config.yaml")).unwrap();
     let text = &cm.data.as_ref().unwrap()["terna.toml"];
-    let config = terna::config::Config::parse(text, Path::new("terna.toml")).unwrap();
+    let config = terna::core::config::Config::parse(text, Path::new("terna.toml")).unwrap();
     assert!(!config.pools.is_empty());
 
     let pod = node_pod();
@@ -317,7 +317,7 @@ fn node_config_parses_and_points_at_what_node_yaml_mounts() {
         .expect("the ConfigMap mounted");
     assert_eq!(
         Path::new(&config_mount.mount_path),
-        data_dir.join(terna::config::CONFIG_FILE)
+        data_dir.join(terna::core::config::CONFIG_FILE)
     );
     assert_eq!(config_mount.sub_path.as_deref(), Some("terna.toml"));
 

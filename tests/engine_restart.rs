@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::csi_client::{Csi, block_cap};
-use terna::replica::aligned::AlignedBuf;
+use terna::datapath::replica::aligned::AlignedBuf;
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 64 * MIB;

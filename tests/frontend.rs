@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use terna::frontend::fuse::{self, FuseExport, FuseOptions};
-use terna::frontend::loopdev::{LoopDevice, LoopOptions};
-use terna::frontend::{BlockDevice, DirectRead};
+use terna::datapath::frontend::fuse::{self, FuseExport, FuseOptions};
+use terna::datapath::frontend::loopdev::{LoopDevice, LoopOptions};
+use terna::datapath::frontend::{BlockDevice, DirectRead};
 
 const MIB: usize = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(120);

@@ -32,12 +32,12 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use terna::agent::protocol::{self, HEADER_LEN, MAX_PAYLOAD, Request, Response};
-use terna::class::VolumeClass;
-use terna::config::Config;
-use terna::dirty::DirtyMap;
-use terna::frontend::fuse::abi::*;
-use terna::frontend::fuse::{Operation, ParseError, parse_request};
+use terna::core::class::VolumeClass;
+use terna::core::config::Config;
+use terna::core::dirty::DirtyMap;
+use terna::datapath::agent::protocol::{self, HEADER_LEN, MAX_PAYLOAD, Request, Response};
+use terna::datapath::frontend::fuse::abi::*;
+use terna::datapath::frontend::fuse::{Operation, ParseError, parse_request};
 
 // ---------------------------------------------------------------- allocator
 
@@ -925,7 +925,7 @@ fn run_agent_stream(data: &[u8]) -> u64 {
     // the stream ended (a finer signature keeps every mutant).
     let mut feature = 0u64;
     for frames in 0..8u64 {
-        match terna::agent::protocol::read_frame(&mut stream) {
+        match terna::datapath::agent::protocol::read_frame(&mut stream) {
             Ok(Some((header, payload))) => {
                 assert!(payload.len() <= MAX_PAYLOAD as usize);
                 assert_eq!(payload.len(), header.len as usize);
@@ -1253,7 +1253,7 @@ fn config_seeds() -> Vec<Vec<u8>> {
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
         Config::load_or_init_with(dir.path(), default).expect("default config");
-        seeds.push(std::fs::read(dir.path().join(terna::config::CONFIG_FILE)).expect("read"));
+        seeds.push(std::fs::read(dir.path().join(terna::core::config::CONFIG_FILE)).expect("read"));
     }
     // The node plugin's, from its ConfigMap.
     let yaml = std::fs::read_to_string(
@@ -1433,7 +1433,10 @@ fn run_class(data: &[u8]) -> u64 {
         Ok(class) => {
             assert!(1 <= class.min_healthy, "{class:?}");
             assert!(class.min_healthy <= class.replicas, "{class:?}");
-            assert!(class.replicas <= terna::class::MAX_REPLICAS, "{class:?}");
+            assert!(
+                class.replicas <= terna::core::class::MAX_REPLICAS,
+                "{class:?}"
+            );
             let mut again = BTreeMap::new();
             if let Some(tier) = class.tier {
                 again.insert("tier".to_string(), tier.to_string());

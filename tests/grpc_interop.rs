@@ -3,7 +3,7 @@
 //! socket path as target, a unix context dialer, no WithAuthority; the
 //! kubelet v1.34's grpc-go version) and grpc-python's default
 //! `insecure_channel("unix:" + path)`. Neither sends an `:authority` h2
-//! accepts, so without `terna::grpc` every call here is reset.
+//! accepts, so without `terna::edge::grpc` every call here is reset.
 //!
 //! Every Unix socket Terna serves gRPC on: `terna standalone` (Identity,
 //! Controller, Node); `terna node`'s kubelet registration socket and CSI
@@ -161,7 +161,7 @@ async fn grpc_go_and_grpc_python_call_terna_node_and_controller() {
     let controller_socket = cluster.root.path().join("controller-csi.sock");
     let endpoint = format!("unix://{}", controller_socket.display());
     cluster.start_controller_with("c1", &["--endpoint", &endpoint]);
-    let registration = terna::cluster::registration::socket_in(&cluster.registry_dir(1));
+    let registration = terna::edge::csi::registration::socket_in(&cluster.registry_dir(1));
     let node_socket = cluster.node_socket(1);
     for socket in [&registration, &node_socket, &controller_socket] {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -185,7 +185,7 @@ async fn grpc_go_and_grpc_python_call_terna_node_and_controller() {
             "type": "CSIPlugin",
             "name": terna::DRIVER_NAME,
             "endpoint": node_socket.to_str().unwrap(),
-            "supportedVersions": terna::cluster::registration::SUPPORTED_VERSIONS,
+            "supportedVersions": terna::edge::csi::registration::SUPPORTED_VERSIONS,
         },
         "notifyRegistrationStatus": "ok",
     });
@@ -245,13 +245,13 @@ fn grpc_go_and_grpc_python_register_like_the_kubelet() {
     let dir = tempfile::tempdir().unwrap();
     let registry = dir.path().join("plugins_registry");
     let csi_socket = dir.path().join("plugins/csi.terna.dev/csi.sock");
-    let socket = terna::cluster::registration::socket_in(&registry);
+    let socket = terna::edge::csi::registration::socket_in(&registry);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = runtime.spawn({
         let (registry, csi_socket) = (registry.clone(), csi_socket.clone());
         async move {
-            terna::cluster::registration::serve_until(&registry, csi_socket, async {
+            terna::edge::csi::registration::serve_until(&registry, csi_socket, async {
                 let _ = stopped.await;
             })
             .await
@@ -271,7 +271,7 @@ fn grpc_go_and_grpc_python_register_like_the_kubelet() {
             "type": "CSIPlugin",
             "name": terna::DRIVER_NAME,
             "endpoint": csi_socket.to_str().unwrap(),
-            "supportedVersions": terna::cluster::registration::SUPPORTED_VERSIONS,
+            "supportedVersions": terna::edge::csi::registration::SUPPORTED_VERSIONS,
         },
         "notifyRegistrationStatus": "ok",
     });
@@ -285,12 +285,12 @@ fn grpc_go_and_grpc_python_register_like_the_kubelet() {
 }
 
 /// The same clients against the same service served by tonic straight from
-/// the listener, as Terna did before `terna::grpc`: h2 resets every call.
+/// the listener, as Terna did before `terna::edge::grpc`: h2 resets every call.
 /// This shows the tests above would fail without the shim; if it starts
 /// failing, h2 accepts such authorities now (upstream hyperium/h2#487).
 #[test]
 fn without_the_shim_h2_refuses_these_clients() {
-    use terna::cluster::registration::RegistrationService;
+    use terna::edge::csi::registration::RegistrationService;
     use terna::proto::pluginregistration::registration_server::RegistrationServer;
     let Some(clients) = clients() else { return };
     let dir = tempfile::tempdir().unwrap();

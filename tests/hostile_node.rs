@@ -41,8 +41,8 @@ fn tmpfs_at(path: &Path) {
     .unwrap();
 }
 
-fn mounted(path: &Path) -> Option<terna::node::mounts::MountEntry> {
-    terna::node::mounts::mount_at(path).unwrap()
+fn mounted(path: &Path) -> Option<terna::datapath::host::mounts::MountEntry> {
+    terna::datapath::host::mounts::mount_at(path).unwrap()
 }
 
 fn write_direct(path: &Path, at: u64, data: &[u8]) {
@@ -52,13 +52,13 @@ fn write_direct(path: &Path, at: u64, data: &[u8]) {
         .open(path)
         .unwrap();
     dev.seek(SeekFrom::Start(at)).unwrap();
-    dev.write_all(terna::replica::aligned::AlignedBuf::copy_of(data).as_slice())
+    dev.write_all(terna::datapath::replica::aligned::AlignedBuf::copy_of(data).as_slice())
         .unwrap();
     dev.sync_all().unwrap();
 }
 
 fn read_direct(path: &Path, at: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    let mut back = terna::replica::aligned::AlignedBuf::zeroed(len);
+    let mut back = terna::datapath::replica::aligned::AlignedBuf::zeroed(len);
     let mut dev = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
@@ -571,8 +571,9 @@ async fn a_repair_claim_left_by_a_killed_process_is_released_at_start() {
     terna.kill_hard();
     // What a process killed in the middle of a repair leaves in the record.
     let store =
-        terna::store::FileStore::open(&terna::data_dir::state_dir(&terna.data_dir)).unwrap();
-    use terna::store::StateStore;
+        terna::core::store::FileStore::open(&terna::core::data_dir::state_dir(&terna.data_dir))
+            .unwrap();
+    use terna::core::store::StateStore;
     store
         .update(&id, &mut |r| {
             r.claim_repair("test-node");

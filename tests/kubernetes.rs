@@ -36,7 +36,7 @@ fn classes() -> Vec<(String, bool, usize, String)> {
         let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
         let sc: StorageClass = serde_yaml::from_str(&text).unwrap();
         let params = sc.parameters.clone().unwrap_or_default();
-        let class = terna::class::VolumeClass::parse(&params).unwrap();
+        let class = terna::core::class::VolumeClass::parse(&params).unwrap();
         out.push((
             sc.metadata.name.clone().unwrap(),
             sc.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer"),
@@ -174,7 +174,7 @@ async fn every_storage_class_binds_a_claim_with_replicas_on_distinct_nodes() {
     let table = cluster.env.kubectl(&["get", "storagepools"]);
     assert!(table.contains("Ready") && table.contains("n3"), "{table}");
     // Each node measured its pools' disks when it began serving them.
-    let pools: Api<terna::cluster::crd::StoragePool> = Api::all(client.clone());
+    let pools: Api<terna::edge::kube::crd::StoragePool> = Api::all(client.clone());
     for p in pools.list(&ListParams::default()).await.unwrap().items {
         let status = p.status.unwrap();
         assert!(
@@ -811,7 +811,7 @@ async fn the_node_plugin_registers_with_the_kubelet_itself_kubelet_stood_in() {
     // What the kubelet's plugin watcher does: find the socket in
     // plugins_registry, ask who it is, dial the CSI endpoint it names,
     // check the driver there, and report the outcome.
-    let socket = terna::cluster::registration::socket_in(&cluster.registry_dir(1));
+    let socket = terna::edge::csi::registration::socket_in(&cluster.registry_dir(1));
     let s = socket.clone();
     eventually("the registration socket", Duration::from_secs(30), || {
         let s = s.clone();
@@ -938,7 +938,7 @@ async fn a_node_that_dies_holding_a_volume_releases_it_when_its_lease_expires() 
         .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
         .collect();
     common::write_synced(&target1.join("before.bin"), &data);
-    let n1_device = terna::node::mounts::mount_at(&staging1)
+    let n1_device = terna::datapath::host::mounts::mount_at(&staging1)
         .unwrap()
         .expect("staged on n1")
         .source;
@@ -1060,7 +1060,11 @@ async fn a_node_that_dies_holding_a_volume_releases_it_when_its_lease_expires() 
         backing.as_deref().map(str::trim).ok() != Some("/volume"),
         "n1's loop device {n1_device} was left attached"
     );
-    assert!(terna::node::mounts::mount_at(&staging1).unwrap().is_none());
+    assert!(
+        terna::datapath::host::mounts::mount_at(&staging1)
+            .unwrap()
+            .is_none()
+    );
     let claim = terna_volume(&client, &id)
         .await
         .status
@@ -1072,7 +1076,7 @@ async fn a_node_that_dies_holding_a_volume_releases_it_when_its_lease_expires() 
     n2.unstage(&id, &staging2).await;
 }
 
-async fn terna_volume(client: &kube::Client, id: &str) -> terna::cluster::crd::TernaVolume {
+async fn terna_volume(client: &kube::Client, id: &str) -> terna::edge::kube::crd::TernaVolume {
     terna_volumes(client)
         .await
         .into_iter()
@@ -1110,7 +1114,7 @@ async fn tv_replica_on(
     client: &kube::Client,
     id: &str,
     node: &str,
-) -> terna::cluster::crd::ReplicaStatus {
+) -> terna::edge::kube::crd::ReplicaStatus {
     let tv = terna_volume(client, id).await;
     let index = tv
         .spec
@@ -1147,13 +1151,17 @@ async fn a_volume_staged_nowhere_is_repaired_when_a_replica_node_dies_and_return
     // The replica turns healthy inside the repair pass; the claim is let go
     // when the pass ends, a moment later.
     let c = client.clone();
-    eventually("repair to release its claim", Duration::from_secs(30), || {
-        let (c, id) = (c.clone(), id.clone());
-        async move {
-            let status = terna_volume(&c, &id).await.status;
-            status.is_some_and(|s| s.staged_on.is_none())
-        }
-    })
+    eventually(
+        "repair to release its claim",
+        Duration::from_secs(30),
+        || {
+            let (c, id) = (c.clone(), id.clone());
+            async move {
+                let status = terna_volume(&c, &id).await.status;
+                status.is_some_and(|s| s.staged_on.is_none())
+            }
+        },
+    )
     .await;
 
     let (mut n2, staging2, target2) = mount_on(&cluster, 2, &id).await;
@@ -1166,7 +1174,7 @@ async fn a_volume_staged_nowhere_is_repaired_when_a_replica_node_dies_and_return
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nfs_storage_pools_hold_a_claims_replicas_and_any_node_mounts_it() {
     use sha2::{Digest, Sha256};
-    use terna::cluster::crd::{NfsPoolSpec, StoragePool, StoragePoolSpec};
+    use terna::edge::kube::crd::{NfsPoolSpec, StoragePool, StoragePoolSpec};
     common::assert_root("kubernetes");
     let mut cluster = Cluster::start(2).await;
     let _cleanup = Cleanup(cluster.root.path().to_path_buf());
@@ -1193,7 +1201,7 @@ async fn nfs_storage_pools_hold_a_claims_replicas_and_any_node_mounts_it() {
                     export: "/export".into(),
                     subdir: Some("terna".into()),
                 }),
-                tier: terna::class::Tier::Slow,
+                tier: terna::core::class::Tier::Slow,
                 domain: None,
                 zone: None,
                 overcommit_ratio: None,

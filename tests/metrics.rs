@@ -46,7 +46,7 @@ async fn metrics_count_the_io_of_a_staged_volume_and_probes_answer() {
     let listen = addr.clone();
     let terna = Standalone::start_with(move |data| {
         std::fs::create_dir_all(data).unwrap();
-        let mut config = terna::config::Config::default_standalone();
+        let mut config = terna::core::config::Config::default_standalone();
         config.metrics_listen = Some(listen.parse().unwrap());
         std::fs::write(data.join("terna.toml"), toml::to_string(&config).unwrap()).unwrap();
     });
@@ -74,7 +74,7 @@ async fn metrics_count_the_io_of_a_staged_volume_and_probes_answer() {
 
     // 8 MiB written with O_DIRECT through the block device.
     {
-        let buf = terna::replica::aligned::AlignedBuf::copy_of(&vec![0x5a; 1 << 20]);
+        let buf = terna::datapath::replica::aligned::AlignedBuf::copy_of(&vec![0x5a; 1 << 20]);
         let mut dev = std::fs::OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT)
@@ -112,7 +112,7 @@ async fn metrics_count_the_io_of_a_staged_volume_and_probes_answer() {
     // grows with what is written meanwhile.
     std::fs::remove_file(terna.find_replica(&id, 2).unwrap()).unwrap();
     {
-        let buf = terna::replica::aligned::AlignedBuf::copy_of(&vec![0x6b; 1 << 20]);
+        let buf = terna::datapath::replica::aligned::AlignedBuf::copy_of(&vec![0x6b; 1 << 20]);
         let mut dev = std::fs::OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT)

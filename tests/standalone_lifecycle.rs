@@ -22,8 +22,8 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 }
 
 /// 4 KiB-aligned buffer for O_DIRECT.
-fn aligned(data: &[u8]) -> terna::replica::aligned::AlignedBuf {
-    terna::replica::aligned::AlignedBuf::copy_of(data)
+fn aligned(data: &[u8]) -> terna::datapath::replica::aligned::AlignedBuf {
+    terna::datapath::replica::aligned::AlignedBuf::copy_of(data)
 }
 
 /// Writes `data` at `at` with O_DIRECT, then fsyncs.
@@ -39,7 +39,7 @@ fn write_direct(path: &std::path::Path, at: u64, data: &[u8]) -> std::io::Result
 
 /// Reads `len` bytes at `at` with O_DIRECT.
 fn read_direct(path: &std::path::Path, at: u64, len: usize) -> Vec<u8> {
-    let mut back = terna::replica::aligned::AlignedBuf::zeroed(len);
+    let mut back = terna::datapath::replica::aligned::AlignedBuf::zeroed(len);
     let mut dev = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
@@ -273,7 +273,9 @@ async fn xfs_volume_expands_online_with_data_intact() {
     let target = terna.dir.path().join("target");
     csi.stage(&id, &staging, mount_cap("")).await;
     csi.publish(&id, &staging, &target, mount_cap("")).await;
-    let fs = terna::node::mounts::mount_at(&staging).unwrap().unwrap();
+    let fs = terna::datapath::host::mounts::mount_at(&staging)
+        .unwrap()
+        .unwrap();
     assert_eq!(fs.fs_type, "xfs");
     let data = pattern(3, 2 * MIB as usize);
     std::fs::write(target.join("before"), &data).unwrap();
@@ -452,7 +454,7 @@ async fn unstaged_volume_with_a_lost_replica_is_rebuilt_in_the_background() {
     // The default three pools, and a short grace period before replacement.
     let terna = common::Standalone::start_with(|data_dir| {
         std::fs::create_dir_all(data_dir).unwrap();
-        let mut config = terna::config::Config::default_standalone();
+        let mut config = terna::core::config::Config::default_standalone();
         config.replace_after_secs = 1;
         std::fs::write(
             data_dir.join("terna.toml"),

@@ -43,7 +43,7 @@ fn every_storage_class_parses_and_names_the_driver() {
         );
         let params = parameters(&text);
         assert!(!params.is_empty(), "{} has no parameters", path.display());
-        terna::class::VolumeClass::parse(&params)
+        terna::core::class::VolumeClass::parse(&params)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         seen += 1;
     }

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
-use terna::cluster::crd::{StoragePool, TernaVolume};
+use terna::edge::kube::crd::{StoragePool, TernaVolume};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -98,7 +98,7 @@ impl KubeEnv {
     }
 
     pub async fn client(&self) -> kube::Client {
-        terna::cluster::client::client(Some(&self.kubeconfig))
+        terna::edge::kube::client::client(Some(&self.kubeconfig))
             .await
             .unwrap()
     }

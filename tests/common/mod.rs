@@ -193,7 +193,7 @@ impl Drop for Standalone {
 pub fn leftovers(dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    for m in terna::node::mounts::parse_mountinfo(&mountinfo) {
+    for m in terna::datapath::host::mounts::parse_mountinfo(&mountinfo) {
         if m.mount_point.starts_with(dir) {
             found.push(format!("mount {} ({})", m.mount_point.display(), m.fs_type));
         }
@@ -242,7 +242,7 @@ fn processes_under(dir: &Path) -> Vec<(i32, String)> {
 /// loop devices backed by files under it, and stop engines serving it.
 pub fn cleanup(dir: &Path) {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<PathBuf> = terna::node::mounts::parse_mountinfo(&mountinfo)
+    let mut points: Vec<PathBuf> = terna::datapath::host::mounts::parse_mountinfo(&mountinfo)
         .into_iter()
         .map(|m| m.mount_point)
         .filter(|p| p.starts_with(dir))
@@ -261,7 +261,7 @@ pub fn cleanup(dir: &Path) {
             && Path::new(b.trim()).starts_with(dir)
         {
             let dev = Path::new("/dev").join(entry.file_name());
-            let _ = terna::frontend::loopdev::LoopDevice::open(&dev).detach();
+            let _ = terna::datapath::frontend::loopdev::LoopDevice::open(&dev).detach();
         }
     }
     for p in points.iter().filter(|p| p.ends_with("fuse")) {

@@ -1,0 +1,567 @@
+//! The admin-editable configuration of a standalone data dir: pools, their
+//! tiers and failure domains, and the overcommit ratio. Written once with
+//! defaults on first start, read on every start after.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::class::Tier;
+use crate::core::error::{Error, Result};
+use crate::core::store::atomic_write;
+
+pub const CONFIG_FILE: &str = "terna.toml";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Allocatable bytes of a pool = its capacity × this ratio (thin provisioning).
+    #[serde(default = "default_overcommit")]
+    pub overcommit_ratio: f64,
+    #[serde(default)]
+    pub pools: Vec<PoolConfig>,
+    /// Other nodes whose replica agents serve pools to this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeConfig>,
+    /// File holding the cluster token agents and engines authenticate with;
+    /// relative paths are under the data dir.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_token_file: Option<PathBuf>,
+    /// How long a replica agent may take to answer before its replica is faulted.
+    #[serde(default = "default_agent_timeout_ms")]
+    pub agent_timeout_ms: u64,
+    /// Connections this node's replica agent serves at once (one thread
+    /// each); more are closed as they arrive.
+    #[serde(default = "default_agent_max_connections")]
+    pub agent_max_connections: usize,
+    /// A replica unreachable this long is replaced on another pool and rebuilt.
+    #[serde(default = "default_replace_after_secs")]
+    pub replace_after_secs: u64,
+    /// Bandwidth for catch-up and rebuild copies, MiB/s; 0 means unlimited.
+    #[serde(default = "default_rebuild_mib_per_sec")]
+    pub rebuild_mib_per_sec: u64,
+    /// Serve /metrics, /healthz and /readyz here (host:port); off when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: String,
+    /// host:port of the node's replica agent.
+    pub agent: std::net::SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub name: String,
+    /// The node whose disk holds the pool; absent means this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Directory holding the pool's replica files on its node; relative
+    /// paths are under that node's data dir. Unused for NFS pools.
+    #[serde(default, skip_serializing_if = "path_is_empty")]
+    pub path: PathBuf,
+    /// An NFS export instead of a local directory: replicas are files on
+    /// it, reached by Terna's own NFSv3 client (no kernel mount), from
+    /// whichever node runs the engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nfs: Option<NfsPoolConfig>,
+    pub tier: Tier,
+    /// Failure domain for `failureDomain: node`: replicas of a volume never
+    /// share one. Defaults to the node the pool is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// Failure domain for `failureDomain: zone`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Capacity to account with; defaults to the size of the filesystem holding `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_bytes: Option<u64>,
+}
+
+fn path_is_empty(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
+/// Where an NFS pool lives: `server:export/subdir`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NfsPoolConfig {
+    /// Host name or IP address of the NFS server.
+    pub server: String,
+    /// NFS port; absent asks the server's portmapper.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// MOUNT protocol port; absent asks the server's portmapper.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_port: Option<u16>,
+    /// The exported path, as the server names it.
+    pub export: String,
+    /// Directory inside the export holding this pool's replicas (created
+    /// on first use); absent means the export's root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subdir: Option<String>,
+}
+
+fn default_overcommit() -> f64 {
+    1.0
+}
+
+fn default_agent_timeout_ms() -> u64 {
+    5000
+}
+
+/// Connections an agent serves at once by default. An engine keeps up to
+/// 32 idle connections to each agent holding one of its replicas (more in
+/// bursts), so this serves a dozen busy volumes per node pair; nodes with
+/// more raise it.
+pub const DEFAULT_AGENT_MAX_CONNECTIONS: usize = 512;
+
+fn default_agent_max_connections() -> usize {
+    DEFAULT_AGENT_MAX_CONNECTIONS
+}
+
+fn default_replace_after_secs() -> u64 {
+    300
+}
+
+fn default_rebuild_mib_per_sec() -> u64 {
+    256
+}
+
+const HEADER: &str = "\
+# Terna standalone configuration, written with defaults on first start.
+# Each pool is a directory standing for one disk. Edit tiers (fast | standard | slow),
+# failure domains, zones, capacities and the overcommit ratio, then restart terna.
+# Allocatable bytes of a pool = capacity_bytes (default: its filesystem's size) x overcommit_ratio.
+# Pools on other machines: add [[nodes]] (name, agent = \"host:7420\") and give the pool
+# node = \"name\"; both sides read the same cluster_token_file (make one with
+# `openssl rand -hex 32 > token`; `terna agent` refuses to start without it). A replica unreachable for
+# replace_after_secs is replaced on another pool and rebuilt at up to rebuild_mib_per_sec.
+";
+
+impl Config {
+    /// Three pools under `data_dir/pools`, each its own failure domain, so a
+    /// 3-replica volume can be placed with no further configuration.
+    pub fn default_standalone() -> Config {
+        let pools = (1..=3)
+            .map(|i| PoolConfig {
+                name: format!("disk-{i}"),
+                node: None,
+                path: PathBuf::from(format!("pools/disk-{i}")),
+                nfs: None,
+                tier: Tier::Standard,
+                domain: Some(format!("disk-{i}")),
+                zone: Some(format!("zone-{i}")),
+                capacity_bytes: None,
+            })
+            .collect();
+        Config {
+            overcommit_ratio: 1.0,
+            pools,
+            nodes: Vec::new(),
+            cluster_token_file: None,
+            agent_timeout_ms: default_agent_timeout_ms(),
+            agent_max_connections: default_agent_max_connections(),
+            replace_after_secs: default_replace_after_secs(),
+            rebuild_mib_per_sec: default_rebuild_mib_per_sec(),
+            metrics_listen: None,
+        }
+    }
+
+    /// A cluster node's default: one standard pool under `data_dir/pools`,
+    /// its failure domain the node itself.
+    pub fn default_node() -> Config {
+        Config {
+            pools: vec![PoolConfig {
+                name: "default".into(),
+                node: None,
+                path: PathBuf::from("pools/default"),
+                nfs: None,
+                tier: Tier::Standard,
+                domain: None,
+                zone: None,
+                capacity_bytes: None,
+            }],
+            ..Self::default_standalone()
+        }
+    }
+
+    /// Loads `data_dir/terna.toml`, writing the default first when it is absent.
+    pub fn load_or_init(data_dir: &Path) -> Result<Config> {
+        Self::load_or_init_with(data_dir, Self::default_standalone)
+    }
+
+    pub fn load_or_init_with(data_dir: &Path, default: fn() -> Config) -> Result<Config> {
+        prepare_data_dir(data_dir)?;
+        let path = data_dir.join(CONFIG_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Self::parse(&text, &path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let config = default();
+                let body = toml::to_string_pretty(&config)
+                    .map_err(|e| Error::internal(format!("cannot encode default config: {e}")))?;
+                atomic_write(&path, format!("{HEADER}\n{body}").as_bytes())?;
+                Ok(config)
+            }
+            Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
+        }
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        if !(self.overcommit_ratio.is_finite() && self.overcommit_ratio > 0.0) {
+            return Err(Error::invalid(format!(
+                "{}: overcommit_ratio must be a positive number, got {}",
+                path.display(),
+                self.overcommit_ratio
+            )));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for pool in &self.pools {
+            if pool.name.is_empty()
+                || !pool
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            {
+                return Err(Error::invalid(format!(
+                    "{}: pool name {:?} must be non-empty and use only letters, digits, '-', '_' and '.'",
+                    path.display(),
+                    pool.name
+                )));
+            }
+            if let Some(node) = &pool.node
+                && !self.nodes.iter().any(|n| &n.name == node)
+            {
+                return Err(Error::invalid(format!(
+                    "{}: pool {:?} is on node {node:?}, which has no [[nodes]] entry with its agent address",
+                    path.display(),
+                    pool.name
+                )));
+            }
+            match &pool.nfs {
+                None if pool.path.as_os_str().is_empty() => {
+                    return Err(Error::invalid(format!(
+                        "{}: pool {:?} needs a path (a local directory) or an [pools.nfs] table",
+                        path.display(),
+                        pool.name
+                    )));
+                }
+                Some(_) if !pool.path.as_os_str().is_empty() || pool.node.is_some() => {
+                    return Err(Error::invalid(format!(
+                        "{}: NFS pool {:?} takes neither path nor node: it is reached from every node",
+                        path.display(),
+                        pool.name
+                    )));
+                }
+                Some(nfs) if nfs.server.is_empty() || !nfs.export.starts_with('/') => {
+                    return Err(Error::invalid(format!(
+                        "{}: NFS pool {:?} needs a server and an absolute export path, got {:?}:{:?}",
+                        path.display(),
+                        pool.name,
+                        nfs.server,
+                        nfs.export
+                    )));
+                }
+                _ => {}
+            }
+            if !names.insert(pool.name.as_str()) {
+                return Err(Error::invalid(format!(
+                    "{}: pool name {:?} is used twice",
+                    path.display(),
+                    pool.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The cluster token agents and their peers authenticate with, from
+    /// `cluster_token_file`. There is no default: an agent without one
+    /// would serve anyone, so a missing, short or placeholder token is an
+    /// error saying how to make one.
+    pub fn cluster_token(&self, data_dir: &Path) -> Result<Vec<u8>> {
+        let Some(file) = &self.cluster_token_file else {
+            return Err(Error::precondition(format!(
+                "no cluster token: set cluster_token_file in {} to a file holding a secret of at least {MIN_TOKEN_BYTES} bytes, made with `openssl rand -hex 32 > FILE` (the replica agent and every node reaching it must share it)",
+                data_dir.join(CONFIG_FILE).display()
+            )));
+        };
+        let path = if file.is_absolute() {
+            file.clone()
+        } else {
+            data_dir.join(file)
+        };
+        let token = read_cluster_token(&path)?;
+        if path.starts_with(data_dir) {
+            restrict_token_file(&path)?;
+        } else {
+            warn_if_readable(&path);
+        }
+        Ok(token)
+    }
+
+    pub fn pool_path(&self, data_dir: &Path, pool: &PoolConfig) -> PathBuf {
+        if pool.path.is_absolute() {
+            pool.path.clone()
+        } else {
+            data_dir.join(&pool.path)
+        }
+    }
+}
+
+/// Shortest cluster token accepted.
+pub const MIN_TOKEN_BYTES: usize = 16;
+/// Longest cluster token accepted (it must fit in a pre-authentication Hello).
+pub const MAX_TOKEN_BYTES: usize = 1024;
+/// How deploy/kustomization.yaml's placeholder token begins.
+const PLACEHOLDER_TOKEN: &[u8] = b"REPLACE-ME";
+
+/// Reads a cluster token file (`cluster_token_file`, `--cluster-token-file`):
+/// surrounding whitespace is not part of the token, and a token shorter
+/// than `MIN_TOKEN_BYTES`, longer than `MAX_TOKEN_BYTES`, or the deploy
+/// placeholder is refused with a message saying how to make a good one.
+pub fn read_cluster_token(path: &Path) -> Result<Vec<u8>> {
+    let make = format!("make one with `openssl rand -hex 32 > {}`", path.display());
+    let mut token = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| {
+            std::io::Read::read_to_end(&mut std::io::Read::take(f, 64 * 1024), &mut token)
+        })
+        .map_err(|e| {
+            Error::with_source(
+                crate::core::error::ErrorKind::FailedPrecondition,
+                format!(
+                    "cannot read cluster token {} (cluster_token_file); {make}",
+                    path.display()
+                ),
+                e,
+            )
+        })?;
+    let token = token.trim_ascii();
+    if token.len() < MIN_TOKEN_BYTES {
+        return Err(Error::precondition(format!(
+            "cluster token {} (cluster_token_file) is {} bytes, fewer than the {MIN_TOKEN_BYTES} required; {make}",
+            path.display(),
+            token.len()
+        )));
+    }
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(Error::precondition(format!(
+            "cluster token {} (cluster_token_file) is {} bytes, more than the {MAX_TOKEN_BYTES} allowed; {make}",
+            path.display(),
+            token.len()
+        )));
+    }
+    if token.starts_with(PLACEHOLDER_TOKEN) {
+        return Err(Error::precondition(format!(
+            "cluster token {} (cluster_token_file) is the public placeholder from deploy/kustomization.yaml; {make}",
+            path.display()
+        )));
+    }
+    Ok(token.to_vec())
+}
+
+/// A token file inside the data dir is ours to keep private: 0600 in a
+/// 0700 directory.
+fn restrict_token_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        crate::core::store::private_dir(dir)?;
+    }
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
+    if meta.file_type().is_file() && meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(
+            path,
+            std::fs::Permissions::from_mode(crate::core::store::PRIVATE_FILE_MODE),
+        )
+        .map_err(|e| Error::io(format!("cannot restrict {}", path.display()), e))?;
+    }
+    Ok(())
+}
+
+/// A token file elsewhere (a mounted Secret) is left alone, but a token
+/// other users can read is worth a warning.
+fn warn_if_readable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            file = %path.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the cluster token file is readable by other users: chmod 600 it"
+        );
+    }
+}
+
+/// The data dir and the directories of private state in it: created 0700
+/// (the data dir itself only when it is new), and tightened to 0700 when an
+/// older version left them open (`state`, `dirty`, `fences`).
+pub fn prepare_data_dir(data_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if !data_dir.exists() {
+        crate::core::store::private_dir(data_dir)?;
+    }
+    for sub in ["state", "dirty"] {
+        crate::core::store::private_dir(&data_dir.join(sub))?;
+    }
+    for dir in [
+        crate::core::data_dir::fence_dir(data_dir),
+        data_dir.join("run"),
+    ] {
+        if dir.exists() {
+            crate::core::store::private_dir(&dir)?;
+        }
+    }
+    // It names the token file and the pools: nobody else's business.
+    let config = data_dir.join(CONFIG_FILE);
+    if let Ok(meta) = std::fs::metadata(&config)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io(format!("cannot restrict {}", config.display()), e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_round_trips_through_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = Config::load_or_init(dir.path()).unwrap();
+        let read = Config::load_or_init(dir.path()).unwrap();
+        assert_eq!(written, read);
+        assert_eq!(read.pools.len(), 3);
+        let text = std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap();
+        assert!(text.starts_with("# Terna standalone configuration"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected_with_the_file_named() {
+        let p = Path::new("/x/terna.toml");
+        let err = Config::parse("overcommit = 2.0\n", p).unwrap_err();
+        assert!(err.message.contains("/x/terna.toml"), "{}", err.message);
+        assert!(err.message.contains("overcommit"), "{}", err.message);
+        let err = Config::parse("overcommit_ratio = 0.0\n", p).unwrap_err();
+        assert!(err.message.contains("positive"), "{}", err.message);
+        let dup = "[[pools]]\nname='a'\npath='a'\ntier='fast'\n[[pools]]\nname='a'\npath='b'\ntier='slow'\n";
+        assert!(Config::parse(dup, p).unwrap_err().message.contains("twice"));
+        let bad_tier = "[[pools]]\nname='a'\npath='a'\ntier='blazing'\n";
+        assert!(Config::parse(bad_tier, p).is_err());
+        let orphan = "[[pools]]\nname='a'\nnode='n9'\npath='a'\ntier='fast'\n";
+        let err = Config::parse(orphan, p).unwrap_err();
+        assert!(
+            err.message.contains("no [[nodes]] entry"),
+            "{}",
+            err.message
+        );
+        let ok = "[[nodes]]\nname='n9'\nagent='10.1.0.9:7420'\n[[pools]]\nname='a'\nnode='n9'\npath='a'\ntier='fast'\n";
+        Config::parse(ok, p).unwrap();
+    }
+
+    fn with_token(dir: &Path, token: &[u8]) -> Config {
+        std::fs::write(dir.join("token"), token).unwrap();
+        Config {
+            cluster_token_file: Some("token".into()),
+            ..Config::default_standalone()
+        }
+    }
+
+    #[test]
+    fn a_missing_short_long_or_placeholder_token_is_refused_saying_how_to_make_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Config::default_standalone()
+            .cluster_token(dir.path())
+            .unwrap_err();
+        assert!(
+            err.message.contains("cluster_token_file"),
+            "{}",
+            err.message
+        );
+        assert!(
+            err.message.contains("openssl rand -hex 32"),
+            "{}",
+            err.message
+        );
+        for bad in [
+            &b""[..],
+            b"\n",
+            b"   \n",
+            b"short-token\n",
+            b"REPLACE-ME-with-the-output-of-openssl-rand-hex-32",
+            &[b'x'; 2000][..],
+        ] {
+            let err = with_token(dir.path(), bad)
+                .cluster_token(dir.path())
+                .unwrap_err();
+            assert!(
+                err.message.contains("cluster_token_file"),
+                "{}",
+                err.message
+            );
+            assert!(
+                err.message.contains("openssl rand -hex 32"),
+                "{}",
+                err.message
+            );
+        }
+        let missing = Config {
+            cluster_token_file: Some("/nonexistent/token".into()),
+            ..Config::default_standalone()
+        };
+        let err = missing.cluster_token(dir.path()).unwrap_err();
+        assert!(
+            err.message.contains("/nonexistent/token"),
+            "{}",
+            err.message
+        );
+        let good = "0123456789abcdef0123456789abcdef";
+        let config = with_token(dir.path(), format!("  {good}\n").as_bytes());
+        assert_eq!(config.cluster_token(dir.path()).unwrap(), good.as_bytes());
+    }
+
+    #[test]
+    fn the_token_and_the_private_dirs_are_tightened_at_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        // As an older version left it: everything 0755, the token 0644.
+        for d in ["state/volumes", "dirty/tv-x", "fences/p"] {
+            std::fs::create_dir_all(data.join(d)).unwrap();
+        }
+        for d in ["", "state", "dirty", "fences"] {
+            std::fs::set_permissions(data.join(d), std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let config = with_token(&data, b"0123456789abcdef0123456789abcdef");
+        std::fs::set_permissions(data.join("token"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        Config::load_or_init(&data).unwrap();
+        for d in ["state", "dirty", "fences"] {
+            assert_eq!(mode(&data.join(d)), 0o700, "{d}");
+        }
+        assert_eq!(mode(&data.join(CONFIG_FILE)), 0o600);
+        config.cluster_token(&data).unwrap();
+        assert_eq!(mode(&data.join("token")), 0o600);
+        assert_eq!(mode(&data), 0o700);
+        // A new data dir is private from the start.
+        let fresh = root.path().join("fresh/data");
+        Config::load_or_init(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+    }
+}

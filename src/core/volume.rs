@@ -1,0 +1,543 @@
+//! What the state store knows about a volume: its class, size, replicas and
+//! their health. Plain data plus the pure rules about replica state.
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::class::VolumeClass;
+
+/// Volume sizes are whole mebibytes.
+pub const SIZE_UNIT: u64 = 1 << 20;
+/// What a request without a size gets.
+pub const DEFAULT_SIZE: u64 = 1 << 30;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Record written, replicas being created; CreateVolume has not answered yet.
+    Creating,
+    Ready,
+    /// DeleteVolume began; replicas being removed.
+    Deleting,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum ReplicaState {
+    /// Holds every acknowledged write.
+    Healthy,
+    /// Missed writes from `generation` on; must never serve reads again until
+    /// rebuilt. `reason` says what failed, for people.
+    Faulted {
+        generation: u64,
+        reason: String,
+        /// When it was faulted, seconds since the epoch: the grace period
+        /// before replacement counts from here.
+        #[serde(default)]
+        since: u64,
+        /// An empty replacement of a lost replica, being filled in full
+        /// (rather than a returning one catching up on what it missed).
+        #[serde(default, skip_serializing_if = "is_false")]
+        replaced: bool,
+    },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The staging path records written before claims carried their purpose
+/// used for a repair claim.
+const LEGACY_REPAIR_PATH: &str = "(repairing)";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    pub pool: String,
+    pub node: String,
+    pub domain: String,
+    pub zone: String,
+    pub state: ReplicaState,
+    /// Bytes copied the last time this replica caught up after a fault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_catch_up_bytes: Option<u64>,
+}
+
+impl ReplicaRecord {
+    pub fn is_healthy(&self) -> bool {
+        self.state == ReplicaState::Healthy
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedOn {
+    pub node: String,
+    pub staging_path: String,
+    /// Which claim of the volume this is (`VolumeRecord::claims` when it was
+    /// made). Engines act under it, and replica agents refuse writes from
+    /// engines of an older claim once a newer one has fenced the replica.
+    #[serde(default)]
+    pub epoch: u64,
+    /// Held by background repair (no staging path, no pod), not by a
+    /// NodeStage: a stage meanwhile is told to retry, not to unstage.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub repair: bool,
+}
+
+impl StagedOn {
+    pub fn is_repair(&self) -> bool {
+        self.repair || self.staging_path == LEGACY_REPAIR_PATH
+    }
+
+    /// Where the claim stands, for people: the staging path, or what holds it.
+    pub fn place(&self) -> &str {
+        if self.is_repair() {
+            "(repair)"
+        } else {
+            &self.staging_path
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: String,
+    pub name: String,
+    pub capacity_bytes: u64,
+    pub class: VolumeClass,
+    pub parameters: std::collections::BTreeMap<String, String>,
+    pub phase: Phase,
+    /// Creation time (ns since the epoch): the order ListVolumes pages in, so
+    /// volumes created during a listing appear at its end.
+    #[serde(default)]
+    pub created_at_ns: u64,
+    /// Bumped whenever the set of healthy replicas changes, so a replica's
+    /// fault is tied to the moment it stopped receiving writes.
+    pub generation: u64,
+    pub replicas: Vec<ReplicaRecord>,
+    #[serde(default)]
+    pub staged_on: Option<StagedOn>,
+    /// How many staging claims were ever made: the last claim's epoch.
+    #[serde(default)]
+    pub claims: u64,
+    /// Target paths this volume is published at (for NodeUnpublish bookkeeping
+    /// and LIST_VOLUMES_PUBLISHED_NODES).
+    #[serde(default)]
+    pub published: Vec<String>,
+    /// The claim a provisioned volume belongs to, "namespace/name/uid".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<String>,
+}
+
+/// Volume ids are derived from the CreateVolume name, so a retried create
+/// after a crash finds the record its first attempt wrote.
+pub fn volume_id_for(name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(name.as_bytes());
+    let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    format!("tv-{hex}")
+}
+
+/// The longest volume id or name a caller may send (the CSI spec asks
+/// plugins for no more than 128 bytes).
+pub const MAX_ID_BYTES: usize = 128;
+
+/// How much of a rejected caller string an error message repeats.
+const SHOWN_BYTES: usize = 64;
+
+/// A caller's string, for an error message: escaped, and cut short so a
+/// 4 KiB id does not become a 4 KiB log line.
+pub fn shown(value: &str) -> String {
+    if value.len() <= SHOWN_BYTES {
+        return format!("{value:?}");
+    }
+    let mut end = SHOWN_BYTES;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &value[..end], value.len())
+}
+
+/// Why `value` (a volume id or name from a caller) can never be valid, if
+/// it cannot: empty, too long, or holding anything but ASCII letters,
+/// digits, `.`, `_` and `-` (so never a path separator, NUL, `..` or a
+/// control character). Ids become file names, so this is what stands
+/// between a caller and the file system.
+pub fn malformed_reason(value: &str) -> Option<&'static str> {
+    if value.is_empty() {
+        return Some("it is empty");
+    }
+    if value.len() > MAX_ID_BYTES {
+        return Some("it is longer than 128 bytes");
+    }
+    if value == "." || value == ".." {
+        return Some("it is a path component");
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Some("only ASCII letters, digits, '.', '_' and '-' may appear in it");
+    }
+    None
+}
+
+/// InvalidArgument unless `id` could be some volume's id (see
+/// `malformed_reason`); says nothing about whether it exists.
+pub fn check_id_well_formed(id: &str) -> crate::core::error::Result<()> {
+    use crate::core::error::Error;
+    if id.is_empty() {
+        return Err(Error::invalid("volume id is required"));
+    }
+    if let Some(why) = malformed_reason(id) {
+        return Err(Error::invalid(format!(
+            "volume id {} is malformed: {why}",
+            shown(id)
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a volume id a caller sent, before anything is looked up or any
+/// path is built from it: malformed is `InvalidArgument`; well formed but
+/// not an id Terna makes is `NotFound` (no such volume can exist); `Ok`
+/// means it has Terna's format and may be looked up.
+pub fn check_volume_id(id: &str) -> crate::core::error::Result<()> {
+    check_id_well_formed(id)?;
+    if !is_valid_volume_id(id) {
+        return Err(crate::core::error::Error::not_found(format!(
+            "volume {id} does not exist"
+        )));
+    }
+    Ok(())
+}
+
+pub fn is_valid_volume_id(id: &str) -> bool {
+    id.len() == 27
+        && id.starts_with("tv-")
+        && id[3..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// File name of replica `index` of a volume inside its pool.
+pub fn replica_file_name(volume_id: &str, index: usize) -> String {
+    format!("{volume_id}.r{index}.img")
+}
+
+impl VolumeRecord {
+    pub fn healthy_count(&self) -> usize {
+        self.replicas.iter().filter(|r| r.is_healthy()).count()
+    }
+
+    /// `None` when every replica is healthy, else a sentence for people.
+    pub fn degradation(&self) -> Option<String> {
+        let faulted: Vec<String> = self
+            .replicas
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| match &r.state {
+                ReplicaState::Healthy => None,
+                ReplicaState::Faulted {
+                    generation, reason, ..
+                } => Some(format!(
+                    "replica {i} on pool {} (node {}) faulted at generation {generation}: {reason}",
+                    r.pool, r.node
+                )),
+            })
+            .collect();
+        if faulted.is_empty() {
+            None
+        } else {
+            Some(format!(
+                "degraded: {} of {} replicas healthy; {}",
+                self.healthy_count(),
+                self.replicas.len(),
+                faulted.join("; ")
+            ))
+        }
+    }
+
+    /// Marks replica `index` healthy again after it caught up on `bytes`.
+    pub fn heal_replica(&mut self, index: usize, bytes: u64) -> bool {
+        let next = self.generation + 1;
+        match self.replicas.get_mut(index) {
+            Some(r) if !r.is_healthy() => {
+                r.state = ReplicaState::Healthy;
+                r.last_catch_up_bytes = Some(bytes);
+                self.generation = next;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Claims the volume for `node` at `staging_path`, under a new epoch.
+    pub fn claim_staging(&mut self, node: &str, staging_path: &str) {
+        self.claims += 1;
+        self.staged_on = Some(StagedOn {
+            node: node.to_string(),
+            staging_path: staging_path.to_string(),
+            epoch: self.claims,
+            repair: false,
+        });
+    }
+
+    /// Claims the volume for background repair on `node`.
+    pub fn claim_repair(&mut self, node: &str) {
+        self.claims += 1;
+        self.staged_on = Some(StagedOn {
+            node: node.to_string(),
+            staging_path: String::new(),
+            epoch: self.claims,
+            repair: true,
+        });
+    }
+
+    /// A replacement is being filled in full.
+    pub fn rebuilding(&self) -> bool {
+        self.replicas
+            .iter()
+            .any(|r| matches!(r.state, ReplicaState::Faulted { replaced: true, .. }))
+    }
+
+    /// Claims the volume for `node` at `staging_path` unless another claim
+    /// holds it. `dead` is a claim found lapsed: it is taken over only if it
+    /// is still the one in place. Returns whether the record changed, and
+    /// the claim in the way, if any.
+    pub fn try_claim(
+        &mut self,
+        node: &str,
+        staging_path: &str,
+        dead: Option<&StagedOn>,
+    ) -> (bool, Option<StagedOn>) {
+        match self.staged_on.clone() {
+            Some(s) if s.node == node && s.staging_path == staging_path => (false, None),
+            Some(s) if Some(&s) == dead => {
+                self.take_over(&s, node, staging_path);
+                (true, None)
+            }
+            Some(s) => (false, Some(s)),
+            None => {
+                self.claim_staging(node, staging_path);
+                (true, None)
+            }
+        }
+    }
+
+    /// Takes the claim over from `dead`, a node whose lease expired while it
+    /// held the volume. Its replicas are faulted: its engine wrote them
+    /// directly, up to its end, so they may hold writes the others never
+    /// got. They are rebuilt before they serve again.
+    pub fn take_over(&mut self, dead: &StagedOn, node: &str, staging_path: &str) {
+        let on_dead: Vec<usize> = self
+            .replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.node == dead.node)
+            .map(|(i, _)| i)
+            .collect();
+        let reason = format!(
+            "node {} held the volume when its lease expired; taken over by {node}",
+            dead.node
+        );
+        for i in on_dead {
+            self.fault_replica(i, &reason);
+        }
+        self.published.clear();
+        self.claim_staging(node, staging_path);
+    }
+
+    /// Marks replica `index` faulted. Returns false when it already was, so
+    /// the first recorded fault (the earliest missed generation) is kept.
+    pub fn fault_replica(&mut self, index: usize, reason: &str) -> bool {
+        let next = self.generation + 1;
+        match self.replicas.get_mut(index) {
+            Some(r) if r.is_healthy() => {
+                r.state = ReplicaState::Faulted {
+                    generation: next,
+                    reason: reason.to_string(),
+                    since: unix_now(),
+                    replaced: false,
+                };
+                self.generation = next;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Bytes rounded up to whole mebibytes.
+pub fn round_size(bytes: u64) -> Option<u64> {
+    bytes
+        .checked_add(SIZE_UNIT - 1)
+        .map(|b| b / SIZE_UNIT * SIZE_UNIT)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::core::class::{FailureDomain, FsType};
+
+    pub(crate) fn record(replicas: usize) -> VolumeRecord {
+        VolumeRecord {
+            id: volume_id_for("x"),
+            name: "x".into(),
+            capacity_bytes: SIZE_UNIT,
+            class: VolumeClass {
+                tier: None,
+                replicas: replicas as u8,
+                failure_domain: FailureDomain::Node,
+                fs_type: FsType::Ext4,
+                min_healthy: 1,
+            },
+            parameters: Default::default(),
+            phase: Phase::Ready,
+            created_at_ns: 0,
+            generation: 1,
+            replicas: (0..replicas)
+                .map(|i| ReplicaRecord {
+                    pool: format!("p{i}"),
+                    node: "n".into(),
+                    domain: format!("d{i}"),
+                    zone: "z".into(),
+                    state: ReplicaState::Healthy,
+                    last_catch_up_bytes: None,
+                })
+                .collect(),
+            staged_on: None,
+            claims: 0,
+            published: vec![],
+            claim: None,
+        }
+    }
+
+    #[test]
+    fn a_takeover_faults_the_dead_nodes_replicas_and_claims_under_a_new_epoch() {
+        let mut r = record(3);
+        r.replicas[0].node = "n1".into();
+        r.replicas[1].node = "n2".into();
+        r.replicas[2].node = "n3".into();
+        r.claim_staging("n1", "/s1");
+        r.published = vec!["/p1".into()];
+        let dead = r.staged_on.clone().unwrap();
+        assert_eq!(dead.epoch, 1);
+        let generation = r.generation;
+        r.take_over(&dead, "n2", "/s2");
+        let claim = r.staged_on.clone().unwrap();
+        assert_eq!((claim.node.as_str(), claim.epoch), ("n2", 2));
+        assert!(r.published.is_empty());
+        assert!(!r.replicas[0].is_healthy());
+        assert!(r.replicas[1].is_healthy() && r.replicas[2].is_healthy());
+        assert_eq!(r.generation, generation + 1);
+        // A stale view of the dead claim takes nothing over.
+        let held = r.staged_on.clone();
+        assert_eq!(r.try_claim("n3", "/s3", Some(&dead)), (false, held.clone()));
+        assert_eq!(r.try_claim("n2", "/s2", None), (false, None));
+        // Epochs only grow, across unstage and restage too.
+        r.staged_on = None;
+        r.claim_staging("n3", "/s3");
+        assert_eq!(r.staged_on.unwrap().epoch, 3);
+    }
+
+    #[test]
+    fn ids_are_stable_valid_and_distinct() {
+        let a = volume_id_for("pvc-1");
+        assert_eq!(a, volume_id_for("pvc-1"));
+        assert_ne!(a, volume_id_for("pvc-2"));
+        assert!(is_valid_volume_id(&a), "{a}");
+        assert!(!is_valid_volume_id("tv-../../etc"));
+        assert!(!is_valid_volume_id(""));
+    }
+
+    #[test]
+    fn sizes_round_up_to_mebibytes() {
+        assert_eq!(round_size(0), Some(0));
+        assert_eq!(round_size(1), Some(SIZE_UNIT));
+        assert_eq!(round_size(SIZE_UNIT), Some(SIZE_UNIT));
+        assert_eq!(round_size(SIZE_UNIT + 1), Some(2 * SIZE_UNIT));
+        assert_eq!(round_size(u64::MAX), None);
+    }
+
+    #[test]
+    fn first_fault_wins_and_bumps_the_generation() {
+        let mut v = record(3);
+        assert!(v.degradation().is_none());
+        assert!(v.fault_replica(1, "file removed"));
+        assert_eq!(v.generation, 2);
+        assert!(!v.fault_replica(1, "again"));
+        assert_eq!(v.generation, 2);
+        assert!(!v.fault_replica(7, "no such replica"));
+        let text = v.degradation().unwrap();
+        assert!(
+            text.contains("2 of 3") && text.contains("pool p1") && text.contains("file removed"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn hostile_volume_ids_are_invalid_and_never_reach_a_path() {
+        use crate::core::error::ErrorKind;
+        let long = "a".repeat(4096);
+        for id in [
+            "",
+            "/",
+            ".",
+            "..",
+            "../../etc",
+            "/etc/passwd",
+            "a/b",
+            "tv-\0",
+            "a\0b",
+            "a b",
+            "é",
+            "tv-0123456789abcdef01234567\n",
+            &long,
+        ] {
+            let err = check_volume_id(id).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::InvalidArgument, "{id:?}: {err}");
+            assert!(err.message.len() < 200, "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn well_formed_foreign_ids_are_not_found_and_ours_pass() {
+        use crate::core::error::ErrorKind;
+        for id in ["fake-vol-id-0123456789", "pvc-1", "TV-ABC", "tv-0123"] {
+            assert_eq!(
+                check_volume_id(id).unwrap_err().kind,
+                ErrorKind::NotFound,
+                "{id}"
+            );
+        }
+        check_volume_id(&volume_id_for("pvc-1")).unwrap();
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn an_accepted_id_is_always_one_plain_file_name(id in ".{0,200}") {
+            if check_volume_id(&id).is_ok() {
+                proptest::prop_assert!(is_valid_volume_id(&id));
+                let p = std::path::Path::new("/base").join(&id);
+                proptest::prop_assert_eq!(p.parent(), Some(std::path::Path::new("/base")));
+                proptest::prop_assert_eq!(p.file_name().and_then(|f| f.to_str()), Some(id.as_str()));
+            }
+            if malformed_reason(&id).is_none() {
+                proptest::prop_assert!(!id.contains('/') && !id.contains('\0') && id != "..");
+            }
+        }
+    }
+}

@@ -1,0 +1,786 @@
+//! The engine: one volume's replicas assembled into one block device.
+//!
+//! Write path, for every write the frontend hands us:
+//! 1. copy the payload once into a page-aligned buffer shared by all replicas;
+//! 2. send it to every healthy replica in parallel (the caller's thread does one);
+//! 3. for every replica that failed: record it as faulted in the state store
+//!    (fsynced) and only then stop using it;
+//! 4. acknowledge when at least `min_healthy` replicas — and every replica not
+//!    recorded as faulted — have the data.
+//!
+//! **Invariant:** a write is acknowledged only if every replica that did not
+//! get it is already recorded faulted with a generation, so a stale replica
+//! can never be taken for a current one.
+//!
+//! Hot path: `read_at`/`write_at` run per I/O; `info!` never fires here except
+//! on a replica fault.
+
+pub mod assemble;
+pub mod ready;
+pub mod workers;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use tracing::{error, info, warn};
+
+use crate::core::dirty::{DEFAULT_REGION, DirtyMap};
+use crate::core::volume::StagedOn;
+
+use crate::core::store::StateStore;
+use crate::datapath::frontend::{BlockDevice, DirectRead};
+use crate::datapath::replica::ReplicaIo;
+use crate::datapath::replica::aligned::{ALIGN, AlignedBuf, is_aligned};
+use workers::Workers;
+
+struct Slot {
+    index: usize,
+    io: Box<dyn ReplicaIo>,
+    healthy: AtomicBool,
+    /// Moving average of read latency, for choosing where reads go.
+    read_latency_ns: AtomicU64,
+}
+
+/// Writes to a region hold its stripe shared; catch-up holds it exclusive.
+const STRIPES: usize = 256;
+
+/// Reads of one such region go to the same replica (see `read_order`).
+const READ_REGION: u64 = 1 << 20;
+
+pub struct Engine {
+    volume_id: String,
+    size: AtomicU64,
+    /// Replaced wholesale when a lost replica moves to another pool.
+    slots: RwLock<Vec<Arc<Slot>>>,
+    store: Arc<dyn StateStore>,
+    min_healthy: usize,
+    /// Serialises fault recording so each fault is persisted exactly once.
+    fault_lock: Mutex<()>,
+    workers: Workers,
+    /// What each faulted replica (by replica index) has missed.
+    dirty: Mutex<BTreeMap<usize, DirtyMap>>,
+    /// Where dirty maps are persisted (`dirty-<index>.map`); `None` keeps
+    /// them in memory only (tests).
+    dirty_dir: Option<PathBuf>,
+    stripes: Vec<RwLock<()>>,
+    /// Writes hold it shared; a replica rejoining holds it exclusive.
+    membership: RwLock<()>,
+    /// When each currently faulted replica (by index) was faulted.
+    faulted_since: Mutex<BTreeMap<usize, Instant>>,
+    rebuild: RebuildPolicy,
+    stats: Arc<crate::core::metrics::IoStats>,
+    claim: Option<StagedOn>,
+}
+
+/// Finds a new home for lost replica `index`: creates it (empty) on some
+/// eligible pool, records the move, and returns it opened.
+pub type Replacer = Box<dyn Fn(usize) -> io::Result<Box<dyn ReplicaIo>> + Send + Sync>;
+
+pub struct EngineOptions {
+    /// Writes fail (EIO) below this many healthy replicas.
+    pub min_healthy: usize,
+    /// Threads that run replica I/O in parallel.
+    pub worker_threads: usize,
+    /// Where dirty maps are persisted; `None` keeps them in memory (tests).
+    pub dirty_dir: Option<PathBuf>,
+    pub rebuild: RebuildPolicy,
+    /// The staging claim this engine serves under. Replica health is only
+    /// recorded while the record still names it: an engine whose node lost
+    /// the volume cannot fault the new holder's replicas and go on writing
+    /// without them. `None`: unchecked (tests).
+    pub claim: Option<StagedOn>,
+}
+
+pub struct RebuildPolicy {
+    /// A faulted replica unreachable for this long is replaced.
+    pub replace_after: std::time::Duration,
+    /// Copy bandwidth for catch-up and rebuild, bytes per second; 0: unlimited.
+    pub bytes_per_sec: u64,
+    pub replacer: Option<Replacer>,
+}
+
+impl Default for RebuildPolicy {
+    fn default() -> Self {
+        RebuildPolicy {
+            replace_after: std::time::Duration::from_secs(300),
+            bytes_per_sec: 0,
+            replacer: None,
+        }
+    }
+}
+
+pub struct EngineReplica {
+    pub index: usize,
+    pub io: Box<dyn ReplicaIo>,
+    /// `Some(map)`: the replica is faulted and has missed `map`'s regions.
+    pub missed: Option<DirtyMap>,
+    /// For a faulted replica: since when (the replacement grace period
+    /// counts from here); `None` means now.
+    pub faulted_since: Option<Instant>,
+}
+
+/// Persisted name of replica `index`'s dirty map.
+pub fn dirty_map_file(index: usize) -> String {
+    format!("dirty-{index}.map")
+}
+
+impl Engine {
+    pub fn new(
+        volume_id: &str,
+        size: u64,
+        replicas: Vec<EngineReplica>,
+        store: Arc<dyn StateStore>,
+        opts: EngineOptions,
+    ) -> io::Result<Engine> {
+        let EngineOptions {
+            min_healthy,
+            worker_threads,
+            dirty_dir,
+            rebuild,
+            claim,
+        } = opts;
+        let mut dirty = BTreeMap::new();
+        let mut faulted_since = BTreeMap::new();
+        let slots = replicas
+            .into_iter()
+            .map(|r| {
+                let healthy = r.missed.is_none();
+                if let Some(map) = r.missed {
+                    dirty.insert(r.index, map);
+                    faulted_since.insert(r.index, r.faulted_since.unwrap_or_else(Instant::now));
+                }
+                Arc::new(Slot {
+                    index: r.index,
+                    io: r.io,
+                    healthy: AtomicBool::new(healthy),
+                    read_latency_ns: AtomicU64::new(0),
+                })
+            })
+            .collect();
+        Ok(Engine {
+            slots: RwLock::new(slots),
+            faulted_since: Mutex::new(faulted_since),
+            rebuild,
+            dirty: Mutex::new(dirty),
+            dirty_dir,
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            membership: RwLock::new(()),
+            volume_id: volume_id.to_string(),
+            size: AtomicU64::new(size),
+            store,
+            min_healthy: min_healthy.max(1),
+            fault_lock: Mutex::new(()),
+            workers: Workers::new("replica-io", worker_threads)?,
+            stats: Default::default(),
+            claim,
+        })
+    }
+
+    /// The volume's I/O counters so far.
+    pub fn io_stats(&self) -> crate::core::metrics::IoSnapshot {
+        self.stats.snapshot()
+    }
+
+    pub fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::SeqCst);
+        if let Ok(mut dirty) = self.dirty.lock() {
+            for map in dirty.values_mut() {
+                map.resize(size);
+            }
+        }
+    }
+
+    fn slots(&self) -> Vec<Arc<Slot>> {
+        self.slots.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn healthy_count(&self) -> usize {
+        self.slots()
+            .iter()
+            .filter(|s| s.healthy.load(Ordering::SeqCst))
+            .count()
+    }
+
+    fn healthy_slots(&self) -> Vec<Arc<Slot>> {
+        self.slots()
+            .into_iter()
+            .filter(|s| s.healthy.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    /// Moves replicas that stayed unreachable past the grace period to
+    /// another pool; catch-up then rebuilds them in full, in the background.
+    pub fn replace_lost(&self) {
+        let Some(replacer) = &self.rebuild.replacer else {
+            return;
+        };
+        let overdue: Vec<Arc<Slot>> = {
+            let Ok(since) = self.faulted_since.lock() else {
+                return;
+            };
+            self.slots()
+                .into_iter()
+                .filter(|s| {
+                    !s.healthy.load(Ordering::SeqCst)
+                        && since
+                            .get(&s.index)
+                            .is_some_and(|t| t.elapsed() >= self.rebuild.replace_after)
+                })
+                .collect()
+        };
+        for old in overdue {
+            if old.io.check().is_ok() {
+                continue;
+            }
+            let index = old.index;
+            let io = match replacer(index) {
+                Ok(io) => io,
+                Err(e) => {
+                    warn!(volume_id = %self.volume_id, replica = index, error = %e, "cannot replace lost replica yet");
+                    continue;
+                }
+            };
+            let mut map = DirtyMap::new(self.size(), DEFAULT_REGION);
+            map.mark_all();
+            let swapped = (|| -> io::Result<()> {
+                let mut dirty = self.lock_dirty()?;
+                self.persist_map(index, &map)?;
+                dirty.insert(index, map);
+                let mut slots = self
+                    .slots
+                    .write()
+                    .map_err(|_| io::Error::other("slots lock poisoned"))?;
+                if let Some(pos) = slots.iter().position(|s| s.index == index) {
+                    slots[pos] = Arc::new(Slot {
+                        index,
+                        io,
+                        healthy: AtomicBool::new(false),
+                        read_latency_ns: AtomicU64::new(0),
+                    });
+                }
+                Ok(())
+            })();
+            match swapped {
+                Ok(()) => {
+                    if let Ok(mut since) = self.faulted_since.lock() {
+                        since.insert(index, Instant::now());
+                    }
+                    info!(volume_id = %self.volume_id, replica = index, "lost replica replaced; rebuilding in full");
+                }
+                Err(e) => {
+                    warn!(volume_id = %self.volume_id, replica = index, error = %e, "cannot swap in replacement")
+                }
+            }
+        }
+    }
+
+    fn still_claimed(
+        &self,
+        r: &crate::core::volume::VolumeRecord,
+    ) -> crate::core::error::Result<()> {
+        match &self.claim {
+            Some(c) if r.staged_on.as_ref() != Some(c) => {
+                Err(crate::core::error::Error::precondition(format!(
+                    "volume {} is no longer claimed by node {} (epoch {})",
+                    self.volume_id, c.node, c.epoch
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Records replica `slot` as faulted in the state store, then stops
+    /// using it. Err means the fault could not be persisted: the caller must
+    /// not acknowledge anything that the replica missed.
+    fn fault(&self, slot: &Slot, reason: &str) -> io::Result<()> {
+        let _guard = self
+            .fault_lock
+            .lock()
+            .map_err(|_| io::Error::other("fault lock poisoned"))?;
+        if !slot.healthy.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let index = slot.index;
+        let persisted = self.store.update(&self.volume_id, &mut |r| {
+            self.still_claimed(r)?;
+            Ok(r.fault_replica(index, reason))
+        });
+        match persisted {
+            Ok(_) => {
+                // The map exists before any write skips this replica, so
+                // every skipped write is marked in it.
+                let mut dirty = self.lock_dirty()?;
+                if let std::collections::btree_map::Entry::Vacant(e) = dirty.entry(index) {
+                    let map = DirtyMap::new(self.size(), DEFAULT_REGION);
+                    self.persist_map(index, &map)?;
+                    e.insert(map);
+                }
+                drop(dirty);
+                if let Ok(mut since) = self.faulted_since.lock() {
+                    since.entry(index).or_insert_with(Instant::now);
+                }
+                slot.healthy.store(false, Ordering::SeqCst);
+                error!(volume_id = %self.volume_id, replica = index, %reason, "replica faulted");
+                Ok(())
+            }
+            Err(e) => {
+                error!(volume_id = %self.volume_id, replica = index, error = %e, "cannot record replica fault");
+                Err(io::Error::other(format!("cannot record fault: {e}")))
+            }
+        }
+    }
+
+    /// Runs `op` on every healthy replica at once, faults the ones that
+    /// fail, and decides whether the operation as a whole succeeded.
+    fn fan_out(
+        &self,
+        what: &'static str,
+        op: impl Fn(&dyn ReplicaIo) -> io::Result<()> + Send + Sync + 'static,
+    ) -> io::Result<()> {
+        let slots = self.healthy_slots();
+        if slots.is_empty() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let op = Arc::new(op);
+        let (tx, rx) = crossbeam_channel::bounded(slots.len());
+        for slot in slots.iter().skip(1) {
+            let slot = slot.clone();
+            let op = op.clone();
+            let tx = tx.clone();
+            self.workers.run(move || {
+                let result = op(slot.io.as_ref());
+                let _ = tx.send((slot, result));
+            });
+        }
+        let first = slots[0].clone();
+        let result = op(first.io.as_ref());
+        let _ = tx.send((first, result));
+        drop(tx);
+
+        let mut ok = 0usize;
+        let mut first_error = None;
+        for (slot, result) in rx.iter().take(slots.len()) {
+            match result {
+                Ok(()) => ok += 1,
+                Err(e) => {
+                    warn!(volume_id = %self.volume_id, replica = slot.index, op = what, error = %e, "replica I/O failed");
+                    self.fault(&slot, &format!("{what} failed: {e}"))?;
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if ok >= self.min_healthy {
+            Ok(())
+        } else {
+            Err(first_error.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO)))
+        }
+    }
+
+    fn lock_dirty(&self) -> io::Result<std::sync::MutexGuard<'_, BTreeMap<usize, DirtyMap>>> {
+        self.dirty
+            .lock()
+            .map_err(|_| io::Error::other("dirty map lock poisoned"))
+    }
+
+    fn persist_map(&self, index: usize, map: &DirtyMap) -> io::Result<()> {
+        let Some(dir) = &self.dirty_dir else {
+            return Ok(());
+        };
+        crate::core::store::atomic_write(&dir.join(dirty_map_file(index)), &map.encode())
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+
+    /// Records `[offset, offset+len)` as missed by every faulted replica,
+    /// persisting maps that gained a region. Must succeed before the write
+    /// is acknowledged.
+    fn mark_missed(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut dirty = self.lock_dirty()?;
+        for (index, map) in dirty.iter_mut() {
+            if map.mark(offset, len) {
+                self.persist_map(*index, map)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn stripe_range(&self, offset: u64, len: u64) -> Vec<usize> {
+        if len == 0 {
+            return Vec::new();
+        }
+        let first = offset / DEFAULT_REGION;
+        let last = (offset + len - 1) / DEFAULT_REGION;
+        let mut s: Vec<usize> = (first..=last.min(first + STRIPES as u64 - 1))
+            .map(|r| (r % STRIPES as u64) as usize)
+            .collect();
+        s.sort_unstable();
+        s.dedup();
+        s
+    }
+
+    /// Runs a data-changing operation the way every write must: stripes
+    /// shared, fanned out, and recorded in the dirty maps before returning.
+    fn mutate(
+        &self,
+        what: &'static str,
+        offset: u64,
+        len: u64,
+        op: impl Fn(&dyn ReplicaIo) -> io::Result<()> + Send + Sync + 'static,
+    ) -> io::Result<()> {
+        let _member = self
+            .membership
+            .read()
+            .map_err(|_| io::Error::other("membership lock poisoned"))?;
+        let stripes = self.stripe_range(offset, len);
+        let _guards: Vec<_> = stripes
+            .iter()
+            .map(|&i| self.stripes[i].read())
+            .collect::<Result<_, _>>()
+            .map_err(|_| io::Error::other("stripe lock poisoned"))?;
+        let result = self.fan_out(what, op);
+        // Marked even when the operation failed: some replicas may have it.
+        self.mark_missed(offset, len)?;
+        result
+    }
+
+    /// Copies what faulted-but-reachable replicas missed and lets them
+    /// rejoin. Returns the bytes copied. Safe to run while I/O continues.
+    pub fn catch_up(&self) -> u64 {
+        let mut total = 0;
+        // Passes until one heals nothing: when every replica had faulted,
+        // the one that missed nothing heals first (it needs no source) and
+        // becomes the source the others copy from in the next pass.
+        loop {
+            let pending: Vec<Arc<Slot>> = {
+                let Ok(dirty) = self.dirty.lock() else {
+                    return total;
+                };
+                self.slots()
+                    .into_iter()
+                    .filter(|s| !s.healthy.load(Ordering::SeqCst) && dirty.contains_key(&s.index))
+                    .collect()
+            };
+            let mut healed = false;
+            for slot in pending {
+                if slot.io.check().is_err() {
+                    continue;
+                }
+                match self.catch_up_one(&slot) {
+                    Ok(bytes) => {
+                        total += bytes;
+                        healed = true;
+                    }
+                    Err(e) => {
+                        warn!(volume_id = %self.volume_id, replica = slot.index, error = %e, "catch-up interrupted; will retry");
+                    }
+                }
+            }
+            if !healed {
+                return total;
+            }
+        }
+    }
+
+    fn copy_region(&self, slot: &Slot, start: u64, len: u64) -> io::Result<()> {
+        let mut buf = AlignedBuf::zeroed(len as usize);
+        self.read_at(buf.as_mut_slice(), start)?;
+        if buf.as_slice().iter().all(|&b| b == 0) {
+            // Keeps rebuilt replicas thin: a hole reads as zeroes too.
+            slot.io.discard(start, len)
+        } else {
+            slot.io.write_at(buf.as_slice(), start)
+        }
+    }
+
+    /// Copies the regions of `slot`'s map that are dirty now; each under
+    /// its stripe lock unless `paused` (all writes already stopped).
+    fn copy_dirty(&self, slot: &Slot, paused: bool) -> io::Result<u64> {
+        let regions: Vec<(u64, u64, u64)> = {
+            let dirty = self.lock_dirty()?;
+            let Some(map) = dirty.get(&slot.index) else {
+                return Ok(0);
+            };
+            map.dirty_regions()
+                .map(|r| {
+                    let (start, len) = map.range(r);
+                    (r, start, len)
+                })
+                .collect()
+        };
+        let mut bytes = 0;
+        let started = Instant::now();
+        for (n, (region, start, len)) in regions.into_iter().enumerate() {
+            {
+                let _stripe = if paused {
+                    None
+                } else {
+                    Some(
+                        self.stripes[(region % STRIPES as u64) as usize]
+                            .write()
+                            .map_err(|_| io::Error::other("stripe lock poisoned"))?,
+                    )
+                };
+                self.copy_region(slot, start, len)?;
+                if let Some(map) = self.lock_dirty()?.get_mut(&slot.index) {
+                    map.clear(region);
+                }
+            }
+            bytes += len;
+            // Persist progress now and then, so an interrupted rebuild resumes.
+            if n % 64 == 63
+                && let Some(map) = self.lock_dirty()?.get(&slot.index)
+            {
+                self.persist_map(slot.index, map)?;
+            }
+            let limit = self.rebuild.bytes_per_sec;
+            if limit > 0 && !paused {
+                let due = std::time::Duration::from_secs_f64(bytes as f64 / limit as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+        // Persist progress so an interrupted catch-up resumes, never restarts.
+        if let Some(map) = self.lock_dirty()?.get(&slot.index) {
+            self.persist_map(slot.index, map)?;
+        }
+        Ok(bytes)
+    }
+
+    fn catch_up_one(&self, slot: &Slot) -> io::Result<u64> {
+        // Writes sent before the fault may still be in flight on a link that
+        // came back; they must not land on top of what is copied now.
+        slot.io.fence()?;
+        let mut bytes = self.copy_dirty(slot, false)?;
+        let _paused = self
+            .membership
+            .write()
+            .map_err(|_| io::Error::other("membership lock poisoned"))?;
+        bytes += self.copy_dirty(slot, true)?;
+        slot.io.flush()?;
+        let index = slot.index;
+        self.store
+            .update(&self.volume_id, &mut |r| {
+                self.still_claimed(r)?;
+                Ok(r.heal_replica(index, bytes))
+            })
+            .map_err(|e| io::Error::other(format!("cannot record replica healthy: {e}")))?;
+        self.lock_dirty()?.remove(&index);
+        if let Ok(mut since) = self.faulted_since.lock() {
+            since.remove(&index);
+        }
+        if let Some(dir) = &self.dirty_dir {
+            let _ = std::fs::remove_file(dir.join(dirty_map_file(index)));
+        }
+        slot.healthy.store(true, Ordering::SeqCst);
+        info!(volume_id = %self.volume_id, replica = index, bytes, "replica caught up and rejoined");
+        Ok(bytes)
+    }
+
+    /// Fences every healthy replica, so writes an earlier engine of this
+    /// volume left in flight cannot land after this one's. A replica that
+    /// cannot be fenced is faulted; Err means that could not be recorded.
+    pub fn fence_replicas(&self) -> io::Result<()> {
+        for slot in self.healthy_slots() {
+            if let Err(e) = slot.io.fence() {
+                self.fault(&slot, &format!("cannot fence: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Probes every healthy replica and faults those that are gone. Run
+    /// periodically so a removed replica is noticed even with no I/O.
+    pub fn check_replicas(&self) {
+        for slot in self.healthy_slots() {
+            if let Err(reason) = slot.io.check() {
+                // A failure to persist is retried at the next check; writes
+                // meanwhile still go to this replica, so nothing is lost.
+                let _ = self.fault(&slot, &reason);
+            }
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: usize) -> io::Result<()> {
+        let end = offset
+            .checked_add(len as u64)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        if end > self.size.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        Ok(())
+    }
+
+    fn read_from(&self, slot: &Slot, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let start = Instant::now();
+        if is_aligned(buf.as_ptr(), buf.len(), offset) {
+            slot.io.read_at(buf, offset)?;
+        } else {
+            let mut bounce = AlignedBuf::zeroed(buf.len());
+            slot.io.read_at(bounce.as_mut_slice(), offset)?;
+            buf.copy_from_slice(bounce.as_slice());
+        }
+        slot.note_read_latency(start.elapsed());
+        Ok(())
+    }
+}
+
+impl Slot {
+    fn note_read_latency(&self, took: std::time::Duration) {
+        let took = took.as_nanos() as u64;
+        let old = self.read_latency_ns.load(Ordering::Relaxed);
+        self.read_latency_ns
+            .store(old - old / 8 + took / 8, Ordering::Relaxed);
+    }
+}
+
+/// A read of one replica's file done by the frontend itself.
+struct ReplicaRead {
+    slot: Arc<Slot>,
+    fd: std::os::fd::RawFd,
+    len: usize,
+    started: Instant,
+    stats: Arc<crate::core::metrics::IoStats>,
+}
+
+impl DirectRead for ReplicaRead {
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.fd
+    }
+
+    fn done(self: Box<Self>) {
+        let took = self.started.elapsed();
+        self.slot.note_read_latency(took);
+        self.stats
+            .record(crate::core::metrics::Op::Read, self.len, took, true);
+    }
+}
+
+impl Engine {
+    /// Healthy replicas in the order to try a read at `offset` on: fastest
+    /// first; among equals, each region of the volume is read from one
+    /// replica, so regions spread over the replicas while each replica's
+    /// share stays in its disk's caches (which a per-request rotation
+    /// would triple).
+    fn read_order(&self, offset: u64) -> Vec<Arc<Slot>> {
+        let mut slots = self.healthy_slots();
+        let spin = (offset / READ_REGION) as usize;
+        if !slots.is_empty() {
+            let n = slots.len();
+            slots.rotate_left(spin % n);
+        }
+        slots.sort_by_key(|s| s.read_latency_ns.load(Ordering::Relaxed) / 200_000);
+        slots
+    }
+
+    fn read_replicas(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check_range(offset, buf.len())?;
+        let mut last = io::Error::from_raw_os_error(libc::EIO);
+        for slot in self.read_order(offset) {
+            match self.read_from(&slot, buf, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    warn!(volume_id = %self.volume_id, replica = slot.index, error = %e, "replica read failed");
+                    self.fault(&slot, &format!("read failed: {e}"))?;
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn write_replicas(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check_range(offset, buf.len())?;
+        let data = Arc::new(AlignedBuf::copy_of(buf));
+        self.mutate("write", offset, buf.len() as u64, move |io| {
+            io.write_at(data.as_slice(), offset)
+        })
+    }
+}
+
+impl BlockDevice for Engine {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::SeqCst)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let started = Instant::now();
+        let result = self.read_replicas(buf, offset);
+        let (len, ok) = (buf.len(), result.is_ok());
+        self.stats
+            .record(crate::core::metrics::Op::Read, len, started.elapsed(), ok);
+        result
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let started = Instant::now();
+        let result = self.write_replicas(buf, offset);
+        let ok = result.is_ok();
+        self.stats.record(
+            crate::core::metrics::Op::Write,
+            buf.len(),
+            started.elapsed(),
+            ok,
+        );
+        result
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let started = Instant::now();
+        let result = self.fan_out("flush", |io| io.flush());
+        let ok = result.is_ok();
+        self.stats
+            .record(crate::core::metrics::Op::Flush, 0, started.elapsed(), ok);
+        result
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let len = len.min(self.size().saturating_sub(offset));
+        self.mutate("discard", offset, len, move |io| io.discard(offset, len))
+    }
+
+    /// The replica `read_at` would try first, when it is a local file
+    /// open O_DIRECT; any other replica needs the engine's own I/O.
+    fn direct_read(&self, offset: u64, len: usize) -> Option<Box<dyn DirectRead>> {
+        self.check_range(offset, len).ok()?;
+        if !len.is_multiple_of(ALIGN) || !offset.is_multiple_of(ALIGN as u64) {
+            return None;
+        }
+        let slot = self.read_order(offset).into_iter().next()?;
+        let fd = slot.io.direct_fd()?;
+        Some(Box::new(ReplicaRead {
+            slot,
+            fd,
+            len,
+            started: Instant::now(),
+            stats: self.stats.clone(),
+        }))
+    }
+
+    /// Only a volume of exactly one replica, local and healthy: with more,
+    /// every write must reach each of them through us, and a volume whose
+    /// replica is remote has no file here.
+    fn passthrough_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        let slots = self.slots();
+        let [only] = slots.as_slice() else {
+            return None;
+        };
+        if !only.healthy.load(Ordering::SeqCst) {
+            return None;
+        }
+        let fd = only.io.direct_fd()?;
+        // SAFETY: `fd` belongs to the replica `only` keeps open for the
+        // whole call; the duplicate shares its open file (and O_DIRECT).
+        let dup = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned();
+        dup.map_err(
+            |e| warn!(volume_id = %self.volume_id, error = %e, "cannot duplicate the replica's fd"),
+        )
+        .ok()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,162 @@
+//! The pools this process can reach, built from the configuration, with the
+//! labels placement needs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::core::class::Tier;
+use crate::core::config::{Config, NfsPoolConfig, PoolConfig};
+use crate::core::error::{Error, Result};
+use crate::datapath::replica::Pool;
+use crate::datapath::replica::local::LocalPool;
+use crate::datapath::replica::nfs::NfsPool;
+use crate::datapath::replica::remote::{Client, RemotePool};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct PoolEntry {
+    pub name: String,
+    pub node: String,
+    pub tier: Tier,
+    pub domain: String,
+    pub zone: String,
+    /// Overrides the controller's overcommit ratio for this pool.
+    pub overcommit_ratio: Option<f64>,
+    pub backend: Box<dyn Pool>,
+}
+
+pub struct Pools {
+    entries: BTreeMap<String, PoolEntry>,
+}
+
+/// The node an NFS pool is recorded on: its server, which is also its
+/// failure domain unless the admin names another.
+pub fn nfs_node(server: &str) -> String {
+    format!("nfs:{server}")
+}
+
+fn nfs_entry(pool: &PoolConfig, nfs: &NfsPoolConfig, timeout: Duration) -> PoolEntry {
+    let node = nfs_node(&nfs.server);
+    PoolEntry {
+        name: pool.name.clone(),
+        domain: pool.domain.clone().unwrap_or_else(|| node.clone()),
+        zone: pool.zone.clone().unwrap_or_else(|| "default".to_string()),
+        node,
+        tier: pool.tier,
+        overcommit_ratio: None,
+        backend: Box::new(NfsPool::new(nfs, timeout)),
+    }
+}
+
+impl Pools {
+    /// Every configured pool: this node's as local pools, other nodes'
+    /// through their replica agents.
+    pub fn from_config(config: &Config, data_dir: &Path, node: &str) -> Result<Pools> {
+        // Only pools on other nodes need the token: a data dir of local
+        // (and NFS) pools alone runs without one.
+        let remote = config
+            .pools
+            .iter()
+            .any(|p| p.nfs.is_none() && p.node.as_deref().is_some_and(|n| n != node));
+        let token = if remote {
+            config.cluster_token(data_dir).map_err(|e| Error {
+                message: format!(
+                    "pools on other nodes are configured, which needs the cluster token: {}",
+                    e.message
+                ),
+                ..e
+            })?
+        } else {
+            Vec::new()
+        };
+        let timeout = Duration::from_millis(config.agent_timeout_ms);
+        let clients: BTreeMap<&str, Arc<Client>> = config
+            .nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.name.as_str(),
+                    Arc::new(Client::new(n.agent, &token, node, timeout)),
+                )
+            })
+            .collect();
+        let mut entries = BTreeMap::new();
+        for pool in &config.pools {
+            if let Some(nfs) = &pool.nfs {
+                entries.insert(pool.name.clone(), nfs_entry(pool, nfs, timeout));
+                continue;
+            }
+            let pool_node = pool.node.clone().unwrap_or_else(|| node.to_string());
+            let backend: Box<dyn Pool> = match clients.get(pool_node.as_str()) {
+                Some(client) if pool_node != node => {
+                    Box::new(RemotePool::new(client.clone(), &pool.name))
+                }
+                _ => Box::new(LocalPool::new(
+                    &config.pool_path(data_dir, pool),
+                    pool.capacity_bytes,
+                )?),
+            };
+            entries.insert(
+                pool.name.clone(),
+                PoolEntry {
+                    name: pool.name.clone(),
+                    node: pool_node.clone(),
+                    tier: pool.tier,
+                    domain: pool.domain.clone().unwrap_or_else(|| pool_node.clone()),
+                    zone: pool.zone.clone().unwrap_or_else(|| "default".to_string()),
+                    overcommit_ratio: None,
+                    backend,
+                },
+            );
+        }
+        Ok(Pools { entries })
+    }
+
+    pub fn from_entries(entries: Vec<PoolEntry>) -> Pools {
+        Pools {
+            entries: entries.into_iter().map(|e| (e.name.clone(), e)).collect(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Result<&PoolEntry> {
+        self.entries.get(name).ok_or_else(|| {
+            Error::precondition(format!(
+                "pool {name:?} is not configured on this node (known: {})",
+                self.entries.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &PoolEntry> {
+        self.entries.values()
+    }
+
+    /// Every replica write through these pools acts under claim `epoch`.
+    pub fn act_under_claim(&self, epoch: u64) {
+        for e in self.entries.values() {
+            e.backend.act_under_claim(epoch);
+        }
+    }
+
+    /// The pools on `node`'s own disks, for its replica agent to serve.
+    pub fn local_to(
+        config: &Config,
+        data_dir: &Path,
+        node: &str,
+    ) -> Result<BTreeMap<String, Box<dyn Pool>>> {
+        let mut out: BTreeMap<String, Box<dyn Pool>> = BTreeMap::new();
+        for pool in &config.pools {
+            // NFS pools are reached directly from every node, never served.
+            if pool.nfs.is_none() && pool.node.as_deref().is_none_or(|n| n == node) {
+                out.insert(
+                    pool.name.clone(),
+                    Box::new(LocalPool::new(
+                        &config.pool_path(data_dir, pool),
+                        pool.capacity_bytes,
+                    )?),
+                );
+            }
+        }
+        Ok(out)
+    }
+}

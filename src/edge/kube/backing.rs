@@ -1,0 +1,71 @@
+//! What engines and repair run on in a cluster: the state store on
+//! TernaVolumes (with the runtime its Kubernetes calls run on) and the pools
+//! the StoragePools name, for a data dir whose node wrote `cluster.json`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Api, ListParams};
+
+use crate::core::config::Config;
+use crate::core::error::{Error, Result};
+use crate::datapath::engine::assemble::Backing;
+use crate::edge::kube::crd::StoragePool;
+
+/// Written into a cluster node's data dir: tells the engines it starts
+/// that state lives in Kubernetes and pools are the StoragePools.
+pub const CLUSTER_FILE: &str = "cluster.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct ClusterFile {
+    /// `None`: in-cluster configuration (or KUBECONFIG).
+    pub kubeconfig: Option<PathBuf>,
+    pub pool_stale_secs: u64,
+}
+
+/// The cluster's backing for `data_dir`; `None` when it is not a cluster
+/// node's.
+pub fn open(data_dir: &Path, node: &str, config: &Config) -> Result<Option<Backing>> {
+    let path = data_dir.join(CLUSTER_FILE);
+    let file: ClusterFile = match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
+    };
+    let runtime = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("cannot start a runtime", e))?,
+    );
+    let client = runtime.block_on(crate::edge::kube::client::client(
+        file.kubeconfig.as_deref(),
+    ))?;
+    let store = crate::edge::kube::store::KubeStore::with_runtime(client.clone(), runtime.clone());
+    let api: Api<StoragePool> = Api::all(client);
+    let objects = runtime
+        .block_on(api.list(&ListParams::default()))
+        .map_err(|e| {
+            Error::new(
+                crate::core::error::ErrorKind::Unavailable,
+                format!("cannot list StoragePools: {e}"),
+            )
+        })?
+        .items;
+    let token = config.cluster_token(data_dir)?;
+    let directory = crate::edge::kube::pools::PoolDirectory::new(
+        &token,
+        node,
+        Duration::from_millis(config.agent_timeout_ms),
+        Duration::from_secs(file.pool_stale_secs),
+    )
+    .with_local_node(node);
+    let shared: Vec<Arc<StoragePool>> = objects.into_iter().map(Arc::new).collect();
+    Ok(Some(Backing {
+        store: Arc::new(store),
+        pools: Arc::new(directory.pools(&shared)),
+    }))
+}

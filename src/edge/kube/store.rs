@@ -1,0 +1,540 @@
+//! The state store of a cluster: one `TernaVolume` object per volume, so
+//! Kubernetes is the database. Placement lives in `spec`, health in
+//! `status`; every write carries the resourceVersion it was computed from,
+//! so two writers never overwrite each other's change (a conflict re-reads
+//! and re-applies). `list` answers from a watch-fed cache that also takes
+//! this process's own writes at once, so placement never counts less than
+//! it allocated itself.
+//!
+//! The trait is synchronous (engines and the controller core call it from
+//! blocking threads); each call runs its request on the runtime `handle`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::runtime::watcher;
+use tracing::warn;
+
+use crate::core::class::VolumeClass;
+use crate::core::error::{Error, ErrorKind, Result};
+use crate::core::store::StateStore;
+use crate::core::volume::{Phase, ReplicaRecord, ReplicaState, StagedOn, VolumeRecord};
+use crate::edge::kube::crd::{
+    ReplicaPlacement, ReplicaStatus, StagedOnStatus, TernaVolume, TernaVolumeSpec,
+    TernaVolumeStatus, human_bytes,
+};
+
+/// Conflicting writers retry this many times before giving up.
+const CONFLICT_RETRIES: usize = 20;
+
+pub struct KubeStore {
+    api: Api<TernaVolume>,
+    handle: tokio::runtime::Handle,
+    cache: Arc<RwLock<Cache>>,
+    /// The watch starts with the first `list`: engines never list.
+    watching: std::sync::Once,
+    /// Kept alive for as long as the store when the store brought its own.
+    _runtime: Option<Arc<tokio::runtime::Runtime>>,
+}
+
+#[derive(Default)]
+struct Cache {
+    /// `None`: deleted at that resourceVersion (a late watch event for an
+    /// older version must not bring it back).
+    entries: HashMap<String, (u64, Option<VolumeRecord>)>,
+    synced: bool,
+}
+
+impl Cache {
+    fn offer(&mut self, id: &str, rv: u64, record: Option<VolumeRecord>) {
+        match self.entries.get(id) {
+            Some((known, _)) if *known > rv => {}
+            _ => {
+                self.entries.insert(id.to_string(), (rv, record));
+            }
+        }
+    }
+}
+
+fn resource_version(meta: &ObjectMeta) -> u64 {
+    meta.resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn api_error(context: String, e: kube::Error) -> Error {
+    let kind = match &e {
+        kube::Error::Api(s) if s.code == 404 => ErrorKind::NotFound,
+        kube::Error::Api(s) if s.code == 409 => ErrorKind::Aborted,
+        kube::Error::Api(s) if s.code == 422 || s.code == 400 => ErrorKind::InvalidArgument,
+        _ => ErrorKind::Unavailable,
+    };
+    Error::with_source(kind, format!("{context}: {e}"), e)
+}
+
+fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+impl KubeStore {
+    /// Requests run on `handle`; the first `list` starts the cache's watch
+    /// and waits for it to have listed everything once.
+    pub fn new(client: kube::Client, handle: tokio::runtime::Handle) -> KubeStore {
+        KubeStore {
+            api: Api::all(client),
+            handle,
+            cache: Arc::new(RwLock::new(Cache::default())),
+            watching: std::sync::Once::new(),
+            _runtime: None,
+        }
+    }
+
+    /// A store that runs its requests on `runtime` and keeps it alive (for
+    /// processes with no runtime of their own, such as engines).
+    pub fn with_runtime(client: kube::Client, runtime: Arc<tokio::runtime::Runtime>) -> KubeStore {
+        KubeStore {
+            _runtime: Some(runtime.clone()),
+            ..KubeStore::new(client, runtime.handle().clone())
+        }
+    }
+
+    fn cache_write(&self) -> std::sync::RwLockWriteGuard<'_, Cache> {
+        self.cache.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fetch(&self, id: &str) -> Result<Option<TernaVolume>> {
+        self.handle
+            .block_on(self.api.get_opt(id))
+            .map_err(|e| api_error(format!("cannot read TernaVolume {id}"), e))
+    }
+
+    /// Writes `record` over `current` (None: create), spec first when it
+    /// changed, then status. `Aborted` on a resourceVersion conflict.
+    fn write(&self, current: Option<TernaVolume>, record: &VolumeRecord) -> Result<()> {
+        let (spec, status) = to_resource(record);
+        let id = &record.id;
+        let obj = match current {
+            None => {
+                let obj = TernaVolume {
+                    metadata: ObjectMeta {
+                        name: Some(id.clone()),
+                        ..Default::default()
+                    },
+                    spec,
+                    status: None,
+                };
+                self.handle
+                    .block_on(self.api.create(&PostParams::default(), &obj))
+                    .map_err(|e| api_error(format!("cannot create TernaVolume {id}"), e))?
+            }
+            Some(mut obj) if obj.spec != spec => {
+                obj.spec = spec;
+                self.handle
+                    .block_on(self.api.replace(id, &PostParams::default(), &obj))
+                    .map_err(|e| api_error(format!("cannot update TernaVolume {id}"), e))?
+            }
+            Some(obj) => obj,
+        };
+        let obj = if obj.status.as_ref() != Some(&status) {
+            let mut obj = obj;
+            obj.status = Some(status);
+            self.handle
+                .block_on(self.api.replace_status(id, &PostParams::default(), &obj))
+                .map_err(|e| api_error(format!("cannot update TernaVolume {id} status"), e))?
+        } else {
+            obj
+        };
+        let rv = resource_version(&obj.metadata);
+        self.cache_write().offer(id, rv, Some(record.clone()));
+        Ok(())
+    }
+}
+
+async fn watch(api: Api<TernaVolume>, cache: Arc<RwLock<Cache>>) {
+    let mut stream = watcher(api, watcher::Config::default()).boxed();
+    let mut listing: Vec<TernaVolume> = Vec::new();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Init) => listing.clear(),
+            Ok(watcher::Event::InitApply(obj)) => listing.push(obj),
+            Ok(watcher::Event::InitDone) => {
+                let mut c = cache.write().unwrap_or_else(|p| p.into_inner());
+                let listed: Vec<(String, u64, Option<VolumeRecord>)> = listing
+                    .drain(..)
+                    .filter_map(|o| {
+                        let id = o.metadata.name.clone()?;
+                        Some((id, resource_version(&o.metadata), from_resource(&o).ok()))
+                    })
+                    .collect();
+                // Anything not listed is gone, unless this process wrote it
+                // after the list was taken.
+                let newest = listed.iter().map(|(_, rv, _)| *rv).max().unwrap_or(0);
+                c.entries.retain(|_, (rv, _)| *rv > newest);
+                for (id, rv, record) in listed {
+                    c.offer(&id, rv, record);
+                }
+                c.synced = true;
+            }
+            Ok(watcher::Event::Apply(obj)) => {
+                if let Some(id) = obj.metadata.name.clone() {
+                    let rv = resource_version(&obj.metadata);
+                    let record = from_resource(&obj).ok();
+                    cache
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .offer(&id, rv, record);
+                }
+            }
+            Ok(watcher::Event::Delete(obj)) => {
+                if let Some(id) = obj.metadata.name.clone() {
+                    let rv = resource_version(&obj.metadata);
+                    cache
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .offer(&id, rv, None);
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "TernaVolume watch failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+impl StateStore for KubeStore {
+    fn get(&self, id: &str) -> Result<Option<VolumeRecord>> {
+        match self.fetch(id)? {
+            Some(obj) => from_resource(&obj).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<VolumeRecord>> {
+        self.watching.call_once(|| {
+            self.handle
+                .spawn(watch(self.api.clone(), self.cache.clone()));
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            {
+                let c = self.cache.read().unwrap_or_else(|p| p.into_inner());
+                if c.synced {
+                    let mut records: Vec<VolumeRecord> =
+                        c.entries.values().filter_map(|(_, r)| r.clone()).collect();
+                    records.sort_by(|a, b| a.id.cmp(&b.id));
+                    return Ok(records);
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    "cannot list TernaVolumes: the API server has not answered for 30 s",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn put(&self, record: &VolumeRecord) -> Result<()> {
+        for _ in 0..CONFLICT_RETRIES {
+            let current = self.fetch(&record.id)?;
+            match self.write(current, record) {
+                Err(e) if e.kind == ErrorKind::Aborted => continue,
+                other => return other,
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Aborted,
+            format!("TernaVolume {} keeps changing under us; retry", record.id),
+        ))
+    }
+
+    fn insert(&self, record: &VolumeRecord) -> Result<()> {
+        match self.write(None, record) {
+            Err(e) if e.kind == ErrorKind::Aborted => Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("volume {} already has a record", record.id),
+            )),
+            other => other,
+        }
+    }
+
+    fn remove(&self, id: &str) -> Result<()> {
+        let rv = self
+            .cache
+            .read()
+            .map_or(0, |c| c.entries.get(id).map_or(0, |(rv, _)| *rv));
+        match self
+            .handle
+            .block_on(self.api.delete(id, &DeleteParams::default()))
+        {
+            Ok(_) => {}
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => return Err(api_error(format!("cannot delete TernaVolume {id}"), e)),
+        }
+        self.cache_write().offer(id, rv + 1, None);
+        Ok(())
+    }
+
+    fn update(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut VolumeRecord) -> Result<bool>,
+    ) -> Result<Option<VolumeRecord>> {
+        for _ in 0..CONFLICT_RETRIES {
+            let Some(obj) = self.fetch(id)? else {
+                return Ok(None);
+            };
+            let mut record = from_resource(&obj)?;
+            if !change(&mut record)? {
+                return Ok(Some(record));
+            }
+            match self.write(Some(obj), &record) {
+                Ok(()) => return Ok(Some(record)),
+                Err(e) if e.kind == ErrorKind::Aborted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Aborted,
+            format!("TernaVolume {id} keeps changing under us; retry"),
+        ))
+    }
+}
+
+/// A volume's health in one word: healthy, degraded, rebuilding (a
+/// replacement is being filled) or faulted (no healthy replica).
+pub fn volume_state(record: &VolumeRecord) -> &'static str {
+    let healthy = record.healthy_count();
+    if healthy == record.replicas.len() {
+        "healthy"
+    } else if healthy == 0 {
+        "faulted"
+    } else if record.rebuilding() {
+        "rebuilding"
+    } else {
+        "degraded"
+    }
+}
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Creating => "creating",
+        Phase::Ready => "ready",
+        Phase::Deleting => "deleting",
+    }
+}
+
+pub fn to_resource(record: &VolumeRecord) -> (TernaVolumeSpec, TernaVolumeStatus) {
+    let spec = TernaVolumeSpec {
+        volume_name: record.name.clone(),
+        capacity_bytes: record.capacity_bytes,
+        size: human_bytes(record.capacity_bytes),
+        parameters: record.parameters.clone(),
+        tier: record.class.tier.map(|t| t.to_string()),
+        replicas: record
+            .replicas
+            .iter()
+            .map(|r| ReplicaPlacement {
+                pool: r.pool.clone(),
+                node: r.node.clone(),
+                domain: r.domain.clone(),
+                zone: r.zone.clone(),
+            })
+            .collect(),
+        created_at_ns: record.created_at_ns,
+        claim: record.claim.clone(),
+    };
+    let status = TernaVolumeStatus {
+        phase: phase_name(record.phase).to_string(),
+        state: volume_state(record).to_string(),
+        message: record.degradation(),
+        generation: record.generation,
+        healthy_replicas: format!("{}/{}", record.healthy_count(), record.replicas.len()),
+        replicas: record
+            .replicas
+            .iter()
+            .map(|r| match &r.state {
+                ReplicaState::Healthy => ReplicaStatus {
+                    state: "healthy".into(),
+                    last_catch_up_bytes: r.last_catch_up_bytes,
+                    ..Default::default()
+                },
+                ReplicaState::Faulted {
+                    generation,
+                    reason,
+                    since,
+                    replaced,
+                } => ReplicaStatus {
+                    state: if *replaced { "rebuilding" } else { "faulted" }.into(),
+                    faulted_at_generation: Some(*generation),
+                    reason: Some(reason.clone()),
+                    since: Some(*since),
+                    last_catch_up_bytes: r.last_catch_up_bytes,
+                },
+            })
+            .collect(),
+        staged_on: record.staged_on.as_ref().map(|s| StagedOnStatus {
+            node: s.node.clone(),
+            staging_path: s.staging_path.clone(),
+            epoch: s.epoch,
+            repair: s.repair,
+        }),
+        claims: record.claims,
+        published: record.published.clone(),
+    };
+    (spec, status)
+}
+
+/// The record a TernaVolume stands for. An object without status was
+/// created but never finished: it is a record still `Creating`, with every
+/// replica as placed.
+pub fn from_resource(obj: &TernaVolume) -> Result<VolumeRecord> {
+    let id = obj
+        .metadata
+        .name
+        .clone()
+        .ok_or_else(|| Error::internal("TernaVolume without a name"))?;
+    let class = VolumeClass::parse(&obj.spec.parameters).map_err(|e| {
+        Error::internal(format!(
+            "TernaVolume {id} has parameters that no longer parse: {e}"
+        ))
+    })?;
+    let status = obj.status.clone().unwrap_or_default();
+    let phase = match status.phase.as_str() {
+        "ready" => Phase::Ready,
+        "deleting" => Phase::Deleting,
+        _ => Phase::Creating,
+    };
+    let replicas = obj
+        .spec
+        .replicas
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let s = status.replicas.get(i);
+            let state = match s {
+                Some(s) if s.state == "faulted" || s.state == "rebuilding" => {
+                    ReplicaState::Faulted {
+                        generation: s.faulted_at_generation.unwrap_or(status.generation),
+                        reason: s.reason.clone().unwrap_or_default(),
+                        since: s.since.unwrap_or(0),
+                        replaced: s.state == "rebuilding",
+                    }
+                }
+                _ => ReplicaState::Healthy,
+            };
+            ReplicaRecord {
+                pool: p.pool.clone(),
+                node: p.node.clone(),
+                domain: p.domain.clone(),
+                zone: p.zone.clone(),
+                state,
+                last_catch_up_bytes: s.and_then(|s| s.last_catch_up_bytes),
+            }
+        })
+        .collect();
+    Ok(VolumeRecord {
+        id,
+        name: obj.spec.volume_name.clone(),
+        capacity_bytes: obj.spec.capacity_bytes,
+        class,
+        parameters: obj.spec.parameters.clone(),
+        phase,
+        created_at_ns: obj.spec.created_at_ns,
+        generation: status.generation.max(1),
+        replicas,
+        staged_on: status.staged_on.map(|s| StagedOn {
+            node: s.node,
+            staging_path: s.staging_path,
+            epoch: s.epoch,
+            repair: s.repair,
+        }),
+        claims: status.claims,
+        published: status.published,
+        claim: obj.spec.claim.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A test record whose class is what its parameters say, as every
+    /// record made by the controller is.
+    fn record(replicas: usize) -> VolumeRecord {
+        let mut r = crate::core::volume::tests::record(replicas);
+        r.parameters = [("replicas".to_string(), replicas.to_string())].into();
+        r.class = VolumeClass::parse(&r.parameters).unwrap();
+        r
+    }
+
+    fn round_trip(r: &VolumeRecord) -> VolumeRecord {
+        let (spec, status) = to_resource(r);
+        let obj = TernaVolume {
+            metadata: ObjectMeta {
+                name: Some(r.id.clone()),
+                ..Default::default()
+            },
+            spec,
+            status: Some(status),
+        };
+        from_resource(&obj).unwrap()
+    }
+
+    #[test]
+    fn records_survive_the_resource_form() {
+        let mut r = record(3);
+        r.phase = Phase::Ready;
+        r.claim = Some("ns/claim/uid".into());
+        assert_eq!(round_trip(&r), r);
+        r.fault_replica(1, "agent unreachable");
+        r.claim_staging("n1", "/s");
+        r.published = vec!["/p".into()];
+        assert_eq!(round_trip(&r), r);
+        r.heal_replica(1, 4096);
+        assert_eq!(round_trip(&r), r);
+    }
+
+    #[test]
+    fn an_object_without_status_is_an_unfinished_create() {
+        let mut r = record(2);
+        r.phase = Phase::Ready;
+        let (spec, _) = to_resource(&r);
+        let obj = TernaVolume {
+            metadata: ObjectMeta {
+                name: Some(r.id.clone()),
+                ..Default::default()
+            },
+            spec,
+            status: None,
+        };
+        let back = from_resource(&obj).unwrap();
+        assert_eq!(back.phase, Phase::Creating);
+        assert_eq!(back.replicas.len(), 2);
+        assert!(back.replicas.iter().all(|r| r.is_healthy()));
+    }
+
+    #[test]
+    fn state_words() {
+        let mut r = record(3);
+        assert_eq!(volume_state(&r), "healthy");
+        r.fault_replica(0, "link cut");
+        assert_eq!(volume_state(&r), "degraded");
+        r.fault_replica(1, "replaced on pool p after pool q was lost");
+        assert_eq!(volume_state(&r), "degraded", "prose decides nothing");
+        if let ReplicaState::Faulted { replaced, .. } = &mut r.replicas[1].state {
+            *replaced = true;
+        }
+        assert_eq!(volume_state(&r), "rebuilding");
+        let (_, status) = to_resource(&r);
+        assert_eq!(status.replicas[1].state, "rebuilding");
+        r.fault_replica(2, "gone");
+        assert_eq!(volume_state(&r), "faulted");
+    }
+}

@@ -1,0 +1,79 @@
+//! The node's /metrics and probes: the I/O snapshots the engines of this
+//! node leave in their run dirs, with the health of those volumes (and, in
+//! standalone, of every volume) from the state store.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::core::metrics::{IoSnapshot, render};
+use crate::core::store::StateStore;
+
+/// Written by each engine into `run/<volume>/`.
+pub const STATS_FILE: &str = "stats.json";
+
+pub struct NodeMetrics {
+    pub data_dir: PathBuf,
+    pub store: Arc<dyn StateStore>,
+    /// Standalone knows every volume; a cluster node reports the ones it
+    /// stages.
+    pub all_volumes: bool,
+    /// The CSI socket; ready once it exists.
+    pub socket: PathBuf,
+}
+
+impl NodeMetrics {
+    fn snapshots(&self) -> Vec<(String, IoSnapshot)> {
+        let mut out: Vec<(String, IoSnapshot)> = std::fs::read_dir(self.data_dir.join("run"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let id = e.file_name().to_str()?.to_string();
+                let bytes = std::fs::read(e.path().join(STATS_FILE)).ok()?;
+                Some((id, serde_json::from_slice(&bytes).ok()?))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
+
+impl crate::edge::metrics::http::Probe for NodeMetrics {
+    fn metrics(&self) -> String {
+        let io = self.snapshots();
+        let records = if self.all_volumes {
+            self.store.list().unwrap_or_default()
+        } else {
+            io.iter()
+                .filter_map(|(id, _)| self.store.get(id).ok().flatten())
+                .collect()
+        };
+        let mut remaining = Vec::new();
+        for r in &records {
+            let dir = crate::core::data_dir::dirty_dir(&self.data_dir, &r.id);
+            for (i, rep) in r.replicas.iter().enumerate() {
+                if rep.is_healthy() {
+                    continue;
+                }
+                let map = std::fs::read(dir.join(crate::datapath::engine::dirty_map_file(i)))
+                    .ok()
+                    .and_then(|b| crate::core::dirty::DirtyMap::decode(&b));
+                if let Some(map) = map {
+                    remaining.push((r.id.clone(), i, map.count() * map.region_size()));
+                }
+            }
+        }
+        render(&io, &records) + &crate::core::metrics::render_catch_up(&remaining)
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.socket.exists() {
+            Ok(())
+        } else {
+            Err(format!(
+                "CSI socket {} not served yet",
+                self.socket.display()
+            ))
+        }
+    }
+}

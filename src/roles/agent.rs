@@ -1,0 +1,42 @@
+//! The replica agent: serves this node's pools to engines on other nodes
+//! over TCP, with the protocol in `protocol.rs`.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::core::config::Config;
+use crate::core::error::{Error, Result};
+use crate::datapath::agent::server;
+use crate::datapath::pools::Pools;
+
+/// `terna agent`: serves the pools on this node's disks until killed.
+/// Refuses to start without a cluster token (`cluster_token_file`): an
+/// agent serves every replica on the node to whoever it lets in.
+pub fn run(data_dir: &Path, listen: SocketAddr, node: &str) -> Result<()> {
+    // Claim floors live partly in memory: two agents on one data dir could
+    // each let through what the other fenced.
+    let _owner = crate::core::data_dir::lock(data_dir)?;
+    let config = Config::load_or_init(data_dir)?;
+    let token = config.cluster_token(data_dir).map_err(|e| Error {
+        message: format!(
+            "the replica agent will not start without a cluster token: {}",
+            e.message
+        ),
+        ..e
+    })?;
+    let pools = Pools::local_to(&config, data_dir, node)?;
+    let fences = crate::core::data_dir::fence_dir(data_dir);
+    crate::core::store::private_dir(&fences)?;
+    let listener = TcpListener::bind(listen)
+        .map_err(|e| Error::io(format!("cannot listen on {listen}"), e))?;
+    let state = Arc::new(
+        server::AgentState::new(node, &token, pools)
+            .with_fence_dir(&fences)
+            .with_limits(server::Limits {
+                max_connections: config.agent_max_connections.max(1),
+                ..server::Limits::default()
+            }),
+    );
+    server::serve(listener, state).map_err(|e| Error::io("replica agent stopped", e))
+}

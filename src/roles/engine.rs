@@ -1,0 +1,448 @@
+//! `terna engine`: the processes that run one staged volume's engine and its
+//! FUSE export. They live apart from the node plugin so that restarting the
+//! plugin never takes a mounted volume down with it.
+//!
+//! Two processes per volume:
+//! - the supervisor (`terna engine`, what the node starts) mounts the FUSE
+//!   session and holds its `/dev/fuse` fd, and does nothing else: no replica
+//!   I/O, no state store, so little that can crash;
+//! - the worker (`terna engine --fuse-fd N`, the supervisor's child) is the
+//!   engine proper: it opens the replicas and answers the kernel on an
+//!   inherited copy of that fd.
+//!
+//! The kernel keeps a FUSE session alive while any process holds its fd, so
+//! a worker that dies (killed, crashed, out of memory) takes nothing down:
+//! the loop device's requests wait, the supervisor starts a new worker on
+//! the same session, and that worker has the kernel resend every request the
+//! dead one had read but not answered (FUSE_NOTIFY_RESEND). Writes are
+//! idempotent, so a resent write that had partly reached the replicas is
+//! simply written again, everywhere. Before serving, a worker fences its
+//! remote replicas, so writes the dead worker left in flight on the network
+//! cannot land on top of newer ones.
+//!
+//! The supervisor prints `ready` on stdout once the first worker serves,
+//! ends when the session does (SIGTERM unmounts it), and passes SIGUSR1
+//! (re-read the size after an expansion) on to the worker.
+
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SigSet, Signal};
+use tracing::{error, info, warn};
+
+use crate::core::error::{Error, ErrorKind, Result};
+use crate::datapath::engine::assemble::{Backing, assemble};
+use crate::datapath::frontend::BlockDevice;
+use crate::datapath::frontend::fuse::{self, FuseExport, FuseOptions};
+
+pub struct EngineArgs {
+    pub data_dir: PathBuf,
+    pub node_id: String,
+    pub volume_id: String,
+    pub mountpoint: PathBuf,
+    /// Set for the worker: the inherited `/dev/fuse` fd of the session.
+    pub fuse_fd: Option<RawFd>,
+}
+
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
+const REPLICA_IO_THREADS: usize = 64;
+/// Below the node plugin's own wait for `ready`, so a worker that never
+/// comes up is reported by the supervisor, with its log.
+const WORKER_READY_TIMEOUT: Duration = Duration::from_secs(25);
+const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A worker that served this long resets the backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// How often a worker makes sure its node still holds the volume's claim.
+const CLAIM_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// A worker's exit status when its claim was taken over: the supervisor
+/// then ends the session instead of starting another worker.
+const EXIT_CLAIM_LOST: i32 = 75;
+/// Beside the FUSE mount: the pid of the worker serving now.
+pub const WORKER_PID_FILE: &str = "engine-worker.pid";
+
+pub fn run(args: EngineArgs) -> Result<()> {
+    let signals = SigSet::from_iter([Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1]);
+    // Blocked before any thread starts, so only the signal thread sees them.
+    signals
+        .thread_block()
+        .map_err(|e| Error::io("cannot block signals", e.into()))?;
+    match args.fuse_fd {
+        None => supervise(&args, signals),
+        Some(fd) => serve(&args, fd, signals),
+    }
+}
+
+fn internal(what: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::with_source(ErrorKind::Internal, what, e)
+}
+
+fn supervise(args: &EngineArgs, signals: SigSet) -> Result<()> {
+    let volume_id = args.volume_id.as_str();
+    let session = fuse::open_session(&args.mountpoint)
+        .map_err(|e| internal("cannot mount FUSE export", e))?;
+    // The workers' copy: without close-on-exec, so it survives their exec.
+    let inheritable = nix::unistd::dup(session.as_fd())
+        .map_err(|e| Error::io("cannot duplicate the FUSE fd", e.into()))?;
+    let worker_pid = Arc::new(AtomicI32::new(0));
+    let stopping = Arc::new(AtomicBool::new(false));
+    {
+        let (worker_pid, stopping) = (worker_pid.clone(), stopping.clone());
+        let mountpoint = args.mountpoint.clone();
+        let volume_id = volume_id.to_string();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                loop {
+                    match signals.wait() {
+                        Ok(Signal::SIGUSR1) => {
+                            let pid = worker_pid.load(Ordering::SeqCst);
+                            if pid > 0 {
+                                let _ = nix::sys::signal::kill(
+                                    nix::unistd::Pid::from_raw(pid),
+                                    Signal::SIGUSR1,
+                                );
+                            }
+                        }
+                        Ok(_) => {
+                            stopping.store(true, Ordering::SeqCst);
+                            if let Err(e) = fuse::unmount(&mountpoint) {
+                                warn!(volume_id, error = %e, "cannot unmount FUSE export");
+                            }
+                        }
+                        Err(e) => {
+                            warn!(volume_id, error = %e, "sigwait failed");
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::io("cannot start signal thread", e))?;
+    }
+
+    let run_dir = args.mountpoint.parent().map(Path::to_path_buf);
+    let mut restarts = 0u64;
+    let mut backoff = RESTART_BACKOFF_MIN;
+    loop {
+        let started = Instant::now();
+        let child = match start_worker(args, inheritable.as_raw_fd()) {
+            Ok(child) => child,
+            Err(e) if restarts == 0 => {
+                let _ = fuse::unmount(&args.mountpoint);
+                return Err(e);
+            }
+            Err(e) => {
+                error!(volume_id, error = %e, "engine worker did not come back; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let mut child = child;
+        let pid = i32::try_from(child.id()).unwrap_or(0);
+        worker_pid.store(pid, Ordering::SeqCst);
+        if let Some(dir) = &run_dir {
+            let _ = std::fs::write(dir.join(WORKER_PID_FILE), pid.to_string());
+        }
+        if restarts == 0 {
+            info!(volume_id, worker = pid, "engine ready");
+            let mut stdout = std::io::stdout();
+            let _ = writeln!(stdout, "ready").and_then(|()| stdout.flush());
+        } else {
+            info!(
+                volume_id,
+                worker = pid,
+                restarts,
+                "engine worker restarted on the same session"
+            );
+        }
+        let status = child
+            .wait()
+            .map_err(|e| Error::io("cannot wait for the engine worker", e))?;
+        worker_pid.store(0, Ordering::SeqCst);
+        if status.success() || stopping.load(Ordering::SeqCst) || session_ended(&session) {
+            info!(volume_id, %status, "engine stopped");
+            return Ok(());
+        }
+        if status.code() == Some(EXIT_CLAIM_LOST) {
+            // Another node serves the volume now: every request here must
+            // fail rather than wait for a worker that may not write.
+            fuse::abort(&args.mountpoint);
+            let _ = fuse::unmount(&args.mountpoint);
+            return Err(Error::precondition(format!(
+                "volume {volume_id} was taken over by another node; its session here is aborted"
+            )));
+        }
+        restarts += 1;
+        error!(
+            volume_id,
+            worker = pid,
+            %status,
+            signal = status.signal(),
+            "engine worker died; its session lives on, starting another"
+        );
+        if started.elapsed() > STABLE_AFTER {
+            backoff = RESTART_BACKOFF_MIN;
+        } else {
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+        }
+    }
+}
+
+/// Whether the kernel has ended the session (unmounted and released, or
+/// aborted): `/dev/fuse` then polls as an error.
+fn session_ended(session: &OwnedFd) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(session.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP)),
+        Err(_) => false,
+    }
+}
+
+/// Starts a worker on the session and waits until it serves.
+fn start_worker(args: &EngineArgs, fd: RawFd) -> Result<Child> {
+    let exe = std::env::current_exe().map_err(|e| Error::io("cannot find own binary", e))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("engine")
+        .arg("--data-dir")
+        .arg(&args.data_dir)
+        .arg("--node-id")
+        .arg(&args.node_id)
+        .arg("--volume")
+        .arg(&args.volume_id)
+        .arg("--mountpoint")
+        .arg(&args.mountpoint)
+        .arg("--fuse-fd")
+        .arg(fd.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    // SAFETY: prctl with integer arguments only, which is async-signal-safe
+    // as pre_exec requires. A worker must not outlive its supervisor: it
+    // would keep the session alive with nobody left to restart it.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::io("cannot start the engine worker", e))?;
+    if !crate::datapath::engine::ready::says_ready(&mut child, WORKER_READY_TIMEOUT) {
+        let _ = child.kill();
+        let status = child.wait();
+        return Err(Error::new(
+            ErrorKind::Unavailable,
+            format!(
+                "engine worker for volume {} did not start ({status:?})",
+                args.volume_id
+            ),
+        ));
+    }
+    Ok(child)
+}
+
+/// Takes the inherited fd, after checking it is what the supervisor says.
+fn session_fd(fd: RawFd) -> Result<OwnedFd> {
+    let target = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map_err(|e| Error::io(format!("--fuse-fd {fd} is not open"), e))?;
+    if target != Path::new("/dev/fuse") {
+        return Err(Error::invalid(format!(
+            "--fuse-fd {fd} is {}, not /dev/fuse",
+            target.display()
+        )));
+    }
+    // SAFETY: the fd is open (checked above), was inherited for this
+    // process alone to own, and nothing else in it refers to the number.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    nix::fcntl::fcntl(
+        owned.as_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| Error::io("cannot set close-on-exec on the FUSE fd", e.into()))?;
+    Ok(owned)
+}
+
+fn serve(args: &EngineArgs, fd: RawFd, signals: SigSet) -> Result<()> {
+    let session = session_fd(fd)?;
+    let volume_id = args.volume_id.as_str();
+    let config = crate::core::config::Config::load_or_init(&args.data_dir)?;
+    // The engine process is a role: it alone decides what its engine runs
+    // on (a cluster node's data dir names its cluster in `cluster.json`).
+    let backing = match crate::edge::kube::backing::open(&args.data_dir, &args.node_id, &config)? {
+        Some(cluster) => cluster,
+        None => Backing::standalone(&args.data_dir, &args.node_id, &config)?,
+    };
+    let store = backing.store.clone();
+    let engine = assemble(
+        &args.data_dir,
+        &args.node_id,
+        volume_id,
+        REPLICA_IO_THREADS,
+        &config,
+        &backing,
+    )?;
+    let claim = store
+        .get(volume_id)?
+        .and_then(|r| r.staged_on)
+        .filter(|s| s.node == args.node_id)
+        .ok_or_else(|| {
+            Error::precondition(format!(
+                "volume {volume_id} is not claimed by node {}",
+                args.node_id
+            ))
+        })?;
+    engine
+        .fence_replicas()
+        .map_err(|e| Error::io("cannot fence the volume's replicas", e))?;
+    let export = FuseExport::serve(
+        &args.mountpoint,
+        session,
+        engine.clone(),
+        FuseOptions::default(),
+    )
+    .map_err(|e| internal("cannot serve FUSE export", e))?;
+    info!(
+        volume_id,
+        healthy = engine.healthy_count(),
+        "engine worker serving"
+    );
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "ready").and_then(|()| stdout.flush());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // I/O counters for the node's /metrics, as a file beside the FUSE
+    // mount; a reader sees the old or the new snapshot, never half of one.
+    if let Some(run_dir) = args.mountpoint.parent().map(|p| p.to_path_buf()) {
+        let engine = engine.clone();
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("stats".into())
+            .spawn(move || {
+                let (path, tmp) = (
+                    run_dir.join(crate::edge::metrics::node::STATS_FILE),
+                    run_dir.join(".stats.json.tmp"),
+                );
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok(bytes) = serde_json::to_vec(&engine.io_stats()) {
+                        let _ =
+                            std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path));
+                    }
+                    std::thread::sleep(STATS_INTERVAL);
+                }
+            })
+            .map_err(|e| Error::io("cannot start the stats writer", e))?;
+    }
+    let (revoker, vid) = (export.revoker(), volume_id.to_string());
+    // Passthrough I/O never reaches us, so it must be ended before this
+    // engine stops answering for the volume: when its one replica is lost
+    // (reads would otherwise go on from a removed file) or its claim moved.
+    let revoke = move |why: &str| {
+        if let Some(r) = &revoker {
+            match r.revoke() {
+                Ok(true) => warn!(volume_id = %vid, why, "passthrough I/O revoked"),
+                Ok(false) => {}
+                Err(e) => {
+                    error!(volume_id = %vid, error = %e, why, "cannot revoke passthrough I/O")
+                }
+            }
+        }
+    };
+    let checker = {
+        let (engine, stop, store) = (engine.clone(), stop.clone(), store.clone());
+        let volume_id = volume_id.to_string();
+        std::thread::Builder::new()
+            .name("replica-check".into())
+            .spawn(move || {
+                let mut claim_checked = Instant::now();
+                while !stop.load(Ordering::SeqCst) {
+                    engine.check_replicas();
+                    if engine.healthy_count() == 0 {
+                        revoke("no healthy replica left");
+                    }
+                    engine.replace_lost();
+                    engine.catch_up();
+                    if claim_checked.elapsed() >= CLAIM_CHECK_INTERVAL {
+                        claim_checked = Instant::now();
+                        // Unreachable store: keep serving; the agents
+                        // fence this engine out if the claim moved.
+                        if let Ok(record) = store.get(&volume_id)
+                            && record.as_ref().and_then(|r| r.staged_on.as_ref()) != Some(&claim)
+                        {
+                            error!(
+                                volume_id,
+                                epoch = claim.epoch,
+                                now = ?record.and_then(|r| r.staged_on),
+                                "this node's claim on the volume is gone; the engine stops"
+                            );
+                            revoke("the claim moved to another node");
+                            std::process::exit(EXIT_CLAIM_LOST);
+                        }
+                    }
+                    std::thread::sleep(CHECK_INTERVAL);
+                }
+            })
+            .map_err(|e| Error::io("cannot start replica checker", e))?
+    };
+    {
+        let engine = engine.clone();
+        let store = store.clone();
+        let mountpoint = args.mountpoint.clone();
+        let volume_id = volume_id.to_string();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                loop {
+                    match signals.wait() {
+                        Ok(Signal::SIGUSR1) => match store.get(&volume_id) {
+                            Ok(Some(r)) => {
+                                info!(volume_id, size = r.capacity_bytes, "engine size reloaded");
+                                engine.set_size(r.capacity_bytes);
+                            }
+                            other => warn!(volume_id, ?other, "cannot reload volume size"),
+                        },
+                        Ok(_) => {
+                            if let Err(e) = fuse::unmount(&mountpoint) {
+                                warn!(volume_id, error = %e, "cannot unmount FUSE export");
+                            }
+                            return;
+                        }
+                        Err(e) => {
+                            warn!(volume_id, error = %e, "sigwait failed");
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::io("cannot start signal thread", e))?;
+    }
+
+    export.wait();
+    stop.store(true, Ordering::SeqCst);
+    let _ = checker.join();
+    if let Err(e) = engine.flush() {
+        warn!(volume_id, error = %e, "final flush failed");
+    }
+    info!(volume_id, "engine stopped");
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! The roles `terna` runs as: each wires the layers below for one job and
+//! none imports another.
+
+pub mod agent;
+pub mod controller;
+pub mod engine;
+pub mod node;
+pub mod report;
+pub mod standalone;
