@@ -570,9 +570,10 @@ async fn a_repair_claim_left_by_a_killed_process_is_released_at_start() {
     };
     terna.kill_hard();
     // What a process killed in the middle of a repair leaves in the record.
-    let store =
-        terna::core::store::FileStore::open(&terna::core::data_dir::state_dir(&terna.data_dir))
-            .unwrap();
+    let store = terna::datapath::host::files::FileStore::open(&terna::core::data_dir::state_dir(
+        &terna.data_dir,
+    ))
+    .unwrap();
     use terna::core::store::StateStore;
     store
         .update(&id, &mut |r| {

@@ -1,6 +1,6 @@
-//! The admin-editable configuration of a standalone data dir: pools, their
-//! tiers and failure domains, and the overcommit ratio. Written once with
-//! defaults on first start, read on every start after.
+//! The admin-editable configuration of a data dir: pools, their tiers and
+//! failure domains, and the overcommit ratio. Parsed and checked here;
+//! read from and written to the data dir by `datapath::host::config_file`.
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::class::Tier;
 use crate::core::error::{Error, Result};
-use crate::core::store::atomic_write;
 
 pub const CONFIG_FILE: &str = "terna.toml";
 
@@ -132,7 +131,7 @@ fn default_rebuild_mib_per_sec() -> u64 {
     256
 }
 
-const HEADER: &str = "\
+pub(crate) const HEADER: &str = "\
 # Terna standalone configuration, written with defaults on first start.
 # Each pool is a directory standing for one disk. Edit tiers (fast | standard | slow),
 # failure domains, zones, capacities and the overcommit ratio, then restart terna.
@@ -187,27 +186,6 @@ impl Config {
                 capacity_bytes: None,
             }],
             ..Self::default_standalone()
-        }
-    }
-
-    /// Loads `data_dir/terna.toml`, writing the default first when it is absent.
-    pub fn load_or_init(data_dir: &Path) -> Result<Config> {
-        Self::load_or_init_with(data_dir, Self::default_standalone)
-    }
-
-    pub fn load_or_init_with(data_dir: &Path, default: fn() -> Config) -> Result<Config> {
-        prepare_data_dir(data_dir)?;
-        let path = data_dir.join(CONFIG_FILE);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Self::parse(&text, &path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let config = default();
-                let body = toml::to_string_pretty(&config)
-                    .map_err(|e| Error::internal(format!("cannot encode default config: {e}")))?;
-                atomic_write(&path, format!("{HEADER}\n{body}").as_bytes())?;
-                Ok(config)
-            }
-            Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
         }
     }
 
@@ -286,31 +264,6 @@ impl Config {
         Ok(())
     }
 
-    /// The cluster token agents and their peers authenticate with, from
-    /// `cluster_token_file`. There is no default: an agent without one
-    /// would serve anyone, so a missing, short or placeholder token is an
-    /// error saying how to make one.
-    pub fn cluster_token(&self, data_dir: &Path) -> Result<Vec<u8>> {
-        let Some(file) = &self.cluster_token_file else {
-            return Err(Error::precondition(format!(
-                "no cluster token: set cluster_token_file in {} to a file holding a secret of at least {MIN_TOKEN_BYTES} bytes, made with `openssl rand -hex 32 > FILE` (the replica agent and every node reaching it must share it)",
-                data_dir.join(CONFIG_FILE).display()
-            )));
-        };
-        let path = if file.is_absolute() {
-            file.clone()
-        } else {
-            data_dir.join(file)
-        };
-        let token = read_cluster_token(&path)?;
-        if path.starts_with(data_dir) {
-            restrict_token_file(&path)?;
-        } else {
-            warn_if_readable(&path);
-        }
-        Ok(token)
-    }
-
     pub fn pool_path(&self, data_dir: &Path, pool: &PoolConfig) -> PathBuf {
         if pool.path.is_absolute() {
             pool.path.clone()
@@ -324,118 +277,6 @@ impl Config {
 pub const MIN_TOKEN_BYTES: usize = 16;
 /// Longest cluster token accepted (it must fit in a pre-authentication Hello).
 pub const MAX_TOKEN_BYTES: usize = 1024;
-/// How deploy/kustomization.yaml's placeholder token begins.
-const PLACEHOLDER_TOKEN: &[u8] = b"REPLACE-ME";
-
-/// Reads a cluster token file (`cluster_token_file`, `--cluster-token-file`):
-/// surrounding whitespace is not part of the token, and a token shorter
-/// than `MIN_TOKEN_BYTES`, longer than `MAX_TOKEN_BYTES`, or the deploy
-/// placeholder is refused with a message saying how to make a good one.
-pub fn read_cluster_token(path: &Path) -> Result<Vec<u8>> {
-    let make = format!("make one with `openssl rand -hex 32 > {}`", path.display());
-    let mut token = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| {
-            std::io::Read::read_to_end(&mut std::io::Read::take(f, 64 * 1024), &mut token)
-        })
-        .map_err(|e| {
-            Error::with_source(
-                crate::core::error::ErrorKind::FailedPrecondition,
-                format!(
-                    "cannot read cluster token {} (cluster_token_file); {make}",
-                    path.display()
-                ),
-                e,
-            )
-        })?;
-    let token = token.trim_ascii();
-    if token.len() < MIN_TOKEN_BYTES {
-        return Err(Error::precondition(format!(
-            "cluster token {} (cluster_token_file) is {} bytes, fewer than the {MIN_TOKEN_BYTES} required; {make}",
-            path.display(),
-            token.len()
-        )));
-    }
-    if token.len() > MAX_TOKEN_BYTES {
-        return Err(Error::precondition(format!(
-            "cluster token {} (cluster_token_file) is {} bytes, more than the {MAX_TOKEN_BYTES} allowed; {make}",
-            path.display(),
-            token.len()
-        )));
-    }
-    if token.starts_with(PLACEHOLDER_TOKEN) {
-        return Err(Error::precondition(format!(
-            "cluster token {} (cluster_token_file) is the public placeholder from deploy/kustomization.yaml; {make}",
-            path.display()
-        )));
-    }
-    Ok(token.to_vec())
-}
-
-/// A token file inside the data dir is ours to keep private: 0600 in a
-/// 0700 directory.
-fn restrict_token_file(path: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        crate::core::store::private_dir(dir)?;
-    }
-    let meta = std::fs::symlink_metadata(path)
-        .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
-    if meta.file_type().is_file() && meta.permissions().mode() & 0o077 != 0 {
-        std::fs::set_permissions(
-            path,
-            std::fs::Permissions::from_mode(crate::core::store::PRIVATE_FILE_MODE),
-        )
-        .map_err(|e| Error::io(format!("cannot restrict {}", path.display()), e))?;
-    }
-    Ok(())
-}
-
-/// A token file elsewhere (a mounted Secret) is left alone, but a token
-/// other users can read is worth a warning.
-fn warn_if_readable(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
-    {
-        tracing::warn!(
-            file = %path.display(),
-            mode = format!("{:o}", meta.permissions().mode() & 0o777),
-            "the cluster token file is readable by other users: chmod 600 it"
-        );
-    }
-}
-
-/// The data dir and the directories of private state in it: created 0700
-/// (the data dir itself only when it is new), and tightened to 0700 when an
-/// older version left them open (`state`, `dirty`, `fences`).
-pub fn prepare_data_dir(data_dir: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if !data_dir.exists() {
-        crate::core::store::private_dir(data_dir)?;
-    }
-    for sub in ["state", "dirty"] {
-        crate::core::store::private_dir(&data_dir.join(sub))?;
-    }
-    for dir in [
-        crate::core::data_dir::fence_dir(data_dir),
-        data_dir.join("run"),
-    ] {
-        if dir.exists() {
-            crate::core::store::private_dir(&dir)?;
-        }
-    }
-    // It names the token file and the pools: nobody else's business.
-    let config = data_dir.join(CONFIG_FILE);
-    if let Ok(meta) = std::fs::metadata(&config)
-        && meta.permissions().mode() & 0o077 != 0
-    {
-        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| Error::io(format!("cannot restrict {}", config.display()), e))?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,14 +20,15 @@ use tracing::{info, warn};
 
 use crate::core::capability::{AccessType, Capability};
 use crate::core::class::{Tier, VolumeClass};
+use crate::core::dirty::DirtyMapStore;
 use crate::core::error::{Error, ErrorKind, Result};
 use crate::core::placement::{self, Candidate, PlacementError};
+use crate::core::pool::Pools;
 use crate::core::store::StateStore;
 use crate::core::volume::{
     DEFAULT_SIZE, Phase, ReplicaRecord, ReplicaState, VolumeRecord, is_valid_volume_id,
     replica_file_name, round_size, volume_id_for,
 };
-use crate::datapath::pools::Pools;
 
 pub struct ControllerCore {
     store: Arc<dyn StateStore>,
@@ -41,8 +42,8 @@ pub struct ControllerCore {
     /// interleaved (a delete between a create's replica files would leak
     /// the files made after it).
     busy: Arc<Mutex<HashSet<String>>>,
-    /// Data dir whose `dirty/<id>` maps are removed with their volume.
-    data_dir: Option<std::path::PathBuf>,
+    /// Where deleted volumes' dirty maps are forgotten.
+    dirty_maps: Option<Arc<dyn DirtyMapStore>>,
 }
 
 #[derive(Debug, Clone)]
@@ -176,13 +177,13 @@ impl ControllerCore {
             overcommit_ratio,
             placing: Mutex::new(()),
             busy: Arc::default(),
-            data_dir: None,
+            dirty_maps: None,
         }
     }
 
-    /// Also removes volumes' dirty maps under `data_dir` when they are deleted.
-    pub fn with_data_dir(mut self, data_dir: &std::path::Path) -> ControllerCore {
-        self.data_dir = Some(data_dir.to_path_buf());
+    /// Also forgets volumes' dirty maps when they are deleted.
+    pub fn with_dirty_maps(mut self, maps: Arc<dyn DirtyMapStore>) -> ControllerCore {
+        self.dirty_maps = Some(maps);
         self
     }
 
@@ -505,8 +506,10 @@ impl ControllerCore {
                 .delete(&replica_file_name(volume_id, index))?;
         }
         self.store.remove(volume_id)?;
-        if let Some(dir) = &self.data_dir {
-            let _ = std::fs::remove_dir_all(crate::core::data_dir::dirty_dir(dir, volume_id));
+        if let Some(maps) = &self.dirty_maps
+            && let Err(e) = maps.forget(volume_id)
+        {
+            warn!(volume_id, error = %e, "cannot remove a deleted volume's dirty maps");
         }
         info!(volume_id, "volume deleted");
         Ok(())
@@ -675,7 +678,7 @@ mod tests {
         release: Mutex<std::sync::mpsc::Receiver<()>>,
     }
 
-    impl crate::datapath::replica::Pool for GatedPool {
+    impl crate::core::pool::Pool for GatedPool {
         fn create(&self, name: &str, size: u64) -> Result<()> {
             if name.ends_with(".r1.img") {
                 let _ = self.entered.send(());
@@ -694,7 +697,7 @@ mod tests {
         fn size_of(&self, name: &str) -> Result<Option<u64>> {
             self.inner.size_of(name)
         }
-        fn open(&self, name: &str) -> Result<Box<dyn crate::datapath::replica::ReplicaIo>> {
+        fn open(&self, name: &str) -> Result<Box<dyn crate::core::pool::ReplicaIo>> {
             self.inner.open(name)
         }
         fn capacity(&self) -> Result<u64> {
@@ -723,7 +726,7 @@ mod tests {
                 dirs.push(dir.clone());
                 let (release_tx, release_rx) = std::sync::mpsc::sync_channel(8);
                 releases.push(release_tx);
-                crate::datapath::pools::PoolEntry {
+                crate::core::pool::PoolEntry {
                     name: format!("p{i}"),
                     node: format!("n{i}"),
                     tier: Tier::Standard,
@@ -774,8 +777,9 @@ mod tests {
     #[test]
     fn delete_in_the_middle_of_a_create_leaks_no_replica() {
         let root = tempfile::tempdir().unwrap();
-        let store: Arc<dyn StateStore> =
-            Arc::new(crate::core::store::FileStore::open(&root.path().join("state")).unwrap());
+        let store: Arc<dyn StateStore> = Arc::new(
+            crate::datapath::host::files::FileStore::open(&root.path().join("state")).unwrap(),
+        );
         let (pools, dirs, entered, releases) = gated_pools(root.path());
         let here = Arc::new(ControllerCore::new(store.clone(), pools.clone(), 1.0));
         // Another controller process on the same records.

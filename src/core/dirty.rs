@@ -153,6 +153,14 @@ impl DirtyMap {
     }
 }
 
+/// Where volumes' dirty maps are kept between stagings
+/// (`datapath::dirty_maps` keeps them in the data dir).
+pub trait DirtyMapStore: Send + Sync {
+    /// Forgets every map of `volume_id`, which was deleted. Forgetting
+    /// what is already gone is success.
+    fn forget(&self, volume_id: &str) -> crate::core::error::Result<()>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,5 +13,6 @@ pub mod dirty;
 pub mod error;
 pub mod metrics;
 pub mod placement;
+pub mod pool;
 pub mod store;
 pub mod volume;

@@ -3,6 +3,7 @@
 //! filesystems, files) and background repair.
 
 pub mod agent;
+pub mod dirty_maps;
 pub mod engine;
 pub mod frontend;
 pub mod host;

@@ -4,36 +4,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::core::class::Tier;
 use crate::core::config::{Config, NfsPoolConfig, PoolConfig};
 use crate::core::error::{Error, Result};
-use crate::datapath::replica::Pool;
+use crate::core::pool::Pool;
+use crate::core::pool::{PoolEntry, Pools, nfs_node};
 use crate::datapath::replica::local::LocalPool;
 use crate::datapath::replica::nfs::NfsPool;
 use crate::datapath::replica::remote::{Client, RemotePool};
 use std::sync::Arc;
 use std::time::Duration;
-
-pub struct PoolEntry {
-    pub name: String,
-    pub node: String,
-    pub tier: Tier,
-    pub domain: String,
-    pub zone: String,
-    /// Overrides the controller's overcommit ratio for this pool.
-    pub overcommit_ratio: Option<f64>,
-    pub backend: Box<dyn Pool>,
-}
-
-pub struct Pools {
-    entries: BTreeMap<String, PoolEntry>,
-}
-
-/// The node an NFS pool is recorded on: its server, which is also its
-/// failure domain unless the admin names another.
-pub fn nfs_node(server: &str) -> String {
-    format!("nfs:{server}")
-}
 
 fn nfs_entry(pool: &PoolConfig, nfs: &NfsPoolConfig, timeout: Duration) -> PoolEntry {
     let node = nfs_node(&nfs.server);
@@ -109,33 +88,7 @@ impl Pools {
                 },
             );
         }
-        Ok(Pools { entries })
-    }
-
-    pub fn from_entries(entries: Vec<PoolEntry>) -> Pools {
-        Pools {
-            entries: entries.into_iter().map(|e| (e.name.clone(), e)).collect(),
-        }
-    }
-
-    pub fn get(&self, name: &str) -> Result<&PoolEntry> {
-        self.entries.get(name).ok_or_else(|| {
-            Error::precondition(format!(
-                "pool {name:?} is not configured on this node (known: {})",
-                self.entries.keys().cloned().collect::<Vec<_>>().join(", ")
-            ))
-        })
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &PoolEntry> {
-        self.entries.values()
-    }
-
-    /// Every replica write through these pools acts under claim `epoch`.
-    pub fn act_under_claim(&self, epoch: u64) {
-        for e in self.entries.values() {
-            e.backend.act_under_claim(epoch);
-        }
+        Ok(Pools::from_entries(entries.into_values().collect()))
     }
 
     /// The pools on `node`'s own disks, for its replica agent to serve.

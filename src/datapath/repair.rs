@@ -13,11 +13,11 @@ use tracing::{info, warn};
 
 use crate::core::dirty::{DEFAULT_REGION, DirtyMap};
 use crate::core::error::Result;
+use crate::core::pool::Pools;
 use crate::core::store::StateStore;
 use crate::core::volume::{Phase, VolumeRecord, replica_file_name};
 use crate::datapath::engine::assemble::{Backing, assemble};
 use crate::datapath::engine::dirty_map_file;
-use crate::datapath::pools::Pools;
 
 /// One volume's repair gives up (and retries next pass) after this long.
 const PASS_LIMIT: Duration = Duration::from_secs(120);
@@ -44,9 +44,12 @@ fn notice_missing(
             Err(e) => format!("pool {} unreachable: {e}", replica.pool),
         };
         let dir = crate::core::data_dir::dirty_dir(data_dir, &record.id);
-        crate::core::store::private_dir(&dir)?;
+        crate::datapath::host::files::private_dir(&dir)?;
         let map = DirtyMap::new(record.capacity_bytes, DEFAULT_REGION);
-        crate::core::store::atomic_write(&dir.join(dirty_map_file(index)), &map.encode())?;
+        crate::datapath::host::files::atomic_write(
+            &dir.join(dirty_map_file(index)),
+            &map.encode(),
+        )?;
         store.update(&record.id, &mut |r| Ok(r.fault_replica(index, &reason)))?;
         warn!(volume_id = %record.id, replica = index, %reason, "replica of unstaged volume faulted");
     }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use crate::core::config::Config;
 use crate::core::error::{Error, Result};
+use crate::core::pool::Pools;
 use crate::datapath::agent::server;
-use crate::datapath::pools::Pools;
 
 /// `terna agent`: serves the pools on this node's disks until killed.
 /// Refuses to start without a cluster token (`cluster_token_file`): an
@@ -16,7 +16,7 @@ use crate::datapath::pools::Pools;
 pub fn run(data_dir: &Path, listen: SocketAddr, node: &str) -> Result<()> {
     // Claim floors live partly in memory: two agents on one data dir could
     // each let through what the other fenced.
-    let _owner = crate::core::data_dir::lock(data_dir)?;
+    let _owner = crate::datapath::host::lock::lock(data_dir)?;
     let config = Config::load_or_init(data_dir)?;
     let token = config.cluster_token(data_dir).map_err(|e| Error {
         message: format!(
@@ -27,7 +27,7 @@ pub fn run(data_dir: &Path, listen: SocketAddr, node: &str) -> Result<()> {
     })?;
     let pools = Pools::local_to(&config, data_dir, node)?;
     let fences = crate::core::data_dir::fence_dir(data_dir);
-    crate::core::store::private_dir(&fences)?;
+    crate::datapath::host::files::private_dir(&fences)?;
     let listener = TcpListener::bind(listen)
         .map_err(|e| Error::io(format!("cannot listen on {listen}"), e))?;
     let state = Arc::new(

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::core::controller::ControllerCore;
 use crate::core::error::{Error, ErrorKind, Result};
-use crate::datapath::pools::Pools;
+use crate::core::pool::Pools;
 use crate::edge::kube::crd::{StoragePool, human_bytes};
 use crate::edge::kube::leader::{self, LeaseConfig};
 use crate::edge::kube::pools::PoolDirectory;
@@ -108,7 +108,7 @@ async fn report_allocation(
 
 pub async fn run(client: kube::Client, opts: ControllerOptions) -> Result<()> {
     let token = match &opts.cluster_token_file {
-        Some(path) => crate::core::config::read_cluster_token(path)?,
+        Some(path) => crate::datapath::host::config_file::read_cluster_token(path)?,
         None => {
             warn!(
                 "no --cluster-token-file: every node's agent will refuse this controller, \

@@ -25,8 +25,8 @@
 //! (re-read the size after an expansion) on to the worker.
 
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -227,24 +227,9 @@ fn start_worker(args: &EngineArgs, fd: RawFd) -> Result<Child> {
         .arg(fd.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
-    // SAFETY: prctl with integer arguments only, which is async-signal-safe
-    // as pre_exec requires. A worker must not outlive its supervisor: it
-    // would keep the session alive with nobody left to restart it.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) < 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // A worker must not outlive its supervisor: it would keep the session
+    // alive with nobody left to restart it.
+    crate::datapath::host::process::die_with_parent(&mut cmd);
     let mut child = cmd
         .spawn()
         .map_err(|e| Error::io("cannot start the engine worker", e))?;
@@ -262,29 +247,8 @@ fn start_worker(args: &EngineArgs, fd: RawFd) -> Result<Child> {
     Ok(child)
 }
 
-/// Takes the inherited fd, after checking it is what the supervisor says.
-fn session_fd(fd: RawFd) -> Result<OwnedFd> {
-    let target = std::fs::read_link(format!("/proc/self/fd/{fd}"))
-        .map_err(|e| Error::io(format!("--fuse-fd {fd} is not open"), e))?;
-    if target != Path::new("/dev/fuse") {
-        return Err(Error::invalid(format!(
-            "--fuse-fd {fd} is {}, not /dev/fuse",
-            target.display()
-        )));
-    }
-    // SAFETY: the fd is open (checked above), was inherited for this
-    // process alone to own, and nothing else in it refers to the number.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    nix::fcntl::fcntl(
-        owned.as_fd(),
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .map_err(|e| Error::io("cannot set close-on-exec on the FUSE fd", e.into()))?;
-    Ok(owned)
-}
-
 fn serve(args: &EngineArgs, fd: RawFd, signals: SigSet) -> Result<()> {
-    let session = session_fd(fd)?;
+    let session = crate::datapath::frontend::inherited::adopt_session_fd(fd)?;
     let volume_id = args.volume_id.as_str();
     let config = crate::core::config::Config::load_or_init(&args.data_dir)?;
     // The engine process is a role: it alone decides what its engine runs

@@ -1,5 +1,6 @@
 //! The roles `terna` runs as: each wires the layers below for one job and
 //! none imports another.
+#![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod controller;

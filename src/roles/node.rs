@@ -19,8 +19,8 @@ use tracing::{info, warn};
 
 use crate::core::config::Config;
 use crate::core::error::{Error, Result};
+use crate::core::pool::Pool;
 use crate::datapath::agent::server::{self, AgentState};
-use crate::datapath::replica::Pool;
 use crate::datapath::replica::local::LocalPool;
 use crate::edge::kube::backing::{CLUSTER_FILE, ClusterFile};
 use crate::edge::kube::crd::{NfsPoolSpec, StoragePool, StoragePoolSpec, human_bytes};
@@ -108,7 +108,7 @@ fn statvfs_used(path: &Path) -> Option<u64> {
 /// Runs until the agent stops: the agent on its own threads, the
 /// registration loop here.
 pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
-    let _owner = crate::core::data_dir::lock(&opts.data_dir)?;
+    let _owner = crate::datapath::host::lock::lock(&opts.data_dir)?;
     let config = Config::load_or_init_with(&opts.data_dir, Config::default_node)?;
     let token = config.cluster_token(&opts.data_dir)?;
     let agent = Arc::new(
@@ -137,7 +137,7 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
         };
         let bytes = serde_json::to_vec_pretty(&file)
             .map_err(|e| Error::internal(format!("cannot encode {CLUSTER_FILE}: {e}")))?;
-        crate::core::store::atomic_write(&opts.data_dir.join(CLUSTER_FILE), &bytes)?;
+        crate::datapath::host::files::atomic_write(&opts.data_dir.join(CLUSTER_FILE), &bytes)?;
         let store = Arc::new(crate::edge::kube::store::KubeStore::new(
             client.clone(),
             tokio::runtime::Handle::current(),

@@ -10,9 +10,10 @@ use serde::Serialize;
 use crate::core::config::{CONFIG_FILE, Config};
 use crate::core::dirty::DirtyMap;
 use crate::core::error::{Error, Result};
-use crate::core::store::{FileStore, StateStore};
+use crate::core::pool::Pools;
+use crate::core::store::StateStore;
 use crate::core::volume::{ReplicaState, VolumeRecord};
-use crate::datapath::pools::Pools;
+use crate::datapath::host::files::FileStore;
 use crate::edge::kube::crd::{StoragePool, TernaVolume, human_bytes};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

@@ -9,10 +9,11 @@ use tracing::{info, warn};
 use crate::core::config::Config;
 use crate::core::controller::ControllerCore;
 use crate::core::error::{Error, Result};
-use crate::core::store::{FileStore, StateStore};
+use crate::core::pool::Pools;
+use crate::core::store::StateStore;
 use crate::core::volume::Phase;
+use crate::datapath::host::files::FileStore;
 use crate::datapath::node::NodeCore;
-use crate::datapath::pools::Pools;
 use crate::edge::csi::VolumeLocks;
 use crate::edge::csi::controller::ControllerService;
 use crate::edge::csi::identity::IdentityService;
@@ -32,15 +33,16 @@ pub struct Options {
 
 pub async fn run(opts: Options) -> Result<()> {
     let data_dir = &opts.data_dir;
-    let _owner = crate::core::data_dir::lock(data_dir)?;
+    let _owner = crate::datapath::host::lock::lock(data_dir)?;
     let config = Config::load_or_init(data_dir)?;
     let store: Arc<dyn StateStore> = Arc::new(FileStore::open(&crate::core::data_dir::state_dir(
         data_dir,
     ))?);
     let pools = Arc::new(Pools::from_config(&config, data_dir, &opts.node_id)?);
     let controller = Arc::new(
-        ControllerCore::new(store.clone(), pools.clone(), config.overcommit_ratio)
-            .with_data_dir(data_dir),
+        ControllerCore::new(store.clone(), pools.clone(), config.overcommit_ratio).with_dirty_maps(
+            Arc::new(crate::datapath::dirty_maps::DirtyMapFiles::new(data_dir)),
+        ),
     );
     let node = Arc::new(
         NodeCore::new(data_dir, &opts.node_id, store.clone()).with_protected(

@@ -24,12 +24,12 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
+use crate::core::pool::{Pool, ReplicaIo, check_pool_name, check_replica_name};
 use crate::datapath::agent::protocol::{
     self, FrameError, HEADER_LEN, HELLO_KIND, PRE_AUTH_MAX_PAYLOAD, Request, Response, invalid,
     read_frame,
 };
 use crate::datapath::replica::aligned::AlignedBuf;
-use crate::datapath::replica::{Pool, ReplicaIo, check_pool_name, check_replica_name};
 
 /// Longest a backed-off accept loop sleeps (out of file descriptors).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
@@ -427,9 +427,9 @@ impl AgentState {
                     if let Some(file) = self.floor_file(&pool, &name) {
                         let written = file
                             .parent()
-                            .map_or(Ok(None), crate::core::store::private_dir)
+                            .map_or(Ok(None), crate::datapath::host::files::private_dir)
                             .and_then(|_| {
-                                crate::core::store::atomic_write(
+                                crate::datapath::host::files::atomic_write(
                                     &file,
                                     conn.claim.to_string().as_bytes(),
                                 )

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::protocol::{Request, Response};
 use super::server::{AgentState, serve};
-use crate::datapath::replica::Pool;
+use crate::core::pool::Pool;
 use crate::datapath::replica::local::LocalPool;
 use crate::datapath::replica::remote::{Client, RemotePool};
 

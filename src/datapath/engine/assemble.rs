@@ -11,13 +11,14 @@ use crate::core::config::Config;
 use crate::core::controller::ControllerCore;
 use crate::core::dirty::{DEFAULT_REGION, DirtyMap};
 use crate::core::error::{Error, ErrorKind, Result};
-use crate::core::store::{FileStore, StateStore};
+use crate::core::pool::Pools;
+use crate::core::pool::ReplicaIo;
+use crate::core::store::StateStore;
 use crate::core::volume::{ReplicaState, replica_file_name, unix_now};
 use crate::datapath::engine::{
     Engine, EngineOptions, EngineReplica, RebuildPolicy, Replacer, dirty_map_file,
 };
-use crate::datapath::pools::Pools;
-use crate::datapath::replica::ReplicaIo;
+use crate::datapath::host::files::FileStore;
 
 type Opener = Box<dyn Fn() -> Result<Box<dyn ReplicaIo>> + Send + Sync>;
 
@@ -122,7 +123,7 @@ pub fn assemble(
     let claim = record.staged_on.clone().filter(|s| s.node == node_id);
     pools.act_under_claim(claim.as_ref().map_or(0, |s| s.epoch));
     let dirty_dir = crate::core::data_dir::dirty_dir(data_dir, volume_id);
-    crate::core::store::private_dir(&dirty_dir)?;
+    crate::datapath::host::files::private_dir(&dirty_dir)?;
 
     let mut replicas = Vec::new();
     for (index, replica) in record.replicas.iter().enumerate() {

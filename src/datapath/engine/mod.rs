@@ -31,9 +31,9 @@ use tracing::{error, info, warn};
 use crate::core::dirty::{DEFAULT_REGION, DirtyMap};
 use crate::core::volume::StagedOn;
 
+use crate::core::pool::ReplicaIo;
 use crate::core::store::StateStore;
 use crate::datapath::frontend::{BlockDevice, DirectRead};
-use crate::datapath::replica::ReplicaIo;
 use crate::datapath::replica::aligned::{ALIGN, AlignedBuf, is_aligned};
 use workers::Workers;
 
@@ -390,7 +390,7 @@ impl Engine {
         let Some(dir) = &self.dirty_dir else {
             return Ok(());
         };
-        crate::core::store::atomic_write(&dir.join(dirty_map_file(index)), &map.encode())
+        crate::datapath::host::files::atomic_write(&dir.join(dirty_map_file(index)), &map.encode())
             .map_err(|e| io::Error::other(e.to_string()))
     }
 

@@ -1,6 +1,6 @@
 use super::*;
-use crate::core::store::FileStore;
 use crate::core::volume::{ReplicaState, VolumeRecord};
+use crate::datapath::host::files::FileStore;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 /// A replica in memory whose failures the test switches on.

@@ -3,6 +3,7 @@
 //! filesystem (or the pod, in Block mode) uses the loop device.
 
 pub mod fuse;
+pub mod inherited;
 pub mod loopdev;
 
 use std::io;

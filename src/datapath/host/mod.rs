@@ -1,7 +1,12 @@
 //! What the node's host provides: mounts, filesystems, the signals that
-//! stop a process, and pool throughput probes.
+//! stop a process, child processes, private files, the data dir's owner,
+//! `terna.toml` on disk, and pool throughput probes.
 
+pub mod config_file;
+pub mod files;
 pub mod filesystem;
+pub mod lock;
 pub mod mounts;
 pub mod probe;
+pub mod process;
 pub mod shutdown;

@@ -397,7 +397,7 @@ impl NodeCore {
         // A dead engine leaves its mount behind (reads fail with ENOTCONN).
         self.stop_engine(volume_id)?;
         // The run dir holds the volume's FUSE file: root's only.
-        crate::core::store::private_dir(&self.run_dir(volume_id))?;
+        crate::datapath::host::files::private_dir(&self.run_dir(volume_id))?;
         let dir = self.fuse_dir(volume_id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;

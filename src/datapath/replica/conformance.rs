@@ -2,7 +2,7 @@
 //! Each backend's tests call `run` with a way to remove a replica's file
 //! behind the backend's back.
 
-use crate::datapath::replica::Pool;
+use crate::core::pool::Pool;
 use crate::datapath::replica::aligned::AlignedBuf;
 
 const MIB: u64 = 1 << 20;

@@ -26,8 +26,8 @@ use nix::sys::stat::{FileStat, Mode, SFlag, fchmod, fstat, fstatat};
 use nix::unistd::{UnlinkatFlags, unlinkat};
 
 use crate::core::error::{Error, ErrorKind, Result};
+use crate::core::pool::{Pool, ReplicaIo, check_replica_name, is_replica_name};
 use crate::datapath::replica::aligned::is_aligned;
-use crate::datapath::replica::{Pool, ReplicaIo, check_replica_name, is_replica_name};
 
 /// Replica files: owner only.
 pub const REPLICA_MODE: u32 = 0o600;
@@ -63,7 +63,7 @@ fn restrict_pool_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(crate::core::store::PRIVATE_DIR_MODE)
+        .mode(crate::datapath::host::files::PRIVATE_DIR_MODE)
         .create(dir)
         .map_err(|e| Error::io(format!("cannot create pool dir {}", dir.display()), e))?;
     let mode = std::fs::metadata(dir)
@@ -94,7 +94,7 @@ fn restrict_pool_dir(dir: &Path) -> Result<()> {
     }
     std::fs::set_permissions(
         dir,
-        std::fs::Permissions::from_mode(crate::core::store::PRIVATE_DIR_MODE),
+        std::fs::Permissions::from_mode(crate::datapath::host::files::PRIVATE_DIR_MODE),
     )
     .map_err(|e| Error::io(format!("cannot restrict pool dir {}", dir.display()), e))?;
     tracing::info!(dir = %dir.display(), was = format!("{mode:o}"), "pool directory restricted to mode 700");

@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 
 use crate::core::config::NfsPoolConfig;
 use crate::core::error::{Error, ErrorKind, Result};
-use crate::datapath::replica::{Pool, ReplicaIo};
+use crate::core::pool::{Pool, ReplicaIo};
 
 const MAX_IDLE: usize = 16;
 /// Largest READ or WRITE sent in one call; servers announce more (ganesha:
@@ -433,7 +433,7 @@ impl Pool for NfsPool {
     fn create(&self, name: &str, size: u64) -> Result<()> {
         // A name is one component in the pool's directory: never `..`
         // (the export's root or another pool's subdir), never a path.
-        crate::datapath::replica::check_replica_name(name)?;
+        crate::core::pool::check_replica_name(name)?;
         self.target
             .call("create replica", async |conn, dir| {
                 let fh = match lookup(conn, dir, name).await? {
@@ -469,7 +469,7 @@ impl Pool for NfsPool {
     }
 
     fn grow(&self, name: &str, size: u64) -> Result<()> {
-        crate::datapath::replica::check_replica_name(name)?;
+        crate::core::pool::check_replica_name(name)?;
         self.target
             .call("grow replica", async |conn, dir| {
                 let fh = lookup(conn, dir, name)
@@ -484,7 +484,7 @@ impl Pool for NfsPool {
     }
 
     fn delete(&self, name: &str) -> Result<()> {
-        crate::datapath::replica::check_replica_name(name)?;
+        crate::core::pool::check_replica_name(name)?;
         self.target
             .call("delete replica", async |conn, dir| {
                 let removed = conn
@@ -504,7 +504,7 @@ impl Pool for NfsPool {
     }
 
     fn size_of(&self, name: &str) -> Result<Option<u64>> {
-        crate::datapath::replica::check_replica_name(name)?;
+        crate::core::pool::check_replica_name(name)?;
         self.target
             .call("stat replica", async |conn, dir| {
                 match lookup(conn, dir, name).await? {
@@ -516,7 +516,7 @@ impl Pool for NfsPool {
     }
 
     fn open(&self, name: &str) -> Result<Box<dyn ReplicaIo>> {
-        crate::datapath::replica::check_replica_name(name)?;
+        crate::core::pool::check_replica_name(name)?;
         let fh = self
             .target
             .call("open replica", async |conn, dir| {
@@ -646,5 +646,36 @@ impl ReplicaIo for NfsReplica {
                 size_of(conn, &self.fh).await.map(|_| ())
             })
             .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An NFS pool sends a name as one LOOKUP/CREATE/REMOVE component:
+    /// `..` would reach the export's root or another pool's subdir, so bad
+    /// names are refused before any call (this server does not exist).
+    #[test]
+    fn nfs_pools_refuse_bad_names_before_any_call() {
+        let cfg = crate::core::config::NfsPoolConfig {
+            server: "192.0.2.1".into(),
+            port: Some(2049),
+            mount_port: Some(2049),
+            export: "/export".into(),
+            subdir: Some("pool-a".into()),
+        };
+        let pool = NfsPool::new(&cfg, std::time::Duration::from_secs(30));
+        let start = std::time::Instant::now();
+        for bad in ["..", "../pool-b/x", "/etc/passwd", "a/b", "x\0", "."] {
+            let kind = |r: Result<()>| r.unwrap_err().kind;
+            let invalid = crate::core::error::ErrorKind::InvalidArgument;
+            assert_eq!(kind(pool.create(bad, 4096)), invalid, "{bad:?}");
+            assert_eq!(kind(pool.grow(bad, 4096)), invalid, "{bad:?}");
+            assert_eq!(kind(pool.delete(bad)), invalid, "{bad:?}");
+            assert_eq!(kind(pool.size_of(bad).map(drop)), invalid, "{bad:?}");
+            assert_eq!(kind(pool.open(bad).map(drop)), invalid, "{bad:?}");
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
     }
 }

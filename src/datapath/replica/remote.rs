@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::core::error::{Error, ErrorKind, Result};
+use crate::core::pool::{Pool, ReplicaIo};
 use crate::datapath::agent::protocol::{Request, Response};
 use crate::datapath::agent::protocol::{invalid, read_frame};
-use crate::datapath::replica::{Pool, ReplicaIo};
 
 const MAX_IDLE: usize = 32;
 
@@ -175,7 +175,7 @@ impl Pool for RemotePool {
     }
 
     fn create(&self, name: &str, size: u64) -> Result<()> {
-        crate::datapath::replica::check_replica_name(name)?;
+        crate::core::pool::check_replica_name(name)?;
         self.call(
             "create replica",
             Request::Create {
@@ -188,7 +188,7 @@ impl Pool for RemotePool {
     }
 
     fn grow(&self, name: &str, size: u64) -> Result<()> {
-        crate::datapath::replica::check_replica_name(name)?;
+        crate::core::pool::check_replica_name(name)?;
         self.call(
             "grow replica",
             Request::Grow {
@@ -201,7 +201,7 @@ impl Pool for RemotePool {
     }
 
     fn delete(&self, name: &str) -> Result<()> {
-        crate::datapath::replica::check_replica_name(name)?;
+        crate::core::pool::check_replica_name(name)?;
         self.call(
             "delete replica",
             Request::Delete {
@@ -213,7 +213,7 @@ impl Pool for RemotePool {
     }
 
     fn size_of(&self, name: &str) -> Result<Option<u64>> {
-        crate::datapath::replica::check_replica_name(name)?;
+        crate::core::pool::check_replica_name(name)?;
         match self.call(
             "stat replica",
             Request::Stat {
@@ -227,7 +227,7 @@ impl Pool for RemotePool {
     }
 
     fn open(&self, name: &str) -> Result<Box<dyn ReplicaIo>> {
-        crate::datapath::replica::check_replica_name(name)?;
+        crate::core::pool::check_replica_name(name)?;
         let replica = RemoteReplica {
             client: self.client.clone(),
             pool: self.pool.clone(),

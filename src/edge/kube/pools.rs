@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 
-use crate::datapath::pools::{PoolEntry, Pools};
+use crate::core::pool::{PoolEntry, Pools};
 use crate::datapath::replica::nfs::NfsPool;
 use crate::datapath::replica::remote::{Client, RemotePool};
 use crate::edge::kube::crd::{NfsPoolSpec, StoragePool};
@@ -112,7 +112,7 @@ impl PoolDirectory {
     fn nfs_entry(&self, p: &StoragePool, spec: &NfsPoolSpec) -> Option<PoolEntry> {
         let name = p.metadata.name.clone()?;
         let node = if p.spec.node.is_empty() {
-            crate::datapath::pools::nfs_node(&spec.server)
+            crate::core::pool::nfs_node(&spec.server)
         } else {
             p.spec.node.clone()
         };
@@ -142,7 +142,7 @@ impl PoolDirectory {
                 let name = p.metadata.name.clone()?;
                 let status = p.status.as_ref()?;
                 let addr: SocketAddr = status.agent.as_deref()?.parse().ok()?;
-                let backend: Box<dyn crate::datapath::replica::Pool> =
+                let backend: Box<dyn crate::core::pool::Pool> =
                     if self.local_node.as_deref() == Some(p.spec.node.as_str()) {
                         Box::new(
                             crate::datapath::replica::local::LocalPool::new(
