@@ -16,8 +16,8 @@ use crate::core::error::Result;
 use crate::core::pool::Pools;
 use crate::core::store::StateStore;
 use crate::core::volume::{Phase, VolumeRecord, replica_file_name};
+use crate::datapath::dirty_maps::DirtyMapFiles;
 use crate::datapath::engine::assemble::{Backing, assemble};
-use crate::datapath::engine::dirty_map_file;
 
 /// One volume's repair gives up (and retries next pass) after this long.
 const PASS_LIMIT: Duration = Duration::from_secs(120);
@@ -43,13 +43,8 @@ fn notice_missing(
             Ok(None) => format!("replica file missing on pool {}", replica.pool),
             Err(e) => format!("pool {} unreachable: {e}", replica.pool),
         };
-        let dir = crate::core::data_dir::dirty_dir(data_dir, &record.id);
-        crate::datapath::host::files::private_dir(&dir)?;
         let map = DirtyMap::new(record.capacity_bytes, DEFAULT_REGION);
-        crate::datapath::host::files::atomic_write(
-            &dir.join(dirty_map_file(index)),
-            &map.encode(),
-        )?;
+        DirtyMapFiles::new(data_dir).save(&record.id, index, &map)?;
         store.update(&record.id, &mut |r| Ok(r.fault_replica(index, &reason)))?;
         warn!(volume_id = %record.id, replica = index, %reason, "replica of unstaged volume faulted");
     }

@@ -8,11 +8,11 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::core::config::{CONFIG_FILE, Config};
-use crate::core::dirty::DirtyMap;
 use crate::core::error::{Error, Result};
 use crate::core::pool::Pools;
 use crate::core::store::StateStore;
 use crate::core::volume::{ReplicaState, VolumeRecord};
+use crate::datapath::dirty_maps::DirtyMapFiles;
 use crate::datapath::host::files::FileStore;
 use crate::edge::kube::crd::{StoragePool, TernaVolume, human_bytes};
 
@@ -172,14 +172,13 @@ fn volume_row(r: &VolumeRecord, progress: Option<f64>) -> VolumeRow {
 /// How far the least advanced faulted replica has caught up, from the
 /// dirty maps this data dir holds.
 fn catch_up_progress(data_dir: &Path, r: &VolumeRecord) -> Option<f64> {
-    let dir = crate::core::data_dir::dirty_dir(data_dir, &r.id);
+    let maps = DirtyMapFiles::new(data_dir);
     r.replicas
         .iter()
         .enumerate()
         .filter(|(_, rep)| matches!(rep.state, ReplicaState::Faulted { .. }))
         .filter_map(|(i, _)| {
-            let bytes = std::fs::read(dir.join(crate::datapath::engine::dirty_map_file(i))).ok()?;
-            let map = DirtyMap::decode(&bytes)?;
+            let map = maps.load(&r.id, i).ok()??;
             (map.regions() > 0).then(|| 1.0 - map.count() as f64 / map.regions() as f64)
         })
         .reduce(f64::min)

@@ -15,9 +15,8 @@ use crate::core::pool::Pools;
 use crate::core::pool::ReplicaIo;
 use crate::core::store::StateStore;
 use crate::core::volume::{ReplicaState, replica_file_name, unix_now};
-use crate::datapath::engine::{
-    Engine, EngineOptions, EngineReplica, RebuildPolicy, Replacer, dirty_map_file,
-};
+use crate::datapath::dirty_maps::DirtyMapFiles;
+use crate::datapath::engine::{Engine, EngineOptions, EngineReplica, RebuildPolicy, Replacer};
 use crate::datapath::host::files::FileStore;
 
 type Opener = Box<dyn Fn() -> Result<Box<dyn ReplicaIo>> + Send + Sync>;
@@ -122,8 +121,8 @@ pub fn assemble(
     // another node takes it over, this engine's writes are fenced out.
     let claim = record.staged_on.clone().filter(|s| s.node == node_id);
     pools.act_under_claim(claim.as_ref().map_or(0, |s| s.epoch));
-    let dirty_dir = crate::core::data_dir::dirty_dir(data_dir, volume_id);
-    crate::datapath::host::files::private_dir(&dirty_dir)?;
+    let dirty_maps = DirtyMapFiles::new(data_dir).volume(volume_id);
+    dirty_maps.create_dir()?;
 
     let mut replicas = Vec::new();
     for (index, replica) in record.replicas.iter().enumerate() {
@@ -139,23 +138,22 @@ pub fn assemble(
                 warn!(volume_id, replica = index, error = %e, "faulted replica cannot be opened yet");
                 reopening(&pools, volume_id, index, &replica.pool)
             });
-            {
-                let map = std::fs::read(dirty_dir.join(dirty_map_file(index)))
-                    .ok()
-                    .and_then(|b| DirtyMap::decode(&b))
-                    .unwrap_or_else(|| {
-                        let mut m = DirtyMap::new(record.capacity_bytes, DEFAULT_REGION);
-                        m.mark_all();
-                        m
-                    });
-                let ago = Duration::from_secs(unix_now().saturating_sub(*since));
-                replicas.push(EngineReplica {
-                    index,
-                    io,
-                    missed: Some(map),
-                    faulted_since: Instant::now().checked_sub(ago),
-                });
-            }
+            let map = dirty_maps.load(index).unwrap_or_else(|e| {
+                warn!(volume_id, replica = index, error = %e, "dirty map unreadable; catching up on everything");
+                None
+            });
+            let map = map.unwrap_or_else(|| {
+                let mut m = DirtyMap::new(record.capacity_bytes, DEFAULT_REGION);
+                m.mark_all();
+                m
+            });
+            let ago = Duration::from_secs(unix_now().saturating_sub(*since));
+            replicas.push(EngineReplica {
+                index,
+                io,
+                missed: Some(map),
+                faulted_since: Instant::now().checked_sub(ago),
+            });
             continue;
         }
         match opened {
@@ -216,7 +214,7 @@ pub fn assemble(
         EngineOptions {
             min_healthy,
             worker_threads: io_threads,
-            dirty_dir: Some(dirty_dir),
+            dirty_dir: Some(dirty_maps.dir().to_path_buf()),
             rebuild: RebuildPolicy {
                 replace_after: Duration::from_secs(config.replace_after_secs),
                 bytes_per_sec: config.rebuild_mib_per_sec << 20,

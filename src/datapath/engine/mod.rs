@@ -14,9 +14,18 @@
 //!
 //! Hot path: `read_at`/`write_at` run per I/O; `info!` never fires here except
 //! on a replica fault.
+//!
+//! This module is the write path (and reads); what happens around a fault
+//! lives beside it: `faults` records one, `missed` keeps what faulted
+//! replicas missed, `catch_up` brings them back, and `replace` moves lost
+//! ones to another pool.
 
 pub mod assemble;
+mod catch_up;
+mod faults;
+mod missed;
 pub mod ready;
+mod replace;
 pub mod workers;
 
 use std::collections::BTreeMap;
@@ -26,13 +35,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use tracing::{error, info, warn};
+use tracing::warn;
 
 use crate::core::dirty::{DEFAULT_REGION, DirtyMap};
 use crate::core::volume::StagedOn;
 
 use crate::core::pool::ReplicaIo;
 use crate::core::store::StateStore;
+use crate::datapath::dirty_maps::VolumeDirtyMaps;
 use crate::datapath::frontend::{BlockDevice, DirectRead};
 use crate::datapath::replica::aligned::{ALIGN, AlignedBuf, is_aligned};
 use workers::Workers;
@@ -63,9 +73,9 @@ pub struct Engine {
     workers: Workers,
     /// What each faulted replica (by replica index) has missed.
     dirty: Mutex<BTreeMap<usize, DirtyMap>>,
-    /// Where dirty maps are persisted (`dirty-<index>.map`); `None` keeps
-    /// them in memory only (tests).
-    dirty_dir: Option<PathBuf>,
+    /// Where dirty maps are persisted; `None` keeps them in memory only
+    /// (tests).
+    dirty_files: Option<VolumeDirtyMaps>,
     stripes: Vec<RwLock<()>>,
     /// Writes hold it shared; a replica rejoining holds it exclusive.
     membership: RwLock<()>,
@@ -85,7 +95,8 @@ pub struct EngineOptions {
     pub min_healthy: usize,
     /// Threads that run replica I/O in parallel.
     pub worker_threads: usize,
-    /// Where dirty maps are persisted; `None` keeps them in memory (tests).
+    /// The dir this volume's dirty maps are persisted in (made already);
+    /// `None` keeps them in memory (tests).
     pub dirty_dir: Option<PathBuf>,
     pub rebuild: RebuildPolicy,
     /// The staging claim this engine serves under. Replica health is only
@@ -121,11 +132,6 @@ pub struct EngineReplica {
     /// For a faulted replica: since when (the replacement grace period
     /// counts from here); `None` means now.
     pub faulted_since: Option<Instant>,
-}
-
-/// Persisted name of replica `index`'s dirty map.
-pub fn dirty_map_file(index: usize) -> String {
-    format!("dirty-{index}.map")
 }
 
 impl Engine {
@@ -166,7 +172,7 @@ impl Engine {
             faulted_since: Mutex::new(faulted_since),
             rebuild,
             dirty: Mutex::new(dirty),
-            dirty_dir,
+            dirty_files: dirty_dir.map(VolumeDirtyMaps::in_dir),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             membership: RwLock::new(()),
             volume_id: volume_id.to_string(),
@@ -210,128 +216,6 @@ impl Engine {
             .into_iter()
             .filter(|s| s.healthy.load(Ordering::SeqCst))
             .collect()
-    }
-
-    /// Moves replicas that stayed unreachable past the grace period to
-    /// another pool; catch-up then rebuilds them in full, in the background.
-    pub fn replace_lost(&self) {
-        let Some(replacer) = &self.rebuild.replacer else {
-            return;
-        };
-        let overdue: Vec<Arc<Slot>> = {
-            let Ok(since) = self.faulted_since.lock() else {
-                return;
-            };
-            self.slots()
-                .into_iter()
-                .filter(|s| {
-                    !s.healthy.load(Ordering::SeqCst)
-                        && since
-                            .get(&s.index)
-                            .is_some_and(|t| t.elapsed() >= self.rebuild.replace_after)
-                })
-                .collect()
-        };
-        for old in overdue {
-            if old.io.check().is_ok() {
-                continue;
-            }
-            let index = old.index;
-            let io = match replacer(index) {
-                Ok(io) => io,
-                Err(e) => {
-                    warn!(volume_id = %self.volume_id, replica = index, error = %e, "cannot replace lost replica yet");
-                    continue;
-                }
-            };
-            let mut map = DirtyMap::new(self.size(), DEFAULT_REGION);
-            map.mark_all();
-            let swapped = (|| -> io::Result<()> {
-                let mut dirty = self.lock_dirty()?;
-                self.persist_map(index, &map)?;
-                dirty.insert(index, map);
-                let mut slots = self
-                    .slots
-                    .write()
-                    .map_err(|_| io::Error::other("slots lock poisoned"))?;
-                if let Some(pos) = slots.iter().position(|s| s.index == index) {
-                    slots[pos] = Arc::new(Slot {
-                        index,
-                        io,
-                        healthy: AtomicBool::new(false),
-                        read_latency_ns: AtomicU64::new(0),
-                    });
-                }
-                Ok(())
-            })();
-            match swapped {
-                Ok(()) => {
-                    if let Ok(mut since) = self.faulted_since.lock() {
-                        since.insert(index, Instant::now());
-                    }
-                    info!(volume_id = %self.volume_id, replica = index, "lost replica replaced; rebuilding in full");
-                }
-                Err(e) => {
-                    warn!(volume_id = %self.volume_id, replica = index, error = %e, "cannot swap in replacement")
-                }
-            }
-        }
-    }
-
-    fn still_claimed(
-        &self,
-        r: &crate::core::volume::VolumeRecord,
-    ) -> crate::core::error::Result<()> {
-        match &self.claim {
-            Some(c) if r.staged_on.as_ref() != Some(c) => {
-                Err(crate::core::error::Error::precondition(format!(
-                    "volume {} is no longer claimed by node {} (epoch {})",
-                    self.volume_id, c.node, c.epoch
-                )))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Records replica `slot` as faulted in the state store, then stops
-    /// using it. Err means the fault could not be persisted: the caller must
-    /// not acknowledge anything that the replica missed.
-    fn fault(&self, slot: &Slot, reason: &str) -> io::Result<()> {
-        let _guard = self
-            .fault_lock
-            .lock()
-            .map_err(|_| io::Error::other("fault lock poisoned"))?;
-        if !slot.healthy.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        let index = slot.index;
-        let persisted = self.store.update(&self.volume_id, &mut |r| {
-            self.still_claimed(r)?;
-            Ok(r.fault_replica(index, reason))
-        });
-        match persisted {
-            Ok(_) => {
-                // The map exists before any write skips this replica, so
-                // every skipped write is marked in it.
-                let mut dirty = self.lock_dirty()?;
-                if let std::collections::btree_map::Entry::Vacant(e) = dirty.entry(index) {
-                    let map = DirtyMap::new(self.size(), DEFAULT_REGION);
-                    self.persist_map(index, &map)?;
-                    e.insert(map);
-                }
-                drop(dirty);
-                if let Ok(mut since) = self.faulted_since.lock() {
-                    since.entry(index).or_insert_with(Instant::now);
-                }
-                slot.healthy.store(false, Ordering::SeqCst);
-                error!(volume_id = %self.volume_id, replica = index, %reason, "replica faulted");
-                Ok(())
-            }
-            Err(e) => {
-                error!(volume_id = %self.volume_id, replica = index, error = %e, "cannot record replica fault");
-                Err(io::Error::other(format!("cannot record fault: {e}")))
-            }
-        }
     }
 
     /// Runs `op` on every healthy replica at once, faults the ones that
@@ -380,33 +264,6 @@ impl Engine {
         }
     }
 
-    fn lock_dirty(&self) -> io::Result<std::sync::MutexGuard<'_, BTreeMap<usize, DirtyMap>>> {
-        self.dirty
-            .lock()
-            .map_err(|_| io::Error::other("dirty map lock poisoned"))
-    }
-
-    fn persist_map(&self, index: usize, map: &DirtyMap) -> io::Result<()> {
-        let Some(dir) = &self.dirty_dir else {
-            return Ok(());
-        };
-        crate::datapath::host::files::atomic_write(&dir.join(dirty_map_file(index)), &map.encode())
-            .map_err(|e| io::Error::other(e.to_string()))
-    }
-
-    /// Records `[offset, offset+len)` as missed by every faulted replica,
-    /// persisting maps that gained a region. Must succeed before the write
-    /// is acknowledged.
-    fn mark_missed(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut dirty = self.lock_dirty()?;
-        for (index, map) in dirty.iter_mut() {
-            if map.mark(offset, len) {
-                self.persist_map(*index, map)?;
-            }
-        }
-        Ok(())
-    }
-
     fn stripe_range(&self, offset: u64, len: u64) -> Vec<usize> {
         if len == 0 {
             return Vec::new();
@@ -444,164 +301,6 @@ impl Engine {
         // Marked even when the operation failed: some replicas may have it.
         self.mark_missed(offset, len)?;
         result
-    }
-
-    /// Copies what faulted-but-reachable replicas missed and lets them
-    /// rejoin. Returns the bytes copied. Safe to run while I/O continues.
-    pub fn catch_up(&self) -> u64 {
-        let mut total = 0;
-        // Passes until one heals nothing: when every replica had faulted,
-        // the one that missed nothing heals first (it needs no source) and
-        // becomes the source the others copy from in the next pass.
-        loop {
-            let pending: Vec<Arc<Slot>> = {
-                let Ok(dirty) = self.dirty.lock() else {
-                    return total;
-                };
-                self.slots()
-                    .into_iter()
-                    .filter(|s| !s.healthy.load(Ordering::SeqCst) && dirty.contains_key(&s.index))
-                    .collect()
-            };
-            let mut healed = false;
-            for slot in pending {
-                if slot.io.check().is_err() {
-                    continue;
-                }
-                match self.catch_up_one(&slot) {
-                    Ok(bytes) => {
-                        total += bytes;
-                        healed = true;
-                    }
-                    Err(e) => {
-                        warn!(volume_id = %self.volume_id, replica = slot.index, error = %e, "catch-up interrupted; will retry");
-                    }
-                }
-            }
-            if !healed {
-                return total;
-            }
-        }
-    }
-
-    fn copy_region(&self, slot: &Slot, start: u64, len: u64) -> io::Result<()> {
-        let mut buf = AlignedBuf::zeroed(len as usize);
-        self.read_at(buf.as_mut_slice(), start)?;
-        if buf.as_slice().iter().all(|&b| b == 0) {
-            // Keeps rebuilt replicas thin: a hole reads as zeroes too.
-            slot.io.discard(start, len)
-        } else {
-            slot.io.write_at(buf.as_slice(), start)
-        }
-    }
-
-    /// Copies the regions of `slot`'s map that are dirty now; each under
-    /// its stripe lock unless `paused` (all writes already stopped).
-    fn copy_dirty(&self, slot: &Slot, paused: bool) -> io::Result<u64> {
-        let regions: Vec<(u64, u64, u64)> = {
-            let dirty = self.lock_dirty()?;
-            let Some(map) = dirty.get(&slot.index) else {
-                return Ok(0);
-            };
-            map.dirty_regions()
-                .map(|r| {
-                    let (start, len) = map.range(r);
-                    (r, start, len)
-                })
-                .collect()
-        };
-        let mut bytes = 0;
-        let started = Instant::now();
-        for (n, (region, start, len)) in regions.into_iter().enumerate() {
-            {
-                let _stripe = if paused {
-                    None
-                } else {
-                    Some(
-                        self.stripes[(region % STRIPES as u64) as usize]
-                            .write()
-                            .map_err(|_| io::Error::other("stripe lock poisoned"))?,
-                    )
-                };
-                self.copy_region(slot, start, len)?;
-                if let Some(map) = self.lock_dirty()?.get_mut(&slot.index) {
-                    map.clear(region);
-                }
-            }
-            bytes += len;
-            // Persist progress now and then, so an interrupted rebuild resumes.
-            if n % 64 == 63
-                && let Some(map) = self.lock_dirty()?.get(&slot.index)
-            {
-                self.persist_map(slot.index, map)?;
-            }
-            let limit = self.rebuild.bytes_per_sec;
-            if limit > 0 && !paused {
-                let due = std::time::Duration::from_secs_f64(bytes as f64 / limit as f64);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    std::thread::sleep(wait);
-                }
-            }
-        }
-        // Persist progress so an interrupted catch-up resumes, never restarts.
-        if let Some(map) = self.lock_dirty()?.get(&slot.index) {
-            self.persist_map(slot.index, map)?;
-        }
-        Ok(bytes)
-    }
-
-    fn catch_up_one(&self, slot: &Slot) -> io::Result<u64> {
-        // Writes sent before the fault may still be in flight on a link that
-        // came back; they must not land on top of what is copied now.
-        slot.io.fence()?;
-        let mut bytes = self.copy_dirty(slot, false)?;
-        let _paused = self
-            .membership
-            .write()
-            .map_err(|_| io::Error::other("membership lock poisoned"))?;
-        bytes += self.copy_dirty(slot, true)?;
-        slot.io.flush()?;
-        let index = slot.index;
-        self.store
-            .update(&self.volume_id, &mut |r| {
-                self.still_claimed(r)?;
-                Ok(r.heal_replica(index, bytes))
-            })
-            .map_err(|e| io::Error::other(format!("cannot record replica healthy: {e}")))?;
-        self.lock_dirty()?.remove(&index);
-        if let Ok(mut since) = self.faulted_since.lock() {
-            since.remove(&index);
-        }
-        if let Some(dir) = &self.dirty_dir {
-            let _ = std::fs::remove_file(dir.join(dirty_map_file(index)));
-        }
-        slot.healthy.store(true, Ordering::SeqCst);
-        info!(volume_id = %self.volume_id, replica = index, bytes, "replica caught up and rejoined");
-        Ok(bytes)
-    }
-
-    /// Fences every healthy replica, so writes an earlier engine of this
-    /// volume left in flight cannot land after this one's. A replica that
-    /// cannot be fenced is faulted; Err means that could not be recorded.
-    pub fn fence_replicas(&self) -> io::Result<()> {
-        for slot in self.healthy_slots() {
-            if let Err(e) = slot.io.fence() {
-                self.fault(&slot, &format!("cannot fence: {e}"))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Probes every healthy replica and faults those that are gone. Run
-    /// periodically so a removed replica is noticed even with no I/O.
-    pub fn check_replicas(&self) {
-        for slot in self.healthy_slots() {
-            if let Err(reason) = slot.io.check() {
-                // A failure to persist is retried at the next check; writes
-                // meanwhile still go to this replica, so nothing is lost.
-                let _ = self.fault(&slot, &reason);
-            }
-        }
     }
 
     fn check_range(&self, offset: u64, len: usize) -> io::Result<()> {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::core::metrics::{IoSnapshot, render};
 use crate::core::store::StateStore;
+use crate::datapath::dirty_maps::DirtyMapFiles;
 
 /// Written by each engine into `run/<volume>/`.
 pub const STATS_FILE: &str = "stats.json";
@@ -49,16 +50,13 @@ impl crate::edge::metrics::http::Probe for NodeMetrics {
                 .collect()
         };
         let mut remaining = Vec::new();
+        let maps = DirtyMapFiles::new(&self.data_dir);
         for r in &records {
-            let dir = crate::core::data_dir::dirty_dir(&self.data_dir, &r.id);
             for (i, rep) in r.replicas.iter().enumerate() {
                 if rep.is_healthy() {
                     continue;
                 }
-                let map = std::fs::read(dir.join(crate::datapath::engine::dirty_map_file(i)))
-                    .ok()
-                    .and_then(|b| crate::core::dirty::DirtyMap::decode(&b));
-                if let Some(map) = map {
+                if let Ok(Some(map)) = maps.load(&r.id, i) {
                     remaining.push((r.id.clone(), i, map.count() * map.region_size()));
                 }
             }
