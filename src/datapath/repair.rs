@@ -74,11 +74,7 @@ fn repair_one(data_dir: &Path, node: &str, backing: &Backing, id: &str) -> Resul
         // keep the volume from being staged or deleted; the next pass
         // tries again.
         while engine.healthy_count() < want && started.elapsed() < PASS_LIMIT {
-            let before = engine.healthy_count();
-            engine.check_replicas();
-            engine.replace_lost();
-            engine.catch_up();
-            if engine.healthy_count() <= before {
+            if !engine.maintain(|| {}) {
                 break;
             }
         }

@@ -340,12 +340,7 @@ fn serve(args: &EngineArgs, fd: RawFd, signals: SigSet) -> Result<()> {
             .spawn(move || {
                 let mut claim_checked = Instant::now();
                 while !stop.load(Ordering::SeqCst) {
-                    engine.check_replicas();
-                    if engine.healthy_count() == 0 {
-                        revoke("no healthy replica left");
-                    }
-                    engine.replace_lost();
-                    engine.catch_up();
+                    engine.maintain(|| revoke("no healthy replica left"));
                     if claim_checked.elapsed() >= CLAIM_CHECK_INTERVAL {
                         claim_checked = Instant::now();
                         // Unreachable store: keep serving; the agents

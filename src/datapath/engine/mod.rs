@@ -17,12 +17,14 @@
 //!
 //! This module is the write path (and reads); what happens around a fault
 //! lives beside it: `faults` records one, `missed` keeps what faulted
-//! replicas missed, `catch_up` brings them back, and `replace` moves lost
-//! ones to another pool.
+//! replicas missed, `catch_up` brings them back, `replace` moves lost ones
+//! to another pool, and `maintain` runs those rounds for the processes that
+//! host an engine.
 
 pub mod assemble;
 mod catch_up;
 mod faults;
+mod maintain;
 mod missed;
 pub mod ready;
 mod replace;

@@ -1,0 +1,23 @@
+//! The engine's upkeep, one round at a time: what the engine process runs
+//! every second while it serves, and background repair runs while an
+//! unstaged volume gets somewhere. Each caller keeps its own pace.
+
+use super::Engine;
+
+impl Engine {
+    /// Faults replicas that are gone, replaces those lost past their grace
+    /// period, and lets reachable ones catch up. `none_healthy` runs as
+    /// soon as the check leaves no healthy replica, before the slower
+    /// replacing and copying. Returns whether more replicas are healthy
+    /// than before the round.
+    pub fn maintain(&self, none_healthy: impl FnOnce()) -> bool {
+        let before = self.healthy_count();
+        self.check_replicas();
+        if self.healthy_count() == 0 {
+            none_healthy();
+        }
+        self.replace_lost();
+        self.catch_up();
+        self.healthy_count() > before
+    }
+}
