@@ -27,7 +27,7 @@
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{error, info, warn};
 
+use crate::core::data_dir::RunDir;
 use crate::core::error::{Error, ErrorKind, Result};
 use crate::datapath::engine::assemble::{Backing, assemble};
 use crate::datapath::frontend::BlockDevice;
@@ -65,8 +66,6 @@ const CLAIM_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// A worker's exit status when its claim was taken over: the supervisor
 /// then ends the session instead of starting another worker.
 const EXIT_CLAIM_LOST: i32 = 75;
-/// Beside the FUSE mount: the pid of the worker serving now.
-pub const WORKER_PID_FILE: &str = "engine-worker.pid";
 
 pub fn run(args: EngineArgs) -> Result<()> {
     let signals = SigSet::from_iter([Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1]);
@@ -127,7 +126,7 @@ fn supervise(args: &EngineArgs, signals: SigSet) -> Result<()> {
             .map_err(|e| Error::io("cannot start signal thread", e))?;
     }
 
-    let run_dir = args.mountpoint.parent().map(Path::to_path_buf);
+    let run_dir = RunDir::around(&args.mountpoint);
     let mut restarts = 0u64;
     let mut backoff = RESTART_BACKOFF_MIN;
     loop {
@@ -149,7 +148,7 @@ fn supervise(args: &EngineArgs, signals: SigSet) -> Result<()> {
         let pid = i32::try_from(child.id()).unwrap_or(0);
         worker_pid.store(pid, Ordering::SeqCst);
         if let Some(dir) = &run_dir {
-            let _ = std::fs::write(dir.join(WORKER_PID_FILE), pid.to_string());
+            let _ = std::fs::write(dir.worker_pid_file(), pid.to_string());
         }
         if restarts == 0 {
             info!(volume_id, worker = pid, "engine ready");
@@ -297,16 +296,13 @@ fn serve(args: &EngineArgs, fd: RawFd, signals: SigSet) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     // I/O counters for the node's /metrics, as a file beside the FUSE
     // mount; a reader sees the old or the new snapshot, never half of one.
-    if let Some(run_dir) = args.mountpoint.parent().map(|p| p.to_path_buf()) {
+    if let Some(run_dir) = RunDir::around(&args.mountpoint) {
         let engine = engine.clone();
         let stop = stop.clone();
         std::thread::Builder::new()
             .name("stats".into())
             .spawn(move || {
-                let (path, tmp) = (
-                    run_dir.join(crate::edge::metrics::node::STATS_FILE),
-                    run_dir.join(".stats.json.tmp"),
-                );
+                let (path, tmp) = (run_dir.stats_file(), run_dir.stats_temp_file());
                 while !stop.load(Ordering::SeqCst) {
                     if let Ok(bytes) = serde_json::to_vec(&engine.io_stats()) {
                         let _ =

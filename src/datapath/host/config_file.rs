@@ -146,12 +146,15 @@ pub fn prepare_data_dir(data_dir: &Path) -> Result<()> {
     if !data_dir.exists() {
         crate::datapath::host::files::private_dir(data_dir)?;
     }
-    for sub in ["state", "dirty"] {
-        crate::datapath::host::files::private_dir(&data_dir.join(sub))?;
+    for dir in [
+        crate::core::data_dir::state_root(data_dir),
+        crate::core::data_dir::dirty_root(data_dir),
+    ] {
+        crate::datapath::host::files::private_dir(&dir)?;
     }
     for dir in [
         crate::core::data_dir::fence_dir(data_dir),
-        data_dir.join("run"),
+        crate::core::data_dir::run_root(data_dir),
     ] {
         if dir.exists() {
             crate::datapath::host::files::private_dir(&dir)?;

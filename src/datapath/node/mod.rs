@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::core::capability::{AccessMode, AccessType, Capability};
+use crate::core::data_dir::RunDir;
 use crate::core::error::{Error, ErrorKind, Result};
 use crate::core::store::StateStore;
 use crate::core::volume::{Phase, StagedOn, VolumeRecord};
@@ -23,8 +24,6 @@ use crate::datapath::frontend::fuse;
 use crate::datapath::frontend::loopdev::{LoopDevice, LoopOptions};
 use crate::datapath::host::{filesystem, mounts};
 
-/// In a volume's run dir: the loop device staging attached.
-const DEVICE_FILE: &str = "device";
 const ENGINE_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const ENGINE_EXIT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -94,16 +93,16 @@ impl NodeCore {
         &self.node_id
     }
 
-    fn run_dir(&self, volume_id: &str) -> PathBuf {
-        self.data_dir.join("run").join(volume_id)
+    fn run_dir(&self, volume_id: &str) -> RunDir {
+        RunDir::of(&self.data_dir, volume_id)
     }
 
     fn fuse_dir(&self, volume_id: &str) -> PathBuf {
-        self.run_dir(volume_id).join("fuse")
+        self.run_dir(volume_id).fuse_dir()
     }
 
     fn backing_file(&self, volume_id: &str) -> PathBuf {
-        self.fuse_dir(volume_id).join("volume")
+        self.fuse_dir(volume_id).join(fuse::FILE_NAME)
     }
 
     /// The volume's record. The id is checked before anything else, and
@@ -348,7 +347,7 @@ impl NodeCore {
     /// record says whose it is. A device reused by another volume names
     /// that volume's full path instead.
     fn detached_device(&self, volume_id: &str) -> Option<LoopDevice> {
-        let recorded = std::fs::read_to_string(self.run_dir(volume_id).join(DEVICE_FILE)).ok()?;
+        let recorded = std::fs::read_to_string(self.run_dir(volume_id).device_file()).ok()?;
         let dev = LoopDevice::open(Path::new(recorded.trim()));
         (dev.backing_file()? == Path::new("/volume")).then_some(dev)
     }
@@ -365,7 +364,7 @@ impl NodeCore {
             )
             .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot attach loop device", e))?,
         };
-        let record = self.run_dir(volume_id).join(DEVICE_FILE);
+        let record = self.run_dir(volume_id).device_file();
         std::fs::write(&record, dev.path().to_string_lossy().as_bytes())
             .map_err(|e| Error::io(format!("cannot write {}", record.display()), e))?;
         Ok(dev)
@@ -385,7 +384,7 @@ impl NodeCore {
     }
 
     fn engine_pid(&self, volume_id: &str) -> Option<i32> {
-        std::fs::read_to_string(self.run_dir(volume_id).join("engine.pid"))
+        std::fs::read_to_string(self.run_dir(volume_id).engine_pid_file())
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok())
     }
@@ -397,11 +396,11 @@ impl NodeCore {
         // A dead engine leaves its mount behind (reads fail with ENOTCONN).
         self.stop_engine(volume_id)?;
         // The run dir holds the volume's FUSE file: root's only.
-        crate::datapath::host::files::private_dir(&self.run_dir(volume_id))?;
+        crate::datapath::host::files::private_dir(self.run_dir(volume_id).path())?;
         let dir = self.fuse_dir(volume_id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-        let log_path = self.run_dir(volume_id).join("engine.log");
+        let log_path = self.run_dir(volume_id).engine_log_file();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -444,7 +443,7 @@ impl NodeCore {
         if let Ok(mut children) = self.children.lock() {
             children.insert(volume_id.to_string(), child);
         }
-        std::fs::write(self.run_dir(volume_id).join("engine.pid"), pid.to_string())
+        std::fs::write(self.run_dir(volume_id).engine_pid_file(), pid.to_string())
             .map_err(|e| Error::io("cannot write engine pid file", e))?;
         Ok(())
     }
@@ -456,7 +455,7 @@ impl NodeCore {
         fuse::unmount(&dir).map_err(|e| {
             Error::with_source(ErrorKind::Internal, "cannot unmount FUSE export", e)
         })?;
-        let pid_file = self.run_dir(volume_id).join("engine.pid");
+        let pid_file = self.run_dir(volume_id).engine_pid_file();
         let pid = self.engine_pid(volume_id);
         let child = self
             .children
@@ -557,7 +556,7 @@ impl NodeCore {
                 Ok(false)
             }
         })?;
-        let _ = std::fs::remove_dir_all(self.run_dir(volume_id));
+        let _ = std::fs::remove_dir_all(self.run_dir(volume_id).path());
         info!(volume_id, "volume unstaged");
         Ok(())
     }
@@ -575,8 +574,8 @@ impl NodeCore {
         let dev = LoopDevice::open(&path);
         let backing = dev.backing_file()?;
         let ours = backing == self.backing_file(volume_id)
-            || std::fs::canonicalize(self.run_dir(volume_id))
-                .is_ok_and(|run| backing == run.join("fuse").join("volume"))
+            || std::fs::canonicalize(self.run_dir(volume_id).path())
+                .is_ok_and(|run| backing == RunDir::at(run).fuse_dir().join(fuse::FILE_NAME))
             || self
                 .detached_device(volume_id)
                 .is_some_and(|d| d.path() == dev.path());

@@ -5,12 +5,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::core::data_dir::{RunDir, run_root};
 use crate::core::metrics::{IoSnapshot, render};
 use crate::core::store::StateStore;
 use crate::datapath::dirty_maps::DirtyMapFiles;
-
-/// Written by each engine into `run/<volume>/`.
-pub const STATS_FILE: &str = "stats.json";
 
 pub struct NodeMetrics {
     pub data_dir: PathBuf,
@@ -24,13 +22,13 @@ pub struct NodeMetrics {
 
 impl NodeMetrics {
     fn snapshots(&self) -> Vec<(String, IoSnapshot)> {
-        let mut out: Vec<(String, IoSnapshot)> = std::fs::read_dir(self.data_dir.join("run"))
+        let mut out: Vec<(String, IoSnapshot)> = std::fs::read_dir(run_root(&self.data_dir))
             .into_iter()
             .flatten()
             .flatten()
             .filter_map(|e| {
                 let id = e.file_name().to_str()?.to_string();
-                let bytes = std::fs::read(e.path().join(STATS_FILE)).ok()?;
+                let bytes = std::fs::read(RunDir::at(e.path()).stats_file()).ok()?;
                 Some((id, serde_json::from_slice(&bytes).ok()?))
             })
             .collect();
