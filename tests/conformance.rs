@@ -1,7 +1,9 @@
 //! The shared suites against the implementations that need a real server:
 //! the replica backend suite (`datapath::replica::conformance`) on an NFS
-//! pool served by nfs-ganesha on loopback. The other implementations run
-//! the same suite as unit tests. Needs root (ganesha).
+//! pool served by nfs-ganesha on loopback, and the state store suite
+//! (`core::store::conformance`) on `KubeStore` against a real
+//! kube-apiserver and etcd. The other implementations run the same suites
+//! as unit tests. Needs root (ganesha) and scripts/install-kube-tools.
 
 #![allow(clippy::unwrap_used)]
 
@@ -38,4 +40,20 @@ fn nfs_pool_conforms() {
         direct: false,
         reopens_by_name: false,
     });
+}
+
+#[test]
+fn kube_store_conforms() {
+    let env = common::cluster::KubeEnv::start();
+    env.install(&["apply", "-f", "deploy/crds/"]);
+    let runtime = std::sync::Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap(),
+    );
+    let client = runtime.block_on(env.client());
+    let store = terna::edge::kube::store::KubeStore::with_runtime(client, runtime.clone());
+    terna::core::store::conformance::run(&store, "kube-store");
 }
