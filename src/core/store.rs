@@ -5,6 +5,8 @@
 use crate::core::error::Result;
 use crate::core::volume::VolumeRecord;
 
+pub mod conformance;
+
 pub trait StateStore: Send + Sync {
     fn get(&self, id: &str) -> Result<Option<VolumeRecord>>;
     /// Every record, ordered by id.

@@ -47,8 +47,12 @@ fn remote_pool_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let addr = start_agent(dir.path());
     let pool = RemotePool::new(client(addr, TOKEN), "p");
-    crate::datapath::replica::conformance::run(&pool, &|name| {
-        std::fs::remove_file(dir.path().join(name)).unwrap()
+    crate::datapath::replica::conformance::run(&crate::datapath::replica::conformance::Backend {
+        pool: &pool,
+        remove_behind: &|name| std::fs::remove_file(dir.path().join(name)).unwrap(),
+        // The agent's replica is local to it; to us it is bytes over TCP.
+        direct: false,
+        reopens_by_name: true,
     });
 }
 

@@ -278,6 +278,13 @@ mod tests {
     use crate::core::volume::tests::record;
 
     #[test]
+    fn file_store_conforms() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        crate::core::store::conformance::run(&store, "file-store");
+    }
+
+    #[test]
     fn records_round_trip_and_removal_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();

@@ -2,8 +2,7 @@
 //! local files, another node's agent, an NFS export.
 
 pub mod aligned;
-#[cfg(test)]
-pub(crate) mod conformance;
+pub mod conformance;
 pub mod local;
 pub mod nfs;
 pub mod remote;

@@ -600,9 +600,21 @@ impl ReplicaIo for NfsReplica {
                 }
                 Ok(out)
             })?;
-            // Past the file's end reads as zeroes, as a sparse file would.
-            chunk[..data.len()].copy_from_slice(&data);
-            chunk[data.len()..].fill(0);
+            // Short only at the file's end. Zeroes there would pass off a
+            // replica truncated behind our back as holding zeroes; a local
+            // replica fails such a read, and so does this one.
+            if data.len() != chunk.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "{}: read of {} bytes at {at} got {}: it ends past the end of the replica",
+                        self.target.describe(),
+                        chunk.len(),
+                        data.len()
+                    ),
+                ));
+            }
+            chunk.copy_from_slice(&data);
         }
         Ok(())
     }
