@@ -832,3 +832,74 @@ async fn a_failed_first_stage_leaves_the_volume_free() {
     csi.delete(&id).await;
     terna.stop_and_check_clean();
 }
+
+/// A second volume's staging path or pod target inside (or above) the
+/// first one's staging mount or pod target: the mount would land in the
+/// first volume's filesystem, where its pod sees it and its unstage finds
+/// a mount under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_is_never_mounted_inside_or_above_another() {
+    if !common::require_root("a_volume_is_never_mounted_inside_or_above_another") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let root = terna.dir.path();
+    let a = create(&mut csi, "nest-a", 16, "1", mount_cap("ext4")).await;
+    let b = create(&mut csi, "nest-b", 16, "1", mount_cap("ext4")).await;
+    let (staging_a, target_a) = (root.join("a/staging"), root.join("pods/1/a"));
+    csi.stage(&a, &staging_a, mount_cap("ext4")).await;
+    csi.publish(&a, &staging_a, &target_a, mount_cap("ext4"))
+        .await;
+
+    for staging_b in [staging_a.join("b"), target_a.join("b"), root.join("a")] {
+        let (c, m) = stage(&mut csi, &b, &staging_b, mount_cap("ext4")).await;
+        assert_eq!(c, Code::InvalidArgument, "{}: {m}", staging_b.display());
+        assert!(m.contains(&a), "{m}");
+        assert!(mounted(&staging_b).is_none());
+    }
+    let staging_b = root.join("b/staging");
+    csi.stage(&b, &staging_b, mount_cap("ext4")).await;
+    for target_b in [staging_a.join("t"), target_a.join("t"), root.join("pods/1")] {
+        let (c, m) = publish(
+            &mut csi,
+            &b,
+            &staging_b,
+            &target_b,
+            mount_cap("ext4"),
+            false,
+        )
+        .await;
+        assert_eq!(c, Code::InvalidArgument, "{}: {m}", target_b.display());
+        assert!(m.contains(&a), "{m}");
+        assert!(mounted(&target_b).is_none());
+    }
+    // Nor a volume inside its own staging mount.
+    let (c, m) = publish(
+        &mut csi,
+        &a,
+        &staging_a,
+        &staging_a.join("t"),
+        mount_cap("ext4"),
+        false,
+    )
+    .await;
+    assert_eq!(c, Code::InvalidArgument, "{m}");
+    // Its own paths again are repeated calls, and side by side is fine.
+    csi.stage(&a, &staging_a, mount_cap("ext4")).await;
+    csi.publish(&a, &staging_a, &target_a, mount_cap("ext4"))
+        .await;
+    let target_b = root.join("pods/1/b");
+    csi.publish(&b, &staging_b, &target_b, mount_cap("ext4"))
+        .await;
+    std::fs::write(target_b.join("f"), b"b").unwrap();
+    assert!(!target_a.join("f").exists() && !staging_a.join("t").exists());
+
+    csi.unpublish(&b, &target_b).await;
+    csi.unstage(&b, &staging_b).await;
+    csi.unpublish(&a, &target_a).await;
+    csi.unstage(&a, &staging_a).await;
+    csi.delete(&a).await;
+    csi.delete(&b).await;
+    terna.stop_and_check_clean();
+}

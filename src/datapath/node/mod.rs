@@ -139,10 +139,34 @@ impl NodeCore {
         Ok(())
     }
 
+    /// Where the volumes staged on this node live: no volume is mounted
+    /// inside or above another.
+    fn check_outside_volumes(&self, path: &Path, what: &str, volume_id: &str) -> Result<()> {
+        let records = self.store.list()?;
+        let occupied: Vec<(&str, &Path)> = records
+            .iter()
+            .filter_map(|r| {
+                // A repair claim has no staging path.
+                let staged = r
+                    .staged_on
+                    .as_ref()
+                    .filter(|s| s.node == self.node_id && !s.is_repair())?;
+                Some(
+                    std::iter::once(staged.staging_path.as_str())
+                        .chain(r.published.iter().map(String::as_str))
+                        .map(move |p| (r.id.as_str(), Path::new(p))),
+                )
+            })
+            .flatten()
+            .collect();
+        paths::outside_volumes(path, what, volume_id, &occupied)
+    }
+
     pub fn stage(&self, volume_id: &str, staging_path: &Path, cap: &Capability) -> Result<()> {
         cap.check()?;
         let record = self.record(volume_id)?;
         self.check_caller_path(staging_path, "staging target path")?;
+        self.check_outside_volumes(staging_path, "staging target path", volume_id)?;
         if record.phase != Phase::Ready {
             return Err(Error::precondition(format!(
                 "volume {volume_id} is {:?}, not ready",
@@ -660,6 +684,7 @@ impl NodeCore {
                 staging_path.display()
             )));
         }
+        self.check_outside_volumes(target, "target path", volume_id)?;
         let t = target.to_string_lossy().into_owned();
         if let Some(m) = mounts::mount_at(target)? {
             if self.own_device_of(volume_id, &m).is_none() {

@@ -89,6 +89,40 @@ pub fn outside_protected(path: &Path, what: &str, own: &[&Path]) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a path at, inside or above a place where a volume staged on
+/// this node already lives (`occupied`: volume id and its staging path or
+/// a target it is published at), except `volume_id`'s own path itself (a
+/// repeated call). A mount inside another volume lands in that volume's
+/// filesystem, where its pod sees it and its unstage cannot proceed; one
+/// above another hides it.
+pub fn outside_volumes(
+    path: &Path,
+    what: &str,
+    volume_id: &str,
+    occupied: &[(&str, &Path)],
+) -> Result<()> {
+    for (id, place) in occupied {
+        if (*id == volume_id && *place == path) || !place.is_absolute() {
+            continue;
+        }
+        if path.starts_with(place) || place.starts_with(path) {
+            let relation = if path == *place {
+                "where"
+            } else if path.starts_with(place) {
+                "inside where"
+            } else {
+                "above where"
+            };
+            return Err(Error::invalid(format!(
+                "{what} {} is {relation} volume {id} is mounted ({}); give each volume a path of its own",
+                shown(&path.to_string_lossy()),
+                place.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// `path` with the symlinks of its longest existing prefix resolved: what
 /// mount(2) and mkdir would really act on.
 pub fn resolved(path: &Path) -> PathBuf {
@@ -185,6 +219,35 @@ mod tests {
             resolved(&plain),
             std::fs::canonicalize(dir.path()).unwrap().join("a/b")
         );
+    }
+
+    #[test]
+    fn paths_inside_or_above_another_volume_are_refused() {
+        let (a_stage, a_target) = (Path::new("/k/a/globalmount"), Path::new("/k/pods/1/a"));
+        let occupied = [("tv-a", a_stage), ("tv-a", a_target)];
+        let check =
+            |path: &str, id: &str| outside_volumes(Path::new(path), "target path", id, &occupied);
+        // The volume's own paths, again: a repeated call.
+        check("/k/a/globalmount", "tv-a").unwrap();
+        check("/k/pods/1/a", "tv-a").unwrap();
+        // Siblings are fine, for it and for others.
+        check("/k/b/globalmount", "tv-b").unwrap();
+        check("/k/pods/1/ab", "tv-b").unwrap();
+        check("/k/pods/1/b", "tv-a").unwrap();
+        for (path, id) in [
+            ("/k/a/globalmount/x", "tv-b"),
+            ("/k/a/globalmount", "tv-b"),
+            ("/k/pods/1/a/sub", "tv-b"),
+            ("/k/a", "tv-b"),
+            ("/k", "tv-b"),
+            // Nor inside or above its own.
+            ("/k/a/globalmount/t", "tv-a"),
+            ("/k/pods/1", "tv-a"),
+        ] {
+            let err = check(path, id).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::InvalidArgument, "{path}");
+            assert!(err.message.contains("tv-a"), "{}", err.message);
+        }
     }
 
     proptest::proptest! {
