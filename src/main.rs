@@ -199,10 +199,9 @@ fn gather(source: &ReportSource) -> anyhow::Result<Rows> {
     }
     if source.cluster {
         let runtime = tokio::runtime::Runtime::new()?;
-        Ok(runtime.block_on(async {
-            let client = terna::edge::kube::client::client(source.kubeconfig.as_deref()).await?;
-            terna::roles::report::from_cluster(client).await
-        })?)
+        Ok(runtime.block_on(terna::roles::report::from_cluster(
+            source.kubeconfig.as_deref(),
+        ))?)
     } else {
         let node = nix::unistd::gethostname()?.to_string_lossy().into_owned();
         Ok(terna::roles::report::from_data_dir(
@@ -331,22 +330,19 @@ fn main() -> anyhow::Result<()> {
             });
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
-                let client = terna::edge::kube::client::client(kubeconfig.as_deref()).await?;
-                terna::roles::controller::run(
-                    client,
-                    terna::roles::controller::ControllerOptions {
-                        identity,
-                        lease,
-                        cluster_token_file,
-                        agent_timeout: std::time::Duration::from_millis(agent_timeout_ms),
-                        overcommit_ratio,
-                        concurrency: concurrency.max(1),
-                        pool_stale_after: std::time::Duration::from_secs(pool_stale_secs),
-                        endpoint,
-                        capacity_namespace,
-                        metrics_listen,
-                    },
-                )
+                terna::roles::controller::run(terna::roles::controller::ControllerOptions {
+                    kubeconfig,
+                    identity,
+                    lease,
+                    cluster_token_file,
+                    agent_timeout: std::time::Duration::from_millis(agent_timeout_ms),
+                    overcommit_ratio,
+                    concurrency: concurrency.max(1),
+                    pool_stale_after: std::time::Duration::from_secs(pool_stale_secs),
+                    endpoint,
+                    capacity_namespace,
+                    metrics_listen,
+                })
                 .await
             })?;
         }
@@ -369,24 +365,20 @@ fn main() -> anyhow::Result<()> {
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
-                let client = terna::edge::kube::client::client(kubeconfig.as_deref()).await?;
                 let kubeconfig = kubeconfig.map(|k| std::path::absolute(&k).unwrap_or(k));
-                terna::roles::node::run(
-                    client,
-                    terna::roles::node::NodeOptions {
-                        data_dir,
-                        node_id,
-                        agent_listen,
-                        agent_advertise: agent_advertise.unwrap_or(agent_listen),
-                        heartbeat: std::time::Duration::from_secs(heartbeat_secs.max(1)),
-                        endpoint,
-                        kubeconfig,
-                        pool_stale_after: std::time::Duration::from_secs(pool_stale_secs),
-                        registry_dir: kubelet_registry,
-                        lease_namespace,
-                        lease_duration: std::time::Duration::from_secs(node_lease_secs.max(3)),
-                    },
-                )
+                terna::roles::node::run(terna::roles::node::NodeOptions {
+                    data_dir,
+                    node_id,
+                    agent_listen,
+                    agent_advertise: agent_advertise.unwrap_or(agent_listen),
+                    heartbeat: std::time::Duration::from_secs(heartbeat_secs.max(1)),
+                    endpoint,
+                    kubeconfig,
+                    pool_stale_after: std::time::Duration::from_secs(pool_stale_secs),
+                    registry_dir: kubelet_registry,
+                    lease_namespace,
+                    lease_duration: std::time::Duration::from_secs(node_lease_secs.max(3)),
+                })
                 .await
             })?;
         }

@@ -253,8 +253,13 @@ fn serve(args: &EngineArgs, fd: RawFd, signals: SigSet) -> Result<()> {
     let config = crate::core::config::Config::load_or_init(&args.data_dir)?;
     // The engine process is a role: it alone decides what its engine runs
     // on (a cluster node's data dir names its cluster in `cluster.json`).
-    let backing = match crate::edge::kube::backing::open(&args.data_dir, &args.node_id, &config)? {
-        Some(cluster) => cluster,
+    let backing = match crate::edge::kube::backing::read_cluster_file(&args.data_dir)? {
+        Some(cluster) => crate::edge::kube::backing::open(
+            &cluster,
+            &args.node_id,
+            &config,
+            &config.cluster_token(&args.data_dir)?,
+        )?,
         None => Backing::standalone(&args.data_dir, &args.node_id, &config)?,
     };
     let store = backing.store.clone();

@@ -14,7 +14,7 @@ use crate::core::pool::Pools;
 use crate::core::store::StateStore;
 use crate::core::volume::{ReplicaState, VolumeRecord};
 use crate::datapath::host::files::FileStore;
-use crate::edge::kube::crd::{StoragePool, TernaVolume, human_bytes};
+use crate::edge::kube::crd::human_bytes;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct PoolRow {
@@ -233,27 +233,10 @@ pub fn from_data_dir(data_dir: &Path, node: &str) -> Result<(Vec<PoolRow>, Vec<V
 }
 
 /// Pools and volumes of a cluster, from its StoragePools and TernaVolumes.
-pub async fn from_cluster(client: kube::Client) -> Result<(Vec<PoolRow>, Vec<VolumeRow>)> {
-    use kube::api::{Api, ListParams};
-    let unavailable = |what: &str, e: kube::Error| {
-        Error::new(
-            crate::core::error::ErrorKind::Unavailable,
-            format!("cannot list {what}: {e}"),
-        )
-    };
-    let pools: Api<StoragePool> = Api::all(client.clone());
-    let volumes: Api<TernaVolume> = Api::all(client);
-    let pools = pools
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| unavailable("StoragePools", e))?
-        .items;
-    let volumes = volumes
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| unavailable("TernaVolumes", e))?
-        .items;
-    let pool_rows = pools
+pub async fn from_cluster(kubeconfig: Option<&Path>) -> Result<(Vec<PoolRow>, Vec<VolumeRow>)> {
+    let report = crate::edge::kube::cluster_report::fetch(kubeconfig).await?;
+    let pool_rows = report
+        .pools
         .iter()
         .map(|p| {
             let status = p.status.clone().unwrap_or_default();
@@ -273,11 +256,7 @@ pub async fn from_cluster(client: kube::Client) -> Result<(Vec<PoolRow>, Vec<Vol
             }
         })
         .collect();
-    let volume_rows = volumes
-        .iter()
-        .filter_map(|v| crate::edge::kube::store::from_resource(v).ok())
-        .map(|r| volume_row(&r, None))
-        .collect();
+    let volume_rows = report.volumes.iter().map(|r| volume_row(r, None)).collect();
     Ok((pool_rows, volume_rows))
 }
 

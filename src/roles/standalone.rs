@@ -14,13 +14,7 @@ use crate::core::store::StateStore;
 use crate::core::volume::Phase;
 use crate::datapath::host::files::FileStore;
 use crate::datapath::node::NodeCore;
-use crate::edge::csi::VolumeLocks;
-use crate::edge::csi::controller::ControllerService;
-use crate::edge::csi::identity::IdentityService;
-use crate::edge::csi::node::NodeService;
-use crate::proto::csi::controller_server::ControllerServer;
-use crate::proto::csi::identity_server::IdentityServer;
-use crate::proto::csi::node_server::NodeServer;
+use crate::edge::csi::server::{Controller, Endpoint, Services};
 
 const REPAIR_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -72,7 +66,8 @@ pub async fn run(opts: Options) -> Result<()> {
             .map_err(|e| Error::io("cannot start repair thread", e))?;
     }
 
-    let (socket, listener) = crate::edge::grpc::uds::bind_endpoint(&opts.endpoint)?;
+    let csi = Endpoint::bind(&opts.endpoint)?;
+    let socket = csi.socket().to_path_buf();
     if let Some(addr) = config.metrics_listen {
         crate::edge::metrics::http::spawn(
             addr,
@@ -91,19 +86,17 @@ pub async fn run(opts: Options) -> Result<()> {
         pools = config.pools.len(),
         "terna standalone serving"
     );
-    let locks = VolumeLocks::default();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(IdentityService { controller: true }))
-        .add_service(ControllerServer::new(ControllerService {
+    let services = Services {
+        controller: Some(Controller {
             core: controller,
             topology_node: Some(opts.node_id.clone()),
-            locks: locks.clone(),
-        }))
-        .add_service(NodeServer::new(NodeService { core: node, locks }))
-        .serve_with_incoming_shutdown(crate::edge::grpc::uds::incoming(listener), async {
-            let _ = stop_rx.await;
-        });
+        }),
+        node: Some(node),
+    };
+    let server = csi.serve(services, async {
+        let _ = stop_rx.await;
+    });
     // Graceful shutdown waits for clients to hang up; one that never does
     // must not keep the process alive.
     let grace = async {
@@ -112,9 +105,7 @@ pub async fn run(opts: Options) -> Result<()> {
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {
-        served = server => served.map_err(|e| {
-            Error::with_source(crate::core::error::ErrorKind::Internal, "gRPC server failed", e)
-        })?,
+        served = server => served?,
         () = grace => warn!("clients still connected {} s after shutdown began; stopping anyway", SHUTDOWN_GRACE.as_secs()),
     }
     let _ = std::fs::remove_file(&socket);
