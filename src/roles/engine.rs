@@ -260,7 +260,12 @@ fn serve(args: &EngineArgs, fd: RawFd, signals: SigSet) -> Result<()> {
             &config,
             &config.cluster_token(&args.data_dir)?,
         )?,
-        None => Backing::standalone(&args.data_dir, &args.node_id, &config)?,
+        None => Backing::standalone(
+            &args.data_dir,
+            &args.node_id,
+            &config,
+            &crate::core::pool::Pools::cluster_token(&config, &args.data_dir, &args.node_id)?,
+        )?,
     };
     let store = backing.store.clone();
     let engine = assemble(

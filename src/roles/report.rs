@@ -205,7 +205,8 @@ pub fn from_data_dir(data_dir: &Path, node: &str) -> Result<(Vec<PoolRow>, Vec<V
             *allocated.entry(rep.pool.as_str()).or_default() += r.capacity_bytes;
         }
     }
-    let pools = Pools::from_config(&config, data_dir, node)?;
+    let token = Pools::cluster_token(&config, data_dir, node)?;
+    let pools = Pools::from_config(&config, data_dir, node, &token)?;
     let pool_rows = pools
         .iter()
         .map(|p| {

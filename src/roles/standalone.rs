@@ -32,7 +32,13 @@ pub async fn run(opts: Options) -> Result<()> {
     let store: Arc<dyn StateStore> = Arc::new(FileStore::open(&crate::core::data_dir::state_dir(
         data_dir,
     ))?);
-    let pools = Arc::new(Pools::from_config(&config, data_dir, &opts.node_id)?);
+    let token = Pools::cluster_token(&config, data_dir, &opts.node_id)?;
+    let pools = Arc::new(Pools::from_config(
+        &config,
+        data_dir,
+        &opts.node_id,
+        &token,
+    )?);
     let controller = Arc::new(
         ControllerCore::new(store.clone(), pools.clone(), config.overcommit_ratio).with_dirty_maps(
             Arc::new(crate::datapath::dirty_maps::DirtyMapFiles::new(data_dir)),
