@@ -9,7 +9,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::core::controller::ControllerCore;
-use crate::core::error::Result;
+use crate::core::error::{Error, Result};
 use crate::core::pool::Pools;
 use crate::edge::csi::server::{Controller, Endpoint, Services};
 use crate::edge::kube::leader::LeaseConfig;
@@ -19,28 +19,114 @@ use crate::edge::kube::pools::PoolDirectory;
 use crate::edge::kube::store::KubeStore;
 use crate::edge::metrics::controller::ControllerMetrics;
 
-pub struct ControllerOptions {
-    /// `None`: KUBECONFIG, then in-cluster.
-    pub kubeconfig: Option<PathBuf>,
-    pub identity: String,
-    /// `None`: run without leader election (one controller only).
-    pub lease: Option<LeaseConfig>,
-    pub cluster_token_file: Option<PathBuf>,
-    pub agent_timeout: Duration,
-    pub overcommit_ratio: f64,
-    pub concurrency: u16,
+#[derive(clap::Args)]
+pub struct Args {
+    /// Kubeconfig to use; default: KUBECONFIG, then in-cluster.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// This controller's identity in the leader lease; default: hostname-pid.
+    #[arg(long, env = "POD_NAME")]
+    id: Option<String>,
+    /// Run without leader election (only ever one controller).
+    #[arg(long)]
+    no_leader_elect: bool,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "terna-system")]
+    lease_namespace: String,
+    #[arg(long, default_value = "terna-controller")]
+    lease_name: String,
+    /// A leader that has not renewed for this long is replaced.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_secs: u64,
+    /// File holding the token replica agents require.
+    #[arg(long)]
+    cluster_token_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 5000)]
+    agent_timeout_ms: u64,
+    /// Allocatable bytes per pool = capacity × this, unless the pool says otherwise.
+    #[arg(long, default_value_t = 1.0)]
+    overcommit_ratio: f64,
+    /// Claims provisioned at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: u16,
     /// Pools whose node has not reported for this long take no new replicas.
-    pub pool_stale_after: Duration,
-    /// Also serve CSI Identity and Controller here (unix:///path), for the
-    /// standard external-provisioner sidecar.
-    pub endpoint: Option<String>,
-    /// Publish CSIStorageCapacity objects into this namespace.
-    pub capacity_namespace: Option<String>,
-    /// Serve /metrics, /healthz and /readyz here.
-    pub metrics_listen: Option<std::net::SocketAddr>,
+    #[arg(long, default_value_t = 60)]
+    pool_stale_secs: u64,
+    /// Also serve CSI Identity and Controller (unix:///path), for the
+    /// external-provisioner sidecar.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Publish CSIStorageCapacity objects (per Terna StorageClass) into
+    /// this namespace; off when unset.
+    #[arg(long)]
+    capacity_namespace: Option<String>,
+    /// Serve /metrics, /healthz and /readyz here (host:port).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
-pub async fn run(opts: ControllerOptions) -> Result<()> {
+struct ControllerOptions {
+    /// `None`: KUBECONFIG, then in-cluster.
+    kubeconfig: Option<PathBuf>,
+    identity: String,
+    /// `None`: run without leader election (one controller only).
+    lease: Option<LeaseConfig>,
+    cluster_token_file: Option<PathBuf>,
+    agent_timeout: Duration,
+    overcommit_ratio: f64,
+    concurrency: u16,
+    /// Pools whose node has not reported for this long take no new replicas.
+    pool_stale_after: Duration,
+    /// Also serve CSI Identity and Controller here (unix:///path), for the
+    /// standard external-provisioner sidecar.
+    endpoint: Option<String>,
+    /// Publish CSIStorageCapacity objects into this namespace.
+    capacity_namespace: Option<String>,
+    /// Serve /metrics, /healthz and /readyz here.
+    metrics_listen: Option<std::net::SocketAddr>,
+}
+
+impl ControllerOptions {
+    fn from_args(args: Args) -> Result<ControllerOptions> {
+        let identity = match args.id {
+            Some(id) => id,
+            None => format!(
+                "{}-{}",
+                crate::datapath::host::hostname::hostname()?,
+                std::process::id()
+            ),
+        };
+        let duration = Duration::from_secs(args.lease_duration_secs.max(3));
+        let lease = (!args.no_leader_elect).then(|| LeaseConfig {
+            namespace: args.lease_namespace,
+            name: args.lease_name,
+            identity: identity.clone(),
+            duration,
+            renew_every: duration / 3,
+        });
+        Ok(ControllerOptions {
+            kubeconfig: args.kubeconfig,
+            identity,
+            lease,
+            cluster_token_file: args.cluster_token_file,
+            agent_timeout: Duration::from_millis(args.agent_timeout_ms),
+            overcommit_ratio: args.overcommit_ratio,
+            concurrency: args.concurrency.max(1),
+            pool_stale_after: Duration::from_secs(args.pool_stale_secs),
+            endpoint: args.endpoint,
+            capacity_namespace: args.capacity_namespace,
+            metrics_listen: args.metrics_listen,
+        })
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let opts = ControllerOptions::from_args(args)?;
+    tokio::runtime::Runtime::new()
+        .map_err(|e| Error::io("cannot start the async runtime", e))?
+        .block_on(serve(opts))
+}
+
+async fn serve(opts: ControllerOptions) -> Result<()> {
     let client = crate::edge::kube::client::client(opts.kubeconfig.as_deref()).await?;
     let token = match &opts.cluster_token_file {
         Some(path) => crate::datapath::host::config_file::read_cluster_token(path)?,

@@ -41,12 +41,18 @@ use crate::datapath::engine::assemble::{Backing, assemble};
 use crate::datapath::frontend::BlockDevice;
 use crate::datapath::frontend::fuse::{self, FuseExport, FuseOptions};
 
-pub struct EngineArgs {
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
     pub data_dir: PathBuf,
+    #[arg(long)]
     pub node_id: String,
+    #[arg(long = "volume", value_name = "VOLUME")]
     pub volume_id: String,
+    #[arg(long)]
     pub mountpoint: PathBuf,
-    /// Set for the worker: the inherited `/dev/fuse` fd of the session.
+    /// Set by the engine's supervisor for its worker: the FUSE session.
+    #[arg(long)]
     pub fuse_fd: Option<RawFd>,
 }
 
@@ -68,7 +74,7 @@ const EXIT_CLAIM_LOST: i32 = 75;
 /// Beside the FUSE mount: the pid of the worker serving now.
 pub const WORKER_PID_FILE: &str = "engine-worker.pid";
 
-pub fn run(args: EngineArgs) -> Result<()> {
+pub fn run(args: Args) -> Result<()> {
     let signals = SigSet::from_iter([Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1]);
     // Blocked before any thread starts, so only the signal thread sees them.
     signals
@@ -84,7 +90,7 @@ fn internal(what: &'static str, e: impl std::error::Error + Send + Sync + 'stati
     Error::with_source(ErrorKind::Internal, what, e)
 }
 
-fn supervise(args: &EngineArgs, signals: SigSet) -> Result<()> {
+fn supervise(args: &Args, signals: SigSet) -> Result<()> {
     let volume_id = args.volume_id.as_str();
     let session = fuse::open_session(&args.mountpoint)
         .map_err(|e| internal("cannot mount FUSE export", e))?;
@@ -211,7 +217,7 @@ fn session_ended(session: &OwnedFd) -> bool {
 }
 
 /// Starts a worker on the session and waits until it serves.
-fn start_worker(args: &EngineArgs, fd: RawFd) -> Result<Child> {
+fn start_worker(args: &Args, fd: RawFd) -> Result<Child> {
     let exe = std::env::current_exe().map_err(|e| Error::io("cannot find own binary", e))?;
     let mut cmd = Command::new(exe);
     cmd.arg("engine")
@@ -247,7 +253,7 @@ fn start_worker(args: &EngineArgs, fd: RawFd) -> Result<Child> {
     Ok(child)
 }
 
-fn serve(args: &EngineArgs, fd: RawFd, signals: SigSet) -> Result<()> {
+fn serve(args: &Args, fd: RawFd, signals: SigSet) -> Result<()> {
     let session = crate::datapath::frontend::inherited::adopt_session_fd(fd)?;
     let volume_id = args.volume_id.as_str();
     let config = crate::core::config::Config::load_or_init(&args.data_dir)?;

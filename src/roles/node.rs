@@ -20,30 +20,89 @@ use crate::edge::csi::server::{Endpoint, Services};
 use crate::edge::kube::backing::ClusterFile;
 use crate::edge::kube::pool_registration::PoolRegistration;
 
-pub struct NodeOptions {
-    pub data_dir: PathBuf,
-    pub node_id: String,
-    pub agent_listen: SocketAddr,
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long, default_value = "/var/lib/terna")]
+    data_dir: PathBuf,
+    /// Node id; defaults to the hostname.
+    #[arg(long, env = "NODE_NAME")]
+    node_id: Option<String>,
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Address the replica agent listens on.
+    #[arg(long, default_value = "0.0.0.0:7420")]
+    agent_listen: SocketAddr,
+    /// Address other nodes reach the agent at; default: the listen address.
+    #[arg(long, env = "AGENT_ADVERTISE")]
+    agent_advertise: Option<SocketAddr>,
+    /// Seconds between pool status reports.
+    #[arg(long, default_value_t = 10)]
+    heartbeat_secs: u64,
+    /// Serve CSI Identity and Node (unix:///path) for the kubelet.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Pools whose node has not reported for this long are not opened.
+    #[arg(long, default_value_t = 60)]
+    pool_stale_secs: u64,
+    /// Register with the kubelet through this plugins_registry
+    /// directory (usually /var/lib/kubelet/plugins_registry).
+    #[arg(long)]
+    kubelet_registry: Option<PathBuf>,
+    /// Where this node's liveness Lease (terna-node-<node>) lives.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "terna-system")]
+    lease_namespace: String,
+    /// A node that has not renewed its Lease for this long is dead: its
+    /// staging claims may be taken over by other nodes.
+    #[arg(long, default_value_t = 40)]
+    node_lease_secs: u64,
+}
+
+struct NodeOptions {
+    data_dir: PathBuf,
+    node_id: String,
+    agent_listen: SocketAddr,
     /// The address other nodes reach this agent at.
-    pub agent_advertise: SocketAddr,
-    pub heartbeat: Duration,
+    agent_advertise: SocketAddr,
+    heartbeat: Duration,
     /// Serve CSI Identity and Node here (unix:///path).
-    pub endpoint: Option<String>,
-    pub kubeconfig: Option<PathBuf>,
+    endpoint: Option<String>,
+    /// Absolute: engines started from another directory read it too.
+    kubeconfig: Option<PathBuf>,
     /// StoragePools not confirmed for this long are left out of engines.
-    pub pool_stale_after: Duration,
+    pool_stale_after: Duration,
     /// The kubelet's plugins_registry directory: register there (needs
     /// `endpoint`).
-    pub registry_dir: Option<PathBuf>,
+    registry_dir: Option<PathBuf>,
     /// Namespace of the node's liveness Lease.
-    pub lease_namespace: String,
+    lease_namespace: String,
     /// How long the Lease lasts unrenewed.
-    pub lease_duration: Duration,
+    lease_duration: Duration,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let opts = NodeOptions {
+        data_dir: args.data_dir,
+        node_id: crate::datapath::host::hostname::node_id(args.node_id)?,
+        agent_listen: args.agent_listen,
+        agent_advertise: args.agent_advertise.unwrap_or(args.agent_listen),
+        heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),
+        endpoint: args.endpoint,
+        kubeconfig: args
+            .kubeconfig
+            .map(|k| std::path::absolute(&k).unwrap_or(k)),
+        pool_stale_after: Duration::from_secs(args.pool_stale_secs),
+        registry_dir: args.kubelet_registry,
+        lease_namespace: args.lease_namespace,
+        lease_duration: Duration::from_secs(args.node_lease_secs.max(3)),
+    };
+    tokio::runtime::Runtime::new()
+        .map_err(|e| Error::io("cannot start the async runtime", e))?
+        .block_on(serve(opts))
 }
 
 /// Runs until the agent stops: the agent on its own threads, the
 /// registration loop here.
-pub async fn run(opts: NodeOptions) -> Result<()> {
+async fn serve(opts: NodeOptions) -> Result<()> {
     let client = crate::edge::kube::client::client(opts.kubeconfig.as_deref()).await?;
     let _owner = crate::datapath::host::lock::lock(&opts.data_dir)?;
     let config = Config::load_or_init_with(&opts.data_dir, Config::default_node)?;

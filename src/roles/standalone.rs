@@ -19,13 +19,37 @@ use crate::edge::csi::server::{Controller, Endpoint, Services};
 const REPAIR_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-pub struct Options {
-    pub data_dir: PathBuf,
-    pub endpoint: String,
-    pub node_id: String,
+#[derive(clap::Args)]
+pub struct Args {
+    /// Holds the configuration (terna.toml), the state store and the default pools.
+    #[arg(long, default_value = "/var/lib/terna")]
+    data_dir: PathBuf,
+    /// CSI endpoint, unix:///path/to/csi.sock.
+    #[arg(long, default_value = "unix:///run/terna/csi.sock")]
+    endpoint: String,
+    /// Node id; defaults to the hostname.
+    #[arg(long)]
+    node_id: Option<String>,
 }
 
-pub async fn run(opts: Options) -> Result<()> {
+struct Options {
+    data_dir: PathBuf,
+    endpoint: String,
+    node_id: String,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let opts = Options {
+        node_id: crate::datapath::host::hostname::node_id(args.node_id)?,
+        data_dir: args.data_dir,
+        endpoint: args.endpoint,
+    };
+    tokio::runtime::Runtime::new()
+        .map_err(|e| Error::io("cannot start the async runtime", e))?
+        .block_on(serve(opts))
+}
+
+async fn serve(opts: Options) -> Result<()> {
     let data_dir = &opts.data_dir;
     let _owner = crate::datapath::host::lock::lock(data_dir)?;
     let config = Config::load_or_init(data_dir)?;
