@@ -28,26 +28,34 @@ fn nfs_entry(pool: &PoolConfig, nfs: &NfsPoolConfig, timeout: Duration) -> PoolE
 }
 
 impl Pools {
-    /// Every configured pool: this node's as local pools, other nodes'
-    /// through their replica agents.
-    pub fn from_config(config: &Config, data_dir: &Path, node: &str) -> Result<Pools> {
-        // Only pools on other nodes need the token: a data dir of local
-        // (and NFS) pools alone runs without one.
+    /// The token `from_config` reaches other nodes' agents with, read by
+    /// the role once for its process. Only pools on other nodes need it: a
+    /// data dir of local (and NFS) pools runs without one, and gets none.
+    pub fn cluster_token(config: &Config, data_dir: &Path, node: &str) -> Result<Vec<u8>> {
         let remote = config
             .pools
             .iter()
             .any(|p| p.nfs.is_none() && p.node.as_deref().is_some_and(|n| n != node));
-        let token = if remote {
-            config.cluster_token(data_dir).map_err(|e| Error {
-                message: format!(
-                    "pools on other nodes are configured, which needs the cluster token: {}",
-                    e.message
-                ),
-                ..e
-            })?
-        } else {
-            Vec::new()
-        };
+        if !remote {
+            return Ok(Vec::new());
+        }
+        config.cluster_token(data_dir).map_err(|e| Error {
+            message: format!(
+                "pools on other nodes are configured, which needs the cluster token: {}",
+                e.message
+            ),
+            ..e
+        })
+    }
+
+    /// Every configured pool: this node's as local pools, other nodes'
+    /// through their replica agents, authenticated with `token`.
+    pub fn from_config(
+        config: &Config,
+        data_dir: &Path,
+        node: &str,
+        token: &[u8],
+    ) -> Result<Pools> {
         let timeout = Duration::from_millis(config.agent_timeout_ms);
         let clients: BTreeMap<&str, Arc<Client>> = config
             .nodes
@@ -55,7 +63,7 @@ impl Pools {
             .map(|n| {
                 (
                     n.name.as_str(),
-                    Arc::new(Client::new(n.agent, &token, node, timeout)),
+                    Arc::new(Client::new(n.agent, token, node, timeout)),
                 )
             })
             .collect();

@@ -2,7 +2,7 @@
 //! over TCP, with the protocol in `protocol.rs`.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::core::config::Config;
@@ -10,10 +10,28 @@ use crate::core::error::{Error, Result};
 use crate::core::pool::Pools;
 use crate::datapath::agent::server;
 
+#[derive(clap::Args)]
+pub struct Args {
+    /// Holds terna.toml (pools with no `node`, or this node's, are served).
+    #[arg(long, default_value = "/var/lib/terna")]
+    pub data_dir: PathBuf,
+    /// Address to listen on, host:port.
+    #[arg(long, default_value = "0.0.0.0:7420")]
+    pub listen: SocketAddr,
+    /// Node id; defaults to the hostname.
+    #[arg(long)]
+    pub node_id: Option<String>,
+}
+
 /// `terna agent`: serves the pools on this node's disks until killed.
 /// Refuses to start without a cluster token (`cluster_token_file`): an
 /// agent serves every replica on the node to whoever it lets in.
-pub fn run(data_dir: &Path, listen: SocketAddr, node: &str) -> Result<()> {
+pub fn run(args: Args) -> Result<()> {
+    let node = crate::datapath::host::hostname::node_id(args.node_id)?;
+    serve(&args.data_dir, args.listen, &node)
+}
+
+fn serve(data_dir: &Path, listen: SocketAddr, node: &str) -> Result<()> {
     // Claim floors live partly in memory: two agents on one data dir could
     // each let through what the other fenced.
     let _owner = crate::datapath::host::lock::lock(data_dir)?;

@@ -42,12 +42,18 @@ use crate::datapath::engine::assemble::{Backing, assemble};
 use crate::datapath::frontend::BlockDevice;
 use crate::datapath::frontend::fuse::{self, FuseExport, FuseOptions};
 
-pub struct EngineArgs {
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
     pub data_dir: PathBuf,
+    #[arg(long)]
     pub node_id: String,
+    #[arg(long = "volume", value_name = "VOLUME")]
     pub volume_id: String,
+    #[arg(long)]
     pub mountpoint: PathBuf,
-    /// Set for the worker: the inherited `/dev/fuse` fd of the session.
+    /// Set by the engine's supervisor for its worker: the FUSE session.
+    #[arg(long)]
     pub fuse_fd: Option<RawFd>,
 }
 
@@ -67,7 +73,7 @@ const CLAIM_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// then ends the session instead of starting another worker.
 const EXIT_CLAIM_LOST: i32 = 75;
 
-pub fn run(args: EngineArgs) -> Result<()> {
+pub fn run(args: Args) -> Result<()> {
     let signals = SigSet::from_iter([Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1]);
     // Blocked before any thread starts, so only the signal thread sees them.
     signals
@@ -83,7 +89,7 @@ fn internal(what: &'static str, e: impl std::error::Error + Send + Sync + 'stati
     Error::with_source(ErrorKind::Internal, what, e)
 }
 
-fn supervise(args: &EngineArgs, signals: SigSet) -> Result<()> {
+fn supervise(args: &Args, signals: SigSet) -> Result<()> {
     let volume_id = args.volume_id.as_str();
     let session = fuse::open_session(&args.mountpoint)
         .map_err(|e| internal("cannot mount FUSE export", e))?;
@@ -210,7 +216,7 @@ fn session_ended(session: &OwnedFd) -> bool {
 }
 
 /// Starts a worker on the session and waits until it serves.
-fn start_worker(args: &EngineArgs, fd: RawFd) -> Result<Child> {
+fn start_worker(args: &Args, fd: RawFd) -> Result<Child> {
     let exe = std::env::current_exe().map_err(|e| Error::io("cannot find own binary", e))?;
     let mut cmd = Command::new(exe);
     cmd.arg("engine")
@@ -246,15 +252,25 @@ fn start_worker(args: &EngineArgs, fd: RawFd) -> Result<Child> {
     Ok(child)
 }
 
-fn serve(args: &EngineArgs, fd: RawFd, signals: SigSet) -> Result<()> {
+fn serve(args: &Args, fd: RawFd, signals: SigSet) -> Result<()> {
     let session = crate::datapath::frontend::inherited::adopt_session_fd(fd)?;
     let volume_id = args.volume_id.as_str();
     let config = crate::core::config::Config::load_or_init(&args.data_dir)?;
     // The engine process is a role: it alone decides what its engine runs
     // on (a cluster node's data dir names its cluster in `cluster.json`).
-    let backing = match crate::edge::kube::backing::open(&args.data_dir, &args.node_id, &config)? {
-        Some(cluster) => cluster,
-        None => Backing::standalone(&args.data_dir, &args.node_id, &config)?,
+    let backing = match crate::edge::kube::backing::read_cluster_file(&args.data_dir)? {
+        Some(cluster) => crate::edge::kube::backing::open(
+            &cluster,
+            &args.node_id,
+            &config,
+            &config.cluster_token(&args.data_dir)?,
+        )?,
+        None => Backing::standalone(
+            &args.data_dir,
+            &args.node_id,
+            &config,
+            &crate::core::pool::Pools::cluster_token(&config, &args.data_dir, &args.node_id)?,
+        )?,
     };
     let store = backing.store.clone();
     let engine = assemble(

@@ -11,103 +11,99 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use serde_json::json;
 use tracing::{info, warn};
 
 use crate::core::config::Config;
 use crate::core::error::{Error, Result};
-use crate::core::pool::Pool;
 use crate::datapath::agent::server::{self, AgentState};
-use crate::datapath::replica::local::LocalPool;
-use crate::edge::kube::backing::{CLUSTER_FILE, ClusterFile};
-use crate::edge::kube::crd::{NfsPoolSpec, StoragePool, StoragePoolSpec, human_bytes};
-use crate::edge::kube::leader::{Decision, LeaseConfig, decide, try_acquire};
+use crate::edge::csi::server::{Endpoint, Services};
+use crate::edge::kube::backing::ClusterFile;
+use crate::edge::kube::pool_registration::PoolRegistration;
 
-/// MiB written and read by the probe of a newly served pool.
-const PROBE_MIB: usize = 64;
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long, default_value = "/var/lib/terna")]
+    data_dir: PathBuf,
+    /// Node id; defaults to the hostname.
+    #[arg(long, env = "NODE_NAME")]
+    node_id: Option<String>,
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Address the replica agent listens on.
+    #[arg(long, default_value = "0.0.0.0:7420")]
+    agent_listen: SocketAddr,
+    /// Address other nodes reach the agent at; default: the listen address.
+    #[arg(long, env = "AGENT_ADVERTISE")]
+    agent_advertise: Option<SocketAddr>,
+    /// Seconds between pool status reports.
+    #[arg(long, default_value_t = 10)]
+    heartbeat_secs: u64,
+    /// Serve CSI Identity and Node (unix:///path) for the kubelet.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Pools whose node has not reported for this long are not opened.
+    #[arg(long, default_value_t = 60)]
+    pool_stale_secs: u64,
+    /// Register with the kubelet through this plugins_registry
+    /// directory (usually /var/lib/kubelet/plugins_registry).
+    #[arg(long)]
+    kubelet_registry: Option<PathBuf>,
+    /// Where this node's liveness Lease (terna-node-<node>) lives.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "terna-system")]
+    lease_namespace: String,
+    /// A node that has not renewed its Lease for this long is dead: its
+    /// staging claims may be taken over by other nodes.
+    #[arg(long, default_value_t = 40)]
+    node_lease_secs: u64,
+}
 
-pub struct NodeOptions {
-    pub data_dir: PathBuf,
-    pub node_id: String,
-    pub agent_listen: SocketAddr,
+struct NodeOptions {
+    data_dir: PathBuf,
+    node_id: String,
+    agent_listen: SocketAddr,
     /// The address other nodes reach this agent at.
-    pub agent_advertise: SocketAddr,
-    pub heartbeat: Duration,
+    agent_advertise: SocketAddr,
+    heartbeat: Duration,
     /// Serve CSI Identity and Node here (unix:///path).
-    pub endpoint: Option<String>,
-    pub kubeconfig: Option<PathBuf>,
+    endpoint: Option<String>,
+    /// Absolute: engines started from another directory read it too.
+    kubeconfig: Option<PathBuf>,
     /// StoragePools not confirmed for this long are left out of engines.
-    pub pool_stale_after: Duration,
+    pool_stale_after: Duration,
     /// The kubelet's plugins_registry directory: register there (needs
     /// `endpoint`).
-    pub registry_dir: Option<PathBuf>,
+    registry_dir: Option<PathBuf>,
     /// Namespace of the node's liveness Lease.
-    pub lease_namespace: String,
+    lease_namespace: String,
     /// How long the Lease lasts unrenewed.
-    pub lease_duration: Duration,
+    lease_duration: Duration,
 }
 
-/// The name of `node`'s liveness Lease.
-pub fn lease_name(node: &str) -> String {
-    format!("terna-node-{node}")
-}
-
-/// The object name of a configured pool: pool names are per node, object
-/// names cluster-wide.
-pub fn object_name(node: &str, pool: &str) -> String {
-    format!("{node}-{pool}")
-}
-
-/// The StoragePools this node's configuration declares.
-pub fn configured_pools(config: &Config, data_dir: &Path, node: &str) -> Vec<StoragePool> {
-    config
-        .pools
-        .iter()
-        .filter(|p| p.node.as_deref().is_none_or(|n| n == node))
-        .map(|p| match &p.nfs {
-            // An export is the cluster's, not this node's: one object,
-            // named after the pool, whichever node declares it.
-            Some(nfs) => StoragePool::new(
-                &p.name,
-                StoragePoolSpec {
-                    node: String::new(),
-                    path: String::new(),
-                    nfs: Some(NfsPoolSpec::from_config(nfs)),
-                    tier: p.tier,
-                    domain: p.domain.clone(),
-                    zone: p.zone.clone(),
-                    overcommit_ratio: None,
-                    capacity_bytes: p.capacity_bytes,
-                },
-            ),
-            None => StoragePool::new(
-                &object_name(node, &p.name),
-                StoragePoolSpec {
-                    node: node.to_string(),
-                    path: config.pool_path(data_dir, p).display().to_string(),
-                    nfs: None,
-                    tier: p.tier,
-                    domain: p.domain.clone(),
-                    zone: p.zone.clone(),
-                    overcommit_ratio: None,
-                    capacity_bytes: p.capacity_bytes,
-                },
-            ),
-        })
-        .collect()
-}
-
-fn statvfs_used(path: &Path) -> Option<u64> {
-    let st = nix::sys::statvfs::statvfs(path).ok()?;
-    Some((st.blocks() - st.blocks_free()) * st.fragment_size())
+pub fn run(args: Args) -> Result<()> {
+    let opts = NodeOptions {
+        data_dir: args.data_dir,
+        node_id: crate::datapath::host::hostname::node_id(args.node_id)?,
+        agent_listen: args.agent_listen,
+        agent_advertise: args.agent_advertise.unwrap_or(args.agent_listen),
+        heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),
+        endpoint: args.endpoint,
+        kubeconfig: args
+            .kubeconfig
+            .map(|k| std::path::absolute(&k).unwrap_or(k)),
+        pool_stale_after: Duration::from_secs(args.pool_stale_secs),
+        registry_dir: args.kubelet_registry,
+        lease_namespace: args.lease_namespace,
+        lease_duration: Duration::from_secs(args.node_lease_secs.max(3)),
+    };
+    tokio::runtime::Runtime::new()
+        .map_err(|e| Error::io("cannot start the async runtime", e))?
+        .block_on(serve(opts))
 }
 
 /// Runs until the agent stops: the agent on its own threads, the
 /// registration loop here.
-pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
+async fn serve(opts: NodeOptions) -> Result<()> {
+    let client = crate::edge::kube::client::client(opts.kubeconfig.as_deref()).await?;
     let _owner = crate::datapath::host::lock::lock(&opts.data_dir)?;
     let config = Config::load_or_init_with(&opts.data_dir, Config::default_node)?;
     let token = config.cluster_token(&opts.data_dir)?;
@@ -126,18 +122,14 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
 
     let (stopping, _) = tokio::sync::watch::channel(false);
     let mut registration = None;
-    let api: Api<StoragePool> = Api::all(client.clone());
-    for pool in configured_pools(&config, &opts.data_dir, &opts.node_id) {
-        register(&api, &pool).await?;
-    }
+    let pools = PoolRegistration::new(client.clone(), &opts.node_id, opts.agent_advertise);
+    pools.register_configured(&config, &opts.data_dir).await?;
     if let Some(endpoint) = opts.endpoint.clone() {
-        let file = ClusterFile {
+        let cluster = ClusterFile {
             kubeconfig: opts.kubeconfig.clone(),
             pool_stale_secs: opts.pool_stale_after.as_secs(),
         };
-        let bytes = serde_json::to_vec_pretty(&file)
-            .map_err(|e| Error::internal(format!("cannot encode {CLUSTER_FILE}: {e}")))?;
-        crate::datapath::host::files::atomic_write(&opts.data_dir.join(CLUSTER_FILE), &bytes)?;
+        crate::edge::kube::backing::write_cluster_file(&opts.data_dir, &cluster)?;
         let store = Arc::new(crate::edge::kube::store::KubeStore::new(
             client.clone(),
             tokio::runtime::Handle::current(),
@@ -161,37 +153,16 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
                 }),
             )?;
         }
-        let leases: Api<Lease> = Api::namespaced(client.clone(), &opts.lease_namespace);
-        // Renewed before CSI Node serves: a node never stages a volume
-        // without a live lease standing for its claims.
-        let lease = LeaseConfig {
-            namespace: opts.lease_namespace.clone(),
-            name: lease_name(&opts.node_id),
-            identity: opts.node_id.clone(),
-            duration: opts.lease_duration,
-            renew_every: opts.lease_duration / 4,
-        };
-        while !matches!(try_acquire(&leases, &lease).await, Ok(true)) {
-            warn!(lease = %lease.name, "cannot take this node's lease yet");
-            tokio::time::sleep(lease.renew_every).await;
-        }
-        {
-            let (leases, lease) = (leases.clone(), lease.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(lease.renew_every).await;
-                    if let Err(e) = try_acquire(&leases, &lease).await {
-                        warn!(lease = %lease.name, error = %e, "cannot renew this node's lease");
-                    }
-                }
-            });
-        }
+        let liveness = crate::edge::kube::node_lease::hold(
+            client.clone(),
+            &opts.lease_namespace,
+            &opts.node_id,
+            opts.lease_duration,
+        )
+        .await;
         let core = Arc::new(
             crate::datapath::node::NodeCore::new(&opts.data_dir, &opts.node_id, store)
-                .with_liveness(Arc::new(LeaseLiveness {
-                    leases,
-                    handle: tokio::runtime::Handle::current(),
-                }))
+                .with_liveness(Arc::new(liveness))
                 .with_protected(
                     config
                         .pools
@@ -215,9 +186,17 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
                 }
             }));
         }
-        spawn_repair(&opts.data_dir, &opts.node_id)?;
+        spawn_repair(&opts.data_dir, &opts.node_id, cluster, token)?;
         tokio::spawn(async move {
-            if let Err(e) = serve_csi(&endpoint, core).await {
+            let services = Services {
+                controller: None,
+                node: Some(core),
+            };
+            let served = match Endpoint::bind(&endpoint) {
+                Ok(csi) => csi.serve(services, std::future::pending()).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = served {
                 tracing::error!(error = %e, "CSI endpoint stopped");
             }
         });
@@ -232,7 +211,7 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
         if agent_thread.is_finished() {
             return Err(Error::internal("the replica agent stopped"));
         }
-        if let Err(e) = heartbeat(&api, &agent, &opts).await {
+        if let Err(e) = pools.heartbeat(&agent).await {
             warn!(error = %e, "cannot report pools");
         }
         tokio::select! {
@@ -255,175 +234,30 @@ pub async fn run(client: kube::Client, opts: NodeOptions) -> Result<()> {
     Ok(())
 }
 
-/// Creates the object, or brings its spec in line with the configuration.
-async fn register(api: &Api<StoragePool>, pool: &StoragePool) -> Result<()> {
-    let name = pool.metadata.name.clone().unwrap_or_default();
-    let failed = |e: kube::Error| {
-        Error::new(
-            crate::core::error::ErrorKind::Unavailable,
-            format!("cannot register StoragePool {name}: {e}"),
-        )
-    };
-    match api.get_opt(&name).await.map_err(failed)? {
-        None => match api.create(&PostParams::default(), pool).await {
-            Ok(_) => info!(pool = %name, "pool registered"),
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(e) => return Err(failed(e)),
-        },
-        Some(mut existing) if existing.spec != pool.spec => {
-            existing.spec = pool.spec.clone();
-            api.replace(&name, &PostParams::default(), &existing)
-                .await
-                .map_err(failed)?;
-        }
-        Some(_) => {}
-    }
-    Ok(())
-}
-
-/// Serves every pool naming this node and reports each one's state.
-async fn heartbeat(api: &Api<StoragePool>, agent: &AgentState, opts: &NodeOptions) -> Result<()> {
-    let pools = api
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| Error::new(crate::core::error::ErrorKind::Unavailable, e.to_string()))?;
-    let served = agent.pool_names();
-    for pool in pools.items.iter().filter(|p| p.spec.node == opts.node_id) {
-        let Some(name) = pool.metadata.name.clone() else {
-            continue;
-        };
-        let path = PathBuf::from(&pool.spec.path);
-        let local = LocalPool::new(&path, pool.spec.capacity_bytes);
-        let (health, message, capacity) = match local {
-            Ok(local) => match local.capacity() {
-                Ok(capacity) => {
-                    if !served.contains(&name) {
-                        info!(pool = %name, path = %path.display(), "serving pool");
-                        agent.add_pool(&name, Box::new(local));
-                        let probe_path = path.clone();
-                        match tokio::task::spawn_blocking(move || {
-                            crate::datapath::host::probe::measure(&probe_path, PROBE_MIB)
-                        })
-                        .await
-                        {
-                            Ok(Ok((write, read))) => {
-                                info!(pool = %name, write_mib_s = write, read_mib_s = read, "pool measured");
-                                let patch = json!({"status": {
-                                    "measuredWriteMibPerSec": (write * 10.0).round() / 10.0,
-                                    "measuredReadMibPerSec": (read * 10.0).round() / 10.0,
-                                }});
-                                let _ = api
-                                    .patch_status(
-                                        &name,
-                                        &PatchParams::default(),
-                                        &Patch::Merge(&patch),
-                                    )
-                                    .await;
-                            }
-                            Ok(Err(e)) => warn!(pool = %name, error = %e, "cannot measure pool"),
-                            Err(e) => warn!(pool = %name, error = %e, "pool probe failed"),
-                        }
-                    }
-                    ("Ready", None, capacity)
-                }
-                Err(e) => ("NotReady", Some(e.to_string()), 0),
-            },
-            Err(e) => ("NotReady", Some(e.to_string()), 0),
-        };
-        let status = json!({
-            "status": {
-                "agent": opts.agent_advertise.to_string(),
-                "capacityBytes": capacity,
-                "capacity": human_bytes(capacity),
-                "usedBytes": statvfs_used(&path).unwrap_or(0),
-                "zone": pool.spec.zone.clone().unwrap_or_else(|| "default".into()),
-                "health": health,
-                "message": message,
-                "heartbeat": Timestamp::now().to_string(),
-            }
-        });
-        if let Err(e) = api
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-            .await
-        {
-            warn!(pool = %name, error = %e, "cannot update pool status");
-        }
-    }
-    Ok(())
-}
-
 const REPAIR_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Repairs, in the background, degraded volumes staged nowhere that this
 /// node holds a healthy replica of: a fresh store and pool snapshot each
 /// pass, so pools registered since are seen.
-fn spawn_repair(data_dir: &Path, node: &str) -> Result<()> {
+fn spawn_repair(data_dir: &Path, node: &str, cluster: ClusterFile, token: Vec<u8>) -> Result<()> {
     let (data_dir, node) = (data_dir.to_path_buf(), node.to_string());
     std::thread::Builder::new()
         .name("repair".into())
         .spawn(move || {
             loop {
                 std::thread::sleep(REPAIR_INTERVAL);
-                let backing = Config::load_or_init_with(&data_dir, Config::default_node)
-                    .and_then(|config| crate::edge::kube::backing::open(&data_dir, &node, &config));
+                let backing =
+                    Config::load_or_init_with(&data_dir, Config::default_node).and_then(|config| {
+                        crate::edge::kube::backing::open(&cluster, &node, &config, &token)
+                    });
                 match backing {
-                    Ok(Some(b)) => crate::datapath::repair::pass_over(&data_dir, &node, &b, |r| {
+                    Ok(b) => crate::datapath::repair::pass_over(&data_dir, &node, &b, |r| {
                         crate::datapath::repair::looks_after(r, &node)
                     }),
-                    Ok(None) => {}
                     Err(e) => warn!(error = %e, "cannot look for volumes to repair"),
                 }
             }
         })
         .map_err(|e| Error::io("cannot start the repair thread", e))?;
     Ok(())
-}
-
-/// Node liveness from the nodes' Leases. A node without one is dead too:
-/// deleting a dead node's Lease is how an admin frees its claims at once.
-struct LeaseLiveness {
-    leases: Api<Lease>,
-    handle: tokio::runtime::Handle,
-}
-
-impl crate::datapath::node::NodeLiveness for LeaseLiveness {
-    fn expired(&self, node: &str) -> Result<bool> {
-        let lease = self
-            .handle
-            .block_on(self.leases.get_opt(&lease_name(node)))
-            .map_err(|e| {
-                Error::new(
-                    crate::core::error::ErrorKind::Unavailable,
-                    format!("cannot read the lease of node {node}: {e}"),
-                )
-            })?;
-        let spec = lease.as_ref().and_then(|l| l.spec.as_ref());
-        // Seen from a neutral identity: Take means nobody holds it now.
-        Ok(lease.is_none() || decide(spec, "", Timestamp::now()) == Decision::Take)
-    }
-}
-
-/// Serves CSI Identity and Node for this node's kubelet.
-async fn serve_csi(endpoint: &str, core: Arc<crate::datapath::node::NodeCore>) -> Result<()> {
-    use crate::edge::csi::identity::IdentityService;
-    use crate::edge::csi::node::NodeService;
-    use crate::proto::csi::identity_server::IdentityServer;
-    use crate::proto::csi::node_server::NodeServer;
-    let (_, listener) = crate::edge::grpc::uds::bind_endpoint(endpoint)?;
-    info!(endpoint = %endpoint, "serving CSI Identity and Node");
-    tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(IdentityService { controller: false }))
-        .add_service(NodeServer::new(NodeService {
-            core,
-            locks: Default::default(),
-        }))
-        .serve_with_incoming(crate::edge::grpc::uds::incoming(listener))
-        .await
-        .map_err(|e| {
-            Error::with_source(
-                crate::core::error::ErrorKind::Internal,
-                "gRPC server failed",
-                e,
-            )
-        })
 }

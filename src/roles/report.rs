@@ -3,7 +3,7 @@
 //! as tables for people or JSON for scripts. Rendering is pure.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
@@ -14,7 +14,7 @@ use crate::core::store::StateStore;
 use crate::core::volume::{ReplicaState, VolumeRecord};
 use crate::datapath::dirty_maps::DirtyMapFiles;
 use crate::datapath::host::files::FileStore;
-use crate::edge::kube::crd::{StoragePool, TernaVolume, human_bytes};
+use crate::edge::kube::crd::human_bytes;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct PoolRow {
@@ -204,7 +204,8 @@ pub fn from_data_dir(data_dir: &Path, node: &str) -> Result<(Vec<PoolRow>, Vec<V
             *allocated.entry(rep.pool.as_str()).or_default() += r.capacity_bytes;
         }
     }
-    let pools = Pools::from_config(&config, data_dir, node)?;
+    let token = Pools::cluster_token(&config, data_dir, node)?;
+    let pools = Pools::from_config(&config, data_dir, node, &token)?;
     let pool_rows = pools
         .iter()
         .map(|p| {
@@ -232,27 +233,10 @@ pub fn from_data_dir(data_dir: &Path, node: &str) -> Result<(Vec<PoolRow>, Vec<V
 }
 
 /// Pools and volumes of a cluster, from its StoragePools and TernaVolumes.
-pub async fn from_cluster(client: kube::Client) -> Result<(Vec<PoolRow>, Vec<VolumeRow>)> {
-    use kube::api::{Api, ListParams};
-    let unavailable = |what: &str, e: kube::Error| {
-        Error::new(
-            crate::core::error::ErrorKind::Unavailable,
-            format!("cannot list {what}: {e}"),
-        )
-    };
-    let pools: Api<StoragePool> = Api::all(client.clone());
-    let volumes: Api<TernaVolume> = Api::all(client);
-    let pools = pools
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| unavailable("StoragePools", e))?
-        .items;
-    let volumes = volumes
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| unavailable("TernaVolumes", e))?
-        .items;
-    let pool_rows = pools
+async fn from_cluster(kubeconfig: Option<&Path>) -> Result<(Vec<PoolRow>, Vec<VolumeRow>)> {
+    let report = crate::edge::kube::cluster_report::fetch(kubeconfig).await?;
+    let pool_rows = report
+        .pools
         .iter()
         .map(|p| {
             let status = p.status.clone().unwrap_or_default();
@@ -272,12 +256,127 @@ pub async fn from_cluster(client: kube::Client) -> Result<(Vec<PoolRow>, Vec<Vol
             }
         })
         .collect();
-    let volume_rows = volumes
-        .iter()
-        .filter_map(|v| crate::edge::kube::store::from_resource(v).ok())
-        .map(|r| volume_row(&r, None))
-        .collect();
+    let volume_rows = report.volumes.iter().map(|r| volume_row(r, None)).collect();
     Ok((pool_rows, volume_rows))
+}
+
+/// The reports, each a subcommand of its own.
+#[derive(clap::Subcommand)]
+pub enum Args {
+    /// Volumes with replica health and catch-up progress.
+    Volumes {
+        #[command(flatten)]
+        source: Source,
+        /// Refresh every 2 s until every volume is healthy.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Pools with tier, capacity, allocation and health.
+    Pools {
+        #[command(flatten)]
+        source: Source,
+    },
+    /// Pools and volumes at a glance, and what is not healthy.
+    Status {
+        #[command(flatten)]
+        source: Source,
+        /// Refresh every 2 s until every volume is healthy.
+        #[arg(long)]
+        watch: bool,
+    },
+}
+
+/// Where the reports read from: a standalone data dir, or the cluster.
+#[derive(clap::Args)]
+pub struct Source {
+    #[arg(long, default_value = "/var/lib/terna")]
+    data_dir: PathBuf,
+    /// Read the cluster's StoragePools and TernaVolumes instead.
+    #[arg(long)]
+    cluster: bool,
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// table or json
+    #[arg(short = 'o', long, default_value = "table")]
+    output: String,
+}
+
+type Rows = (Vec<PoolRow>, Vec<VolumeRow>);
+
+pub fn run(args: Args) -> Result<()> {
+    match args {
+        Args::Volumes { source, watch } => {
+            let json = source.output == "json";
+            print_rows(&source, watch, |(_, volumes)| {
+                Ok(if json {
+                    to_json(volumes)?
+                } else {
+                    volumes_table(volumes)
+                })
+            })
+        }
+        Args::Pools { source } => {
+            let json = source.output == "json";
+            print_rows(&source, false, |(pools, _)| {
+                Ok(if json {
+                    to_json(pools)?
+                } else {
+                    pools_table(pools)
+                })
+            })
+        }
+        Args::Status { source, watch } => {
+            let json = source.output == "json";
+            print_rows(&source, watch, |(pools, volumes)| {
+                Ok(if json {
+                    to_json(&serde_json::json!({"pools": pools, "volumes": volumes}))?
+                } else {
+                    status_text(pools, volumes)
+                })
+            })
+        }
+    }
+}
+
+fn to_json(value: &impl Serialize) -> Result<String> {
+    serde_json::to_string_pretty(value)
+        .map(|text| text + "\n")
+        .map_err(|e| Error::internal(format!("cannot encode the report: {e}")))
+}
+
+fn gather(source: &Source) -> Result<Rows> {
+    if !matches!(source.output.as_str(), "table" | "json") {
+        return Err(Error::invalid(format!(
+            "output format {:?} is unknown: use table or json",
+            source.output
+        )));
+    }
+    if source.cluster {
+        tokio::runtime::Runtime::new()
+            .map_err(|e| Error::io("cannot start the async runtime", e))?
+            .block_on(from_cluster(source.kubeconfig.as_deref()))
+    } else {
+        let node = crate::datapath::host::hostname::hostname()?;
+        from_data_dir(&source.data_dir, &node)
+    }
+}
+
+/// Prints `render` of fresh rows; with `watch`, again every 2 s until no
+/// volume is unhealthy.
+fn print_rows(
+    source: &Source,
+    watch: bool,
+    render: impl Fn(&Rows) -> Result<String>,
+) -> Result<()> {
+    loop {
+        let rows = gather(source)?;
+        print!("{}", render(&rows)?);
+        if !watch || rows.1.iter().all(|v| v.state == "healthy") {
+            return Ok(());
+        }
+        println!();
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
 }
 
 #[cfg(test)]

@@ -14,31 +14,55 @@ use crate::core::store::StateStore;
 use crate::core::volume::Phase;
 use crate::datapath::host::files::FileStore;
 use crate::datapath::node::NodeCore;
-use crate::edge::csi::VolumeLocks;
-use crate::edge::csi::controller::ControllerService;
-use crate::edge::csi::identity::IdentityService;
-use crate::edge::csi::node::NodeService;
-use crate::proto::csi::controller_server::ControllerServer;
-use crate::proto::csi::identity_server::IdentityServer;
-use crate::proto::csi::node_server::NodeServer;
+use crate::edge::csi::server::{Controller, Endpoint, Services};
 
 const REPAIR_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-pub struct Options {
-    pub data_dir: PathBuf,
-    pub endpoint: String,
-    pub node_id: String,
+#[derive(clap::Args)]
+pub struct Args {
+    /// Holds the configuration (terna.toml), the state store and the default pools.
+    #[arg(long, default_value = "/var/lib/terna")]
+    data_dir: PathBuf,
+    /// CSI endpoint, unix:///path/to/csi.sock.
+    #[arg(long, default_value = "unix:///run/terna/csi.sock")]
+    endpoint: String,
+    /// Node id; defaults to the hostname.
+    #[arg(long)]
+    node_id: Option<String>,
 }
 
-pub async fn run(opts: Options) -> Result<()> {
+struct Options {
+    data_dir: PathBuf,
+    endpoint: String,
+    node_id: String,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let opts = Options {
+        node_id: crate::datapath::host::hostname::node_id(args.node_id)?,
+        data_dir: args.data_dir,
+        endpoint: args.endpoint,
+    };
+    tokio::runtime::Runtime::new()
+        .map_err(|e| Error::io("cannot start the async runtime", e))?
+        .block_on(serve(opts))
+}
+
+async fn serve(opts: Options) -> Result<()> {
     let data_dir = &opts.data_dir;
     let _owner = crate::datapath::host::lock::lock(data_dir)?;
     let config = Config::load_or_init(data_dir)?;
     let store: Arc<dyn StateStore> = Arc::new(FileStore::open(&crate::core::data_dir::state_dir(
         data_dir,
     ))?);
-    let pools = Arc::new(Pools::from_config(&config, data_dir, &opts.node_id)?);
+    let token = Pools::cluster_token(&config, data_dir, &opts.node_id)?;
+    let pools = Arc::new(Pools::from_config(
+        &config,
+        data_dir,
+        &opts.node_id,
+        &token,
+    )?);
     let controller = Arc::new(
         ControllerCore::new(store.clone(), pools.clone(), config.overcommit_ratio).with_dirty_maps(
             Arc::new(crate::datapath::dirty_maps::DirtyMapFiles::new(data_dir)),
@@ -72,7 +96,8 @@ pub async fn run(opts: Options) -> Result<()> {
             .map_err(|e| Error::io("cannot start repair thread", e))?;
     }
 
-    let (socket, listener) = crate::edge::grpc::uds::bind_endpoint(&opts.endpoint)?;
+    let csi = Endpoint::bind(&opts.endpoint)?;
+    let socket = csi.socket().to_path_buf();
     if let Some(addr) = config.metrics_listen {
         crate::edge::metrics::http::spawn(
             addr,
@@ -91,19 +116,17 @@ pub async fn run(opts: Options) -> Result<()> {
         pools = config.pools.len(),
         "terna standalone serving"
     );
-    let locks = VolumeLocks::default();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(IdentityService { controller: true }))
-        .add_service(ControllerServer::new(ControllerService {
+    let services = Services {
+        controller: Some(Controller {
             core: controller,
             topology_node: Some(opts.node_id.clone()),
-            locks: locks.clone(),
-        }))
-        .add_service(NodeServer::new(NodeService { core: node, locks }))
-        .serve_with_incoming_shutdown(crate::edge::grpc::uds::incoming(listener), async {
-            let _ = stop_rx.await;
-        });
+        }),
+        node: Some(node),
+    };
+    let server = csi.serve(services, async {
+        let _ = stop_rx.await;
+    });
     // Graceful shutdown waits for clients to hang up; one that never does
     // must not keep the process alive.
     let grace = async {
@@ -112,9 +135,7 @@ pub async fn run(opts: Options) -> Result<()> {
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {
-        served = server => served.map_err(|e| {
-            Error::with_source(crate::core::error::ErrorKind::Internal, "gRPC server failed", e)
-        })?,
+        served = server => served?,
         () = grace => warn!("clients still connected {} s after shutdown began; stopping anyway", SHUTDOWN_GRACE.as_secs()),
     }
     let _ = std::fs::remove_file(&socket);

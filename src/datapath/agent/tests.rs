@@ -579,7 +579,12 @@ fn an_agent_with_an_empty_token_refuses_everyone() {
 fn the_agent_will_not_start_without_a_cluster_token() {
     let dir = tempfile::tempdir().unwrap();
     let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let err = crate::roles::agent::run(dir.path(), listen, "n").unwrap_err();
+    let err = crate::roles::agent::run(crate::roles::agent::Args {
+        data_dir: dir.path().to_path_buf(),
+        listen,
+        node_id: Some("n".into()),
+    })
+    .unwrap_err();
     assert!(err.message.contains("cluster_token_file"), "{err}");
     assert!(err.message.contains("openssl rand -hex 32"), "{err}");
     std::fs::write(dir.path().join("token"), "too-short\n").unwrap();
@@ -589,7 +594,12 @@ fn the_agent_will_not_start_without_a_cluster_token() {
         format!("cluster_token_file = \"token\"\n{text}"),
     )
     .unwrap();
-    let err = crate::roles::agent::run(dir.path(), listen, "n").unwrap_err();
+    let err = crate::roles::agent::run(crate::roles::agent::Args {
+        data_dir: dir.path().to_path_buf(),
+        listen,
+        node_id: Some("n".into()),
+    })
+    .unwrap_err();
     assert!(err.message.contains("fewer than the 16"), "{err}");
 }
 

@@ -90,17 +90,19 @@ pub struct Backing {
 }
 
 impl Backing {
-    /// A standalone data dir's: the file store and the configured pools.
+    /// A standalone data dir's: the file store and the configured pools,
+    /// other nodes' reached with `token`.
     pub fn standalone(
         data_dir: &std::path::Path,
         node_id: &str,
         config: &Config,
+        token: &[u8],
     ) -> Result<Backing> {
         Ok(Backing {
             store: Arc::new(FileStore::open(&crate::core::data_dir::state_dir(
                 data_dir,
             ))?),
-            pools: Arc::new(Pools::from_config(config, data_dir, node_id)?),
+            pools: Arc::new(Pools::from_config(config, data_dir, node_id, token)?),
         })
     }
 }

@@ -8,6 +8,7 @@ pub mod controller;
 pub mod identity;
 pub mod node;
 pub mod registration;
+pub mod server;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};

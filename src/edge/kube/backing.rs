@@ -24,16 +24,30 @@ pub struct ClusterFile {
     pub pool_stale_secs: u64,
 }
 
-/// The cluster's backing for `data_dir`; `None` when it is not a cluster
+/// Tells the engines and repair passes `node` starts in `data_dir` where
+/// the cluster is.
+pub fn write_cluster_file(data_dir: &Path, file: &ClusterFile) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(file)
+        .map_err(|e| Error::internal(format!("cannot encode {CLUSTER_FILE}: {e}")))?;
+    crate::datapath::host::files::atomic_write(&data_dir.join(CLUSTER_FILE), &bytes)
+}
+
+/// The cluster `data_dir` belongs to; `None` when it is not a cluster
 /// node's.
-pub fn open(data_dir: &Path, node: &str, config: &Config) -> Result<Option<Backing>> {
+pub fn read_cluster_file(data_dir: &Path) -> Result<Option<ClusterFile>> {
     let path = data_dir.join(CLUSTER_FILE);
-    let file: ClusterFile = match std::fs::read(&path) {
+    match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
-    };
+            .map(Some)
+            .map_err(|e| Error::invalid(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
+    }
+}
+
+/// The cluster's backing for `node`: remote pools are reached with `token`,
+/// which the role read once.
+pub fn open(file: &ClusterFile, node: &str, config: &Config, token: &[u8]) -> Result<Backing> {
     let runtime = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -55,17 +69,16 @@ pub fn open(data_dir: &Path, node: &str, config: &Config) -> Result<Option<Backi
             )
         })?
         .items;
-    let token = config.cluster_token(data_dir)?;
     let directory = crate::edge::kube::pools::PoolDirectory::new(
-        &token,
+        token,
         node,
         Duration::from_millis(config.agent_timeout_ms),
         Duration::from_secs(file.pool_stale_secs),
     )
     .with_local_node(node);
     let shared: Vec<Arc<StoragePool>> = objects.into_iter().map(Arc::new).collect();
-    Ok(Some(Backing {
+    Ok(Backing {
         store: Arc::new(store),
         pools: Arc::new(directory.pools(&shared)),
-    }))
+    })
 }

@@ -1,0 +1,82 @@
+//! Each cluster node's liveness Lease (`terna-node-<node>`): the node
+//! renews its own, and reads the others' before taking over a staging claim
+//! of a node that died holding a volume.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::Api;
+use tracing::warn;
+
+use crate::core::error::{Error, ErrorKind, Result};
+use crate::datapath::node::NodeLiveness;
+use crate::edge::kube::leader::{Decision, LeaseConfig, decide, try_acquire};
+
+/// The name of `node`'s liveness Lease.
+pub fn lease_name(node: &str) -> String {
+    format!("terna-node-{node}")
+}
+
+/// Waits until `node` holds its Lease in `namespace`, then renews it in the
+/// background for as long as the runtime runs. The caller serves CSI Node
+/// only after this returns: a node never stages a volume without a live
+/// lease standing for its claims.
+pub async fn hold(
+    client: kube::Client,
+    namespace: &str,
+    node: &str,
+    duration: Duration,
+) -> LeaseLiveness {
+    let leases: Api<Lease> = Api::namespaced(client, namespace);
+    let lease = LeaseConfig {
+        namespace: namespace.to_string(),
+        name: lease_name(node),
+        identity: node.to_string(),
+        duration,
+        renew_every: duration / 4,
+    };
+    while !matches!(try_acquire(&leases, &lease).await, Ok(true)) {
+        warn!(lease = %lease.name, "cannot take this node's lease yet");
+        tokio::time::sleep(lease.renew_every).await;
+    }
+    {
+        let leases = leases.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(lease.renew_every).await;
+                if let Err(e) = try_acquire(&leases, &lease).await {
+                    warn!(lease = %lease.name, error = %e, "cannot renew this node's lease");
+                }
+            }
+        });
+    }
+    LeaseLiveness {
+        leases,
+        handle: tokio::runtime::Handle::current(),
+    }
+}
+
+/// Node liveness from the nodes' Leases. A node without one is dead too:
+/// deleting a dead node's Lease is how an admin frees its claims at once.
+pub struct LeaseLiveness {
+    leases: Api<Lease>,
+    handle: tokio::runtime::Handle,
+}
+
+impl NodeLiveness for LeaseLiveness {
+    fn expired(&self, node: &str) -> Result<bool> {
+        let lease = self
+            .handle
+            .block_on(self.leases.get_opt(&lease_name(node)))
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Unavailable,
+                    format!("cannot read the lease of node {node}: {e}"),
+                )
+            })?;
+        let spec = lease.as_ref().and_then(|l| l.spec.as_ref());
+        // Seen from a neutral identity: Take means nobody holds it now.
+        Ok(lease.is_none() || decide(spec, "", Timestamp::now()) == Decision::Take)
+    }
+}
