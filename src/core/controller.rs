@@ -270,8 +270,8 @@ impl ControllerCore {
             let capacity = match p.backend.capacity() {
                 Ok(c) => c,
                 Err(e) => {
-                    warn!(pool = %p.name, error = %e, "pool unreachable; left out of placement");
-                    left_out.push(format!("pool {}: {e}", p.name));
+                    warn!(pool = %p.name, error = %e.report(), "pool unreachable; left out of placement");
+                    left_out.push(format!("pool {}: {}", p.name, e.report()));
                     continue;
                 }
             };
@@ -284,8 +284,8 @@ impl ControllerCore {
             match p.backend.available() {
                 Some(Ok(available)) => free_bytes = free_bytes.min(available),
                 Some(Err(e)) => {
-                    warn!(pool = %p.name, error = %e, "pool unreachable; left out of placement");
-                    left_out.push(format!("pool {}: {e}", p.name));
+                    warn!(pool = %p.name, error = %e.report(), "pool unreachable; left out of placement");
+                    left_out.push(format!("pool {}: {}", p.name, e.report()));
                     continue;
                 }
                 None => {}
@@ -509,7 +509,7 @@ impl ControllerCore {
         if let Some(maps) = &self.dirty_maps
             && let Err(e) = maps.forget(volume_id)
         {
-            warn!(volume_id, error = %e, "cannot remove a deleted volume's dirty maps");
+            warn!(volume_id, error = %e.report(), "cannot remove a deleted volume's dirty maps");
         }
         info!(volume_id, "volume deleted");
         Ok(())
@@ -636,7 +636,7 @@ impl ControllerCore {
             && let Ok(p) = self.pools().get(&old.pool)
             && let Err(e) = p.backend.delete(&name)
         {
-            tracing::warn!(volume_id, pool = %old.pool, error = %e, "old replica left behind on an unreachable pool");
+            tracing::warn!(volume_id, pool = %old.pool, error = %e.report(), "old replica left behind on an unreachable pool");
         }
         info!(volume_id, replica = index, from = %old.pool, to = %chosen.pool, "replica replaced");
         Ok(chosen.pool)

@@ -1,7 +1,13 @@
 //! The crate's one error type: a small matchable kind, a message that says
-//! what went wrong and what to do, and the source. Modules keep their own
-//! `thiserror` enums and convert into this at their boundary; `src/csi/`
-//! maps the kind to a gRPC code exactly once.
+//! what went wrong and what to do, what it concerns (volume, replica,
+//! offset) as fields rather than formatted into every message, and the
+//! source. Modules keep their own `thiserror` enums and convert into this
+//! at their boundary; `edge::csi` maps the kind to a gRPC code exactly once.
+//!
+//! `Display` is the error itself, without its source, so a reporter walking
+//! `source()` does not print a cause twice; `report()` is the whole chain,
+//! for the edges that show an error to a person (gRPC status messages,
+//! Kubernetes events, the CLI, logs).
 
 use std::fmt;
 
@@ -28,10 +34,41 @@ pub enum ErrorKind {
     Internal,
 }
 
+/// What an error concerns, when it concerns one volume's data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subject {
+    pub volume: Option<String>,
+    pub replica: Option<usize>,
+    pub offset: Option<u64>,
+}
+
+impl Subject {
+    fn is_empty(&self) -> bool {
+        self.volume.is_none() && self.replica.is_none() && self.offset.is_none()
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(v) = &self.volume {
+            parts.push(format!("volume {v}"));
+        }
+        if let Some(r) = self.replica {
+            parts.push(format!("replica {r}"));
+        }
+        if let Some(o) = self.offset {
+            parts.push(format!("offset {o}"));
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
 #[derive(Debug)]
 pub struct Error {
     pub kind: ErrorKind,
     pub message: String,
+    pub subject: Subject,
     pub source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -42,6 +79,7 @@ impl Error {
         Error {
             kind,
             message: message.into(),
+            subject: Subject::default(),
             source: None,
         }
     }
@@ -54,6 +92,7 @@ impl Error {
         Error {
             kind,
             message: message.into(),
+            subject: Subject::default(),
             source: Some(Box::new(source)),
         }
     }
@@ -78,13 +117,77 @@ impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Self::with_source(ErrorKind::Internal, context, source)
     }
+
+    /// The volume this concerns; an inner, more specific one is kept.
+    pub fn volume(mut self, id: &str) -> Self {
+        self.subject.volume.get_or_insert_with(|| id.to_string());
+        self
+    }
+
+    /// The replica (index in its volume) this concerns.
+    pub fn replica(mut self, index: usize) -> Self {
+        self.subject.replica.get_or_insert(index);
+        self
+    }
+
+    /// The byte offset in the volume or replica this concerns.
+    pub fn at(mut self, offset: u64) -> Self {
+        self.subject.offset.get_or_insert(offset);
+        self
+    }
+
+    /// The error and every cause under it, for a person to read.
+    pub fn report(&self) -> Report<'_> {
+        Report(self)
+    }
+}
+
+/// `Error::report`: `what happened (volume …): cause: its cause`.
+pub struct Report<'a>(&'a Error);
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = std::error::Error::source(self.0);
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
+
+/// Adds what a failure concerns on the way up, where the callee did not
+/// know it: `pool.open(name).for_volume(id)?`.
+pub trait Context<T> {
+    fn for_volume(self, id: &str) -> Result<T>;
+    fn for_replica(self, index: usize) -> Result<T>;
+}
+
+impl<T> Context<T> for Result<T> {
+    fn for_volume(self, id: &str) -> Result<T> {
+        self.map_err(|e| e.volume(id))
+    }
+
+    fn for_replica(self, index: usize) -> Result<T> {
+        self.map_err(|e| e.replica(index))
+    }
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)?;
-        if let Some(source) = &self.source {
-            write!(f, ": {source}")?;
+        // A message that already names its volume is not told it twice.
+        let subject = Subject {
+            volume: self
+                .subject
+                .volume
+                .clone()
+                .filter(|v| !self.message.contains(v.as_str())),
+            ..self.subject.clone()
+        };
+        if !subject.is_empty() {
+            write!(f, " ({subject})")?;
         }
         Ok(())
     }
@@ -95,5 +198,44 @@ impl std::error::Error for Error {
         self.source
             .as_deref()
             .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_is_the_error_and_report_adds_every_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = Error::io("cannot open replica file", io)
+            .replica(2)
+            .volume("tv-1")
+            .at(4096);
+        assert_eq!(
+            e.to_string(),
+            "cannot open replica file (volume tv-1, replica 2, offset 4096)"
+        );
+        assert_eq!(
+            e.report().to_string(),
+            "cannot open replica file (volume tv-1, replica 2, offset 4096): No such file"
+        );
+        // The innermost subject wins; a message naming its volume is not
+        // told it again.
+        let e = Error::precondition("volume tv-2 is published at /p")
+            .volume("tv-2")
+            .volume("tv-3");
+        assert_eq!(e.subject.volume.as_deref(), Some("tv-2"));
+        assert_eq!(e.to_string(), "volume tv-2 is published at /p");
+        let chained = Error::with_source(ErrorKind::Unavailable, "repair failed", e);
+        assert_eq!(
+            chained.report().to_string(),
+            "repair failed: volume tv-2 is published at /p"
+        );
+        let r: Result<()> = Err(Error::internal("x"));
+        assert_eq!(
+            r.for_volume("tv-4").unwrap_err().to_string(),
+            "x (volume tv-4)"
+        );
     }
 }

@@ -41,7 +41,7 @@ fn notice_missing(
         let reason = match present {
             Ok(Some(_)) => continue,
             Ok(None) => format!("replica file missing on pool {}", replica.pool),
-            Err(e) => format!("pool {} unreachable: {e}", replica.pool),
+            Err(e) => format!("pool {} unreachable: {}", replica.pool, e.report()),
         };
         let map = DirtyMap::new(record.capacity_bytes, DEFAULT_REGION);
         DirtyMapFiles::new(data_dir).save(&record.id, index, &map)?;
@@ -101,7 +101,7 @@ pub fn release_claims(store: &dyn StateStore, node: &str) {
     let records = match store.list() {
         Ok(records) => records,
         Err(e) => {
-            warn!(error = %e, "cannot look for repair claims left by an earlier run");
+            warn!(error = %e.report(), "cannot look for repair claims left by an earlier run");
             return;
         }
     };
@@ -127,7 +127,7 @@ pub fn release_claims(store: &dyn StateStore, node: &str) {
                 info!(volume_id = %record.id, "released the repair claim an earlier run left behind")
             }
             Err(e) => {
-                warn!(volume_id = %record.id, error = %e, "cannot release a stale repair claim")
+                warn!(volume_id = %record.id, error = %e.report(), "cannot release a stale repair claim")
             }
         }
     }
@@ -163,7 +163,7 @@ pub fn pass_over(
             continue;
         }
         if let Err(e) = notice_missing(data_dir, store.as_ref(), pools, &record) {
-            warn!(volume_id = %record.id, error = %e, "cannot check replicas of unstaged volume");
+            warn!(volume_id = %record.id, error = %e.report(), "cannot check replicas of unstaged volume");
             continue;
         }
         let degraded = store
@@ -172,7 +172,7 @@ pub fn pass_over(
             .flatten()
             .is_some_and(|r| r.degradation().is_some());
         if degraded && let Err(e) = repair_one(data_dir, node, backing, &record.id) {
-            warn!(volume_id = %record.id, error = %e, "repair of unstaged volume failed; will retry");
+            warn!(volume_id = %record.id, error = %e.report(), "repair of unstaged volume failed; will retry");
         }
     }
 }

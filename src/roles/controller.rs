@@ -178,7 +178,7 @@ async fn serve(opts: ControllerOptions) -> Result<()> {
                 Err(e) => Err(e),
             };
             if let Err(e) = served {
-                tracing::error!(error = %e, "CSI endpoint stopped");
+                tracing::error!(error = %e.report(), "CSI endpoint stopped");
             }
         });
     }

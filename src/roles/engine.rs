@@ -144,7 +144,7 @@ fn supervise(args: &Args, signals: SigSet) -> Result<()> {
                 return Err(e);
             }
             Err(e) => {
-                error!(volume_id, error = %e, "engine worker did not come back; retrying");
+                error!(volume_id, error = %e.report(), "engine worker did not come back; retrying");
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
                 continue;

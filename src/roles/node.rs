@@ -182,7 +182,7 @@ async fn serve(opts: NodeOptions) -> Result<()> {
                     crate::edge::csi::registration::serve_until(&registry, csi_socket, stopped)
                         .await
                 {
-                    tracing::error!(error = %e, "kubelet registration stopped");
+                    tracing::error!(error = %e.report(), "kubelet registration stopped");
                 }
             }));
         }
@@ -197,7 +197,7 @@ async fn serve(opts: NodeOptions) -> Result<()> {
                 Err(e) => Err(e),
             };
             if let Err(e) = served {
-                tracing::error!(error = %e, "CSI endpoint stopped");
+                tracing::error!(error = %e.report(), "CSI endpoint stopped");
             }
         });
     } else if opts.registry_dir.is_some() {
@@ -212,7 +212,7 @@ async fn serve(opts: NodeOptions) -> Result<()> {
             return Err(Error::internal("the replica agent stopped"));
         }
         if let Err(e) = pools.heartbeat(&agent).await {
-            warn!(error = %e, "cannot report pools");
+            warn!(error = %e.report(), "cannot report pools");
         }
         tokio::select! {
             () = tokio::time::sleep(opts.heartbeat) => {}
@@ -254,7 +254,7 @@ fn spawn_repair(data_dir: &Path, node: &str, cluster: ClusterFile, token: Vec<u8
                     Ok(b) => crate::datapath::repair::pass_over(&data_dir, &node, &b, |r| {
                         crate::datapath::repair::looks_after(r, &node)
                     }),
-                    Err(e) => warn!(error = %e, "cannot look for volumes to repair"),
+                    Err(e) => warn!(error = %e.report(), "cannot look for volumes to repair"),
                 }
             }
         })

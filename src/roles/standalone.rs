@@ -170,7 +170,7 @@ fn resume_interrupted(controller: &ControllerCore, store: &Arc<dyn StateStore>) 
             Phase::Deleting => controller.delete(&r.id),
         };
         if let Err(e) = outcome {
-            warn!(volume_id = %r.id, error = %e, "cannot finish interrupted operation");
+            warn!(volume_id = %r.id, error = %e.report(), "cannot finish interrupted operation");
         }
     }
 }

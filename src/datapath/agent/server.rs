@@ -215,7 +215,7 @@ impl AgentState {
     /// and a name no request could use is refused.
     pub fn add_pool(&self, name: &str, pool: Box<dyn Pool>) {
         if let Err(e) = check_pool_name(name) {
-            warn!(error = %e, "pool not served");
+            warn!(error = %e.report(), "pool not served");
             return;
         }
         let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());

@@ -61,11 +61,11 @@ fn wrong_token_and_unknown_pool_are_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let addr = start_agent(dir.path());
     let bad = RemotePool::new(client(addr, b"guess"), "p");
-    let err = bad.create(&r(0), 4096).unwrap_err().to_string();
+    let err = bad.create(&r(0), 4096).unwrap_err().report().to_string();
     assert!(err.contains("token rejected"), "{err}");
     assert!(!dir.path().join(r(0)).exists());
     let other = RemotePool::new(client(addr, TOKEN), "nope");
-    let err = other.create(&r(0), 4096).unwrap_err().to_string();
+    let err = other.create(&r(0), 4096).unwrap_err().report().to_string();
     assert!(
         err.contains("\"nope\" is not served by node node-a"),
         "{err}"

@@ -34,8 +34,8 @@ struct Reopening {
 impl Reopening {
     fn get(&self) -> std::io::Result<&dyn ReplicaIo> {
         if self.io.get().is_none() {
-            let io =
-                (self.open)().map_err(|e| std::io::Error::other(format!("{}: {e}", self.what)))?;
+            let io = (self.open)()
+                .map_err(|e| std::io::Error::other(format!("{}: {}", self.what, e.report())))?;
             // A racing caller may have opened it first; either copy serves.
             let _ = self.io.set(io);
         }
@@ -137,11 +137,11 @@ pub fn assemble(
             // that cannot be opened stays in the engine as unreachable, so
             // it is replaced once its grace period is over.
             let io = opened.unwrap_or_else(|e| {
-                warn!(volume_id, replica = index, error = %e, "faulted replica cannot be opened yet");
+                warn!(volume_id, replica = index, error = %e.report(), "faulted replica cannot be opened yet");
                 reopening(&pools, volume_id, index, &replica.pool)
             });
             let map = dirty_maps.load(index).unwrap_or_else(|e| {
-                warn!(volume_id, replica = index, error = %e, "dirty map unreadable; catching up on everything");
+                warn!(volume_id, replica = index, error = %e.report(), "dirty map unreadable; catching up on everything");
                 None
             });
             let map = map.unwrap_or_else(|| {
@@ -169,8 +169,8 @@ pub fn assemble(
                 // Nothing has been written through this engine yet, so
                 // recording the fault now is in time, and it has missed
                 // nothing so far.
-                warn!(volume_id, replica = index, error = %e, "replica cannot be opened");
-                let reason = format!("cannot open at engine start: {e}");
+                warn!(volume_id, replica = index, error = %e.report(), "replica cannot be opened");
+                let reason = format!("cannot open at engine start: {}", e.report());
                 store.update(volume_id, &mut |r| Ok(r.fault_replica(index, &reason)))?;
                 replicas.push(EngineReplica {
                     index,

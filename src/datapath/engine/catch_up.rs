@@ -136,7 +136,9 @@ impl Engine {
                 self.still_claimed(r)?;
                 Ok(r.heal_replica(index, bytes))
             })
-            .map_err(|e| io::Error::other(format!("cannot record replica healthy: {e}")))?;
+            .map_err(|e| {
+                io::Error::other(format!("cannot record replica healthy: {}", e.report()))
+            })?;
         self.lock_dirty()?.remove(&index);
         if let Ok(mut since) = self.faulted_since.lock() {
             since.remove(&index);

@@ -63,8 +63,11 @@ impl Engine {
                 Ok(())
             }
             Err(e) => {
-                error!(volume_id = %self.volume_id, replica = index, error = %e, "cannot record replica fault");
-                Err(io::Error::other(format!("cannot record fault: {e}")))
+                error!(volume_id = %self.volume_id, replica = index, error = %e.report(), "cannot record replica fault");
+                Err(io::Error::other(format!(
+                    "cannot record fault: {}",
+                    e.report()
+                )))
             }
         }
     }

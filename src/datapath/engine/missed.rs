@@ -33,7 +33,7 @@ impl Engine {
         // One left behind is harmless: a replica that faults again starts a
         // new map over it, and a healthy one's map is never read.
         if let Err(e) = files.remove(index) {
-            warn!(volume_id = %self.volume_id, replica = index, error = %e, "cannot remove the dirty map of a rejoined replica");
+            warn!(volume_id = %self.volume_id, replica = index, error = %e.report(), "cannot remove the dirty map of a rejoined replica");
         }
     }
 

@@ -1,5 +1,6 @@
 //! CSI Controller: create, delete, expand, list and inspect volumes.
 
+use crate::core::error::Context;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -186,7 +187,7 @@ impl Controller for ControllerService {
         let _lock = self.locks.try_lock(&id)?;
         let core = self.core.clone();
         let span = info_span!("DeleteVolume", volume_id = %id);
-        blocking(span, move || core.delete(&id)).await?;
+        blocking(span, move || core.delete(&id).for_volume(&id)).await?;
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
@@ -398,7 +399,10 @@ impl Controller for ControllerService {
         let _lock = self.locks.try_lock(&id)?;
         let core = self.core.clone();
         let span = info_span!("ControllerExpandVolume", volume_id = %id);
-        let size = blocking(span, move || core.expand(&id, required, limit)).await?;
+        let size = blocking(span, move || {
+            core.expand(&id, required, limit).for_volume(&id)
+        })
+        .await?;
         Ok(Response::new(pb::ControllerExpandVolumeResponse {
             capacity_bytes: size as i64,
             node_expansion_required: true,

@@ -33,7 +33,7 @@ impl From<Error> for Status {
             ErrorKind::Unavailable => Code::Unavailable,
             ErrorKind::Internal => Code::Internal,
         };
-        Status::new(code, e.to_string())
+        Status::new(code, e.report().to_string())
     }
 }
 
@@ -177,7 +177,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| Status::internal(format!("operation panicked: {e}")))?
         .map_err(|e| {
-            tracing::warn!(error = %e, "operation failed");
+            tracing::warn!(error = %e.report(), "operation failed");
             Status::from(e)
         })
 }

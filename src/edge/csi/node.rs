@@ -1,5 +1,6 @@
 //! CSI Node: stage, publish, stats and expansion on this node.
 
+use crate::core::error::Context;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -58,7 +59,10 @@ impl Node for NodeService {
         let _lock = self.locks.try_lock(&id)?;
         let core = self.core.clone();
         let span = info_span!("NodeStageVolume", volume_id = %id);
-        blocking(span, move || core.stage(&id, &staging, &cap)).await?;
+        blocking(span, move || {
+            core.stage(&id, &staging, &cap).for_volume(&id)
+        })
+        .await?;
         Ok(Response::new(pb::NodeStageVolumeResponse {}))
     }
 
@@ -72,7 +76,7 @@ impl Node for NodeService {
         let _lock = self.locks.try_lock(&id)?;
         let core = self.core.clone();
         let span = info_span!("NodeUnstageVolume", volume_id = %id);
-        blocking(span, move || core.unstage(&id, &staging)).await?;
+        blocking(span, move || core.unstage(&id, &staging).for_volume(&id)).await?;
         Ok(Response::new(pb::NodeUnstageVolumeResponse {}))
     }
 
@@ -91,6 +95,7 @@ impl Node for NodeService {
         let span = info_span!("NodePublishVolume", volume_id = %id);
         blocking(span, move || {
             core.publish(&id, &staging, &target, &cap, read_only)
+                .for_volume(&id)
         })
         .await?;
         Ok(Response::new(pb::NodePublishVolumeResponse {}))
@@ -106,7 +111,7 @@ impl Node for NodeService {
         let _lock = self.locks.try_lock(&id)?;
         let core = self.core.clone();
         let span = info_span!("NodeUnpublishVolume", volume_id = %id);
-        blocking(span, move || core.unpublish(&id, &target)).await?;
+        blocking(span, move || core.unpublish(&id, &target).for_volume(&id)).await?;
         Ok(Response::new(pb::NodeUnpublishVolumeResponse {}))
     }
 
@@ -120,7 +125,7 @@ impl Node for NodeService {
         let volume_path = volume_path(&req.volume_path)?;
         let core = self.core.clone();
         let span = info_span!("NodeGetVolumeStats", volume_id = %id);
-        let stats = blocking(span, move || core.stats(&id, &volume_path)).await?;
+        let stats = blocking(span, move || core.stats(&id, &volume_path).for_volume(&id)).await?;
         let mut usage = vec![pb::VolumeUsage {
             available: stats.available_bytes as i64,
             total: stats.total_bytes as i64,
@@ -165,7 +170,10 @@ impl Node for NodeService {
         let _lock = self.locks.try_lock(&id)?;
         let core = self.core.clone();
         let span = info_span!("NodeExpandVolume", volume_id = %id);
-        let size = blocking(span, move || core.expand(&id, &volume_path, block)).await?;
+        let size = blocking(span, move || {
+            core.expand(&id, &volume_path, block).for_volume(&id)
+        })
+        .await?;
         Ok(Response::new(pb::NodeExpandVolumeResponse {
             capacity_bytes: size as i64,
         }))

@@ -142,9 +142,9 @@ impl PoolRegistration {
                         }
                         ("Ready", None, capacity)
                     }
-                    Err(e) => ("NotReady", Some(e.to_string()), 0),
+                    Err(e) => ("NotReady", Some(e.report().to_string()), 0),
                 },
-                Err(e) => ("NotReady", Some(e.to_string()), 0),
+                Err(e) => ("NotReady", Some(e.report().to_string()), 0),
             };
             let status = json!({
                 "status": {

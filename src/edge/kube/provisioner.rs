@@ -72,7 +72,7 @@ pub enum ProvisionError {
     BadClass { class: String, message: String },
     #[error("{0}")]
     BadClaim(String),
-    #[error("cannot provision: {0}")]
+    #[error("cannot provision: {}", .0.report())]
     Core(Error),
     #[error("Kubernetes API: {0}")]
     Api(#[from] kube::Error),
