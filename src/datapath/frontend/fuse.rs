@@ -44,6 +44,7 @@ use nix::mount::{MntFlags, MsFlags};
 use nix::sys::stat::Mode;
 
 use super::{BlockDevice, DirectRead};
+use crate::datapath::host::mounts;
 
 mod reactor;
 
@@ -456,28 +457,12 @@ pub fn is_mounted(mountpoint: &Path) -> bool {
 /// The `major:minor` of the topmost FUSE mount at `mountpoint`.
 fn fuse_mount_device(mountpoint: &Path) -> Option<(u64, u64)> {
     let want = normalize(mountpoint);
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mut found = None;
-    for line in info.lines() {
-        // id parent major:minor root mountpoint options [optional...] - fstype source ...
-        let fields: Vec<&str> = line.split(' ').collect();
-        let (Some(dev), Some(point)) = (fields.get(2), fields.get(4)) else {
-            continue;
-        };
-        let fstype = fields
-            .iter()
-            .skip(6)
-            .position(|f| *f == "-")
-            .and_then(|i| fields.get(i + 7));
-        if fstype.is_some_and(|t| *t == "fuse" || t.starts_with("fuse."))
-            && unescape_octal(point) == want
-            && let Some((major, minor)) = dev.split_once(':')
-            && let (Ok(major), Ok(minor)) = (major.parse(), minor.parse())
-        {
-            found = Some((major, minor));
-        }
-    }
-    found
+    mounts::mounts()
+        .ok()?
+        .into_iter()
+        .rev()
+        .filter(|m| m.is_fuse() && m.mount_point == want)
+        .find_map(|m| m.device_number())
 }
 
 /// Resolves symlinks in the parent only: the mount point itself may be a
@@ -490,31 +475,6 @@ fn normalize(path: &Path) -> PathBuf {
             .unwrap_or_else(|_| path.to_path_buf()),
         _ => path.canonicalize().unwrap_or_else(|_| path.to_path_buf()),
     }
-}
-
-/// Undoes the `\NNN` octal escapes of /proc/self/mountinfo (space, tab,
-/// newline, backslash).
-pub(crate) fn unescape_octal(s: &str) -> PathBuf {
-    use std::os::unix::ffi::OsStringExt;
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && let Some(d) = b.get(i + 1..i + 4)
-            && d.iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = d.iter().fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
-            if let Ok(v) = u8::try_from(v) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
 /// Aborts the FUSE session mounted at `mountpoint`: every request waiting
@@ -1380,13 +1340,6 @@ mod tests {
             (out.open_flags, out.backing_id),
             (FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES, 0)
         );
-    }
-
-    #[test]
-    fn mountinfo_unescape() {
-        assert_eq!(unescape_octal(r"/a\040b\134c\011"), Path::new("/a b\\c\t"));
-        assert_eq!(unescape_octal(r"/a\04"), Path::new(r"/a\04"));
-        assert_eq!(unescape_octal(r"/x\777"), Path::new(r"/x\777"));
     }
 
     proptest::proptest! {
