@@ -28,11 +28,9 @@
 //! The session ends when the kernel says so (ENODEV on read): after an
 //! unmount, or an abort through fusectl.
 
-use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -45,6 +43,7 @@ use nix::sys::stat::Mode;
 
 use super::{BlockDevice, DirectRead};
 use crate::datapath::host::mounts;
+use crate::datapath::replica::aligned::{self, AlignedBuf};
 
 mod reactor;
 
@@ -74,6 +73,8 @@ const REQ_OFFSET: usize = PAGE - WRITE_HEADERS;
 /// Where READ data is assembled (the request has been parsed by then).
 const DATA_OFFSET: usize = PAGE;
 const BUF_LEN: usize = PAGE + MAX_WRITE as usize + PAGE;
+// REQ_OFFSET and DATA_OFFSET count from a page boundary.
+const _: () = assert!(aligned::ALIGN == PAGE);
 
 const VOLUME_INO: u64 = 2;
 const VOLUME_NAME: &[u8] = FILE_NAME.as_bytes();
@@ -521,43 +522,6 @@ fn set_nonblocking(dev: &OwnedFd) -> io::Result<()> {
         nix::fcntl::FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK),
     )?;
     Ok(())
-}
-
-/// A zeroed, page-aligned heap buffer.
-struct AlignedBuf {
-    ptr: NonNull<u8>,
-    layout: Layout,
-}
-
-// SAFETY: the buffer exclusively owns its allocation; moving it to another
-// thread moves that ownership.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Option<Self> {
-        let layout = Layout::from_size_align(len.max(1), PAGE).ok()?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
-        NonNull::new(ptr).map(|ptr| Self { ptr, layout })
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` is valid for `layout.size()` initialised (zeroed) bytes
-        // for as long as `self` lives, and `&mut self` makes this the only view.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: as in `as_mut_slice`; `&self` excludes writers through us.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with exactly this layout, freed once.
-        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
-    }
 }
 
 /// Answers request `unique` on `fd`, the fd it was read from (each fd
@@ -1169,7 +1133,7 @@ mod tests {
     #[test]
     fn write_payload_is_page_aligned_and_lands() {
         let s = session();
-        let mut buf = AlignedBuf::new(BUF_LEN).unwrap();
+        let mut buf = AlignedBuf::zeroed(BUF_LEN);
         let buf = buf.as_mut_slice();
         let mut body = bytes_of(&fuse_write_in {
             offset: 4096,
@@ -1206,7 +1170,7 @@ mod tests {
     #[test]
     fn errors_and_limits() {
         let s = session();
-        let mut buf = AlignedBuf::new(BUF_LEN).unwrap();
+        let mut buf = AlignedBuf::zeroed(BUF_LEN);
         let buf = buf.as_mut_slice();
         // Beyond the end.
         let mut body = bytes_of(&fuse_write_in {
@@ -1265,7 +1229,7 @@ mod tests {
     #[test]
     fn init_lookup_readdir() {
         let s = session();
-        let mut buf = AlignedBuf::new(BUF_LEN).unwrap();
+        let mut buf = AlignedBuf::zeroed(BUF_LEN);
         let buf = buf.as_mut_slice();
         let init = fuse_init_in {
             major: 7,
@@ -1309,7 +1273,7 @@ mod tests {
     #[test]
     fn passthrough_is_asked_for_only_when_offered_and_opens_without_a_backing_file_go_through_us() {
         let s = session();
-        let mut buf = AlignedBuf::new(BUF_LEN).unwrap();
+        let mut buf = AlignedBuf::zeroed(BUF_LEN);
         let buf = buf.as_mut_slice();
         let mut init = fuse_init_in {
             major: 7,
@@ -1351,7 +1315,7 @@ mod tests {
             body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
         ) {
             let s = session();
-            let mut buf = AlignedBuf::new(BUF_LEN).unwrap();
+            let mut buf = AlignedBuf::zeroed(BUF_LEN);
             let buf = buf.as_mut_slice();
             let n = request(buf, opcode, nodeid, &body);
             // Corrupt the length field sometimes, and truncate the read.

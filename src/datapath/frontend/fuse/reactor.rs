@@ -51,19 +51,12 @@ impl Buffers {
     }
 
     fn take(&self) -> AlignedBuf {
-        loop {
-            let reused = self
-                .free
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop();
-            if let Some(buf) = reused.or_else(|| AlignedBuf::new(BUF_LEN)) {
-                return buf;
-            }
-            // The request waits in the kernel meanwhile; nothing is lost.
-            tracing::error!("cannot allocate a FUSE request buffer, retrying");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let reused = self
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        reused.unwrap_or_else(|| AlignedBuf::zeroed(BUF_LEN))
     }
 
     fn put(&self, buf: AlignedBuf) {
