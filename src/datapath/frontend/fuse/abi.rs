@@ -109,245 +109,222 @@ pub fn bytes_of<T: Pod>(value: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
 }
 
+/// What a field of a [`Pod`] structure may be: a type every bit pattern of
+/// which is a value, without padding. Private, so no type outside this
+/// file can claim it.
+trait Field {}
+
+macro_rules! field {
+    ($($t:ty),*) => {$(impl Field for $t {})*};
+}
+field!(u16, u32, u64, i32, i64);
+impl<T: Field, const N: usize> Field for [T; N] {}
+
+const fn is_field<T: Field>() {}
+
+/// Defines kernel structures as [`Pod`], `#[repr(C)]`, each checked at
+/// compile time: the kernel's size, no padding (the size is the sum of the
+/// fields'), and only [`Field`]s as fields.
 macro_rules! pod {
-    ($($name:ident = $size:expr),* $(,)?) => {$(
-        // SAFETY: integer fields only, explicit padding; size pinned below.
-        unsafe impl Pod for $name {}
+    ($(
+        $(#[$meta:meta])*
+        pub struct $name:ident = $size:literal {
+            $($(#[$field_meta:meta])* pub $field:ident: $ty:ty,)*
+        }
+    )*) => {$(
+        $(#[$meta])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default)]
+        pub struct $name {
+            $($(#[$field_meta])* pub $field: $ty,)*
+        }
         const _: () = assert!(size_of::<$name>() == $size);
+        const _: () = assert!(size_of::<$name>() == 0 $(+ size_of::<$ty>())*);
+        const _: () = { $(is_field::<$ty>();)* };
+        impl Field for $name {}
+        // SAFETY: no padding and every field a `Field`, both checked just
+        // above, so every byte is initialised and every bit pattern is a
+        // value.
+        unsafe impl Pod for $name {}
     )*};
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct fuse_in_header {
-    pub len: u32,
-    pub opcode: u32,
-    pub unique: u64,
-    pub nodeid: u64,
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: u32,
-    pub total_extlen: u16,
-    pub padding: u16,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct fuse_out_header {
-    pub len: u32,
-    pub error: i32,
-    pub unique: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct fuse_attr {
-    pub ino: u64,
-    pub size: u64,
-    pub blocks: u64,
-    pub atime: u64,
-    pub mtime: u64,
-    pub ctime: u64,
-    pub atimensec: u32,
-    pub mtimensec: u32,
-    pub ctimensec: u32,
-    pub mode: u32,
-    pub nlink: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub rdev: u32,
-    pub blksize: u32,
-    pub flags: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct fuse_entry_out {
-    pub nodeid: u64,
-    pub generation: u64,
-    pub entry_valid: u64,
-    pub attr_valid: u64,
-    pub entry_valid_nsec: u32,
-    pub attr_valid_nsec: u32,
-    pub attr: fuse_attr,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct fuse_attr_out {
-    pub attr_valid: u64,
-    pub attr_valid_nsec: u32,
-    pub dummy: u32,
-    pub attr: fuse_attr,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct fuse_init_in {
-    pub major: u32,
-    pub minor: u32,
-    pub max_readahead: u32,
-    pub flags: u32,
-    pub flags2: u32,
-    pub unused: [u32; 11],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct fuse_init_out {
-    pub major: u32,
-    pub minor: u32,
-    pub max_readahead: u32,
-    pub flags: u32,
-    pub max_background: u16,
-    pub congestion_threshold: u16,
-    pub max_write: u32,
-    pub time_gran: u32,
-    pub max_pages: u16,
-    pub map_alignment: u16,
-    pub flags2: u32,
-    /// `max_stack_depth` (7.40) and `request_timeout` (7.43) in newer
-    /// kernels; zero means "not used".
-    pub unused: [u32; 7],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct fuse_setattr_in {
-    pub valid: u32,
-    pub padding: u32,
-    pub fh: u64,
-    pub size: u64,
-    pub lock_owner: u64,
-    pub atime: u64,
-    pub mtime: u64,
-    pub ctime: u64,
-    pub atimensec: u32,
-    pub mtimensec: u32,
-    pub ctimensec: u32,
-    pub mode: u32,
-    pub unused4: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub unused5: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct fuse_open_out {
-    pub fh: u64,
-    pub open_flags: u32,
-    /// With FOPEN_PASSTHROUGH (7.40); padding before.
-    pub backing_id: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct fuse_backing_map {
-    pub fd: i32,
-    pub flags: u32,
-    pub padding: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct fuse_read_in {
-    pub fh: u64,
-    pub offset: u64,
-    pub size: u32,
-    pub read_flags: u32,
-    pub lock_owner: u64,
-    pub flags: u32,
-    pub padding: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct fuse_write_in {
-    pub fh: u64,
-    pub offset: u64,
-    pub size: u32,
-    pub write_flags: u32,
-    pub lock_owner: u64,
-    pub flags: u32,
-    pub padding: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct fuse_write_out {
-    pub size: u32,
-    pub padding: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct fuse_kstatfs {
-    pub blocks: u64,
-    pub bfree: u64,
-    pub bavail: u64,
-    pub files: u64,
-    pub ffree: u64,
-    pub bsize: u32,
-    pub namelen: u32,
-    pub frsize: u32,
-    pub padding: u32,
-    pub spare: [u32; 6],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct fuse_fallocate_in {
-    pub fh: u64,
-    pub offset: u64,
-    pub length: u64,
-    pub mode: u32,
-    pub padding: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct fuse_dirent {
-    pub ino: u64,
-    pub off: u64,
-    pub namelen: u32,
-    pub typ: u32,
-    // followed by `namelen` bytes of name, padded to 8 bytes
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct fuse_notify_inval_inode_out {
-    pub ino: u64,
-    pub off: i64,
-    pub len: i64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct fuse_notify_inval_entry_out {
-    pub parent: u64,
-    pub namelen: u32,
-    pub flags: u32,
-}
-
 pod! {
-    fuse_in_header = 40,
-    fuse_out_header = 16,
-    fuse_attr = 88,
-    fuse_entry_out = 128,
-    fuse_attr_out = 104,
-    fuse_init_in = 64,
-    fuse_init_out = 64,
-    fuse_setattr_in = 88,
-    fuse_open_out = 16,
-    fuse_read_in = 40,
-    fuse_write_in = 40,
-    fuse_write_out = 8,
-    fuse_kstatfs = 80,
-    fuse_fallocate_in = 32,
-    fuse_dirent = 24,
-    fuse_notify_inval_inode_out = 24,
-    fuse_backing_map = 16,
-    fuse_notify_inval_entry_out = 16,
+    pub struct fuse_in_header = 40 {
+        pub len: u32,
+        pub opcode: u32,
+        pub unique: u64,
+        pub nodeid: u64,
+        pub uid: u32,
+        pub gid: u32,
+        pub pid: u32,
+        pub total_extlen: u16,
+        pub padding: u16,
+    }
+
+    pub struct fuse_out_header = 16 {
+        pub len: u32,
+        pub error: i32,
+        pub unique: u64,
+    }
+
+    pub struct fuse_attr = 88 {
+        pub ino: u64,
+        pub size: u64,
+        pub blocks: u64,
+        pub atime: u64,
+        pub mtime: u64,
+        pub ctime: u64,
+        pub atimensec: u32,
+        pub mtimensec: u32,
+        pub ctimensec: u32,
+        pub mode: u32,
+        pub nlink: u32,
+        pub uid: u32,
+        pub gid: u32,
+        pub rdev: u32,
+        pub blksize: u32,
+        pub flags: u32,
+    }
+
+    pub struct fuse_entry_out = 128 {
+        pub nodeid: u64,
+        pub generation: u64,
+        pub entry_valid: u64,
+        pub attr_valid: u64,
+        pub entry_valid_nsec: u32,
+        pub attr_valid_nsec: u32,
+        pub attr: fuse_attr,
+    }
+
+    pub struct fuse_attr_out = 104 {
+        pub attr_valid: u64,
+        pub attr_valid_nsec: u32,
+        pub dummy: u32,
+        pub attr: fuse_attr,
+    }
+
+    pub struct fuse_init_in = 64 {
+        pub major: u32,
+        pub minor: u32,
+        pub max_readahead: u32,
+        pub flags: u32,
+        pub flags2: u32,
+        pub unused: [u32; 11],
+    }
+
+    pub struct fuse_init_out = 64 {
+        pub major: u32,
+        pub minor: u32,
+        pub max_readahead: u32,
+        pub flags: u32,
+        pub max_background: u16,
+        pub congestion_threshold: u16,
+        pub max_write: u32,
+        pub time_gran: u32,
+        pub max_pages: u16,
+        pub map_alignment: u16,
+        pub flags2: u32,
+        /// `max_stack_depth` (7.40) and `request_timeout` (7.43) in newer
+        /// kernels; zero means "not used".
+        pub unused: [u32; 7],
+    }
+
+    pub struct fuse_setattr_in = 88 {
+        pub valid: u32,
+        pub padding: u32,
+        pub fh: u64,
+        pub size: u64,
+        pub lock_owner: u64,
+        pub atime: u64,
+        pub mtime: u64,
+        pub ctime: u64,
+        pub atimensec: u32,
+        pub mtimensec: u32,
+        pub ctimensec: u32,
+        pub mode: u32,
+        pub unused4: u32,
+        pub uid: u32,
+        pub gid: u32,
+        pub unused5: u32,
+    }
+
+    pub struct fuse_open_out = 16 {
+        pub fh: u64,
+        pub open_flags: u32,
+        /// With FOPEN_PASSTHROUGH (7.40); padding before.
+        pub backing_id: i32,
+    }
+
+    pub struct fuse_backing_map = 16 {
+        pub fd: i32,
+        pub flags: u32,
+        pub padding: u64,
+    }
+
+    pub struct fuse_read_in = 40 {
+        pub fh: u64,
+        pub offset: u64,
+        pub size: u32,
+        pub read_flags: u32,
+        pub lock_owner: u64,
+        pub flags: u32,
+        pub padding: u32,
+    }
+
+    pub struct fuse_write_in = 40 {
+        pub fh: u64,
+        pub offset: u64,
+        pub size: u32,
+        pub write_flags: u32,
+        pub lock_owner: u64,
+        pub flags: u32,
+        pub padding: u32,
+    }
+
+    pub struct fuse_write_out = 8 {
+        pub size: u32,
+        pub padding: u32,
+    }
+
+    pub struct fuse_kstatfs = 80 {
+        pub blocks: u64,
+        pub bfree: u64,
+        pub bavail: u64,
+        pub files: u64,
+        pub ffree: u64,
+        pub bsize: u32,
+        pub namelen: u32,
+        pub frsize: u32,
+        pub padding: u32,
+        pub spare: [u32; 6],
+    }
+
+    pub struct fuse_fallocate_in = 32 {
+        pub fh: u64,
+        pub offset: u64,
+        pub length: u64,
+        pub mode: u32,
+        pub padding: u32,
+    }
+
+    pub struct fuse_dirent = 24 {
+        pub ino: u64,
+        pub off: u64,
+        pub namelen: u32,
+        pub typ: u32,
+        // followed by `namelen` bytes of name, padded to 8 bytes
+    }
+
+    pub struct fuse_notify_inval_inode_out = 24 {
+        pub ino: u64,
+        pub off: i64,
+        pub len: i64,
+    }
+
+    pub struct fuse_notify_inval_entry_out = 16 {
+        pub parent: u64,
+        pub namelen: u32,
+        pub flags: u32,
+    }
 }

@@ -272,8 +272,11 @@ impl Reader<'_> {
 
     fn push(&mut self, entry: &io_uring::squeue::Entry) {
         loop {
-            // SAFETY: a read entry points into the buffer of the request its
-            // slot holds until completion; a poll entry points to nothing.
+            // SAFETY: what an entry points to outlives the operation: a
+            // read's data pointer is into the buffer of the request its slot
+            // holds until the completion empties it (and `run` waits for
+            // every read in flight before the slots are dropped); a poll
+            // points to nothing.
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 return;
             }
