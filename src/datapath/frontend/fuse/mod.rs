@@ -41,15 +41,22 @@ use std::time::Duration;
 
 #[allow(non_camel_case_types)]
 pub mod abi;
+#[forbid(unsafe_code)]
 mod buffer;
+#[forbid(unsafe_code)]
 mod export;
+#[forbid(unsafe_code)]
 mod mount;
+#[forbid(unsafe_code)]
 mod ops;
 mod passthrough;
 mod reactor;
+#[forbid(unsafe_code)]
 mod reply;
+#[forbid(unsafe_code)]
 mod request;
 #[cfg(test)]
+#[forbid(unsafe_code)]
 mod tests;
 
 pub use export::{FuseExport, FuseOptions};
