@@ -21,13 +21,21 @@
 //! to another pool, and `maintain` runs those rounds for the processes that
 //! host an engine.
 
+#[forbid(unsafe_code)]
 pub mod assemble;
+#[forbid(unsafe_code)]
 mod catch_up;
+#[forbid(unsafe_code)]
 mod faults;
+#[forbid(unsafe_code)]
 mod maintain;
+#[forbid(unsafe_code)]
 mod missed;
+#[forbid(unsafe_code)]
 pub mod ready;
+#[forbid(unsafe_code)]
 mod replace;
+#[forbid(unsafe_code)]
 pub mod workers;
 
 use std::collections::BTreeMap;

@@ -98,17 +98,60 @@ pub struct LoopDevice {
     path: PathBuf,
 }
 
-/// Runs an ioctl whose argument is an integer or a pointer.
-fn ioctl(file: &File, request: libc::c_ulong, arg: libc::c_ulong) -> io::Result<libc::c_int> {
-    // SAFETY: `file` is an open descriptor; each caller passes the argument
-    // kind its request expects (an integer, or a pointer to a live struct of
-    // the layout the kernel defines for it).
+/// Runs `request` on `file` with `arg`.
+///
+/// # Safety
+/// `arg` must be what `request` takes: ignored or read as an integer, or
+/// the address of a live value of the structure the kernel reads (or
+/// writes) for it, which stays valid for the call.
+unsafe fn raw_ioctl(
+    file: &File,
+    request: libc::c_ulong,
+    arg: libc::c_ulong,
+) -> io::Result<libc::c_int> {
+    // SAFETY: `file` is open for the call (borrowed); the argument is the
+    // caller's promise.
     let r = unsafe { libc::ioctl(file.as_raw_fd(), request as libc::Ioctl, arg) };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
         Ok(r)
     }
+}
+
+/// `LOOP_CTL_GET_FREE` on `/dev/loop-control`: the number of a free device
+/// (made if none is).
+fn get_free(control: &File) -> io::Result<u32> {
+    // SAFETY: LOOP_CTL_GET_FREE takes no argument.
+    let n = unsafe { raw_ioctl(control, LOOP_CTL_GET_FREE, 0) }?;
+    u32::try_from(n).map_err(|_| io::Error::from_raw_os_error(libc::ERANGE))
+}
+
+/// `LOOP_CONFIGURE`: attaches `config.fd` with all its settings at once.
+fn configure(dev: &File, config: &LoopConfig) -> io::Result<()> {
+    // SAFETY: LOOP_CONFIGURE copies one `struct loop_config` from the
+    // address; `LoopConfig` has its layout (sizes asserted above) and the
+    // borrow keeps it alive for the call; the kernel keeps no pointer.
+    unsafe {
+        raw_ioctl(
+            dev,
+            LOOP_CONFIGURE,
+            std::ptr::from_ref(config) as libc::c_ulong,
+        )
+    }
+    .map(|_| ())
+}
+
+/// `LOOP_CLR_FD`: detaches the backing file.
+fn clear_fd(dev: &File) -> io::Result<()> {
+    // SAFETY: LOOP_CLR_FD ignores its argument.
+    unsafe { raw_ioctl(dev, LOOP_CLR_FD, 0) }.map(|_| ())
+}
+
+/// `LOOP_SET_CAPACITY`: re-reads the backing file's size.
+fn set_capacity(dev: &File) -> io::Result<()> {
+    // SAFETY: LOOP_SET_CAPACITY ignores its argument.
+    unsafe { raw_ioctl(dev, LOOP_SET_CAPACITY, 0) }.map(|_| ())
 }
 
 impl LoopDevice {
@@ -171,9 +214,8 @@ impl LoopDevice {
             reserved: [0; 8],
         };
         for _ in 0..CONFIGURE_ATTEMPTS {
-            let n = ioctl(&control, LOOP_CTL_GET_FREE, 0)
-                .map_err(io_err("get a free loop device from", control_path))?
-                as u32;
+            let n =
+                get_free(&control).map_err(io_err("get a free loop device from", control_path))?;
             let dev_path = PathBuf::from(format!("/dev/loop{n}"));
             ensure_node(&dev_path, n)?;
             let dev = match OpenOptions::new()
@@ -187,12 +229,8 @@ impl LoopDevice {
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENXIO | libc::ENODEV)) => continue,
                 Err(e) => return Err(io_err("open", &dev_path)(e)),
             };
-            match ioctl(
-                &dev,
-                LOOP_CONFIGURE,
-                &config as *const LoopConfig as libc::c_ulong,
-            ) {
-                Ok(_) => {
+            match configure(&dev, &config) {
+                Ok(()) => {
                     let loop_dev = LoopDevice { path: dev_path };
                     if opts.direct_io && !loop_dev.direct_io() {
                         tracing::warn!(
@@ -289,8 +327,8 @@ impl LoopDevice {
                 }
                 Err(e) => return Err(e),
             };
-            match ioctl(&dev, LOOP_CLR_FD, 0) {
-                Ok(_) => {}
+            match clear_fd(&dev) {
+                Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(()),
                 Err(e) => return Err(io_err("detach", &self.path)(e)),
             }
@@ -317,9 +355,7 @@ impl LoopDevice {
             refresh_size(&backing);
         }
         let dev = self.open_dev()?;
-        ioctl(&dev, LOOP_SET_CAPACITY, 0)
-            .map(|_| ())
-            .map_err(io_err("set capacity of", &self.path))
+        set_capacity(&dev).map_err(io_err("set capacity of", &self.path))
     }
 }
 

@@ -16,7 +16,7 @@
 //! disk submission; the CPUs spent more on that than on the I/O.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -24,8 +24,11 @@ use io_uring::{IoUring, cqueue, opcode, types};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
-use super::{AlignedBuf, BUF_LEN, DATA_OFFSET, REQ_OFFSET, Response, Session};
+use super::buffer::{Buffers, DATA_OFFSET, REQ_OFFSET};
+use super::ops::Session;
+use super::reply::{Response, reply};
 use crate::datapath::frontend::DirectRead;
+use crate::datapath::replica::aligned::AlignedBuf;
 
 /// A request taken off the session, and the fd it came from: its reply
 /// must go to that fd.
@@ -35,51 +38,12 @@ pub(super) struct Request {
     fd: Arc<OwnedFd>,
 }
 
-/// Request buffers (1 MiB and a bit each), reused between requests.
-pub(super) struct Buffers {
-    free: Mutex<Vec<AlignedBuf>>,
-    keep: usize,
-}
-
-impl Buffers {
-    /// Keeps up to `keep` buffers for reuse; more are freed when returned.
-    pub(super) fn new(keep: usize) -> Buffers {
-        Buffers {
-            free: Mutex::new(Vec::new()),
-            keep,
-        }
-    }
-
-    fn take(&self) -> AlignedBuf {
-        loop {
-            let reused = self
-                .free
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop();
-            if let Some(buf) = reused.or_else(|| AlignedBuf::new(BUF_LEN)) {
-                return buf;
-            }
-            // The request waits in the kernel meanwhile; nothing is lost.
-            tracing::error!("cannot allocate a FUSE request buffer, retrying");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn put(&self, buf: AlignedBuf) {
-        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        if free.len() < self.keep {
-            free.push(buf);
-        }
-    }
-}
-
 /// A helper: answers the requests readers pass on, one at a time.
 pub(super) fn helper(session: &Session, requests: Receiver<Request>, buffers: &Buffers) {
     let _ = crate::datapath::frontend::mark_io_flusher();
     for mut req in requests {
         if let Some((unique, resp)) = session.handle(req.buf.as_mut_slice(), req.n) {
-            super::reply(&req.fd, unique, &resp);
+            reply(&req.fd, unique, &resp);
         }
         buffers.put(req.buf);
     }
@@ -308,8 +272,11 @@ impl Reader<'_> {
 
     fn push(&mut self, entry: &io_uring::squeue::Entry) {
         loop {
-            // SAFETY: a read entry points into the buffer of the request its
-            // slot holds until completion; a poll entry points to nothing.
+            // SAFETY: what an entry points to outlives the operation: a
+            // read's data pointer is into the buffer of the request its slot
+            // holds until the completion empties it (and `run` waits for
+            // every read in flight before the slots are dropped); a poll
+            // points to nothing.
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 return;
             }
@@ -330,7 +297,7 @@ impl Reader<'_> {
         if usize::try_from(result).ok() == Some(done.len) {
             done.direct.done();
             let data = &done.req.buf.as_slice()[DATA_OFFSET..DATA_OFFSET + done.len];
-            super::reply(&done.req.fd, done.unique, &Response::Data(data));
+            reply(&done.req.fd, done.unique, &Response::Data(data));
             self.buffers.put(done.req.buf);
         } else {
             // The engine reads again, and faults the replica if it fails.
