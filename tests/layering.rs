@@ -15,6 +15,7 @@
 //! A violation names the file, the line and the rule, so the fix is plain.
 #![allow(clippy::unwrap_used)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -212,6 +213,61 @@ fn contains_word(text: &str, word: &str) -> bool {
     })
 }
 
+/// The module-to-module imports of the tree (a file's module to the
+/// module file a path it names lands in), without tests.
+fn module_graph(files: &[(PathBuf, String)]) -> BTreeMap<String, BTreeSet<String>> {
+    let modules: BTreeSet<Vec<String>> = files.iter().map(|(p, _)| module_path(p)).collect();
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (relative, text) in files {
+        let from = module_path(relative);
+        let edges = graph.entry(from.join("::")).or_default();
+        for (_, path) in named_modules(&from, outside_tests(relative, text)) {
+            let target = (1..=path.len())
+                .rev()
+                .map(|n| path[..n].to_vec())
+                .find(|prefix| modules.contains(prefix));
+            if let Some(target) = target
+                && target != from
+                && !target.is_empty()
+            {
+                edges.insert(target.join("::"));
+            }
+        }
+    }
+    graph
+}
+
+/// Every circle of imports in `graph`, each as the modules along it.
+fn circles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+        found: &mut Vec<Vec<String>>,
+    ) {
+        if let Some(at) = path.iter().position(|n| n == node) {
+            found.push(path[at..].to_vec());
+            return;
+        }
+        if done.contains(node) {
+            return;
+        }
+        path.push(node.to_string());
+        for next in graph.get(node).into_iter().flatten() {
+            visit(next, graph, path, done, found);
+        }
+        path.pop();
+        done.insert(node.to_string());
+    }
+    let mut found = Vec::new();
+    let mut done = BTreeSet::new();
+    for node in graph.keys() {
+        visit(node, graph, &mut Vec::new(), &mut done, &mut found);
+    }
+    found
+}
+
 fn sources(dir: &Path, root: &Path, out: &mut Vec<(PathBuf, String)>) {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
@@ -257,6 +313,46 @@ fn every_import_points_down_the_layers() {
     );
     let found = violations(&files);
     assert!(found.is_empty(), "{}", found.join("\n"));
+}
+
+#[test]
+fn no_modules_import_each_other_in_a_circle() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&root, &root, &mut files);
+    let graph = module_graph(&files);
+    assert!(
+        graph.values().map(BTreeSet::len).sum::<usize>() > 100,
+        "{graph:?}"
+    );
+    let found: Vec<String> = circles(&graph).iter().map(|c| c.join(" -> ")).collect();
+    assert!(found.is_empty(), "import circles:\n{}", found.join("\n"));
+}
+
+#[test]
+fn the_circle_check_finds_a_circle() {
+    let files = [
+        file(
+            "datapath/frontend/fuse/ops.rs",
+            "use super::passthrough::Backing;\n",
+        ),
+        file(
+            "datapath/frontend/fuse/passthrough.rs",
+            "use super::ops::Session;\n",
+        ),
+        file(
+            "datapath/frontend/fuse/reply.rs",
+            "use super::ops::Session;\n",
+        ),
+    ];
+    let found = circles(&module_graph(&files));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0]
+            .iter()
+            .all(|m| m.ends_with("ops") || m.ends_with("passthrough")),
+        "{found:?}"
+    );
 }
 
 #[test]

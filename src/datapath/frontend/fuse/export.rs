@@ -14,7 +14,7 @@ use super::abi::{FUSE_NOTIFY_RESEND, bytes_of, fuse_out_header};
 use super::buffer::Buffers;
 use super::mount::{abort_connection, mount_device, open_session, unmount_once};
 use super::ops::Session;
-use super::passthrough::Revoker;
+use super::revoke::Revoker;
 use super::{FILE_NAME, FuseError, reactor};
 use crate::datapath::frontend::BlockDevice;
 

@@ -32,8 +32,8 @@
 //! one (the threads, and stopping them); `reactor` is what those threads
 //! do; `buffer` lays out and pools the request buffers; `request` parses
 //! what the kernel sends, `ops` answers it, `reply` encodes and writes the
-//! answer; `passthrough` registers the backing file and revokes it; `abi`
-//! is the kernel's structures.
+//! answer; `passthrough` registers the backing file and `revoke` ends it;
+//! `abi` is the kernel's structures.
 
 use std::io;
 use std::path::PathBuf;
@@ -55,14 +55,16 @@ mod reactor;
 mod reply;
 #[forbid(unsafe_code)]
 mod request;
+#[forbid(unsafe_code)]
+mod revoke;
 #[cfg(test)]
 #[forbid(unsafe_code)]
 mod tests;
 
 pub use export::{FuseExport, FuseOptions};
 pub use mount::{abort, is_mounted, open_session, unmount};
-pub use passthrough::Revoker;
 pub use request::{Operation, ParseError, Request, parse_request};
+pub use revoke::Revoker;
 
 /// The exported file's name in the root of the mount.
 pub const FILE_NAME: &str = "volume";

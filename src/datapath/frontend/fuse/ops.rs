@@ -1,14 +1,14 @@
 //! What each request does to the one-file filesystem the export shows: a
 //! root directory holding `volume`, whose bytes are the block device's.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::abi::*;
 use super::buffer::{DATA_OFFSET, PAGE, REQ_OFFSET};
-use super::passthrough::Backing;
+use super::passthrough::{Backing, backing_open};
 use super::reply::{Response, Small, errno_of, ok_empty};
 use super::request::{Operation, ParseError, parse_request};
 use super::{FILE_NAME, MAX_WRITE};
@@ -349,6 +349,36 @@ impl Session {
             m if m == KEEP => ok_empty(),
             0 if within => ok_empty(),
             _ => Response::Error(libc::EOPNOTSUPP),
+        }
+    }
+}
+
+impl Session {
+    pub(super) fn backing_id(&self) -> Option<i32> {
+        let dev = self.dev.as_ref()?;
+        // Asked at every open: a file registered earlier must still be the
+        // device's whole truth (its one replica still healthy).
+        let file = self.device.passthrough_fd()?;
+        let mut backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
+        match *backing {
+            Backing::Registered(id) => return Some(id),
+            Backing::Refused | Backing::Revoked => return None,
+            Backing::Untried => {}
+        }
+        match backing_open(dev.as_fd(), file.as_fd()) {
+            Ok(id) => {
+                tracing::info!(
+                    backing_id = id,
+                    "FUSE passthrough: the kernel serves this volume's I/O from its replica file"
+                );
+                *backing = Backing::Registered(id);
+                Some(id)
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "FUSE passthrough refused; serving I/O in user space");
+                *backing = Backing::Refused;
+                None
+            }
         }
     }
 }
