@@ -59,8 +59,10 @@ fn is_ident(c: char) -> bool {
 }
 
 /// Every place `text` names a path starting with `root::` (as a path, not
-/// inside a longer identifier or after another `::`), with the segments
-/// that follow it.
+/// inside a longer identifier or after another segment's `::`; a global
+/// `::root::` counts), with the segments that follow it. A use tree is
+/// read whole: `root::a::{b::c, d as e, self}` names `a::b::c`, `a::d` and
+/// `a`, each at its own line; a glob `root::a::*` names `a`.
 fn paths_after<'a>(text: &'a str, root: &str) -> Vec<(usize, Vec<&'a str>)> {
     let needle = format!("{root}::");
     let mut found = Vec::new();
@@ -68,28 +70,98 @@ fn paths_after<'a>(text: &'a str, root: &str) -> Vec<(usize, Vec<&'a str>)> {
     while let Some(at) = text[from..].find(&needle) {
         let start = from + at;
         from = start + needle.len();
-        let before = text[..start].chars().next_back();
-        if before.is_some_and(|c| is_ident(c) || c == ':') {
+        if !starts_a_path(&text[..start]) {
             continue;
         }
-        let mut segments = Vec::new();
-        let mut rest = &text[from..];
-        loop {
-            let len = rest.find(|c: char| !is_ident(c)).unwrap_or(rest.len());
-            if len == 0 {
-                break;
-            }
-            segments.push(&rest[..len]);
-            rest = &rest[len..];
-            match rest.strip_prefix("::") {
-                Some(r) => rest = r,
-                None => break,
-            }
+        let mut paths = Vec::new();
+        use_tree(text, from, Vec::new(), &mut paths);
+        for (at, segments) in paths {
+            let line = text[..at].matches('\n').count() + 1;
+            found.push((line, segments));
         }
-        let line = text[..start].matches('\n').count() + 1;
-        found.push((line, segments));
     }
     found
+}
+
+/// Whether a name right after `before` begins a path: not the tail of a
+/// longer identifier, not a later segment (`a::root`), but a global path
+/// (`::root`, `(::root`) is.
+fn starts_a_path(before: &str) -> bool {
+    match before.chars().next_back() {
+        Some(c) if is_ident(c) => false,
+        Some(':') => before.strip_suffix("::").is_some_and(|b| {
+            !b.chars()
+                .next_back()
+                .is_some_and(|c| is_ident(c) || c == ':' || c == '>')
+        }),
+        _ => true,
+    }
+}
+
+/// Skips whitespace and line comments.
+fn skip_space(text: &str, mut at: usize) -> usize {
+    loop {
+        let rest = &text[at..];
+        let trimmed = rest.trim_start();
+        at += rest.len() - trimmed.len();
+        if trimmed.starts_with("//") {
+            at += trimmed.find('\n').unwrap_or(trimmed.len());
+        } else {
+            return at;
+        }
+    }
+}
+
+/// Reads the use tree (or plain path) at `text[at..]` after `prefix`,
+/// pushing every path it names with where it starts; returns where it ends.
+fn use_tree<'a>(
+    text: &'a str,
+    mut at: usize,
+    mut prefix: Vec<&'a str>,
+    out: &mut Vec<(usize, Vec<&'a str>)>,
+) -> usize {
+    let start = at;
+    loop {
+        let rest = &text[at..];
+        let len = rest.find(|c: char| !is_ident(c)).unwrap_or(rest.len());
+        if len > 0 {
+            let segment = &rest[..len];
+            // `a::{self}` names `a`.
+            if segment != "self" || prefix.is_empty() {
+                prefix.push(segment);
+            }
+            at += len;
+            if text[at..].starts_with("::") {
+                at += 2;
+                continue;
+            }
+        } else if rest.starts_with('{') {
+            at += 1;
+            loop {
+                at = skip_space(text, at);
+                if text[at..].starts_with('}') {
+                    return at + 1;
+                }
+                let item = at;
+                at = use_tree(text, at, prefix.clone(), out);
+                at = skip_space(text, at);
+                if let Some(alias) = text[at..].strip_prefix("as ") {
+                    let alias = alias.trim_start();
+                    let len = alias.find(|c: char| !is_ident(c)).unwrap_or(alias.len());
+                    at = text.len() - alias.len() + len;
+                    at = skip_space(text, at);
+                }
+                if text[at..].starts_with(',') {
+                    at += 1;
+                } else if !text[at..].starts_with('}') || at == item {
+                    return at;
+                }
+            }
+        }
+        break;
+    }
+    out.push((start, prefix));
+    at
 }
 
 /// The crate-level modules a file names, as absolute paths: `crate::x::y`
@@ -99,35 +171,105 @@ fn named_modules(module: &[String], text: &str) -> Vec<(usize, Vec<String>)> {
         .into_iter()
         .map(|(line, s)| (line, s.into_iter().map(String::from).collect()))
         .collect();
-    for (line, segments) in paths_after(text, "super") {
-        let ups = 1 + segments.iter().take_while(|s| **s == "super").count();
-        let base = module.len().saturating_sub(ups);
-        let mut absolute: Vec<String> = module[..base].to_vec();
-        absolute.extend(segments.iter().skip(ups - 1).map(|s| s.to_string()));
-        out.push((line, absolute));
+    // `super::…` climbs one module and `self::super::…` none more than its
+    // `super`s say.
+    for (root, climb) in [("super", 1), ("self", 0)] {
+        for (line, segments) in paths_after(text, root) {
+            let supers = segments.iter().take_while(|s| **s == "super").count();
+            let base = module.len().saturating_sub(climb + supers);
+            let mut absolute: Vec<String> = module[..base].to_vec();
+            absolute.extend(segments.iter().skip(supers).map(|s| s.to_string()));
+            out.push((line, absolute));
+        }
     }
     out
 }
 
 /// The file's text without its tests, which may do I/O and may drive a
 /// lower layer through a higher one: nothing of a file named `tests.rs`,
-/// and nothing from an inline `#[cfg(test)] mod name {` on (by custom the
-/// last item of a file).
-fn outside_tests<'a>(relative: &Path, text: &'a str) -> &'a str {
+/// and nothing of an inline `#[cfg(test)] mod name { … }` up to its
+/// closing brace (what follows it is checked again). Lines keep their
+/// numbers.
+fn outside_tests(relative: &Path, text: &str) -> String {
     if relative.file_name().is_some_and(|n| n == "tests.rs") {
-        return "";
+        return String::new();
     }
+    let mut out = String::new();
     let mut from = 0;
-    while let Some(at) = text[from..].find("#[cfg(test)]") {
-        let start = from + at;
-        from = start + "#[cfg(test)]".len();
-        let item = text[from..].trim_start();
+    let mut search = 0;
+    while let Some(at) = text[search..].find("#[cfg(test)]") {
+        let start = search + at;
+        search = start + "#[cfg(test)]".len();
+        let item = text[search..].trim_start();
         let head = item.lines().next().unwrap_or("");
         if head.starts_with("mod ") && head.trim_end().ends_with('{') {
-            return &text[..start];
+            let open = search + (text[search..].len() - item.len()) + head.trim_end().len() - 1;
+            let end = closing_brace(text, open).unwrap_or(text.len());
+            out.push_str(&text[from..start]);
+            out.extend(text[start..end].chars().filter(|c| *c == '\n'));
+            from = end;
+            search = end;
         }
     }
-    text
+    out.push_str(&text[from..]);
+    out
+}
+
+/// Just past the brace closing the one at `text[open]`, skipping braces
+/// in comments, strings and character literals.
+fn closing_brace(text: &str, open: usize) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let mut depth = 0usize;
+    let mut i = open;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'{' => depth += 1,
+            b'}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'/') => {
+                i += text[i..].find('\n').unwrap_or(text.len() - i);
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                i += text[i..].find("*/").map_or(text.len() - i, |e| e + 1);
+            }
+            b'r' if matches!(bytes.get(i + 1), Some(b'"' | b'#'))
+                && !bytes
+                    .get(i.wrapping_sub(1))
+                    .is_some_and(|c| is_ident(*c as char)) =>
+            {
+                let hashes = text[i + 1..].find('"').unwrap_or(0);
+                let close = format!("\"{}", "#".repeat(hashes));
+                let body = i + 2 + hashes;
+                i = body
+                    + text[body..]
+                        .find(&close)
+                        .map_or(text.len() - body, |e| e + close.len() - 1);
+            }
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'\'' => {
+                // A character literal ('{', '\''), not a lifetime ('a).
+                if bytes.get(i + 1) == Some(&b'\\') {
+                    i += 3 + text[i + 3..].find('\'').unwrap_or(0);
+                } else if let Some(c) = text[i + 1..].chars().next()
+                    && text[i + 1 + c.len_utf8()..].starts_with('\'')
+                {
+                    i += c.len_utf8() + 1;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 const ADDRESSES: &[&str] = &["SocketAddr", "IpAddr", "Ipv4Addr", "Ipv6Addr"];
@@ -138,6 +280,30 @@ const CORE_IO: &[&str] = &[
     "nix",
     "libc",
     "tokio",
+    "tokio_stream",
+    "std::os::unix::net",
+    "std::os::unix::fs",
+    "io_uring",
+    "nfs3_client",
+    "tonic",
+];
+
+/// What hides the module a path lands in from a reader of `use` lines:
+/// the crate root under another name, another file's text compiled into
+/// this module, a macro put at the crate root.
+const HIDDEN: &[(&str, &str)] = &[
+    ("crate as ", "names the crate root under another name"),
+    ("super as ", "names a parent module under another name"),
+    ("extern crate", "names a crate under another name"),
+    (
+        "#[path",
+        "compiles a file from another folder into this module",
+    ),
+    ("include!", "compiles another file's text into this module"),
+    (
+        "#[macro_export]",
+        "exports a macro at the crate root, outside its layer",
+    ),
 ];
 
 fn violations(files: &[(PathBuf, String)]) -> Vec<String> {
@@ -145,11 +311,42 @@ fn violations(files: &[(PathBuf, String)]) -> Vec<String> {
     for (relative, text) in files {
         let shown = relative.display();
         let module = module_path(relative);
+        if relative == Path::new("lib.rs") {
+            // A re-export at the root would let any layer name a role's
+            // items as `crate::Item`.
+            let mut named: Vec<_> = named_modules(&module, text);
+            for layer in ["core", "datapath", "edge", "roles"] {
+                named.extend(paths_after(text, layer).into_iter().map(|(line, s)| {
+                    let mut path = vec![layer.to_string()];
+                    path.extend(s.into_iter().map(String::from));
+                    (line, path)
+                }));
+            }
+            for (line, path) in named {
+                if path.first().is_some_and(|m| Layer::of(m).is_some()) {
+                    found.push(format!(
+                        "src/lib.rs:{line}: the crate root re-exports from a layer ({})",
+                        path.join("::")
+                    ));
+                }
+            }
+        }
         let Some(layer) = module.first().and_then(|m| Layer::of(m)) else {
             continue;
         };
+        for (needle, rule) in HIDDEN {
+            for (at, _) in text.match_indices(needle) {
+                let line = text[..at].matches('\n').count() + 1;
+                found.push(format!("src/{shown}:{line}: {rule} ({})", needle.trim()));
+            }
+        }
+        for (line, _) in paths_after(text, "terna") {
+            found.push(format!(
+                "src/{shown}:{line}: names the crate root under another name (terna::)"
+            ));
+        }
         let code = outside_tests(relative, text);
-        for (line, path) in named_modules(&module, code) {
+        for (line, path) in named_modules(&module, &code) {
             if path.first().map(String::as_str) == Some("proto")
                 && module.get(..2) != Some(&["edge".to_string(), "csi".to_string()][..])
             {
@@ -185,12 +382,14 @@ fn violations(files: &[(PathBuf, String)]) -> Vec<String> {
         }
         if layer == Layer::Core {
             for root in CORE_IO {
-                let (head, tail) = root.split_once("::").unwrap_or((root, ""));
-                for (line, segments) in paths_after(code, head) {
+                let mut parts = root.split("::");
+                let head = parts.next().unwrap();
+                let tail: Vec<&str> = parts.collect();
+                for (line, segments) in paths_after(&code, head) {
                     // An address is a value, not a connection.
                     let address =
-                        tail == "net" && segments.get(1).is_some_and(|s| ADDRESSES.contains(s));
-                    if (tail.is_empty() || segments.first() == Some(&tail)) && !address {
+                        tail == ["net"] && segments.get(1).is_some_and(|s| ADDRESSES.contains(s));
+                    if segments.starts_with(&tail) && !address {
                         found.push(format!(
                             "src/{shown}:{line}: the core does no I/O of its own ({root}); go through a trait"
                         ));
@@ -213,21 +412,93 @@ fn contains_word(text: &str, word: &str) -> bool {
     })
 }
 
+/// Every module path a file names: `crate::…`, `super::…`, `self::…`, and
+/// a child module's plain name (`ops::Session` in `fuse/mod.rs`).
+fn all_named(
+    modules: &BTreeSet<Vec<String>>,
+    from: &[String],
+    text: &str,
+) -> Vec<(usize, Vec<String>)> {
+    let mut out = named_modules(from, text);
+    for child in modules {
+        if child.len() == from.len() + 1 && child.starts_with(from) {
+            for (line, segments) in paths_after(text, &child[from.len()]) {
+                let mut path = child.clone();
+                path.extend(segments.into_iter().map(String::from));
+                out.push((line, path));
+            }
+        }
+    }
+    out
+}
+
+/// The module a path lands in, seeing through re-exports (`pub use
+/// revoke::Revoker;` in `fuse/mod.rs` makes `fuse::Revoker` land in
+/// `fuse::revoke`).
+fn landing(
+    modules: &BTreeSet<Vec<String>>,
+    reexports: &BTreeMap<Vec<String>, Vec<String>>,
+    path: &[String],
+) -> Option<Vec<String>> {
+    let mut path = path.to_vec();
+    for _ in 0..8 {
+        let module = (1..=path.len())
+            .rev()
+            .map(|n| path[..n].to_vec())
+            .find(|prefix| modules.contains(prefix))?;
+        match path
+            .get(..module.len() + 1)
+            .and_then(|item| reexports.get(item))
+        {
+            Some(target) if *target != module => path = target.clone(),
+            _ => return Some(module),
+        }
+    }
+    None
+}
+
 /// The module-to-module imports of the tree (a file's module to the
 /// module file a path it names lands in), without tests.
 fn module_graph(files: &[(PathBuf, String)]) -> BTreeMap<String, BTreeSet<String>> {
     let modules: BTreeSet<Vec<String>> = files.iter().map(|(p, _)| module_path(p)).collect();
+    // What each module re-exports: its path and the item's name, to
+    // where the item lives.
+    let mut reexports: BTreeMap<Vec<String>, Vec<String>> = BTreeMap::new();
+    for (relative, text) in files {
+        let from = module_path(relative);
+        let code = outside_tests(relative, text);
+        for (at, _) in code
+            .match_indices("pub use ")
+            .chain(code.match_indices("pub(crate) use "))
+        {
+            let statement: String = code[at..]
+                .split_inclusive(';')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            let statement = statement
+                .split_once("use ")
+                .map_or("", |(_, s)| s)
+                .trim_start();
+            let named = all_named(&modules, &from, statement);
+            for (_, path) in named {
+                if let (Some(name), Some(_)) = (path.last(), path.first()) {
+                    let mut item = from.clone();
+                    item.push(name.clone());
+                    reexports.insert(item, path.clone());
+                }
+            }
+        }
+    }
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (relative, text) in files {
         let from = module_path(relative);
         let edges = graph.entry(from.join("::")).or_default();
-        for (_, path) in named_modules(&from, outside_tests(relative, text)) {
-            let target = (1..=path.len())
-                .rev()
-                .map(|n| path[..n].to_vec())
-                .find(|prefix| modules.contains(prefix));
-            if let Some(target) = target
-                && target != from
+        for (_, path) in all_named(&modules, &from, &outside_tests(relative, text)) {
+            // A module reaching into its own children (declaring and
+            // re-exporting them) is how Rust nests modules, not a circle.
+            if let Some(target) = landing(&modules, &reexports, &path)
+                && !target.starts_with(&from)
                 && !target.is_empty()
             {
                 edges.insert(target.join("::"));
@@ -356,6 +627,30 @@ fn the_circle_check_finds_a_circle() {
 }
 
 #[test]
+fn the_circle_check_sees_through_re_exports_and_use_trees() {
+    let files = [
+        file(
+            "datapath/frontend/fuse/mod.rs",
+            "mod ops;\nmod passthrough;\npub use passthrough::Backing;\n",
+        ),
+        file("datapath/frontend/fuse/ops.rs", "use super::Backing;\n"),
+        file(
+            "datapath/frontend/fuse/passthrough.rs",
+            "use super::{abi::Header, ops::Session};\n",
+        ),
+        file("datapath/frontend/fuse/abi.rs", "pub struct Header;\n"),
+    ];
+    let found = circles(&module_graph(&files));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0]
+            .iter()
+            .all(|m| m.ends_with("ops") || m.ends_with("passthrough")),
+        "{found:?}"
+    );
+}
+
+#[test]
 fn layers_that_need_no_unsafe_forbid_it() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     for layer in ["core", "edge", "roles"] {
@@ -447,6 +742,76 @@ fn the_check_catches_each_kind_of_wrong_import() {
             "use super::datapath::pools;\n",
             "imports upward",
         ),
+        // Use trees are read whole.
+        (
+            "core/volume.rs",
+            "use crate::{core::error::Result, roles::standalone};\n",
+            "imports upward",
+        ),
+        (
+            "datapath/node/mod.rs",
+            "use crate::{\n    core::error::Result,\n    edge::{csi::volume_id, kube},\n};\n",
+            "imports upward",
+        ),
+        (
+            "roles/node.rs",
+            "use crate::{proto::csi::NodeServer};\n",
+            "protobuf",
+        ),
+        ("core/config.rs", "use std::{fs, path::Path};\n", "no I/O"),
+        // Global paths.
+        ("datapath/pools.rs", "use ::kube::Client;\n", "kube types"),
+        (
+            "core/config.rs",
+            "fn f() { ::std::fs::read(\"x\"); }\n",
+            "no I/O",
+        ),
+        (
+            "core/config.rs",
+            "fn f() { std::os::unix::net::UnixStream::connect(p); }\n",
+            "no I/O",
+        ),
+        // The crate root, or a parent, under another name.
+        (
+            "core/store.rs",
+            "use crate as root;\nfn f() { root::roles::run(); }\n",
+            "another name",
+        ),
+        (
+            "core/store.rs",
+            "extern crate self as terna;\nfn f() { terna::roles::run(); }\n",
+            "another name",
+        ),
+        (
+            "core/mod.rs",
+            "use self::super::roles::node;\n",
+            "imports upward",
+        ),
+        // What follows an inline test module is checked again.
+        (
+            "core/volume.rs",
+            "#[cfg(test)]\nmod tests {\n    const C: char = '}';\n}\nuse crate::edge::kube::crd;\n",
+            "imports upward",
+        ),
+        // Another file's code compiled into this module, or a macro put
+        // at the crate root, escapes its folder's layer.
+        (
+            "core/volume.rs",
+            "#[path = \"../roles/node.rs\"]\nmod node;\n",
+            "another folder",
+        ),
+        (
+            "core/config.rs",
+            "include!(\"../roles/args.rs\");\n",
+            "another file",
+        ),
+        (
+            "roles/node.rs",
+            "#[macro_export]\nmacro_rules! args { () => {} }\n",
+            "crate root",
+        ),
+        // A re-export at the crate root hides the layer an item lives in.
+        ("lib.rs", "pub use roles::standalone::Args;\n", "re-exports"),
     ];
     for (path, text, rule) in cases {
         let found = violations(&[file(path, text)]);
@@ -479,6 +844,16 @@ fn the_check_catches_each_kind_of_wrong_import() {
         ),
         ("edge/kube/client.rs", "async fn f(c: kube::Client) {}\n"),
         ("core/config.rs", "pub agent: std::net::SocketAddr,\n"),
+        ("core/config.rs", "use std::net::{IpAddr, SocketAddr};\n"),
+        ("roles/node.rs", "use crate::roles::node::{Args, Mode};\n"),
+        (
+            "core/volume.rs",
+            "#[cfg(test)]\nmod tests {\n    fn f() { std::fs::read(\"}\"); }\n}\n",
+        ),
+        (
+            "lib.rs",
+            "pub mod core;\npub mod proto {\n    tonic::include_proto!(\"csi.v1\");\n}\n",
+        ),
     ];
     for (path, text) in fine {
         let found = violations(&[file(path, text)]);
