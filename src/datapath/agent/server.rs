@@ -437,7 +437,10 @@ impl AgentState {
                         if let Err(e) = written {
                             return Err(refused(
                                 libc::EIO,
-                                format!("cannot persist the fence of {pool}/{name}: {e}"),
+                                format!(
+                                    "cannot persist the fence of {pool}/{name}: {}",
+                                    e.report()
+                                ),
                             ));
                         }
                     }
@@ -493,7 +496,7 @@ fn error_response(e: crate::core::error::Error) -> Response {
         });
     Response::Error {
         errno,
-        message: e.to_string(),
+        message: e.report().to_string(),
     }
 }
 
@@ -784,5 +787,23 @@ pub fn serve(listener: TcpListener, state: Arc<AgentState>) -> io::Result<()> {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+#[cfg(test)]
+mod error_frames {
+    use super::*;
+
+    #[test]
+    fn an_error_frame_says_the_cause_as_before_display_stopped_repeating_it() {
+        let e = crate::core::error::Error::io(
+            "cannot open replica tv-x.0",
+            io::Error::from_raw_os_error(libc::ENOENT),
+        );
+        let Response::Error { errno, message } = error_response(e) else {
+            panic!("not an error frame");
+        };
+        assert_eq!(errno, libc::ENOENT);
+        assert!(message.contains("No such file or directory"), "{message}");
     }
 }

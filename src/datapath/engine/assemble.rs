@@ -201,11 +201,11 @@ pub fn assemble(
         Box::new(move |index| {
             let pool = controller
                 .replace_replica(&volume_id, index)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
+                .map_err(|e| std::io::Error::other(e.report().to_string()))?;
             pools
                 .get(&pool)
                 .and_then(|p| p.backend.open(&replica_file_name(&volume_id, index)))
-                .map_err(|e| std::io::Error::other(e.to_string()))
+                .map_err(|e| std::io::Error::other(e.report().to_string()))
         })
     };
     let engine = Engine::new(

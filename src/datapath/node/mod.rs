@@ -266,7 +266,7 @@ impl NodeCore {
             // retry at another path, or a DeleteVolume, must not find it
             // claimed with an engine running.
             if let Err(undo) = self.unstage(volume_id, staging_path) {
-                warn!(volume_id, error = %e.report(), undo_error = %undo, "failed stage could not be undone");
+                warn!(volume_id, error = %e.report(), undo_error = %undo.report(), "failed stage could not be undone");
             }
         }
         staged

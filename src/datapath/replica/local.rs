@@ -453,7 +453,7 @@ impl ReplicaIo for LocalReplica {
         if open.nlink() == 0 {
             return Err(format!("replica file {} was removed", self.path.display()));
         }
-        let dir = open_dir(&self.dir).map_err(|e| e.to_string())?;
+        let dir = open_dir(&self.dir).map_err(|e| e.report().to_string())?;
         match fstatat(
             dir.as_fd(),
             self.name.as_str(),
