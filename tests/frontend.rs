@@ -473,7 +473,16 @@ fn fuse_export_serves_the_volume_file() {
 
         // PR_SET_IO_FLUSHER is per thread: the workers have it, we do not.
         // It needs CAP_SYS_RESOURCE; without it the export still works.
-        let flushers = io_flusher_threads();
+        // A thread names itself once it runs, so one just started may
+        // still carry its parent's name for a moment.
+        let started = std::time::Instant::now();
+        let mut flushers = io_flusher_threads();
+        while flushers.keys().filter(|n| n.starts_with("fuse-")).count() < 34
+            && started.elapsed() < std::time::Duration::from_secs(10)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            flushers = io_flusher_threads();
+        }
         let me: String = std::thread::current()
             .name()
             .unwrap()
