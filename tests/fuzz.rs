@@ -1252,7 +1252,8 @@ fn config_seeds() -> Vec<Vec<u8>> {
         Config::default_node,
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
-        Config::load_or_init_with(dir.path(), default).expect("default config");
+        terna::datapath::host::config_file::load_or_init_with(dir.path(), default)
+            .expect("default config");
         seeds.push(std::fs::read(dir.path().join(terna::core::config::CONFIG_FILE)).expect("read"));
     }
     // The node plugin's, from its ConfigMap.

@@ -401,6 +401,65 @@ fn violations(files: &[(PathBuf, String)]) -> Vec<String> {
             found.push(format!("src/{shown}: unsafe outside the data path"));
         }
     }
+    found.extend(methods_added_from_above(files));
+    found
+}
+
+/// The structs and enums `text` defines.
+fn defined_types(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let Some(at) = words.iter().position(|w| *w == "struct" || *w == "enum")
+            && let Some(name) = words.get(at + 1)
+        {
+            out.insert(name.chars().take_while(|c| is_ident(*c)).collect());
+        }
+    }
+    out
+}
+
+/// An inherent `impl` of a core type written in a higher layer: the core
+/// could call it without naming the layer, so the arrow would be hidden.
+fn methods_added_from_above(files: &[(PathBuf, String)]) -> Vec<String> {
+    let layer_of = |p: &Path| module_path(p).first().and_then(|m| Layer::of(m));
+    let mut core_types = BTreeSet::new();
+    for (relative, text) in files {
+        if layer_of(relative) == Some(Layer::Core) {
+            core_types.extend(defined_types(&outside_tests(relative, text)));
+        }
+    }
+    let mut found = Vec::new();
+    for (relative, text) in files {
+        if matches!(layer_of(relative), None | Some(Layer::Core)) {
+            continue;
+        }
+        let own = defined_types(&outside_tests(relative, text));
+        for (n, line) in outside_tests(relative, text).lines().enumerate() {
+            let line = line.trim_start();
+            let Some(rest) = line.strip_prefix("impl") else {
+                continue;
+            };
+            if rest.contains(" for ") || !rest.trim_end().ends_with('{') {
+                continue;
+            }
+            let name: String = rest
+                .trim_start_matches([' ', '<'])
+                .rsplit("::")
+                .next()
+                .unwrap_or("")
+                .chars()
+                .take_while(|c| is_ident(*c))
+                .collect();
+            if core_types.contains(&name) && !own.contains(&name) {
+                found.push(format!(
+                    "src/{}:{}: methods of the core's {name} written in a higher layer; make them free functions there",
+                    relative.display(),
+                    n + 1
+                ));
+            }
+        }
+    }
     found
 }
 
@@ -598,6 +657,30 @@ fn no_modules_import_each_other_in_a_circle() {
     );
     let found: Vec<String> = circles(&graph).iter().map(|c| c.join(" -> ")).collect();
     assert!(found.is_empty(), "import circles:\n{}", found.join("\n"));
+}
+
+#[test]
+fn methods_on_core_types_from_above_are_caught() {
+    let core = file("core/config.rs", "pub struct Config {\n    pub a: u8,\n}\n");
+    for text in [
+        "impl Config {\n    pub fn load() {}\n}\n",
+        "impl crate::core::config::Config {\n}\n",
+    ] {
+        let found = violations(&[core.clone(), file("datapath/host/config_file.rs", text)]);
+        assert!(
+            found
+                .iter()
+                .any(|v| v.contains("methods of the core's Config")),
+            "{text:?}: {found:?}"
+        );
+    }
+    for text in [
+        "impl std::fmt::Display for Config {\n}\n",
+        "impl Configurator {\n}\n",
+    ] {
+        let found = violations(&[core.clone(), file("datapath/host/config_file.rs", text)]);
+        assert!(found.is_empty(), "{text:?}: {found:?}");
+    }
 }
 
 #[test]

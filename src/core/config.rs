@@ -280,12 +280,13 @@ pub const MAX_TOKEN_BYTES: usize = 1024;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::host::config_file::cluster_token;
 
     #[test]
     fn default_config_round_trips_through_its_file() {
         let dir = tempfile::tempdir().unwrap();
-        let written = Config::load_or_init(dir.path()).unwrap();
-        let read = Config::load_or_init(dir.path()).unwrap();
+        let written = crate::datapath::host::config_file::load_or_init(dir.path()).unwrap();
+        let read = crate::datapath::host::config_file::load_or_init(dir.path()).unwrap();
         assert_eq!(written, read);
         assert_eq!(read.pools.len(), 3);
         let text = std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap();
@@ -326,9 +327,7 @@ mod tests {
     #[test]
     fn a_missing_short_long_or_placeholder_token_is_refused_saying_how_to_make_one() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Config::default_standalone()
-            .cluster_token(dir.path())
-            .unwrap_err();
+        let err = cluster_token(&Config::default_standalone(), dir.path()).unwrap_err();
         assert!(
             err.message.contains("cluster_token_file"),
             "{}",
@@ -347,9 +346,7 @@ mod tests {
             b"REPLACE-ME-with-the-output-of-openssl-rand-hex-32",
             &[b'x'; 2000][..],
         ] {
-            let err = with_token(dir.path(), bad)
-                .cluster_token(dir.path())
-                .unwrap_err();
+            let err = cluster_token(&with_token(dir.path(), bad), dir.path()).unwrap_err();
             assert!(
                 err.message.contains("cluster_token_file"),
                 "{}",
@@ -365,7 +362,8 @@ mod tests {
             cluster_token_file: Some("/nonexistent/token".into()),
             ..Config::default_standalone()
         };
-        let err = missing.cluster_token(dir.path()).unwrap_err();
+        let err =
+            crate::datapath::host::config_file::cluster_token(&missing, dir.path()).unwrap_err();
         assert!(
             err.message.contains("/nonexistent/token"),
             "{}",
@@ -373,7 +371,10 @@ mod tests {
         );
         let good = "0123456789abcdef0123456789abcdef";
         let config = with_token(dir.path(), format!("  {good}\n").as_bytes());
-        assert_eq!(config.cluster_token(dir.path()).unwrap(), good.as_bytes());
+        assert_eq!(
+            crate::datapath::host::config_file::cluster_token(&config, dir.path()).unwrap(),
+            good.as_bytes()
+        );
     }
 
     #[test]
@@ -392,17 +393,17 @@ mod tests {
         let config = with_token(&data, b"0123456789abcdef0123456789abcdef");
         std::fs::set_permissions(data.join("token"), std::fs::Permissions::from_mode(0o644))
             .unwrap();
-        Config::load_or_init(&data).unwrap();
+        crate::datapath::host::config_file::load_or_init(&data).unwrap();
         for d in ["state", "dirty", "fences"] {
             assert_eq!(mode(&data.join(d)), 0o700, "{d}");
         }
         assert_eq!(mode(&data.join(CONFIG_FILE)), 0o600);
-        config.cluster_token(&data).unwrap();
+        crate::datapath::host::config_file::cluster_token(&config, &data).unwrap();
         assert_eq!(mode(&data.join("token")), 0o600);
         assert_eq!(mode(&data), 0o700);
         // A new data dir is private from the start.
         let fresh = root.path().join("fresh/data");
-        Config::load_or_init(&fresh).unwrap();
+        crate::datapath::host::config_file::load_or_init(&fresh).unwrap();
         assert_eq!(mode(&fresh), 0o700);
     }
 }

@@ -65,7 +65,7 @@ fn repair_one(data_dir: &Path, node: &str, backing: &Backing, id: &str) -> Resul
         return Ok(());
     }
     let result = (|| -> Result<()> {
-        let config = crate::core::config::Config::load_or_init(data_dir)?;
+        let config = crate::datapath::host::config_file::load_or_init(data_dir)?;
         let engine = assemble(data_dir, node, id, IO_THREADS, &config, backing)?;
         let started = Instant::now();
         let want = store.get(id)?.map(|r| r.replicas.len()).unwrap_or(0);

@@ -5,9 +5,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::core::config::Config;
 use crate::core::error::{Error, Result};
-use crate::core::pool::Pools;
 use crate::datapath::agent::server;
 
 #[derive(clap::Args)]
@@ -35,15 +33,18 @@ fn serve(data_dir: &Path, listen: SocketAddr, node: &str) -> Result<()> {
     // Claim floors live partly in memory: two agents on one data dir could
     // each let through what the other fenced.
     let _owner = crate::datapath::host::lock::lock(data_dir)?;
-    let config = Config::load_or_init(data_dir)?;
-    let token = config.cluster_token(data_dir).map_err(|e| Error {
-        message: format!(
-            "the replica agent will not start without a cluster token: {}",
-            e.message
-        ),
-        ..e
-    })?;
-    let pools = Pools::local_to(&config, data_dir, node)?;
+    let config = crate::datapath::host::config_file::load_or_init(data_dir)?;
+    let token =
+        crate::datapath::host::config_file::cluster_token(&config, data_dir).map_err(|e| {
+            Error {
+                message: format!(
+                    "the replica agent will not start without a cluster token: {}",
+                    e.message
+                ),
+                ..e
+            }
+        })?;
+    let pools = crate::datapath::pools::local_to(&config, data_dir, node)?;
     let fences = crate::core::data_dir::fence_dir(data_dir);
     crate::datapath::host::files::private_dir(&fences)?;
     let listener = TcpListener::bind(listen)

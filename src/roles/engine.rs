@@ -255,7 +255,7 @@ fn start_worker(args: &Args, fd: RawFd) -> Result<Child> {
 fn serve(args: &Args, fd: RawFd, signals: SigSet) -> Result<()> {
     let session = crate::datapath::frontend::inherited::adopt_session_fd(fd)?;
     let volume_id = args.volume_id.as_str();
-    let config = crate::core::config::Config::load_or_init(&args.data_dir)?;
+    let config = crate::datapath::host::config_file::load_or_init(&args.data_dir)?;
     // The engine process is a role: it alone decides what its engine runs
     // on (a cluster node's data dir names its cluster in `cluster.json`).
     let backing = match crate::edge::kube::backing::read_cluster_file(&args.data_dir)? {
@@ -263,13 +263,13 @@ fn serve(args: &Args, fd: RawFd, signals: SigSet) -> Result<()> {
             &cluster,
             &args.node_id,
             &config,
-            &config.cluster_token(&args.data_dir)?,
+            &crate::datapath::host::config_file::cluster_token(&config, &args.data_dir)?,
         )?,
         None => Backing::standalone(
             &args.data_dir,
             &args.node_id,
             &config,
-            &crate::core::pool::Pools::cluster_token(&config, &args.data_dir, &args.node_id)?,
+            &crate::datapath::pools::cluster_token(&config, &args.data_dir, &args.node_id)?,
         )?,
     };
     let store = backing.store.clone();

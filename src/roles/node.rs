@@ -105,8 +105,11 @@ pub fn run(args: Args) -> Result<()> {
 async fn serve(opts: NodeOptions) -> Result<()> {
     let client = crate::edge::kube::client::client(opts.kubeconfig.as_deref()).await?;
     let _owner = crate::datapath::host::lock::lock(&opts.data_dir)?;
-    let config = Config::load_or_init_with(&opts.data_dir, Config::default_node)?;
-    let token = config.cluster_token(&opts.data_dir)?;
+    let config = crate::datapath::host::config_file::load_or_init_with(
+        &opts.data_dir,
+        Config::default_node,
+    )?;
+    let token = crate::datapath::host::config_file::cluster_token(&config, &opts.data_dir)?;
     let agent = Arc::new(
         AgentState::new(&opts.node_id, &token, Default::default())
             .with_fence_dir(&crate::core::data_dir::fence_dir(&opts.data_dir)),
@@ -246,10 +249,13 @@ fn spawn_repair(data_dir: &Path, node: &str, cluster: ClusterFile, token: Vec<u8
         .spawn(move || {
             loop {
                 std::thread::sleep(REPAIR_INTERVAL);
-                let backing =
-                    Config::load_or_init_with(&data_dir, Config::default_node).and_then(|config| {
-                        crate::edge::kube::backing::open(&cluster, &node, &config, &token)
-                    });
+                let backing = crate::datapath::host::config_file::load_or_init_with(
+                    &data_dir,
+                    Config::default_node,
+                )
+                .and_then(|config| {
+                    crate::edge::kube::backing::open(&cluster, &node, &config, &token)
+                });
                 match backing {
                     Ok(b) => crate::datapath::repair::pass_over(&data_dir, &node, &b, |r| {
                         crate::datapath::repair::looks_after(r, &node)

@@ -9,7 +9,6 @@ use serde::Serialize;
 
 use crate::core::config::{CONFIG_FILE, Config};
 use crate::core::error::{Error, Result};
-use crate::core::pool::Pools;
 use crate::core::store::StateStore;
 use crate::core::volume::{ReplicaState, VolumeRecord};
 use crate::datapath::dirty_maps::DirtyMapFiles;
@@ -204,8 +203,8 @@ pub fn from_data_dir(data_dir: &Path, node: &str) -> Result<(Vec<PoolRow>, Vec<V
             *allocated.entry(rep.pool.as_str()).or_default() += r.capacity_bytes;
         }
     }
-    let token = Pools::cluster_token(&config, data_dir, node)?;
-    let pools = Pools::from_config(&config, data_dir, node, &token)?;
+    let token = crate::datapath::pools::cluster_token(&config, data_dir, node)?;
+    let pools = crate::datapath::pools::from_config(&config, data_dir, node, &token)?;
     let pool_rows = pools
         .iter()
         .map(|p| {

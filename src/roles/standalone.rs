@@ -6,10 +6,8 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::core::config::Config;
 use crate::core::controller::ControllerCore;
 use crate::core::error::{Error, Result};
-use crate::core::pool::Pools;
 use crate::core::store::StateStore;
 use crate::core::volume::Phase;
 use crate::datapath::host::files::FileStore;
@@ -52,12 +50,12 @@ pub fn run(args: Args) -> Result<()> {
 async fn serve(opts: Options) -> Result<()> {
     let data_dir = &opts.data_dir;
     let _owner = crate::datapath::host::lock::lock(data_dir)?;
-    let config = Config::load_or_init(data_dir)?;
+    let config = crate::datapath::host::config_file::load_or_init(data_dir)?;
     let store: Arc<dyn StateStore> = Arc::new(FileStore::open(&crate::core::data_dir::state_dir(
         data_dir,
     ))?);
-    let token = Pools::cluster_token(&config, data_dir, &opts.node_id)?;
-    let pools = Arc::new(Pools::from_config(
+    let token = crate::datapath::pools::cluster_token(&config, data_dir, &opts.node_id)?;
+    let pools = Arc::new(crate::datapath::pools::from_config(
         &config,
         data_dir,
         &opts.node_id,

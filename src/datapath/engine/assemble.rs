@@ -102,7 +102,9 @@ impl Backing {
             store: Arc::new(FileStore::open(&crate::core::data_dir::state_dir(
                 data_dir,
             ))?),
-            pools: Arc::new(Pools::from_config(config, data_dir, node_id, token)?),
+            pools: Arc::new(crate::datapath::pools::from_config(
+                config, data_dir, node_id, token,
+            )?),
         })
     }
 }

@@ -8,54 +8,51 @@ use crate::core::config::{CONFIG_FILE, Config, HEADER, MAX_TOKEN_BYTES, MIN_TOKE
 use crate::core::error::{Error, Result};
 use crate::datapath::host::files::atomic_write;
 
-impl Config {
-    /// Loads `data_dir/terna.toml`, writing the default first when it is absent.
-    pub fn load_or_init(data_dir: &Path) -> Result<Config> {
-        Self::load_or_init_with(data_dir, Self::default_standalone)
-    }
+/// Loads `data_dir/terna.toml`, writing the default first when it is absent.
+pub fn load_or_init(data_dir: &Path) -> Result<Config> {
+    load_or_init_with(data_dir, Config::default_standalone)
+}
 
-    pub fn load_or_init_with(data_dir: &Path, default: fn() -> Config) -> Result<Config> {
-        prepare_data_dir(data_dir)?;
-        let path = data_dir.join(CONFIG_FILE);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Self::parse(&text, &path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let config = default();
-                let body = toml::to_string_pretty(&config)
-                    .map_err(|e| Error::internal(format!("cannot encode default config: {e}")))?;
-                atomic_write(&path, format!("{HEADER}\n{body}").as_bytes())?;
-                Ok(config)
-            }
-            Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
+pub fn load_or_init_with(data_dir: &Path, default: fn() -> Config) -> Result<Config> {
+    prepare_data_dir(data_dir)?;
+    let path = data_dir.join(CONFIG_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Config::parse(&text, &path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let config = default();
+            let body = toml::to_string_pretty(&config)
+                .map_err(|e| Error::internal(format!("cannot encode default config: {e}")))?;
+            atomic_write(&path, format!("{HEADER}\n{body}").as_bytes())?;
+            Ok(config)
         }
-    }
-
-    /// The cluster token agents and their peers authenticate with, from
-    /// `cluster_token_file`. There is no default: an agent without one
-    /// would serve anyone, so a missing, short or placeholder token is an
-    /// error saying how to make one.
-    pub fn cluster_token(&self, data_dir: &Path) -> Result<Vec<u8>> {
-        let Some(file) = &self.cluster_token_file else {
-            return Err(Error::precondition(format!(
-                "no cluster token: set cluster_token_file in {} to a file holding a secret of at least {MIN_TOKEN_BYTES} bytes, made with `openssl rand -hex 32 > FILE` (the replica agent and every node reaching it must share it)",
-                data_dir.join(CONFIG_FILE).display()
-            )));
-        };
-        let path = if file.is_absolute() {
-            file.clone()
-        } else {
-            data_dir.join(file)
-        };
-        let token = read_cluster_token(&path)?;
-        if path.starts_with(data_dir) {
-            restrict_token_file(&path)?;
-        } else {
-            warn_if_readable(&path);
-        }
-        Ok(token)
+        Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
     }
 }
 
+/// The cluster token agents and their peers authenticate with, from
+/// `cluster_token_file`. There is no default: an agent without one
+/// would serve anyone, so a missing, short or placeholder token is an
+/// error saying how to make one.
+pub fn cluster_token(config: &Config, data_dir: &Path) -> Result<Vec<u8>> {
+    let Some(file) = &config.cluster_token_file else {
+        return Err(Error::precondition(format!(
+            "no cluster token: set cluster_token_file in {} to a file holding a secret of at least {MIN_TOKEN_BYTES} bytes, made with `openssl rand -hex 32 > FILE` (the replica agent and every node reaching it must share it)",
+            data_dir.join(CONFIG_FILE).display()
+        )));
+    };
+    let path = if file.is_absolute() {
+        file.clone()
+    } else {
+        data_dir.join(file)
+    };
+    let token = read_cluster_token(&path)?;
+    if path.starts_with(data_dir) {
+        restrict_token_file(&path)?;
+    } else {
+        warn_if_readable(&path);
+    }
+    Ok(token)
+}
 /// How deploy/kustomization.yaml's placeholder token begins.
 const PLACEHOLDER_TOKEN: &[u8] = b"REPLACE-ME";
 
