@@ -903,3 +903,41 @@ async fn a_volume_is_never_mounted_inside_or_above_another() {
     csi.delete(&b).await;
     terna.stop_and_check_clean();
 }
+
+/// A restage asking for other mount flags than the filesystem was staged
+/// with is not the same request: the caller would believe it got them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restaging_with_other_mount_flags_is_already_exists() {
+    if !common::require_root("restaging_with_other_mount_flags_is_already_exists") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let root = terna.dir.path();
+    let with_flags = |flags: &[&str]| {
+        let mut cap = mount_cap("ext4");
+        if let Some(pb::volume_capability::AccessType::Mount(m)) = cap.access_type.as_mut() {
+            m.mount_flags = flags.iter().map(|f| f.to_string()).collect();
+        }
+        cap
+    };
+    let id = create(&mut csi, "flags", 16, "1", mount_cap("ext4")).await;
+    let staging = root.join("staging");
+    csi.stage(&id, &staging, with_flags(&["noatime", "nodiratime"]))
+        .await;
+    assert!(mounted(&staging).unwrap().options.contains("noatime"));
+    // The same set in another order is the same request.
+    csi.stage(&id, &staging, with_flags(&["nodiratime", "noatime"]))
+        .await;
+    for other in [&["noatime"][..], &[], &["noatime", "nodiratime", "sync"]] {
+        let (c, m) = stage(&mut csi, &id, &staging, with_flags(other)).await;
+        assert_eq!(c, Code::AlreadyExists, "{other:?}: {m}");
+        assert!(m.contains("noatime, nodiratime"), "{m}");
+    }
+    assert!(mounted(&staging).is_some(), "nothing was torn down");
+    csi.unstage(&id, &staging).await;
+    csi.stage(&id, &staging, with_flags(&["sync"])).await;
+    csi.unstage(&id, &staging).await;
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}

@@ -72,6 +72,12 @@ impl RunDir {
         self.0.join("device")
     }
 
+    /// The mount flags the volume's filesystem was staged with, one a line,
+    /// sorted: a restage asking for others is not the same request.
+    pub fn mount_flags_file(&self) -> PathBuf {
+        self.0.join("mount-flags")
+    }
+
     /// The pid of the engine's supervisor.
     pub fn engine_pid_file(&self) -> PathBuf {
         self.0.join("engine.pid")
@@ -109,6 +115,7 @@ mod tests {
         assert_eq!(run.path(), Path::new("/d/run/tv-1"));
         assert_eq!(run.fuse_dir(), Path::new("/d/run/tv-1/fuse"));
         assert_eq!(run.device_file(), Path::new("/d/run/tv-1/device"));
+        assert_eq!(run.mount_flags_file(), Path::new("/d/run/tv-1/mount-flags"));
         assert_eq!(run.engine_pid_file(), Path::new("/d/run/tv-1/engine.pid"));
         assert_eq!(
             run.worker_pid_file(),

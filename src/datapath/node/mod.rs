@@ -185,7 +185,16 @@ impl NodeCore {
                 AccessType::Mount {
                     fs_type: Some(fs), ..
                 } if fs.as_str() != m.fs_type => Some(fs.as_str().to_string()),
-                AccessType::Mount { .. } => None,
+                AccessType::Mount { mount_flags, .. } => self
+                    .staged_flags(volume_id)
+                    .filter(|staged| *staged != sorted(mount_flags))
+                    .map(|staged| {
+                        format!(
+                            "mount flags [{}] (staged with [{}])",
+                            sorted(mount_flags).join(", "),
+                            staged.join(", ")
+                        )
+                    }),
             };
             if let Some(asked) = differs {
                 return Err(Error::new(
@@ -310,6 +319,11 @@ impl NodeCore {
                     Error::io(format!("cannot create {}", staging_path.display()), e)
                 })?;
                 mounts::mount_fs(device.path(), staging_path, fs.as_str(), mount_flags)?;
+                let file = self.run_dir(volume_id).mount_flags_file();
+                let mut text = sorted(mount_flags).join("\n");
+                text.push('\n');
+                std::fs::write(&file, text)
+                    .map_err(|e| Error::io(format!("cannot write {}", file.display()), e))?;
             }
         }
         // OK means the volume answers, not only that the pieces exist.
@@ -392,6 +406,18 @@ impl NodeCore {
         std::fs::write(&record, dev.path().to_string_lossy().as_bytes())
             .map_err(|e| Error::io(format!("cannot write {}", record.display()), e))?;
         Ok(dev)
+    }
+
+    /// The mount flags the volume was staged with here; `None` when it
+    /// was staged before they were recorded.
+    fn staged_flags(&self, volume_id: &str) -> Option<Vec<String>> {
+        let text = std::fs::read_to_string(self.run_dir(volume_id).mount_flags_file()).ok()?;
+        Some(
+            text.lines()
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect(),
+        )
     }
 
     /// The engine's supervisor is alive and its session mounted. Nothing
@@ -993,4 +1019,12 @@ fn is_engine_process(pid: i32, volume_id: &str) -> bool {
             text.contains("engine") && text.contains(volume_id)
         })
         .unwrap_or(false)
+}
+
+/// Mount flags in a canonical order: the same set is the same request.
+fn sorted(flags: &[String]) -> Vec<String> {
+    let mut flags = flags.to_vec();
+    flags.sort();
+    flags.dedup();
+    flags
 }
