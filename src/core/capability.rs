@@ -1,5 +1,5 @@
 //! Volume capabilities as the core understands them, parsed from CSI by
-//! `src/csi/` and checked here.
+//! `src/edge/csi/` and checked here.
 
 use crate::core::class::FsType;
 use crate::core::error::{Error, Result};
