@@ -177,7 +177,9 @@ pub fn run(store: &dyn StateStore, prefix: &str) {
     assert_eq!(store.get(&id).unwrap().as_ref(), Some(&got));
 
     // Concurrent updates from several threads all apply, none lost and
-    // none applied twice.
+    // none applied twice, also when one changes what a store may keep in
+    // two places (the capacity in a TernaVolume's spec, the generation and
+    // publications in its status).
     let (threads, rounds) = (4u64, 10u64);
     let start = store.get(&id).unwrap().unwrap();
     std::thread::scope(|s| {
@@ -188,6 +190,7 @@ pub fn run(store: &dyn StateStore, prefix: &str) {
                     store
                         .update(id, &mut |r| {
                             r.generation += 1;
+                            r.capacity_bytes += 1;
                             r.published.push(format!("/t{t}-{i}"));
                             Ok(true)
                         })
@@ -199,6 +202,7 @@ pub fn run(store: &dyn StateStore, prefix: &str) {
     });
     let end = store.get(&id).unwrap().unwrap();
     assert_eq!(end.generation, start.generation + threads * rounds);
+    assert_eq!(end.capacity_bytes, start.capacity_bytes + threads * rounds);
     assert_eq!(end.published.len() as u64, 1 + threads * rounds);
 
     // Remove is idempotent, and removes only its record.

@@ -2,7 +2,15 @@
 //! Kubernetes is the database. Placement lives in `spec`, health in
 //! `status`; every write carries the resourceVersion it was computed from,
 //! so two writers never overwrite each other's change (a conflict re-reads
-//! and re-applies). `list` answers from a watch-fed cache that also takes
+//! and re-applies).
+//!
+//! A record is written in one request: the status subresource cannot be
+//! written together with the spec, so the authoritative status travels in
+//! the `terna.dev/status` annotation of the main object, and `.status` is a
+//! mirror of it for `kubectl` and watchers, written right after. Two
+//! requests would leave a half-written record when the process dies between
+//! them (a new spec beside the old health), and a conflict on the second
+//! would re-apply a change whose first half had already landed. `list` answers from a watch-fed cache that also takes
 //! this process's own writes at once, so placement never counts less than
 //! it allocated itself.
 //!
@@ -112,14 +120,17 @@ impl KubeStore {
             .map_err(|e| api_error(format!("cannot read TernaVolume {id}"), e))
     }
 
-    /// Writes `record` over `current` (None: create), spec first when it
-    /// changed, then status. `Aborted` on a resourceVersion conflict.
+    /// Writes `record` over `current` (None: create) in one request, spec
+    /// and authoritative status together; `Aborted` on a resourceVersion
+    /// conflict, with nothing of the record written. Then mirrors the status.
     fn write(&self, current: Option<TernaVolume>, record: &VolumeRecord) -> Result<()> {
         let (spec, status) = to_resource(record);
         let id = &record.id;
+        let encoded = serde_json::to_string(&status)
+            .map_err(|e| Error::internal(format!("cannot encode TernaVolume {id} status: {e}")))?;
         let obj = match current {
             None => {
-                let obj = TernaVolume {
+                let mut obj = TernaVolume {
                     metadata: ObjectMeta {
                         name: Some(id.clone()),
                         ..Default::default()
@@ -127,31 +138,77 @@ impl KubeStore {
                     spec,
                     status: None,
                 };
+                set_status_annotation(&mut obj, encoded);
                 self.handle
                     .block_on(self.api.create(&PostParams::default(), &obj))
                     .map_err(|e| api_error(format!("cannot create TernaVolume {id}"), e))?
             }
-            Some(mut obj) if obj.spec != spec => {
+            Some(mut obj)
+                if obj.spec != spec || status_annotation(&obj) != Some(encoded.as_str()) =>
+            {
                 obj.spec = spec;
+                set_status_annotation(&mut obj, encoded);
                 self.handle
                     .block_on(self.api.replace(id, &PostParams::default(), &obj))
                     .map_err(|e| api_error(format!("cannot update TernaVolume {id}"), e))?
             }
             Some(obj) => obj,
         };
-        let obj = if obj.status.as_ref() != Some(&status) {
-            let mut obj = obj;
-            obj.status = Some(status);
-            self.handle
-                .block_on(self.api.replace_status(id, &PostParams::default(), &obj))
-                .map_err(|e| api_error(format!("cannot update TernaVolume {id} status"), e))?
-        } else {
-            obj
-        };
+        let obj = self.mirror_status(obj, &status);
         let rv = resource_version(&obj.metadata);
         self.cache_write().offer(id, rv, Some(record.clone()));
         Ok(())
     }
+
+    /// Brings `.status` in line with the record just written. Best effort:
+    /// the record is already whole; if another writer came in between, its
+    /// own write mirrors its status, and a failure only delays `kubectl`.
+    fn mirror_status(&self, mut obj: TernaVolume, status: &TernaVolumeStatus) -> TernaVolume {
+        let id = obj.metadata.name.clone().unwrap_or_default();
+        for _ in 0..3 {
+            if obj.status.as_ref() == Some(status) {
+                return obj;
+            }
+            let mut next = obj.clone();
+            next.status = Some(status.clone());
+            match self
+                .handle
+                .block_on(self.api.replace_status(&id, &PostParams::default(), &next))
+            {
+                Ok(written) => return written,
+                Err(e) if is_status(&e, 409) => match self.fetch(&id) {
+                    // Still the record this process wrote: mirror it again.
+                    Ok(Some(fresh)) if status_annotation(&fresh) == status_annotation(&obj) => {
+                        obj = fresh;
+                    }
+                    _ => return obj,
+                },
+                Err(e) => {
+                    warn!(volume_id = %id, error = %e, "cannot mirror TernaVolume status");
+                    return obj;
+                }
+            }
+        }
+        obj
+    }
+}
+
+/// The annotation holding a record's authoritative status.
+pub const STATUS_ANNOTATION: &str = "terna.dev/status";
+
+fn status_annotation(obj: &TernaVolume) -> Option<&str> {
+    obj.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(STATUS_ANNOTATION))
+        .map(String::as_str)
+}
+
+fn set_status_annotation(obj: &mut TernaVolume, encoded: String) {
+    obj.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(STATUS_ANNOTATION.to_string(), encoded);
 }
 
 async fn watch(api: Api<TernaVolume>, cache: Arc<RwLock<Cache>>) {
@@ -405,7 +462,16 @@ pub fn from_resource(obj: &TernaVolume) -> Result<VolumeRecord> {
             "TernaVolume {id} has parameters that no longer parse: {e}"
         ))
     })?;
-    let status = obj.status.clone().unwrap_or_default();
+    // The annotation is the truth; objects written before it existed have
+    // only `.status`.
+    let status = match status_annotation(obj) {
+        Some(encoded) => serde_json::from_str::<TernaVolumeStatus>(encoded).map_err(|e| {
+            Error::internal(format!(
+                "TernaVolume {id} has a {STATUS_ANNOTATION} annotation that does not parse: {e}"
+            ))
+        })?,
+        None => obj.status.clone().unwrap_or_default(),
+    };
     let phase = match status.phase.as_str() {
         "ready" => Phase::Ready,
         "deleting" => Phase::Deleting,
