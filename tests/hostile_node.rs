@@ -941,3 +941,50 @@ async fn restaging_with_other_mount_flags_is_already_exists() {
     csi.delete(&id).await;
     terna.stop_and_check_clean();
 }
+
+/// A process outside any mount holding the volume's loop device open (a
+/// probe, a stale descriptor) does not make unstage fail and keep the
+/// volume claimed: the kernel detaches the device at its last close and
+/// binds it to nothing else before, and the next stage gets a new device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loop_device_held_open_elsewhere_does_not_keep_the_volume_claimed() {
+    if !common::require_root("a_loop_device_held_open_elsewhere_does_not_keep_the_volume_claimed") {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let root = terna.dir.path();
+    let id = create(&mut csi, "held", 16, "1", block_cap()).await;
+    let staging = root.join("staging");
+    csi.stage(&id, &staging, block_cap()).await;
+    let device = std::fs::read_to_string(terna.data_dir.join("run").join(&id).join("device"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let holder = std::fs::File::open(&device).unwrap();
+    let (c, m) = unstage(&mut csi, &id, &staging).await;
+    assert_eq!(c, Code::Ok, "{m}");
+    // Staged again: a new device, which reads, while the old one waits for
+    // its last close.
+    csi.stage(&id, &staging, block_cap()).await;
+    let again = std::fs::read_to_string(terna.data_dir.join("run").join(&id).join("device"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_ne!(again, device, "a device on its way out was taken up again");
+    let target = root.join("pods/x/dev");
+    csi.publish(&id, &staging, &target, block_cap()).await;
+    read_direct(&target, 0, 4096).unwrap();
+    drop(holder);
+    let name = device.trim_start_matches("/dev/");
+    let backing = Path::new("/sys/block").join(name).join("loop/backing_file");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backing.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!backing.exists(), "{device} detached at its last close");
+    csi.unpublish(&id, &target).await;
+    csi.unstage(&id, &staging).await;
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}

@@ -270,6 +270,11 @@ impl LoopDevice {
             let Some(attached) = read_backing(&entry.path()) else {
                 continue;
             };
+            // Detach was asked and waits for a last close: the device is on
+            // its way out and must not be taken up again.
+            if tearing_down(&entry.path()) {
+                continue;
+            }
             if wanted.contains(&attached) {
                 let path = PathBuf::from(format!("/dev/loop{n}"));
                 ensure_node(&path, n)?;
@@ -401,6 +406,13 @@ fn refresh_size(path: &Path) {
     if rc < 0 {
         tracing::debug!(path = %path.display(), error = %io::Error::last_os_error(), "statx failed");
     }
+}
+
+/// Autoclear armed (`/sys/block/loopN/loop/autoclear`): Terna never
+/// attaches with it, so it was armed by a detach the device was too busy
+/// for.
+fn tearing_down(sys_dir: &Path) -> bool {
+    std::fs::read(sys_dir.join("loop/autoclear")).is_ok_and(|t| t.starts_with(b"1"))
 }
 
 /// `/sys/block/loopN/loop/backing_file`, without the newline and the

@@ -21,7 +21,7 @@ use crate::core::error::{Error, ErrorKind, Result};
 use crate::core::store::StateStore;
 use crate::core::volume::{Phase, StagedOn, VolumeRecord};
 use crate::datapath::frontend::fuse;
-use crate::datapath::frontend::loopdev::{LoopDevice, LoopOptions};
+use crate::datapath::frontend::loopdev::{LoopDevice, LoopError, LoopOptions};
 use crate::datapath::host::{filesystem, mounts};
 
 const ENGINE_READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -365,9 +365,7 @@ impl NodeCore {
         }
         if let Some(dev) = dev {
             warn!(volume_id, device = %dev.path().display(), "engine of staged volume is gone; restaging");
-            dev.detach().map_err(|e| {
-                Error::with_source(ErrorKind::Internal, "cannot detach loop device", e)
-            })?;
+            release_device(volume_id, &dev)?;
         }
         Ok(())
     }
@@ -591,9 +589,7 @@ impl NodeCore {
         // Once the engine's session is gone the device's backing path no
         // longer resolves, so it may only be known from the staging mount.
         if let Some(dev) = self.device(volume_id)?.or(orphan) {
-            dev.detach().map_err(|e| {
-                Error::with_source(ErrorKind::Internal, "cannot detach loop device", e)
-            })?;
+            release_device(volume_id, &dev)?;
         }
         self.stop_engine(volume_id)?;
         let node = self.node_id.clone();
@@ -1019,6 +1015,31 @@ fn is_engine_process(pid: i32, volume_id: &str) -> bool {
             text.contains("engine") && text.contains(volume_id)
         })
         .unwrap_or(false)
+}
+
+/// Detaches a loop device nothing mounts any more (the callers checked).
+/// One some process still has open (a probe, a stale descriptor) is left
+/// to the kernel, which has armed autoclear: it detaches at the last close
+/// and binds the device to nothing else before, so no later volume is read
+/// through that descriptor; and a restage attaches a new device, as
+/// `LoopDevice::find_by_backing` passes over one being torn down.
+fn release_device(volume_id: &str, dev: &LoopDevice) -> Result<()> {
+    match dev.detach() {
+        Ok(()) => Ok(()),
+        Err(LoopError::Busy { path }) => {
+            warn!(
+                volume_id,
+                device = %path.display(),
+                "loop device still open elsewhere; the kernel detaches it at its last close"
+            );
+            Ok(())
+        }
+        Err(e) => Err(Error::with_source(
+            ErrorKind::Internal,
+            "cannot detach loop device",
+            e,
+        )),
+    }
 }
 
 /// Mount flags in a canonical order: the same set is the same request.
