@@ -307,7 +307,9 @@ fn node_config_parses_and_points_at_what_node_yaml_mounts() {
             .unwrap()
     };
 
-    // terna.toml is read from the data dir: the ConfigMap's key goes there.
+    // terna.toml is installed from --config into the data dir: the
+    // ConfigMap's key is that file, mounted as a directory (a file mounted
+    // inside the Bidirectional data dir would propagate to the host).
     let config_mount = mounts
         .iter()
         .find(|m| {
@@ -315,11 +317,14 @@ fn node_config_parses_and_points_at_what_node_yaml_mounts() {
                 == cm.metadata.name.as_deref()
         })
         .expect("the ConfigMap mounted");
+    let config_flag =
+        PathBuf::from(flag(&container_args(node, &container_env(node)), "config").unwrap());
     assert_eq!(
-        Path::new(&config_mount.mount_path),
-        data_dir.join(terna::core::config::CONFIG_FILE)
+        config_flag,
+        Path::new(&config_mount.mount_path).join(terna::core::config::CONFIG_FILE)
     );
-    assert_eq!(config_mount.sub_path.as_deref(), Some("terna.toml"));
+    assert!(config_mount.sub_path.is_none());
+    assert!(!Path::new(&config_mount.mount_path).starts_with(&data_dir));
 
     // Pools are on the host's disk, not in the container's.
     let data_mount = mounts
@@ -457,8 +462,10 @@ fn controller_and_node_provision_and_delete_a_volume_with_only_their_rbac() {
     let node_name = node_env["NODE_NAME"].clone();
     let data = root.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
+    let config = root.path().join("config/terna.toml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
     std::fs::write(
-        data.join("terna.toml"),
+        &config,
         format!(
             "cluster_token_file = {token:?}\n\n[[pools]]\nname = \"fast\"\npath = \"pools/fast\"\ntier = \"fast\"\ncapacity_bytes = {}\n",
             1u64 << 40
@@ -475,6 +482,9 @@ fn controller_and_node_provision_and_delete_a_volume_with_only_their_rbac() {
     node_args = with_flag(&node_args, "data-dir", data.to_str().unwrap());
     node_args = with_flag(&node_args, "agent-listen", &agent);
     node_args = with_flag(&node_args, "heartbeat-secs", "1");
+    node_args = with_flag(&node_args, "config", config.to_str().unwrap());
+    // Not in a pod here, so engines stay where they are.
+    node_args = with_flag(&node_args, "engine-cgroup-root", "/sys/fs/cgroup");
     let csi = format!("unix://{}", root.path().join("csi.sock").display());
     node_args = with_flag(&node_args, "endpoint", &csi);
     let registry = root.path().join("plugins_registry");

@@ -55,6 +55,11 @@ pub struct Args {
     /// Set by the engine's supervisor for its worker: the FUSE session.
     #[arg(long)]
     pub fuse_fd: Option<RawFd>,
+    /// The host's cgroup mount: the supervisor first leaves the node
+    /// plugin's pod for the cgroup beside the pods, so the pod's end does
+    /// not end the volume (set by `terna node --engine-cgroup-root`).
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
 }
 
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -74,6 +79,11 @@ const CLAIM_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 const EXIT_CLAIM_LOST: i32 = 75;
 
 pub fn run(args: Args) -> Result<()> {
+    if args.fuse_fd.is_none()
+        && let Some(root) = &args.cgroup_root
+    {
+        leave_pod(root, &args.volume_id);
+    }
     let signals = SigSet::from_iter([Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1]);
     // Blocked before any thread starts, so only the signal thread sees them.
     signals
@@ -82,6 +92,36 @@ pub fn run(args: Args) -> Result<()> {
     match args.fuse_fd {
         None => supervise(&args, signals),
         Some(fd) => serve(&args, fd, signals),
+    }
+}
+
+/// Before any thread: a move takes the whole process only while it is one
+/// thread. A move that fails is loud but not fatal: the volume is served
+/// either way, it just would not survive the plugin pod's end.
+fn leave_pod(root: &std::path::Path, volume_id: &str) {
+    use crate::datapath::host::cgroup::{self, Move};
+    let memberships = match cgroup::own_memberships() {
+        Ok(m) => m,
+        Err(e) => {
+            error!(volume_id, error = %e.report(), "cannot read this engine's cgroups; it ends with the node plugin's pod");
+            return;
+        }
+    };
+    for m in cgroup::leave_pod(root, &memberships, std::process::id()) {
+        match m {
+            Move::Moved { hierarchy, to } => {
+                info!(volume_id, hierarchy, to = %to.display(), "engine left the node plugin's pod")
+            }
+            Move::Unmounted { hierarchy } => {
+                warn!(volume_id, hierarchy, root = %root.display(), "cgroup hierarchy not mounted under the root given; the engine stays in the pod's cgroup there")
+            }
+            Move::Failed {
+                hierarchy,
+                error: e,
+            } => {
+                error!(volume_id, hierarchy, error = %e.report(), "engine cannot leave the node plugin's pod; it ends with the pod")
+            }
+        }
     }
 }
 

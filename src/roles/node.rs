@@ -55,6 +55,21 @@ pub struct Args {
     /// staging claims may be taken over by other nodes.
     #[arg(long, default_value_t = 40)]
     node_lease_secs: u64,
+    /// The host's cgroup filesystem, mounted into the node plugin's pod:
+    /// engines move beside the pods there, so the pod's end (a rolling
+    /// update, a deletion) leaves mounted volumes running.
+    #[arg(long, env = "TERNA_ENGINE_CGROUP_ROOT")]
+    engine_cgroup_root: Option<PathBuf>,
+    /// A terna.toml to install as DATA_DIR/terna.toml at start (deploy/
+    /// mounts its ConfigMap here): engines read the data dir's copy, and a
+    /// file mounted inside the data dir would propagate to the host.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// This pod's ServiceAccount (in --lease-namespace): engines get a
+    /// token of it bound to no pod, so they keep API access after the pod
+    /// that started them is gone.
+    #[arg(long, env = "SERVICE_ACCOUNT_NAME")]
+    service_account: Option<String>,
 }
 
 struct NodeOptions {
@@ -77,9 +92,14 @@ struct NodeOptions {
     lease_namespace: String,
     /// How long the Lease lasts unrenewed.
     lease_duration: Duration,
+    engine_cgroup_root: Option<PathBuf>,
+    service_account: Option<String>,
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if let Some(source) = &args.config {
+        crate::datapath::host::config_file::install_from(source, &args.data_dir)?;
+    }
     let opts = NodeOptions {
         data_dir: args.data_dir,
         node_id: crate::datapath::host::hostname::node_id(args.node_id)?,
@@ -94,6 +114,8 @@ pub fn run(args: Args) -> Result<()> {
         registry_dir: args.kubelet_registry,
         lease_namespace: args.lease_namespace,
         lease_duration: Duration::from_secs(args.node_lease_secs.max(3)),
+        engine_cgroup_root: args.engine_cgroup_root,
+        service_account: args.service_account,
     };
     tokio::runtime::Runtime::new()
         .map_err(|e| Error::io("cannot start the async runtime", e))?
@@ -129,7 +151,18 @@ async fn serve(opts: NodeOptions) -> Result<()> {
     pools.register_configured(&config, &opts.data_dir).await?;
     if let Some(endpoint) = opts.endpoint.clone() {
         let cluster = ClusterFile {
-            kubeconfig: opts.kubeconfig.clone(),
+            kubeconfig: match &opts.kubeconfig {
+                Some(k) => Some(k.clone()),
+                None => {
+                    engine_kubeconfig(
+                        &client,
+                        &opts.data_dir,
+                        &opts.lease_namespace,
+                        opts.service_account.as_deref(),
+                    )
+                    .await?
+                }
+            },
             pool_stale_secs: opts.pool_stale_after.as_secs(),
         };
         crate::edge::kube::backing::write_cluster_file(&opts.data_dir, &cluster)?;
@@ -166,6 +199,7 @@ async fn serve(opts: NodeOptions) -> Result<()> {
         let core = Arc::new(
             crate::datapath::node::NodeCore::new(&opts.data_dir, &opts.node_id, store)
                 .with_liveness(Arc::new(liveness))
+                .with_engine_cgroup_root(opts.engine_cgroup_root.clone())
                 .with_protected(
                     config
                         .pools
@@ -235,6 +269,39 @@ async fn serve(opts: NodeOptions) -> Result<()> {
     }
     info!("terna node stopped; staged volumes keep running in their engines");
     Ok(())
+}
+
+/// In a pod: the engines' own API credentials, outliving this pod (see
+/// `edge::kube::engine_credentials`); `None` outside one.
+async fn engine_kubeconfig(
+    client: &kube::Client,
+    data_dir: &Path,
+    namespace: &str,
+    service_account: Option<&str>,
+) -> Result<Option<PathBuf>> {
+    use crate::edge::kube::engine_credentials::{
+        EngineCredentials, SERVICE_ACCOUNT_DIR, in_cluster_server, issue_token, keep_fresh,
+    };
+    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
+    let port = std::env::var("KUBERNETES_SERVICE_PORT").ok();
+    let Some(server) = in_cluster_server(host.as_deref(), port.as_deref()) else {
+        return Ok(None);
+    };
+    let Some(name) = service_account else {
+        return Err(Error::invalid(
+            "in a pod, terna node needs --service-account (SERVICE_ACCOUNT_NAME): engines get a token of it that outlives the pod",
+        ));
+    };
+    let creds = EngineCredentials::new(Path::new(SERVICE_ACCOUNT_DIR), data_dir);
+    let token = issue_token(client, namespace, name).await?;
+    let kubeconfig = creds.write(&server, &token)?;
+    keep_fresh(
+        creds,
+        client.clone(),
+        namespace.to_string(),
+        name.to_string(),
+    );
+    Ok(Some(kubeconfig))
 }
 
 const REPAIR_INTERVAL: Duration = Duration::from_secs(10);

@@ -29,6 +29,17 @@ pub fn load_or_init_with(data_dir: &Path, default: fn() -> Config) -> Result<Con
     }
 }
 
+/// Installs `source` (an admin's file, e.g. a ConfigMap's) as the data
+/// dir's `terna.toml`, where every process of the node, engines included,
+/// reads it; checked first, so a bad file leaves the installed one alone.
+pub fn install_from(source: &Path, data_dir: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(source)
+        .map_err(|e| Error::io(format!("cannot read {}", source.display()), e))?;
+    Config::parse(&text, source)?;
+    prepare_data_dir(data_dir)?;
+    atomic_write(&data_dir.join(CONFIG_FILE), text.as_bytes())
+}
+
 /// The cluster token agents and their peers authenticate with, from
 /// `cluster_token_file`. There is no default: an agent without one
 /// would serve anyone, so a missing, short or placeholder token is an
@@ -162,8 +173,21 @@ pub fn prepare_data_dir(data_dir: &Path) -> Result<()> {
     if let Ok(meta) = std::fs::metadata(&config)
         && meta.permissions().mode() & 0o077 != 0
     {
-        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| Error::io(format!("cannot restrict {}", config.display()), e))?;
+        match std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => {}
+            // Mounted read-only over the data dir (a ConfigMap, in deploy/):
+            // its mode is the mount's to set.
+            Err(e) if e.raw_os_error() == Some(libc::EROFS) => tracing::warn!(
+                file = %config.display(),
+                "the config file is readable by other users and on a read-only mount; give the mount mode 0400"
+            ),
+            Err(e) => {
+                return Err(Error::io(
+                    format!("cannot restrict {}", config.display()),
+                    e,
+                ));
+            }
+        }
     }
     Ok(())
 }

@@ -3,6 +3,8 @@
 //! `terna.toml` on disk, pool throughput probes, and the hostname.
 
 #[forbid(unsafe_code)]
+pub mod cgroup;
+#[forbid(unsafe_code)]
 pub mod config_file;
 #[forbid(unsafe_code)]
 pub mod files;

@@ -39,6 +39,9 @@ pub struct NodeCore {
     /// Directories besides the data dir no volume is staged or published
     /// in or above: this node's pools.
     protected: Vec<PathBuf>,
+    /// The host's cgroup mount, when engines must leave the pod this
+    /// process runs in (see `host::cgroup`).
+    engine_cgroup_root: Option<PathBuf>,
 }
 
 /// Whether nodes are still alive, for taking over the staging claim of one
@@ -67,12 +70,21 @@ impl NodeCore {
             children: Mutex::new(HashMap::new()),
             liveness: None,
             protected: Vec::new(),
+            engine_cgroup_root: None,
         }
     }
 
     /// Never stages or publishes in or above these directories (the pools).
     pub fn with_protected(mut self, dirs: impl IntoIterator<Item = PathBuf>) -> NodeCore {
         self.protected.extend(dirs);
+        self
+    }
+
+    /// Engines it starts move out of this process's pod into the cgroup
+    /// beside the pods, under the host's cgroup mount `root`, so that the
+    /// pod's end does not end them.
+    pub fn with_engine_cgroup_root(mut self, root: Option<PathBuf>) -> NodeCore {
+        self.engine_cgroup_root = root;
         self
     }
 
@@ -456,8 +468,12 @@ impl NodeCore {
             .open(&log_path)
             .map_err(|e| Error::io(format!("cannot open {}", log_path.display()), e))?;
         let exe = std::env::current_exe().map_err(|e| Error::io("cannot find own binary", e))?;
-        let mut child = Command::new(exe)
-            .arg("engine")
+        let mut engine = Command::new(exe);
+        engine.arg("engine");
+        if let Some(root) = &self.engine_cgroup_root {
+            engine.arg("--cgroup-root").arg(root);
+        }
+        let mut child = engine
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--node-id")

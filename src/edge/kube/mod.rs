@@ -9,6 +9,7 @@ pub mod capacity;
 pub mod client;
 pub mod cluster_report;
 pub mod crd;
+pub mod engine_credentials;
 pub mod health_events;
 pub mod leader;
 pub mod leading;
