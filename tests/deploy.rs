@@ -22,12 +22,13 @@ use std::time::{Duration, Instant};
 
 use common::cluster::KubeEnv;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, Secret};
 
 const NAMESPACE: &str = "terna-system";
 const TOKEN_SECRET: &str = "terna-cluster-token";
-/// The key kustomization.yaml's secretGenerator gives the token.
-const TOKEN_KEY: &str = "token";
+/// The key the controller writes the token under, and node.yaml's mount
+/// of the Secret makes a file of.
+const TOKEN_KEY: &str = terna::edge::kube::cluster_token::TOKEN_KEY;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -208,12 +209,13 @@ fn deploy_base_passes_server_side_dry_run() {
         "role.rbac.authorization.k8s.io/terna-controller",
         "rolebinding.rbac.authorization.k8s.io/terna-controller",
         "configmap/terna-node-config",
-        "secret/terna-cluster-token-",
         "deployment.apps/terna-controller",
         "daemonset.apps/terna-node",
     ] {
         assert!(out.contains(object), "{object} missing from:\n{out}");
     }
+    // The token is the controller's to generate: the base ships none.
+    assert!(!out.contains("secret/"), "a Secret in the base:\n{out}");
 }
 
 #[test]
@@ -345,21 +347,13 @@ fn node_config_parses_and_points_at_what_node_yaml_mounts() {
         );
     }
 
-    // Both read the token from the Secret's generated key.
+    // The controller makes the token Secret (the base has no generator
+    // for it); the node reads the key it writes, by the Secret's fixed name.
     let kustomization: serde_yaml::Value =
         serde_yaml::from_str(&read("deploy/kustomization.yaml")).unwrap();
-    let generator = kustomization["secretGenerator"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|g| g["name"].as_str() == Some(TOKEN_SECRET))
-        .expect("a secretGenerator for the token");
     assert!(
-        generator["literals"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .any(|l| l.as_str().unwrap().starts_with(&format!("{TOKEN_KEY}=")))
+        kustomization.get("secretGenerator").is_none(),
+        "the base generates a Secret: the token is the controller's to make"
     );
     assert_eq!(
         config.cluster_token_file.as_deref(),
@@ -367,9 +361,19 @@ fn node_config_parses_and_points_at_what_node_yaml_mounts() {
     );
     let controller = controller_pod();
     let c = &controller.containers[0];
+    let args = container_args(c, &container_env(c));
     assert_eq!(
-        flag(&container_args(c, &container_env(c)), "cluster-token-file").map(PathBuf::from),
-        Some(token_mount(&controller).join(TOKEN_KEY))
+        flag(&args, "cluster-token-secret").as_deref(),
+        Some(TOKEN_SECRET)
+    );
+    assert_eq!(flag(&args, "cluster-token-file"), None);
+    assert!(
+        controller
+            .volumes
+            .iter()
+            .flatten()
+            .all(|v| v.secret.is_none()),
+        "the controller reads the token through the API, not a mounted Secret"
     );
 }
 
@@ -439,6 +443,26 @@ fn wait_until(
     }
 }
 
+/// The token in Secret terna-cluster-token, if it exists.
+fn secret_token(env: &KubeEnv) -> Option<Vec<u8>> {
+    token_secret(env).map(|s| s.data.unwrap()[TOKEN_KEY].0.clone())
+}
+
+/// Secret terna-cluster-token, if it exists.
+fn token_secret(env: &KubeEnv) -> Option<Secret> {
+    let out = env.kubectl(&[
+        "get",
+        "secret",
+        TOKEN_SECRET,
+        "-n",
+        NAMESPACE,
+        "--ignore-not-found",
+        "-o",
+        "json",
+    ]);
+    (!out.trim().is_empty()).then(|| serde_json::from_str(&out).unwrap())
+}
+
 /// The controller and a node run with deploy/'s args and env (paths and
 /// addresses swapped for local ones) and their ServiceAccounts' tokens;
 /// they must take a claim through provisioning, events, capacity
@@ -451,8 +475,34 @@ fn controller_and_node_provision_and_delete_a_volume_with_only_their_rbac() {
         .prefix("terna-deploy-")
         .tempdir()
         .unwrap();
+    let controller_pod = controller_pod();
+    let controller = &controller_pod.containers[0];
+    let controller_env = container_env(controller);
+    let mut controller_args = container_args(controller, &controller_env);
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    controller_args = with_flag(&controller_args, "metrics-listen", &metrics);
+    let kubeconfig = service_account_kubeconfig(&env, "terna-controller", root.path());
+    controller_args = with_flag(&controller_args, "kubeconfig", kubeconfig.to_str().unwrap());
+    let controller = Running::spawn(
+        &controller_args,
+        &controller_env,
+        root.path().join("controller.log"),
+    );
+    wait_until(
+        "the controller to generate the token Secret",
+        Duration::from_secs(30),
+        &|| controller.log(),
+        || secret_token(&env).is_some(),
+    );
+
+    // The node reads the token the controller generated, as node.yaml's
+    // mount of the Secret would give it.
     let token = root.path().join(TOKEN_KEY);
-    std::fs::write(&token, "test-cluster-token\n").unwrap();
+    std::fs::write(&token, secret_token(&env).unwrap()).unwrap();
     let token = token.to_str().unwrap();
 
     // The node, with one fast pool (for terna-scratch) in a local data dir.
@@ -493,24 +543,6 @@ fn controller_and_node_provision_and_delete_a_volume_with_only_their_rbac() {
     node_args = with_flag(&node_args, "kubeconfig", kubeconfig.to_str().unwrap());
     let node = Running::spawn(&node_args, &node_env, root.path().join("node.log"));
 
-    let controller_pod = controller_pod();
-    let controller = &controller_pod.containers[0];
-    let controller_env = container_env(controller);
-    let mut controller_args = container_args(controller, &controller_env);
-    controller_args = with_flag(&controller_args, "cluster-token-file", token);
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
-    controller_args = with_flag(&controller_args, "metrics-listen", &metrics);
-    let kubeconfig = service_account_kubeconfig(&env, "terna-controller", root.path());
-    controller_args = with_flag(&controller_args, "kubeconfig", kubeconfig.to_str().unwrap());
-    let controller = Running::spawn(
-        &controller_args,
-        &controller_env,
-        root.path().join("controller.log"),
-    );
     let logs = || {
         format!(
             "--- node ---\n{}\n--- controller ---\n{}",
@@ -627,6 +659,26 @@ fn service_accounts_cannot_read_secrets_or_write_beyond_their_duties() {
     for (sa, args) in [
         ("terna-controller", &["get", "secrets", "-n", NAMESPACE][..]),
         ("terna-controller", &["list", "secrets", "--all-namespaces"]),
+        // The token Secret by name, and no other; never listed or changed.
+        (
+            "terna-controller",
+            &["get", "secret/other", "-n", NAMESPACE],
+        ),
+        ("terna-controller", &["list", "secrets", "-n", NAMESPACE]),
+        ("terna-controller", &["watch", "secrets", "-n", NAMESPACE]),
+        (
+            "terna-controller",
+            &["update", &format!("secret/{TOKEN_SECRET}"), "-n", NAMESPACE],
+        ),
+        (
+            "terna-controller",
+            &["delete", &format!("secret/{TOKEN_SECRET}"), "-n", NAMESPACE],
+        ),
+        (
+            "terna-controller",
+            &["get", &format!("secret/{TOKEN_SECRET}"), "-n", "default"],
+        ),
+        ("terna-controller", &["create", "secrets", "-n", "default"]),
         (
             "terna-controller",
             &["update", "persistentvolumeclaims", "-n", "default"],
@@ -673,10 +725,166 @@ fn service_accounts_cannot_read_secrets_or_write_beyond_their_duties() {
         "terna-controller",
         &["create", "leases.coordination.k8s.io", "-n", NAMESPACE]
     ));
+    // The cluster token: read by name, created when absent.
+    assert!(can_i(
+        &env,
+        "terna-controller",
+        &["get", &format!("secret/{TOKEN_SECRET}"), "-n", NAMESPACE]
+    ));
+    assert!(can_i(
+        &env,
+        "terna-controller",
+        &["create", "secrets", "-n", NAMESPACE]
+    ));
     // Its own liveness Lease, in its own namespace only.
     assert!(can_i(
         &env,
         "terna-node",
         &["update", "leases.coordination.k8s.io", "-n", NAMESPACE]
     ));
+}
+
+/// `terna controller` with deploy/'s args and env and its ServiceAccount's
+/// token, its metrics on a free local port.
+fn deployed_controller(env: &KubeEnv, dir: &Path, log: &str) -> Running {
+    let pod = controller_pod();
+    let c = &pod.containers[0];
+    let c_env = container_env(c);
+    let mut args = container_args(c, &c_env);
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    args = with_flag(&args, "metrics-listen", &metrics);
+    let kubeconfig = dir.join("terna-controller.kubeconfig");
+    if !kubeconfig.exists() {
+        service_account_kubeconfig(env, "terna-controller", dir);
+    }
+    args = with_flag(&args, "kubeconfig", kubeconfig.to_str().unwrap());
+    Running::spawn(&args, &c_env, dir.join(log))
+}
+
+/// Waits for `running` to exit by itself; its status.
+fn exit_status(running: &mut Running, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = running.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running after {timeout:?}:\n{}",
+            running.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// deploy/ ships no token: the controller, with only its RBAC, generates
+/// Secret terna-cluster-token on first start, a second start reuses it, and
+/// a Secret holding the placeholder, a short token or no `token` key stops
+/// it at start with an error naming the Secret.
+#[test]
+fn the_controller_generates_the_token_secret_once_and_refuses_a_bad_one() {
+    let env = KubeEnv::start();
+    env.kubectl(&["apply", "-k", "deploy/"]);
+    let root = tempfile::Builder::new()
+        .prefix("terna-token-")
+        .tempdir()
+        .unwrap();
+    assert!(token_secret(&env).is_none(), "the base made the Secret");
+
+    // First start: created, 32 random bytes in hex, labelled and annotated.
+    let first = deployed_controller(&env, root.path(), "first.log");
+    wait_until(
+        "the controller to generate the token Secret",
+        Duration::from_secs(30),
+        &|| first.log(),
+        || token_secret(&env).is_some(),
+    );
+    let secret = token_secret(&env).unwrap();
+    let token = secret.data.as_ref().unwrap()[TOKEN_KEY].0.clone();
+    assert_eq!(token.len(), 64, "{:?}", String::from_utf8_lossy(&token));
+    assert!(
+        token
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+    );
+    assert_eq!(secret.type_.as_deref(), Some("Opaque"));
+    assert_eq!(
+        secret.metadata.labels.as_ref().unwrap()["app.kubernetes.io/name"],
+        "terna"
+    );
+    let note = &secret.metadata.annotations.as_ref().unwrap()
+        [terna::edge::kube::cluster_token::GENERATED_ANNOTATION];
+    assert!(note.contains("kubectl create secret generic"), "{note}");
+    let version = secret.metadata.resource_version.clone();
+    drop(first);
+
+    // Second start: the same Secret, untouched, and it keeps running.
+    let second = deployed_controller(&env, root.path(), "second.log");
+    wait_until(
+        "the second controller to read the Secret",
+        Duration::from_secs(30),
+        &|| second.log(),
+        || {
+            second
+                .log()
+                .contains("cluster token from the existing Secret")
+        },
+    );
+    let again = token_secret(&env).unwrap();
+    assert_eq!(again.data.unwrap()[TOKEN_KEY].0, token);
+    assert_eq!(again.metadata.resource_version, version);
+    drop(second);
+
+    // A Secret an admin got wrong: the controller exits naming it.
+    for (data, why) in [
+        (
+            "--from-literal=token=REPLACE-ME-with-the-output-of-openssl-rand-hex-32",
+            "placeholder",
+        ),
+        ("--from-literal=token=short", "fewer than the 16"),
+        (
+            "--from-literal=tokn=0123456789abcdef0123",
+            "has no key `token`",
+        ),
+    ] {
+        env.kubectl(&["delete", "secret", TOKEN_SECRET, "-n", NAMESPACE]);
+        env.kubectl(&[
+            "create",
+            "secret",
+            "generic",
+            TOKEN_SECRET,
+            "-n",
+            NAMESPACE,
+            data,
+        ]);
+        let mut bad = deployed_controller(&env, root.path(), "bad.log");
+        let status = exit_status(&mut bad, Duration::from_secs(30));
+        let log = bad.log();
+        assert!(!status.success(), "{data}: exited {status}:\n{log}");
+        assert!(
+            log.contains(&format!("Secret {NAMESPACE}/{TOKEN_SECRET}")),
+            "{data}:\n{log}"
+        );
+        assert!(log.contains(why), "{data}:\n{log}");
+        // And it left the Secret alone.
+        assert!(token_secret(&env).unwrap().data.unwrap().len() == 1);
+    }
+
+    // One source of the token only.
+    let pod = controller_pod();
+    let c = &pod.containers[0];
+    let c_env = container_env(c);
+    let both = with_flag(
+        &container_args(c, &c_env),
+        "cluster-token-file",
+        "/etc/terna/token/token",
+    );
+    let out = check_args(&both, &c_env);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cluster-token-secret"), "{err}");
 }

@@ -277,6 +277,39 @@ impl Config {
 pub const MIN_TOKEN_BYTES: usize = 16;
 /// Longest cluster token accepted (it must fit in a pre-authentication Hello).
 pub const MAX_TOKEN_BYTES: usize = 1024;
+/// How the placeholder token deploy/kustomization.yaml once shipped
+/// begins; it is public, so a token starting so protects nothing.
+pub const PLACEHOLDER_TOKEN: &[u8] = b"REPLACE-ME";
+
+/// Why a cluster token is refused, wherever it came from (a file, a
+/// Secret); the caller says where it was and how to make a good one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenProblem {
+    #[error("is {0} bytes, fewer than the {MIN_TOKEN_BYTES} required")]
+    TooShort(usize),
+    #[error("is {0} bytes, more than the {MAX_TOKEN_BYTES} allowed")]
+    TooLong(usize),
+    #[error("is the public placeholder that deploy/kustomization.yaml once shipped")]
+    Placeholder,
+}
+
+/// The one check every cluster token passes: surrounding whitespace is not
+/// part of it (a file's trailing newline), and what is left must be
+/// `MIN_TOKEN_BYTES..=MAX_TOKEN_BYTES` long and not the placeholder.
+/// Returns the token without the whitespace.
+pub fn check_cluster_token(raw: &[u8]) -> Result<&[u8], TokenProblem> {
+    let token = raw.trim_ascii();
+    if token.len() < MIN_TOKEN_BYTES {
+        return Err(TokenProblem::TooShort(token.len()));
+    }
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(TokenProblem::TooLong(token.len()));
+    }
+    if token.starts_with(PLACEHOLDER_TOKEN) {
+        return Err(TokenProblem::Placeholder);
+    }
+    Ok(token)
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,6 +355,28 @@ mod tests {
             cluster_token_file: Some("token".into()),
             ..Config::default_standalone()
         }
+    }
+
+    #[test]
+    fn cluster_tokens_are_trimmed_and_checked_for_length_and_the_placeholder() {
+        assert_eq!(
+            check_cluster_token(b"  0123456789abcdef\n"),
+            Ok(&b"0123456789abcdef"[..])
+        );
+        assert_eq!(
+            check_cluster_token(b"0123456789abcde\n"),
+            Err(TokenProblem::TooShort(15))
+        );
+        assert_eq!(check_cluster_token(b""), Err(TokenProblem::TooShort(0)));
+        assert_eq!(
+            check_cluster_token(&[b'x'; MAX_TOKEN_BYTES + 1]),
+            Err(TokenProblem::TooLong(MAX_TOKEN_BYTES + 1))
+        );
+        assert!(check_cluster_token(&[b'x'; MAX_TOKEN_BYTES]).is_ok());
+        assert_eq!(
+            check_cluster_token(b"REPLACE-ME-with-the-output-of-openssl-rand-hex-32"),
+            Err(TokenProblem::Placeholder)
+        );
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub struct Args {
     /// Run without leader election (only ever one controller).
     #[arg(long)]
     no_leader_elect: bool,
+    /// Namespace of the leader lease and of --cluster-token-secret.
     #[arg(long, env = "POD_NAMESPACE", default_value = "terna-system")]
     lease_namespace: String,
     #[arg(long, default_value = "terna-controller")]
@@ -38,8 +39,12 @@ pub struct Args {
     #[arg(long, default_value_t = 15)]
     lease_duration_secs: u64,
     /// File holding the token replica agents require.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cluster_token_secret")]
     cluster_token_file: Option<PathBuf>,
+    /// Secret (in the lease namespace) holding the token replica agents
+    /// require under key `token`; created with a random token if absent.
+    #[arg(long)]
+    cluster_token_secret: Option<String>,
     #[arg(long, default_value_t = 5000)]
     agent_timeout_ms: u64,
     /// Allocatable bytes per pool = capacity × this, unless the pool says otherwise.
@@ -70,7 +75,7 @@ struct ControllerOptions {
     identity: String,
     /// `None`: run without leader election (one controller only).
     lease: Option<LeaseConfig>,
-    cluster_token_file: Option<PathBuf>,
+    token: TokenSource,
     agent_timeout: Duration,
     overcommit_ratio: f64,
     concurrency: u16,
@@ -85,6 +90,17 @@ struct ControllerOptions {
     metrics_listen: Option<std::net::SocketAddr>,
 }
 
+/// Where the cluster token comes from.
+enum TokenSource {
+    /// No token: agents refuse this controller (NFS pools only).
+    None,
+    /// `--cluster-token-file`.
+    File(PathBuf),
+    /// `--cluster-token-secret`: a Secret in the controller's namespace,
+    /// generated when it does not exist.
+    Secret { namespace: String, name: String },
+}
+
 impl ControllerOptions {
     fn from_args(args: Args) -> Result<ControllerOptions> {
         let identity = match args.id {
@@ -94,6 +110,19 @@ impl ControllerOptions {
                 crate::datapath::host::hostname::hostname()?,
                 std::process::id()
             ),
+        };
+        let token = match (args.cluster_token_file, args.cluster_token_secret) {
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(
+                    "give --cluster-token-file or --cluster-token-secret, not both",
+                ));
+            }
+            (Some(path), None) => TokenSource::File(path),
+            (None, Some(name)) => TokenSource::Secret {
+                namespace: args.lease_namespace.clone(),
+                name,
+            },
+            (None, None) => TokenSource::None,
         };
         let duration = Duration::from_secs(args.lease_duration_secs.max(3));
         let lease = (!args.no_leader_elect).then(|| LeaseConfig {
@@ -107,7 +136,7 @@ impl ControllerOptions {
             kubeconfig: args.kubeconfig,
             identity,
             lease,
-            cluster_token_file: args.cluster_token_file,
+            token,
             agent_timeout: Duration::from_millis(args.agent_timeout_ms),
             overcommit_ratio: args.overcommit_ratio,
             concurrency: args.concurrency.max(1),
@@ -128,12 +157,16 @@ pub fn run(args: Args) -> Result<()> {
 
 async fn serve(opts: ControllerOptions) -> Result<()> {
     let client = crate::edge::kube::client::client(opts.kubeconfig.as_deref()).await?;
-    let token = match &opts.cluster_token_file {
-        Some(path) => crate::datapath::host::config_file::read_cluster_token(path)?,
-        None => {
+    // Before anything uses it: a bad token is an error at start.
+    let token = match &opts.token {
+        TokenSource::File(path) => crate::datapath::host::config_file::read_cluster_token(path)?,
+        TokenSource::Secret { namespace, name } => {
+            crate::edge::kube::cluster_token::get_or_create(client.clone(), namespace, name).await?
+        }
+        TokenSource::None => {
             warn!(
-                "no --cluster-token-file: every node's agent will refuse this controller, \
-                 so only NFS pools can hold new replicas"
+                "no --cluster-token-secret or --cluster-token-file: every node's agent will \
+                 refuse this controller, so only NFS pools can hold new replicas"
             );
             Vec::new()
         }

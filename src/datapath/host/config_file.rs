@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::core::config::{CONFIG_FILE, Config, HEADER, MAX_TOKEN_BYTES, MIN_TOKEN_BYTES};
+use crate::core::config::{CONFIG_FILE, Config, HEADER, MIN_TOKEN_BYTES, check_cluster_token};
 use crate::core::error::{Error, Result};
 use crate::datapath::host::files::atomic_write;
 
@@ -64,13 +64,10 @@ pub fn cluster_token(config: &Config, data_dir: &Path) -> Result<Vec<u8>> {
     }
     Ok(token)
 }
-/// How deploy/kustomization.yaml's placeholder token begins.
-const PLACEHOLDER_TOKEN: &[u8] = b"REPLACE-ME";
-
-/// Reads a cluster token file (`cluster_token_file`, `--cluster-token-file`):
-/// surrounding whitespace is not part of the token, and a token shorter
-/// than `MIN_TOKEN_BYTES`, longer than `MAX_TOKEN_BYTES`, or the deploy
-/// placeholder is refused with a message saying how to make a good one.
+/// Reads a cluster token file (`cluster_token_file`, `--cluster-token-file`)
+/// and checks it as every token is (`config::check_cluster_token`):
+/// a short, long or placeholder token is refused with a message saying how
+/// to make a good one.
 pub fn read_cluster_token(path: &Path) -> Result<Vec<u8>> {
     let make = format!("make one with `openssl rand -hex 32 > {}`", path.display());
     let mut token = Vec::new();
@@ -88,28 +85,13 @@ pub fn read_cluster_token(path: &Path) -> Result<Vec<u8>> {
                 e,
             )
         })?;
-    let token = token.trim_ascii();
-    if token.len() < MIN_TOKEN_BYTES {
-        return Err(Error::precondition(format!(
-            "cluster token {} (cluster_token_file) is {} bytes, fewer than the {MIN_TOKEN_BYTES} required; {make}",
-            path.display(),
-            token.len()
-        )));
-    }
-    if token.len() > MAX_TOKEN_BYTES {
-        return Err(Error::precondition(format!(
-            "cluster token {} (cluster_token_file) is {} bytes, more than the {MAX_TOKEN_BYTES} allowed; {make}",
-            path.display(),
-            token.len()
-        )));
-    }
-    if token.starts_with(PLACEHOLDER_TOKEN) {
-        return Err(Error::precondition(format!(
-            "cluster token {} (cluster_token_file) is the public placeholder from deploy/kustomization.yaml; {make}",
+    match check_cluster_token(&token) {
+        Ok(token) => Ok(token.to_vec()),
+        Err(problem) => Err(Error::precondition(format!(
+            "cluster token {} (cluster_token_file) {problem}; {make}",
             path.display()
-        )));
+        ))),
     }
-    Ok(token.to_vec())
 }
 
 /// A token file inside the data dir is ours to keep private: 0600 in a

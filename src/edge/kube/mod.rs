@@ -1,13 +1,14 @@
 //! Kubernetes as the database: the `terna.dev` CRDs, the state store on
 //! them, the provisioner and what the controller does while it leads, leader
-//! election, node pool registration and liveness, and the CLI's cluster
-//! report.
+//! election, node pool registration and liveness, the cluster token's
+//! Secret, and the CLI's cluster report.
 
 pub mod allocation;
 pub mod backing;
 pub mod capacity;
 pub mod client;
 pub mod cluster_report;
+pub mod cluster_token;
 pub mod crd;
 pub mod engine_credentials;
 pub mod health_events;
