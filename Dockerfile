@@ -15,13 +15,12 @@ COPY bench/datapath.rs bench/provision.rs bench/
 RUN cargo build --release --locked --bin terna
 
 FROM debian:bookworm-slim
-# The node formats, checks, grows and mounts volumes with these tools:
-# mkfs.ext4/resize2fs (e2fsprogs), mkfs.xfs/xfs_growfs (xfsprogs), blkid
-# (util-linux), mount and losetup (mount). CA certificates for the API server
-# and registries outside the cluster.
+# The runtime's tools (formatting, checking, growing and mounting volumes,
+# CA certificates): deploy/image/packages says which and why, and
+# scripts/build-images installs the same list when no registry is at hand.
+COPY deploy/image/packages /tmp/packages
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends \
-        ca-certificates e2fsprogs xfsprogs util-linux mount \
-    && rm -rf /var/lib/apt/lists/*
+    && grep -v '^#' /tmp/packages | xargs apt-get install -y --no-install-recommends \
+    && rm -rf /var/lib/apt/lists/* /tmp/packages
 COPY --from=build /src/target/release/terna /usr/local/bin/terna
 ENTRYPOINT ["/usr/local/bin/terna"]

@@ -117,9 +117,9 @@ impl Cluster {
                 "get",
                 "storagepools",
                 "-o",
-                "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+                "jsonpath={range .items[*]}{.status.health}{\"\\n\"}{end}",
             ]);
-            out.lines().filter(|l| *l == "True").count() >= NODES
+            out.lines().filter(|l| *l == "Ready").count() >= NODES
         });
     }
 
