@@ -101,10 +101,14 @@ impl Cluster {
 
     fn wait_for_terna(&self) {
         wait_until("the controller Deployment available", 240, || {
-            self.get(
-                "-n terna-system deployment terna-controller",
-                "{.status.availableReplicas}",
-            ) == "1"
+            let [want, available, updated] = ["replicas", "availableReplicas", "updatedReplicas"]
+                .map(|f| {
+                    self.get(
+                        "-n terna-system deployment terna-controller",
+                        &format!("{{.status.{f}}}"),
+                    )
+                });
+            !want.is_empty() && available == want && updated == want
         });
         wait_until("every node plugin pod ready", 240, || {
             self.get(
@@ -393,7 +397,7 @@ spec:
         .exec(
             ns,
             "db-0",
-            "sha256sum -c -s /data/sums && wc -l < /data/sums",
+            "cd /data && sha256sum -c -s sums && wc -l < sums",
         )
         .unwrap();
     assert_eq!(out.trim(), "16");

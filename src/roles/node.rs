@@ -154,7 +154,7 @@ async fn serve(opts: NodeOptions) -> Result<()> {
             kubeconfig: match &opts.kubeconfig {
                 Some(k) => Some(k.clone()),
                 None => {
-                    engine_kubeconfig(
+                    crate::edge::kube::engine_credentials::install(
                         &client,
                         &opts.data_dir,
                         &opts.lease_namespace,
@@ -269,39 +269,6 @@ async fn serve(opts: NodeOptions) -> Result<()> {
     }
     info!("terna node stopped; staged volumes keep running in their engines");
     Ok(())
-}
-
-/// In a pod: the engines' own API credentials, outliving this pod (see
-/// `edge::kube::engine_credentials`); `None` outside one.
-async fn engine_kubeconfig(
-    client: &kube::Client,
-    data_dir: &Path,
-    namespace: &str,
-    service_account: Option<&str>,
-) -> Result<Option<PathBuf>> {
-    use crate::edge::kube::engine_credentials::{
-        EngineCredentials, SERVICE_ACCOUNT_DIR, in_cluster_server, issue_token, keep_fresh,
-    };
-    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
-    let port = std::env::var("KUBERNETES_SERVICE_PORT").ok();
-    let Some(server) = in_cluster_server(host.as_deref(), port.as_deref()) else {
-        return Ok(None);
-    };
-    let Some(name) = service_account else {
-        return Err(Error::invalid(
-            "in a pod, terna node needs --service-account (SERVICE_ACCOUNT_NAME): engines get a token of it that outlives the pod",
-        ));
-    };
-    let creds = EngineCredentials::new(Path::new(SERVICE_ACCOUNT_DIR), data_dir);
-    let token = issue_token(client, namespace, name).await?;
-    let kubeconfig = creds.write(&server, &token)?;
-    keep_fresh(
-        creds,
-        client.clone(),
-        namespace.to_string(),
-        name.to_string(),
-    );
-    Ok(Some(kubeconfig))
 }
 
 const REPAIR_INTERVAL: Duration = Duration::from_secs(10);

@@ -145,6 +145,36 @@ pub fn keep_fresh(creds: EngineCredentials, client: kube::Client, namespace: Str
     });
 }
 
+/// In a pod: the engines' own API credentials, outliving this pod (see
+/// `edge::kube::engine_credentials`); `None` outside one.
+pub async fn install(
+    client: &kube::Client,
+    data_dir: &Path,
+    namespace: &str,
+    service_account: Option<&str>,
+) -> Result<Option<PathBuf>> {
+    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
+    let port = std::env::var("KUBERNETES_SERVICE_PORT").ok();
+    let Some(server) = in_cluster_server(host.as_deref(), port.as_deref()) else {
+        return Ok(None);
+    };
+    let Some(name) = service_account else {
+        return Err(Error::invalid(
+            "in a pod, terna node needs --service-account (SERVICE_ACCOUNT_NAME): engines get a token of it that outlives the pod",
+        ));
+    };
+    let creds = EngineCredentials::new(Path::new(SERVICE_ACCOUNT_DIR), data_dir);
+    let token = issue_token(client, namespace, name).await?;
+    let kubeconfig = creds.write(&server, &token)?;
+    keep_fresh(
+        creds,
+        client.clone(),
+        namespace.to_string(),
+        name.to_string(),
+    );
+    Ok(Some(kubeconfig))
+}
+
 fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))
 }
