@@ -823,7 +823,9 @@ spec:
     c.wait_running(ns, "db-0", 240);
     let node = c.get(&format!("-n {ns} pod db-0"), "{.spec.nodeName}");
     let index: usize = node.trim_start_matches("node-").parse().unwrap();
-    let volume = c.get(&format!("-n {ns} pvc data-db-0"), "{.spec.volumeName}");
+    let pv = c.get(&format!("-n {ns} pvc data-db-0"), "{.spec.volumeName}");
+    // The TernaVolume is named by the volume id, the PV's handle.
+    let volume = c.get(&format!("pv {pv}"), "{.spec.csi.volumeHandle}");
 
     let killed = Instant::now();
     run(Command::new(repo().join("scripts/kube-nodes"))
