@@ -901,7 +901,10 @@ fn nothing_is_left_behind(c: &Cluster) {
             mounts
                 .lines()
                 .filter(|l| {
-                    l.contains("fuse")
+                    // fusectl is the kernel's own control filesystem, not a session of ours.
+                    let fstype = l.rsplit(' ').next().unwrap_or("");
+                    fstype == "fuse"
+                        || fstype.starts_with("fuse.")
                         || l.starts_with("/var/lib/terna/run")
                         || l.contains("/plugins/kubernetes.io/csi/")
                         || l.contains("kubernetes.io~csi")
