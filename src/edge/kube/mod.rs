@@ -9,6 +9,7 @@ pub mod capacity;
 pub mod client;
 pub mod cluster_report;
 pub mod crd;
+pub mod expansion;
 pub mod health_events;
 pub mod leader;
 pub mod leading;
