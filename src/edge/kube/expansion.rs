@@ -33,7 +33,7 @@
 //! becomes); `reconcile` below does the I/O.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{
@@ -45,14 +45,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::core::controller::ControllerCore;
 use crate::core::error::{Error, ErrorKind};
-use crate::edge::kube::provisioner::Provisioner;
 use crate::edge::kube::quantity::parse_quantity;
 
 /// `status.allocatedResourceStatuses.storage` values (core/v1
@@ -382,10 +382,19 @@ enum PassError {
     Core(Error),
 }
 
+/// What a pass works with: the provisioner's client, core, driver name and
+/// event recorder.
+pub struct Resizer<'a> {
+    pub client: &'a kube::Client,
+    pub core: &'a Arc<ControllerCore>,
+    pub driver: &'a str,
+    pub recorder: &'a Recorder,
+}
+
 /// One pass over a bound claim whose PV is `pv_name`. Claims that are not
 /// being resized return at once, without a request.
 pub async fn reconcile(
-    prov: &Provisioner,
+    prov: &Resizer<'_>,
     backoffs: &Backoffs,
     pvs: &Store<PersistentVolume>,
     pvc: &PersistentVolumeClaim,
@@ -478,7 +487,7 @@ pub async fn reconcile(
 }
 
 struct Pass<'a> {
-    prov: &'a Provisioner,
+    prov: &'a Resizer<'a>,
     backoffs: &'a Backoffs,
     pvc: &'a PersistentVolumeClaim,
     pv: &'a PersistentVolume,
@@ -651,7 +660,14 @@ impl Pass<'_> {
             action: "Resize".into(),
             secondary: None,
         };
-        self.prov.publish(self.pvc.object_ref(&()), event).await;
+        if let Err(e) = self
+            .prov
+            .recorder
+            .publish(&event, &self.pvc.object_ref(&()))
+            .await
+        {
+            warn!(error = %e, "cannot publish event");
+        }
     }
 }
 

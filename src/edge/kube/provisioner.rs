@@ -332,7 +332,13 @@ async fn reconcile_claim(
     }
     // Bound: provisioned already; it may be asking for more storage.
     if let Some(pv) = spec.volume_name.as_deref().filter(|v| !v.is_empty()) {
-        return Ok(expansion::reconcile(prov, &ctx.resizes, &ctx.volumes, &pvc, pv).await);
+        let resizer = expansion::Resizer {
+            client: &prov.client,
+            core: &prov.core,
+            driver: &prov.driver,
+            recorder: &prov.recorder,
+        };
+        return Ok(expansion::reconcile(&resizer, &ctx.resizes, &ctx.volumes, &pvc, pv).await);
     }
     let Some(class_name) = spec.storage_class_name.clone() else {
         return Ok(Action::await_change());
