@@ -7,7 +7,9 @@
 //!
 //! Stood in for: the scheduler, for WaitForFirstConsumer classes (the test
 //! sets the selected-node annotation the scheduler would set), and the
-//! kubelet (not needed here: no test stages a volume).
+//! kubelet, where a test stages a volume or expands it on a node: the test
+//! makes the kubelet's CSI calls itself (the real kubelet's are in
+//! tests/nodes.rs).
 
 #![allow(clippy::unwrap_used)]
 
@@ -1274,4 +1276,471 @@ async fn nfs_storage_pools_hold_a_claims_replicas_and_any_node_mounts_it() {
             s.addr
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// Expanding a bound claim. Terna's controller does what the external-resizer
+// does (edge/kube/expansion.rs); the kubelet's half, NodeExpandVolume, is
+// called here by the test standing in for the kubelet, as its
+// operation_generator does (volume_path = the publish target, or for Block
+// the published device; capacity = status.allocatedResources). That the real
+// kubelet (v1.34) does exactly this on its own, once the claim says
+// NodeResizePending, is proven in tests/nodes.rs against real nodes.
+// ---------------------------------------------------------------------------
+
+const MIB: u64 = 1 << 20;
+
+async fn get_claim(client: &kube::Client, name: &str) -> PersistentVolumeClaim {
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    api.get(name).await.unwrap()
+}
+
+/// What `kubectl patch pvc <name> -p '{"spec":{"resources":{"requests":{"storage":…}}}}'` does.
+async fn request_storage(client: &kube::Client, name: &str, size: &str) -> Result<(), kube::Error> {
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let patch = serde_json::json!({"spec": {"resources": {"requests": {"storage": size}}}});
+    api.patch(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .map(|_| ())
+}
+
+fn storage_of(
+    map: &Option<
+        std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    >,
+) -> Option<u64> {
+    map.as_ref()
+        .and_then(|m| m.get("storage"))
+        .and_then(|q| terna::edge::kube::quantity::parse_quantity(&q.0))
+}
+
+/// (PV capacity, claim's allocatedResources, claim's
+/// allocatedResourceStatuses, claim's status.capacity).
+async fn resize_state(
+    client: &kube::Client,
+    claim: &str,
+) -> (Option<u64>, Option<u64>, Option<String>, Option<u64>) {
+    let pvc = get_claim(client, claim).await;
+    let pv_name = pvc.spec.as_ref().unwrap().volume_name.clone().unwrap();
+    let pv = pvs(client)
+        .await
+        .into_iter()
+        .find(|p| p.metadata.name.as_deref() == Some(&pv_name))
+        .unwrap();
+    let status = pvc.status.unwrap_or_default();
+    (
+        storage_of(&pv.spec.unwrap().capacity),
+        storage_of(&status.allocated_resources),
+        status
+            .allocated_resource_statuses
+            .and_then(|m| m.get("storage").cloned()),
+        storage_of(&status.capacity),
+    )
+}
+
+/// Sizes of a volume's replica files on every node's pools.
+fn replica_sizes(cluster: &Cluster, id: &str) -> Vec<u64> {
+    cluster
+        .replica_files()
+        .iter()
+        .filter(|f| f.contains(id))
+        .map(|f| {
+            let mut parts = f.splitn(3, '/');
+            let (node, tier, file) = (
+                parts.next().unwrap(),
+                parts.next().unwrap(),
+                parts.next().unwrap(),
+            );
+            let i: usize = node[1..].parse().unwrap();
+            std::fs::metadata(cluster.node_dir(i).join("pools").join(tier).join(file))
+                .unwrap()
+                .len()
+        })
+        .collect()
+}
+
+/// Files a 64Mi claim selected onto n1 (the classes wait for a consumer)
+/// and returns its volume id once bound.
+async fn bound_claim(cluster: &Cluster, name: &str, class: &str, block: bool) -> String {
+    let client = cluster.client().await;
+    create_claim(
+        &client,
+        "default",
+        &claim(name, class, "64Mi", block, &[(SELECTED_NODE, "n1")]),
+    )
+    .await;
+    let bound = wait_bound(cluster, "default", &[name.into()], Duration::from_secs(60)).await;
+    let pv_name = bound[0].spec.as_ref().unwrap().volume_name.clone().unwrap();
+    pvs(&client)
+        .await
+        .into_iter()
+        .find(|p| p.metadata.name.as_deref() == Some(&pv_name))
+        .unwrap()
+        .spec
+        .unwrap()
+        .csi
+        .unwrap()
+        .volume_handle
+}
+
+/// The kubelet's NodeExpandVolume, as its csi_client.go sends it.
+async fn node_expand(
+    csi: &mut common::csi_client::Csi,
+    id: &str,
+    volume_path: &std::path::Path,
+    staging: &std::path::Path,
+    bytes: u64,
+    cap: terna::proto::csi::VolumeCapability,
+) -> u64 {
+    csi.node
+        .node_expand_volume(terna::proto::csi::NodeExpandVolumeRequest {
+            volume_id: id.into(),
+            volume_path: volume_path.display().to_string(),
+            capacity_range: Some(terna::proto::csi::CapacityRange {
+                required_bytes: bytes as i64,
+                limit_bytes: 0,
+            }),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .capacity_bytes as u64
+}
+
+/// The kubelet's MarkNodeExpansionFinishedWithRecovery: capacity = the
+/// size allocated, the resize status and conditions gone.
+async fn kubelet_marks_expansion_finished(client: &kube::Client, claim: &str, bytes: u64) {
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let patch = serde_json::json!({"status": {
+        "capacity": {"storage": bytes.to_string()},
+        "allocatedResourceStatuses": null,
+        "conditions": [],
+    }});
+    api.patch_status(
+        claim,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
+}
+
+fn fs_bytes(path: &std::path::Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(path).unwrap();
+    st.blocks() * st.fragment_size()
+}
+
+fn device_bytes(path: &std::path::Path) -> u64 {
+    use std::io::Seek;
+    std::fs::File::open(path)
+        .unwrap()
+        .seek(std::io::SeekFrom::End(0))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bound_claim_patched_bigger_grows_its_replicas_pv_and_status_then_the_node_grows_it_kubelet_stood_in()
+ {
+    common::assert_root("kubernetes");
+    let mut cluster = Cluster::start(3).await;
+    let _cleanup = Cleanup(cluster.root.path().to_path_buf());
+    cluster.start_controller("c1");
+    let client = cluster.client().await;
+    let root = cluster.root.path().to_path_buf();
+
+    // A filesystem claim in a running pod: staged and published on n1.
+    // xfs: growing ext4 online needs CAP_SYS_RESOURCE, which a privileged
+    // node pod has and this test's sandbox may not; xfs_growfs needs only
+    // CAP_SYS_ADMIN. (xfs volumes are made at mkfs.xfs's 300 MiB minimum.)
+    let id = bound_claim(&cluster, "data", "terna-xfs", false).await;
+    let xfs = common::csi_client::mount_cap("xfs");
+    let mut n1 = common::csi_client::Csi::connect(&cluster.node_socket(1)).await;
+    let (staging, target) = (root.join("n1-staging"), root.join("n1-target"));
+    std::fs::create_dir_all(&staging).unwrap();
+    n1.stage(&id, &staging, xfs.clone()).await;
+    n1.publish(&id, &staging, &target, xfs.clone()).await;
+    let data = common::content(11, 4 << 20);
+    common::write_synced(&target.join("before.bin"), &data);
+    let fs_before = fs_bytes(&target);
+    assert_eq!(replica_sizes(&cluster, &id), vec![300 * MIB; 3]);
+
+    request_storage(&client, "data", "640Mi").await.unwrap();
+    let c = client.clone();
+    eventually(
+        "the PV and the claim's status to say 640Mi, NodeResizePending",
+        Duration::from_secs(60),
+        || {
+            let c = c.clone();
+            async move {
+                resize_state(&c, "data").await
+                    == (
+                        Some(640 * MIB),
+                        Some(640 * MIB),
+                        Some("NodeResizePending".into()),
+                        Some(300 * MIB),
+                    )
+            }
+        },
+    )
+    .await;
+    wait_claim_event(&client, "data", "Resizing", Duration::from_secs(10)).await;
+    wait_claim_event(
+        &client,
+        "data",
+        "FileSystemResizeRequired",
+        Duration::from_secs(10),
+    )
+    .await;
+    let pvc = get_claim(&client, "data").await;
+    let conditions: Vec<String> = pvc
+        .status
+        .unwrap()
+        .conditions
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.type_)
+        .collect();
+    assert!(
+        conditions.contains(&"FileSystemResizePending".to_string()),
+        "{conditions:?}"
+    );
+    // The replicas grew (every one), and the record says so.
+    assert_eq!(replica_sizes(&cluster, &id), vec![640 * MIB; 3]);
+    assert_eq!(
+        terna_volume(&client, &id).await.spec.capacity_bytes,
+        640 * MIB
+    );
+    // Until the node's step the pod still sees the old filesystem.
+    assert_eq!(fs_bytes(&target), fs_before);
+
+    // The kubelet's step: NodeExpandVolume to the size allocated.
+    let grown = node_expand(&mut n1, &id, &target, &staging, 640 * MIB, xfs).await;
+    assert_eq!(grown, 640 * MIB);
+    let fs_after = fs_bytes(&target);
+    assert!(
+        fs_after > fs_before + 300 * MIB,
+        "filesystem did not grow: {fs_before} -> {fs_after}"
+    );
+    assert_eq!(std::fs::read(target.join("before.bin")).unwrap(), data);
+    kubelet_marks_expansion_finished(&client, "data", 640 * MIB).await;
+
+    // A Block claim: the same controller side; the node's step grows the
+    // loop device the pod has (the kubelet calls NodeExpandVolume for
+    // Block volumes too, with the published device as volume_path).
+    let raw = bound_claim(&cluster, "raw", "terna-block", true).await;
+    let block = common::csi_client::block_cap();
+    let raw_staging = root.join("n1-raw-staging");
+    let raw_device = root.join("n1-raw-pod/dev");
+    n1.stage(&raw, &raw_staging, block.clone()).await;
+    n1.publish(&raw, &raw_staging, &raw_device, block.clone())
+        .await;
+    assert_eq!(device_bytes(&raw_device), 64 * MIB);
+    request_storage(&client, "raw", "128Mi").await.unwrap();
+    let c = client.clone();
+    eventually(
+        "the block claim's PV and status to say 128Mi, NodeResizePending",
+        Duration::from_secs(60),
+        || {
+            let c = c.clone();
+            async move {
+                resize_state(&c, "raw").await
+                    == (
+                        Some(128 * MIB),
+                        Some(128 * MIB),
+                        Some("NodeResizePending".into()),
+                        Some(64 * MIB),
+                    )
+            }
+        },
+    )
+    .await;
+    assert_eq!(replica_sizes(&cluster, &raw), vec![128 * MIB; 3]);
+    assert_eq!(
+        device_bytes(&raw_device),
+        64 * MIB,
+        "grown before the node's step"
+    );
+    let grown = node_expand(&mut n1, &raw, &raw_device, &raw_staging, 128 * MIB, block).await;
+    assert_eq!(grown, 128 * MIB);
+    assert_eq!(device_bytes(&raw_device), 128 * MIB);
+    kubelet_marks_expansion_finished(&client, "raw", 128 * MIB).await;
+
+    // A controller restarted over claims already expanded does nothing
+    // again: no second Resizing, the status the kubelet left stays.
+    let resizing = |events: Vec<String>| events.iter().filter(|r| *r == "Resizing").count();
+    let before = (
+        resizing(claim_events(&client, "data").await),
+        resizing(claim_events(&client, "raw").await),
+    );
+    assert_eq!(before, (1, 1));
+    cluster.controllers[0].kill_hard();
+    cluster.controllers[0].restart();
+    let c = client.clone();
+    eventually(
+        "the restarted controller to lead",
+        Duration::from_secs(30),
+        || {
+            let c = c.clone();
+            async move { leader(&c).await.as_deref() == Some("c1") }
+        },
+    )
+    .await;
+    // It has reconciled every claim by the time a new one binds.
+    bound_claim(&cluster, "after-restart", "terna-standard", false).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        (
+            resizing(claim_events(&client, "data").await),
+            resizing(claim_events(&client, "raw").await),
+        ),
+        before
+    );
+    assert_eq!(
+        resize_state(&client, "data").await,
+        (Some(640 * MIB), Some(640 * MIB), None, Some(640 * MIB))
+    );
+    assert_eq!(
+        resize_state(&client, "raw").await,
+        (Some(128 * MIB), Some(128 * MIB), None, Some(128 * MIB))
+    );
+
+    n1.unpublish(&raw, &raw_device).await;
+    n1.unstage(&raw, &raw_staging).await;
+    n1.unpublish(&id, &target).await;
+    n1.unstage(&id, &staging).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expanding_a_claim_beyond_its_pools_room_fails_with_the_reason_and_changes_nothing() {
+    common::assert_root("kubernetes");
+    let mut cluster = Cluster::start(3).await;
+    let _cleanup = Cleanup(cluster.root.path().to_path_buf());
+    cluster.start_controller("c1");
+    let client = cluster.client().await;
+    let id = bound_claim(&cluster, "data", "terna-standard", false).await;
+
+    // Admission refuses what is not ours to refuse: a class without
+    // allowVolumeExpansion (PersistentVolumeClaimResize), and less than
+    // the claim's capacity.
+    add_class(&client, "fixed", &[("tier", "standard")], "Delete").await;
+    create_claim(
+        &client,
+        "default",
+        &claim("fixed", "fixed", "64Mi", false, &[]),
+    )
+    .await;
+    wait_bound(
+        &cluster,
+        "default",
+        &["fixed".into()],
+        Duration::from_secs(60),
+    )
+    .await;
+    let refused = request_storage(&client, "fixed", "128Mi")
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("must support resize"),
+        "{refused}"
+    );
+    let shrink = request_storage(&client, "data", "32Mi").await.unwrap_err();
+    assert!(shrink.to_string().contains("status.capacity"), "{shrink}");
+
+    // Every pool is 1 TiB: 2 TiB cannot be had.
+    request_storage(&client, "data", "2Ti").await.unwrap();
+    let c = client.clone();
+    eventually(
+        "a VolumeResizeFailed event",
+        Duration::from_secs(60),
+        || {
+            let c = c.clone();
+            async move {
+                warnings_for(&c, "default", "data")
+                    .await
+                    .iter()
+                    .any(|w| w.starts_with("VolumeResizeFailed"))
+            }
+        },
+    )
+    .await;
+    let warning = warnings_for(&client, "default", "data")
+        .await
+        .into_iter()
+        .find(|w| w.starts_with("VolumeResizeFailed"))
+        .unwrap();
+    assert!(
+        warning.contains("pool") && warning.contains("free"),
+        "the event names the pool and the reason: {warning}"
+    );
+    let c = client.clone();
+    eventually(
+        "the claim's status to say ControllerResizeInProgress with the error",
+        Duration::from_secs(10),
+        || {
+            let c = c.clone();
+            async move {
+                let status = get_claim(&c, "data").await.status.unwrap_or_default();
+                status
+                    .allocated_resource_statuses
+                    .and_then(|m| m.get("storage").cloned())
+                    .as_deref()
+                    == Some("ControllerResizeInProgress")
+                    && status
+                        .conditions
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "ControllerResizeError")
+            }
+        },
+    )
+    .await;
+    // Nothing grew: not the PV, not the record, not a replica.
+    let (pv, allocated, _, capacity) = resize_state(&client, "data").await;
+    assert_eq!(
+        (pv, allocated, capacity),
+        (Some(64 * MIB), Some(2 << 40), Some(64 * MIB))
+    );
+    assert_eq!(
+        terna_volume(&client, &id).await.spec.capacity_bytes,
+        64 * MIB
+    );
+    assert_eq!(replica_sizes(&cluster, &id), vec![64 * MIB; 3]);
+    // It is retried with a growing delay, not in a loop.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let failures = claim_events(&client, "data")
+        .await
+        .iter()
+        .filter(|r| *r == "VolumeResizeFailed")
+        .count();
+    assert!(failures <= 2, "{failures} failure events in 8 s");
+
+    // Lowering the request (allowed down to the capacity, for this) lets
+    // the expansion succeed.
+    request_storage(&client, "data", "128Mi").await.unwrap();
+    let c = client.clone();
+    eventually(
+        "the lowered request to be expanded",
+        Duration::from_secs(60),
+        || {
+            let c = c.clone();
+            async move {
+                resize_state(&c, "data").await
+                    == (
+                        Some(128 * MIB),
+                        Some(128 * MIB),
+                        Some("NodeResizePending".into()),
+                        Some(64 * MIB),
+                    )
+            }
+        },
+    )
+    .await;
+    assert_eq!(replica_sizes(&cluster, &id), vec![128 * MIB; 3]);
 }

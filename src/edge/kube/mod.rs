@@ -11,6 +11,7 @@ pub mod cluster_report;
 pub mod cluster_token;
 pub mod crd;
 pub mod engine_credentials;
+pub mod expansion;
 pub mod health_events;
 pub mod leader;
 pub mod leading;

@@ -11,7 +11,8 @@
 //! before its replicas are handled.
 //!
 //! Binding itself is kube-controller-manager's: its PV controller completes
-//! a PV whose claimRef names the claim.
+//! a PV whose claimRef names the claim. A bound claim that asks for more
+//! storage is expanded (`expansion`), in the same claim reconcile.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ use crate::core::class::VolumeClass;
 use crate::core::controller::{ControllerCore, CreateRequest};
 use crate::core::error::{Error, ErrorKind};
 use crate::core::volume::VolumeRecord;
+use crate::edge::kube::expansion::{self, Backoffs};
 use crate::edge::kube::quantity::parse_quantity;
 
 /// Our finalizer on the PVs we provision.
@@ -61,6 +63,8 @@ struct Ctx {
     prov: Arc<Provisioner>,
     classes: Store<StorageClass>,
     volumes: Store<PersistentVolume>,
+    /// Failed expansions of bound claims, and when each is tried again.
+    resizes: Backoffs,
 }
 
 /// Why a claim failed, for the Warning event: a message that says what to fix.
@@ -256,6 +260,7 @@ impl Provisioner {
             prov: self.clone(),
             classes: classes.clone(),
             volumes: volumes.clone(),
+            resizes: Backoffs::default(),
         });
         let pvs = pv_controller
             .run(reconcile_pv, retry_pv, ctx.clone())
@@ -322,10 +327,18 @@ async fn reconcile_claim(
     let Some(spec) = pvc.spec.clone() else {
         return Ok(Action::await_change());
     };
-    if spec.volume_name.as_deref().is_some_and(|v| !v.is_empty())
-        || pvc.metadata.deletion_timestamp.is_some()
-    {
+    if pvc.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
+    }
+    // Bound: provisioned already; it may be asking for more storage.
+    if let Some(pv) = spec.volume_name.as_deref().filter(|v| !v.is_empty()) {
+        let resizer = expansion::Resizer {
+            client: &prov.client,
+            core: &prov.core,
+            driver: &prov.driver,
+            recorder: &prov.recorder,
+        };
+        return Ok(expansion::reconcile(&resizer, &ctx.resizes, &ctx.volumes, &pvc, pv).await);
     }
     let Some(class_name) = spec.storage_class_name.clone() else {
         return Ok(Action::await_change());
