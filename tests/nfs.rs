@@ -9,6 +9,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::io;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -360,4 +361,220 @@ async fn full_and_read_only_exports_give_clear_errors() {
     drop(full);
     drop(ro);
     nix::mount::umount(&small).unwrap();
+}
+
+/// An NFS pool of `server` as one engine process has it (its own
+/// connections), acting under staging claim `epoch`.
+fn pool_under_claim(server: &Ganesha, epoch: u64) -> terna::datapath::replica::nfs::NfsPool {
+    use terna::core::pool::Pool;
+    let pool = terna::datapath::replica::nfs::NfsPool::new(
+        &terna::core::config::NfsPoolConfig {
+            server: server.addr.clone(),
+            port: Some(server.port),
+            mount_port: Some(server.mount_port),
+            export: "/export".into(),
+            subdir: Some("terna".into()),
+        },
+        Duration::from_secs(10),
+    );
+    pool.act_under_claim(epoch);
+    pool
+}
+
+fn owner_of(path: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(path).unwrap();
+    (md.uid(), md.mode() & 0o7777)
+}
+
+const FENCE_VOLUME: &str = "tv-0123456789abcdef01234567";
+const BLOCK: usize = 64 * 1024;
+
+/// Claim N's engine writes a replica; claim N+1's fences it: from then on
+/// every write, discard and read of N fails as fenced, on the connections
+/// it already had too (ganesha checks the owner it was told by the
+/// SETATTR, no attribute cache in between), while N keeps writing as fast
+/// as it can during the fence; the file holds exactly N+1's bytes.
+#[test]
+fn fence_nfs_replica_stops_the_older_claims_writes() {
+    use terna::core::pool::Pool;
+    let root = nfs_root();
+    let server = Ganesha::start(root.path(), "fence");
+    let name = format!("{FENCE_VOLUME}.r0.img");
+    let file = server.export.join("terna").join(&name);
+    let (old_pool, new_pool) = (pool_under_claim(&server, 7), pool_under_claim(&server, 8));
+    old_pool.create(&name, 4 * MIB).unwrap();
+    assert_eq!(owner_of(&file), (0, 0o600), "created as root's");
+    let old = std::sync::Arc::new(old_pool.open(&name).unwrap());
+    // Unfenced, not even the claim that will own it may write.
+    let unfenced = old.write_at(&vec![1u8; BLOCK], 0).unwrap_err();
+    assert!(unfenced.to_string().contains("fenced"), "{unfenced}");
+    old.fence().unwrap();
+    old.fence().unwrap();
+    let uid = terna::datapath::replica::nfs::claim_uid(7);
+    assert_eq!(owner_of(&file), (uid, 0o600));
+    old.write_at(&vec![1u8; BLOCK], 0).unwrap();
+
+    // The old claim hammers the file from four threads while the new one
+    // fences: the guarded SETATTR loses to some of those writes and tries
+    // again, and once it is through none of them lands.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let landed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let hammers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (old, stop, landed) = (old.clone(), stop.clone(), landed.clone());
+            std::thread::spawn(move || {
+                let data = vec![0xa0 + t as u8; BLOCK];
+                let mut i = 0u64;
+                let mut refused = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let at = ((t * 16 + i % 16) * BLOCK as u64) % (4 * MIB);
+                    match old.write_at(&data, at) {
+                        Ok(()) => {
+                            assert!(
+                                refused.is_empty(),
+                                "a write of the old claim landed after one was refused"
+                            );
+                            landed.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => refused.push(e),
+                    }
+                    i += 1;
+                }
+                refused
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let new = new_pool.open(&name).unwrap();
+    new.fence().unwrap();
+    let fenced_at = landed.load(Ordering::SeqCst);
+    // What N+1 writes after its fence: every block of the file.
+    let expected: Vec<u8> = (0..(4 * MIB as usize / BLOCK))
+        .flat_map(|b| common::content(8_000 + b as u64, BLOCK))
+        .collect();
+    for (b, chunk) in expected.chunks(BLOCK).enumerate() {
+        new.write_at(chunk, (b * BLOCK) as u64).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let refused: Vec<io::Error> = hammers
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert!(fenced_at > 0, "the old claim wrote before the fence");
+    assert!(!refused.is_empty());
+    for e in &refused {
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("fenced"), "{e}");
+    }
+    println!(
+        "old claim: {fenced_at} writes before the fence, {} refused after it; e.g. {}",
+        refused.len(),
+        refused[0]
+    );
+    // Pooled connections and new ones, every data-changing call, and reads.
+    for _ in 0..20 {
+        let e = old.write_at(&vec![0xee; BLOCK], 0).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+    }
+    assert!(old.discard(0, MIB).is_err());
+    assert!(old.read_at(&mut vec![0u8; BLOCK], 0).is_err());
+    let late = pool_under_claim(&server, 7);
+    let e = late
+        .open(&name)
+        .unwrap()
+        .write_at(&vec![0xee; BLOCK], 0)
+        .unwrap_err();
+    assert!(e.to_string().contains("fenced"), "{e}");
+
+    assert_eq!(
+        owner_of(&file).0,
+        terna::datapath::replica::nfs::claim_uid(8)
+    );
+    assert!(
+        std::fs::read(&file).unwrap() == expected,
+        "the file holds the old claim's bytes"
+    );
+    let mut back = vec![0u8; 4 * MIB as usize];
+    new.read_at(&mut back, 0).unwrap();
+    assert!(back == expected);
+}
+
+/// Fencing never goes backwards: claim N after N+1 is refused and leaves
+/// the file N+1's; and two claims fencing at once (an old engine's
+/// catch-up meeting the new one's start) always end with the newer one
+/// owning the file, because each SETATTR is guarded by the ctime read.
+#[test]
+fn fence_nfs_replica_never_goes_backwards() {
+    use terna::core::pool::Pool;
+    let root = nfs_root();
+    let server = Ganesha::start(root.path(), "backwards");
+    let name = |i: usize| format!("{FENCE_VOLUME}.r{i}.img");
+    let file = |i: usize| server.export.join("terna").join(name(i));
+    let (older, newer) = (pool_under_claim(&server, 41), pool_under_claim(&server, 42));
+    older.create(&name(0), MIB).unwrap();
+    let new = newer.open(&name(0)).unwrap();
+    new.fence().unwrap();
+    let old = older.open(&name(0)).unwrap();
+    let refused = old.fence().unwrap_err();
+    println!("{refused}");
+    assert_eq!(refused.kind(), io::ErrorKind::PermissionDenied);
+    assert!(refused.to_string().contains("newer claim"), "{refused}");
+    assert_eq!(
+        owner_of(&file(0)).0,
+        terna::datapath::replica::nfs::claim_uid(42)
+    );
+    new.write_at(&vec![4u8; BLOCK], 0).unwrap();
+    assert!(old.write_at(&vec![3u8; BLOCK], 0).is_err());
+
+    // Racing fencers, one fresh file a round.
+    let rounds = 20;
+    let (mut older_won, barrier) = (0, std::sync::Arc::new(std::sync::Barrier::new(2)));
+    for i in 1..=rounds {
+        older.create(&name(i), MIB).unwrap();
+        let fencers: Vec<_> = [(older.clone(), 41u64), (newer.clone(), 42)]
+            .into_iter()
+            .map(|(pool, epoch)| {
+                let (barrier, name) = (barrier.clone(), name(i));
+                std::thread::spawn(move || {
+                    let io = pool.open(&name).unwrap();
+                    barrier.wait();
+                    (epoch, io.fence())
+                })
+            })
+            .collect();
+        for f in fencers {
+            match f.join().unwrap() {
+                (42, r) => r.unwrap(),
+                (_, Ok(())) => older_won += 1,
+                (_, Err(e)) => assert!(e.to_string().contains("newer claim"), "{e}"),
+            }
+        }
+        assert_eq!(
+            owner_of(&file(i)),
+            (terna::datapath::replica::nfs::claim_uid(42), 0o600),
+            "round {i}"
+        );
+    }
+    println!(
+        "racing fencers: the older claim fenced first in {older_won} of {rounds} rounds, the newer one owns every file"
+    );
+}
+
+/// An export that squashes root cannot be fenced: fencing fails and says
+/// why, rather than leaving the replica writable by an older claim.
+#[test]
+fn fence_nfs_replica_on_a_root_squashing_export_fails_clearly() {
+    use terna::core::pool::Pool;
+    let root = nfs_root();
+    let server = Ganesha::start_squashing_root(root.path(), "squash");
+    let pool = pool_under_claim(&server, 3);
+    let name = format!("{FENCE_VOLUME}.r0.img");
+    pool.create(&name, MIB).unwrap();
+    let e = pool.open(&name).unwrap().fence().unwrap_err();
+    println!("{e}");
+    assert!(e.to_string().contains("squashes root"), "{e}");
+    let (uid, _) = owner_of(&server.export.join("terna").join(&name));
+    assert_ne!(uid, terna::datapath::replica::nfs::claim_uid(3));
 }

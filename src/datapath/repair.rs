@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::core::dirty::{DEFAULT_REGION, DirtyMap};
-use crate::core::error::Result;
+use crate::core::error::{Error, Result};
 use crate::core::pool::Pools;
 use crate::core::store::StateStore;
 use crate::core::volume::{Phase, VolumeRecord, replica_file_name};
@@ -67,6 +67,11 @@ fn repair_one(data_dir: &Path, node: &str, backing: &Backing, id: &str) -> Resul
     let result = (|| -> Result<()> {
         let config = crate::datapath::host::config_file::load_or_init(data_dir)?;
         let engine = assemble(data_dir, node, id, IO_THREADS, &config, backing)?;
+        // Under the repair claim, which is newer than whoever wrote the
+        // replicas last: NFS replicas refuse even reads until fenced for it.
+        engine
+            .fence_replicas()
+            .map_err(|e| Error::io("cannot fence the volume's replicas", e))?;
         let started = Instant::now();
         let want = store.get(id)?.map(|r| r.replicas.len()).unwrap_or(0);
         // Hold the claim only while repair gets somewhere: a replica that

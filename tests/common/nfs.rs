@@ -74,6 +74,8 @@ pub struct Ganesha {
     pub port: u16,
     pub mount_port: u16,
     read_only: bool,
+    /// Exported with `Squash = Root_Squash` instead of `No_Root_Squash`.
+    squash_root: bool,
     child: Option<Child>,
     _rpcbind: Rpcbind,
 }
@@ -92,6 +94,13 @@ impl Ganesha {
         Self::start_with(root, name, false, None)
     }
 
+    /// A server whose export squashes root (`Squash = Root_Squash`), which
+    /// Terna cannot fence replicas on. Its directory is writable by all, as
+    /// such exports are, so the squashed root can still create files.
+    pub fn start_squashing_root(root: &Path, name: &str) -> Ganesha {
+        Self::start_full(root, name, false, None, true)
+    }
+
     /// `read_only` exports it RO; `export` serves that directory instead
     /// (e.g. a small filesystem mounted by the test).
     pub fn start_with(
@@ -100,11 +109,25 @@ impl Ganesha {
         read_only: bool,
         export: Option<PathBuf>,
     ) -> Ganesha {
+        Self::start_full(root, name, read_only, export, false)
+    }
+
+    fn start_full(
+        root: &Path,
+        name: &str,
+        read_only: bool,
+        export: Option<PathBuf>,
+        squash_root: bool,
+    ) -> Ganesha {
         let rpcbind = Rpcbind::acquire();
         let dir = root.join(name);
         let export = export.unwrap_or_else(|| dir.join("export"));
         std::fs::create_dir_all(dir.join("state")).unwrap();
         std::fs::create_dir_all(&export).unwrap();
+        if squash_root {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&export, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
         let addr = format!("127.0.0.{}", NEXT_ADDR.fetch_add(1, Ordering::SeqCst));
         let (port, mount_port) = (free_port(&addr), free_port(&addr));
         let mut g = Ganesha {
@@ -114,6 +137,7 @@ impl Ganesha {
             port,
             mount_port,
             read_only,
+            squash_root,
             child: None,
             _rpcbind: rpcbind,
         };
@@ -131,7 +155,7 @@ impl Ganesha {
              NFSV4 {{ Graceless = true; Grace_Period = 0; RecoveryBackend = fs; RecoveryRoot = {state}; }}\n\
              LOG {{ Default_Log_Level = EVENT; COMPONENTS {{ DBUS = FATAL; }} }}\n\
              EXPORT {{\n  Export_Id = 1;\n  Path = {export};\n  Pseudo = /export;\n  Protocols = 3;\n  \
-             Transports = TCP;\n  Access_Type = {access};\n  Squash = No_Root_Squash;\n  SecType = sys;\n  \
+             Transports = TCP;\n  Access_Type = {access};\n  Squash = {squash};\n  SecType = sys;\n  \
              FSAL {{ Name = VFS; }}\n}}\n",
             addr = self.addr,
             port = self.port,
@@ -139,6 +163,11 @@ impl Ganesha {
             state = self.dir.join("state").display(),
             export = self.export.display(),
             access = if self.read_only { "RO" } else { "RW" },
+            squash = if self.squash_root {
+                "Root_Squash"
+            } else {
+                "No_Root_Squash"
+            },
         );
         std::fs::write(self.dir.join("ganesha.conf"), conf).unwrap();
     }

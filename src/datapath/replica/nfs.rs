@@ -13,15 +13,32 @@
 //! told is written, and `flush` has nothing left to do. NFSv3 has no way to
 //! punch holes, so a discard writes zeroes.
 //!
+//! **Fencing.** The server checks every READ and WRITE against the
+//! caller's AUTH_SYS credential, so that is the fence: replica data is read
+//! and written as `claim_uid(epoch)`, a uid of its own for each staging
+//! claim (`0x4000_0000 + epoch mod 2^30`, never root), and fencing a
+//! replica for claim N makes its file owned by N's uid with mode 0600, with
+//! a SETATTR sent as root. From then on the server refuses an older
+//! claim's calls (NFS3ERR_ACCES), on its pooled connections too. Fencing
+//! never goes backwards: it reads the file's owner first and refuses when
+//! a newer claim owns it (serial-number order on the 30 bits, so epochs
+//! may wrap as long as fewer than 2^29 claims separate two engines), and
+//! its SETATTR is guarded by the ctime it read, so a fencer that raced
+//! another one reads again instead of overwriting it. Pool calls (create,
+//! grow, lookup, FSSTAT) are root's; this needs an export that does not
+//! squash root. Claim 0 (no claim: tests, records older than epochs)
+//! reads and writes as root, unfenced.
+//!
 //! Hot path: `NfsReplica::{read_at, write_at}`.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use nfs3_client::nfs3_types::nfs3::{
     COMMIT3args, CREATE3args, FSSTAT3args, GETATTR3args, LOOKUP3args, MKDIR3args, Nfs3Option,
-    Nfs3Result, READ3args, REMOVE3args, SETATTR3args, WRITE3args, createhow3, diropargs3,
+    Nfs3Result, READ3args, REMOVE3args, SETATTR3args, WRITE3args, createhow3, diropargs3, fattr3,
     filename3, nfs_fh3, nfsstat3, sattr3, stable_how,
 };
 use nfs3_client::nfs3_types::rpc::{auth_unix, opaque_auth};
@@ -39,6 +56,13 @@ const MAX_IDLE: usize = 16;
 /// 64 MiB) but the engine's requests are at most 1 MiB anyway.
 const MAX_IO: usize = 1 << 20;
 const NFS_PORT: u16 = 2049;
+/// The uids claims write as: `CLAIM_UID_BASE + epoch mod CLAIM_UID_SPAN`,
+/// high enough to be nobody's account and far from root and `nobody`.
+const CLAIM_UID_BASE: u32 = 0x4000_0000;
+const CLAIM_UID_SPAN: u32 = 1 << 30;
+/// A fencing SETATTR loses its ctime guard to every write the older claim
+/// lands meanwhile; past this many tries the replica is reported unfenced.
+const FENCE_ATTEMPTS: u32 = 64;
 
 type Conn = Nfs3Connection<Stream>;
 
@@ -116,6 +140,8 @@ impl nfs3_client::net::Connector for Connector {
 enum CallError {
     /// The server answered with an error: the connection is fine.
     Nfs(nfsstat3),
+    /// The server answered, and fencing cannot go on.
+    Fence(FenceError),
     /// The transport failed: the connection is dropped.
     Rpc(RpcError),
 }
@@ -150,6 +176,84 @@ fn errno_of(stat: nfsstat3) -> i32 {
     }
 }
 
+/// The uid (and gid) replica data is read and written as under claim
+/// `epoch`; see the module doc.
+pub fn claim_uid(epoch: u64) -> u32 {
+    CLAIM_UID_BASE + (epoch % u64::from(CLAIM_UID_SPAN)) as u32
+}
+
+/// What fencing a file for a claim has to do, given its owner and mode.
+#[derive(Debug, PartialEq, Eq)]
+enum FenceStep {
+    /// Already fenced for this claim.
+    Done,
+    /// Owned by root (new), or by an older claim: take it.
+    Take,
+    /// A newer claim fenced it: this one has lost the volume.
+    Refuse { owner: u32 },
+}
+
+/// Pure: the step for claim `epoch` on a file with these attributes.
+/// Claims are compared in serial-number arithmetic on their 30 bits, so
+/// `CLAIM_UID_SPAN - 1` is older than `0` (wrap-around), and a claim is
+/// newer when it is at most half the span ahead.
+fn fence_step(epoch: u64, uid: u32, gid: u32, mode: u32) -> FenceStep {
+    let ours = claim_uid(epoch);
+    if uid == ours {
+        return if gid == ours && mode & 0o7777 == 0o600 {
+            FenceStep::Done
+        } else {
+            FenceStep::Take
+        };
+    }
+    if !(CLAIM_UID_BASE..CLAIM_UID_BASE + CLAIM_UID_SPAN).contains(&uid) {
+        return FenceStep::Take;
+    }
+    let ahead = (uid - CLAIM_UID_BASE).wrapping_sub(ours - CLAIM_UID_BASE) % CLAIM_UID_SPAN;
+    if ahead < CLAIM_UID_SPAN / 2 {
+        FenceStep::Refuse { owner: uid }
+    } else {
+        FenceStep::Take
+    }
+}
+
+/// Why a replica could not be fenced, beyond a failed call.
+#[derive(Debug, thiserror::Error)]
+enum FenceError {
+    #[error(
+        "fenced by a newer claim: the replica is owned by uid {owner:#x}, this engine writes as {ours:#x} (claim {epoch})"
+    )]
+    Newer { owner: u32, ours: u32, epoch: u64 },
+    #[error(
+        "the server refused root's SETATTR ({stat:?}): the export squashes root; Terna fences NFS replicas by their owner and needs an export with no root squash"
+    )]
+    RootSquashed { stat: nfsstat3 },
+    #[error(
+        "the server kept the owner uid {uid:#x} after a SETATTR to {ours:#x}: it does not let root change owners, so replicas cannot be fenced"
+    )]
+    OwnerKept { uid: u32, ours: u32 },
+    #[error("lost the ctime guard {FENCE_ATTEMPTS} times in a row: the file keeps changing")]
+    Contended,
+}
+
+/// Who a connection calls as.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    /// Pool calls and fencing.
+    Root,
+    /// Replica data, as the claim's uid.
+    Claim(u64),
+}
+
+impl Caller {
+    fn uid(self) -> u32 {
+        match self {
+            Caller::Root | Caller::Claim(0) => 0,
+            Caller::Claim(epoch) => claim_uid(epoch),
+        }
+    }
+}
+
 /// One export (and sub-directory) of one server.
 struct Target {
     server: String,
@@ -158,7 +262,12 @@ struct Target {
     export: String,
     subdir: Option<String>,
     timeout: Duration,
+    /// Root's idle connections.
     idle: Mutex<Vec<Conn>>,
+    /// The claim replica data is read and written under (0: none, root).
+    claim: AtomicU64,
+    /// Idle connections calling as a claim's uid, with that claim.
+    claim_idle: Mutex<Vec<(u64, Conn)>>,
     /// The handle of the directory replicas live in, once looked up.
     dir: OnceLock<nfs_fh3>,
 }
@@ -177,12 +286,13 @@ impl Target {
         )
     }
 
-    async fn connect(&self) -> std::result::Result<Conn, io::Error> {
+    async fn connect(&self, caller: Caller) -> std::result::Result<Conn, io::Error> {
+        let id = caller.uid();
         let cred = opaque_auth::auth_unix(&auth_unix {
             stamp: 0,
             machinename: Opaque::borrowed(b"terna"),
-            uid: 0,
-            gid: 0,
+            uid: id,
+            gid: id,
             gids: vec![],
         });
         let mut builder = Nfs3ConnectionBuilder::new(Connector, &self.server, &self.export)
@@ -198,11 +308,66 @@ impl Target {
             .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string()))
     }
 
-    /// Runs `op` on a connection under the timeout; see the module doc.
+    /// Runs a pool call, as root, with the replicas' directory.
     fn call<T>(
         &self,
         what: &str,
         op: impl AsyncFn(&mut Conn, &nfs_fh3) -> std::result::Result<T, CallError>,
+    ) -> io::Result<T> {
+        self.run(Caller::Root, what, async |conn| {
+            let dir = self.dir(conn).await?;
+            op(conn, &dir).await
+        })
+    }
+
+    /// Runs a call on replica data, as the current claim's uid.
+    fn call_data<T>(
+        &self,
+        what: &str,
+        op: impl AsyncFn(&mut Conn) -> std::result::Result<T, CallError>,
+    ) -> io::Result<T> {
+        let caller = Caller::Claim(self.claim.load(Ordering::SeqCst));
+        self.run(caller, what, op)
+    }
+
+    fn take_idle(&self, caller: Caller) -> Option<Conn> {
+        match caller {
+            Caller::Root => self.idle.lock().ok()?.pop(),
+            Caller::Claim(epoch) => {
+                let mut idle = self.claim_idle.lock().ok()?;
+                idle.retain(|(e, _)| *e == epoch);
+                idle.pop().map(|(_, c)| c)
+            }
+        }
+    }
+
+    fn give_back(&self, caller: Caller, conn: Conn) {
+        match caller {
+            Caller::Root => {
+                if let Ok(mut v) = self.idle.lock()
+                    && v.len() < MAX_IDLE
+                {
+                    v.push(conn);
+                }
+            }
+            Caller::Claim(epoch) => {
+                if let Ok(mut v) = self.claim_idle.lock()
+                    && v.len() < MAX_IDLE
+                    && epoch == self.claim.load(Ordering::SeqCst)
+                {
+                    v.push((epoch, conn));
+                }
+            }
+        }
+    }
+
+    /// Runs `op` on a connection of `caller` under the timeout; see the
+    /// module doc.
+    fn run<T>(
+        &self,
+        caller: Caller,
+        what: &str,
+        op: impl AsyncFn(&mut Conn) -> std::result::Result<T, CallError>,
     ) -> io::Result<T> {
         let fail = |kind: io::ErrorKind, detail: String| {
             io::Error::new(kind, format!("{}: {what}: {detail}", self.describe()))
@@ -211,11 +376,11 @@ impl Target {
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                let idle = self.idle.lock().ok().and_then(|mut v| v.pop());
+                let idle = self.take_idle(caller);
                 let reused = idle.is_some();
                 let mut conn = match idle {
                     Some(c) => c,
-                    None => match tokio::time::timeout(self.timeout, self.connect()).await {
+                    None => match tokio::time::timeout(self.timeout, self.connect(caller)).await {
                         Ok(Ok(c)) => c,
                         Ok(Err(e)) => return Err(fail(e.kind(), e.to_string())),
                         Err(_) => {
@@ -226,26 +391,37 @@ impl Target {
                         }
                     },
                 };
-                let done = tokio::time::timeout(self.timeout, async {
-                    let dir = self.dir(&mut conn).await?;
-                    op(&mut conn, &dir).await
-                })
-                .await;
+                let done = tokio::time::timeout(self.timeout, op(&mut conn)).await;
                 match done {
                     Ok(result) => {
                         if !matches!(result, Err(CallError::Rpc(_))) {
-                            self.give_back(conn);
+                            self.give_back(caller, conn);
                         }
                         match result {
                             Ok(v) => return Ok(v),
+                            Err(CallError::Fence(e)) => {
+                                return Err(io::Error::new(
+                                    io::ErrorKind::PermissionDenied,
+                                    format!("{}: {what}: {e}", self.describe()),
+                                ));
+                            }
                             Err(CallError::Nfs(stat)) => {
                                 let errno = errno_of(stat);
+                                let fenced = match caller {
+                                    Caller::Claim(epoch) if epoch > 0 && errno == libc::EACCES => {
+                                        format!(
+                                            ": fenced: the server refuses claim {epoch}'s uid {:#x} (a newer claim fenced the replica, or this one never did)",
+                                            claim_uid(epoch)
+                                        )
+                                    }
+                                    _ => String::new(),
+                                };
                                 return Err(io::Error::new(
                                     io::Error::from_raw_os_error(errno).kind(),
                                     ServerSaid {
                                         errno,
                                         message: format!(
-                                            "{}: {what}: {stat:?} (errno {errno})",
+                                            "{}: {what}: {stat:?} (errno {errno}){fenced}",
                                             self.describe()
                                         ),
                                     },
@@ -267,14 +443,6 @@ impl Target {
                 }
             }
         })
-    }
-
-    fn give_back(&self, conn: Conn) {
-        if let Ok(mut v) = self.idle.lock()
-            && v.len() < MAX_IDLE
-        {
-            v.push(conn);
-        }
     }
 
     /// The replicas' directory, created inside the export on first use.
@@ -340,9 +508,13 @@ async fn lookup(
     }
 }
 
-async fn size_of(conn: &mut Conn, fh: &nfs_fh3) -> std::result::Result<u64, CallError> {
+async fn attributes(conn: &mut Conn, fh: &nfs_fh3) -> std::result::Result<fattr3, CallError> {
     let attr = ok(conn.getattr(&GETATTR3args { object: fh.clone() }).await?)?;
-    Ok(attr.obj_attributes.size)
+    Ok(attr.obj_attributes)
+}
+
+async fn size_of(conn: &mut Conn, fh: &nfs_fh3) -> std::result::Result<u64, CallError> {
+    Ok(attributes(conn, fh).await?.size)
 }
 
 async fn set_size(conn: &mut Conn, fh: &nfs_fh3, size: u64) -> std::result::Result<(), CallError> {
@@ -409,6 +581,8 @@ impl NfsPool {
                 subdir: cfg.subdir.clone().filter(|s| !s.is_empty()),
                 timeout,
                 idle: Mutex::new(Vec::new()),
+                claim: AtomicU64::new(0),
+                claim_idle: Mutex::new(Vec::new()),
                 dir: OnceLock::new(),
             }),
         }
@@ -430,6 +604,13 @@ impl NfsPool {
 }
 
 impl Pool for NfsPool {
+    fn act_under_claim(&self, epoch: u64) {
+        self.target.claim.store(epoch, Ordering::SeqCst);
+        if let Ok(mut idle) = self.target.claim_idle.lock() {
+            idle.clear();
+        }
+    }
+
     fn create(&self, name: &str, size: u64) -> Result<()> {
         // A name is one component in the pool's directory: never `..`
         // (the export's root or another pool's subdir), never a path.
@@ -556,7 +737,7 @@ struct NfsReplica {
 
 impl NfsReplica {
     fn write_chunk(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.target.call("write", async |conn, _| {
+        self.target.call_data("write", async |conn| {
             let mut done = 0;
             while done < buf.len() {
                 let part = &buf[done..];
@@ -583,7 +764,7 @@ impl ReplicaIo for NfsReplica {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         for (i, chunk) in buf.chunks_mut(MAX_IO).enumerate() {
             let at = offset + (i * MAX_IO) as u64;
-            let data = self.target.call("read", async |conn, _| {
+            let data = self.target.call_data("read", async |conn| {
                 let mut out = Vec::with_capacity(chunk.len());
                 while out.len() < chunk.len() {
                     let got = ok(conn
@@ -628,7 +809,7 @@ impl ReplicaIo for NfsReplica {
 
     fn flush(&self) -> io::Result<()> {
         // Every write was FILE_SYNC; COMMIT still proves the server is there.
-        self.target.call("commit", async |conn, _| {
+        self.target.call_data("commit", async |conn| {
             ok(conn
                 .commit(&COMMIT3args {
                     file: self.fh.clone(),
@@ -654,16 +835,136 @@ impl ReplicaIo for NfsReplica {
 
     fn check(&self) -> std::result::Result<(), String> {
         self.target
-            .call("check replica", async |conn, _| {
+            .call_data("check replica", async |conn| {
                 size_of(conn, &self.fh).await.map(|_| ())
             })
             .map_err(|e| e.to_string())
+    }
+
+    /// Makes the file the current claim's (see the module doc): every
+    /// call of an older claim is refused from the server's answer to this
+    /// SETATTR on.
+    fn fence(&self) -> io::Result<()> {
+        let epoch = self.target.claim.load(Ordering::SeqCst);
+        if epoch == 0 {
+            return Ok(());
+        }
+        let ours = claim_uid(epoch);
+        self.target
+            .run(Caller::Root, "fence replica", async |conn| {
+                for _ in 0..FENCE_ATTEMPTS {
+                    let attr = attributes(conn, &self.fh).await?;
+                    match fence_step(epoch, attr.uid, attr.gid, attr.mode) {
+                        FenceStep::Done => return Ok(()),
+                        FenceStep::Refuse { owner } => {
+                            return Err(CallError::Fence(FenceError::Newer { owner, ours, epoch }));
+                        }
+                        FenceStep::Take => {}
+                    }
+                    let set = conn
+                        .setattr(&SETATTR3args {
+                            object: self.fh.clone(),
+                            new_attributes: sattr3 {
+                                mode: Nfs3Option::Some(0o600),
+                                uid: Nfs3Option::Some(ours),
+                                gid: Nfs3Option::Some(ours),
+                                ..Default::default()
+                            },
+                            guard: Nfs3Option::Some(attr.ctime),
+                        })
+                        .await?;
+                    match set {
+                        Nfs3Result::Ok(_) => {
+                            let now = attributes(conn, &self.fh).await?;
+                            return match fence_step(epoch, now.uid, now.gid, now.mode) {
+                                FenceStep::Done => Ok(()),
+                                // A newer claim fenced it right after us.
+                                FenceStep::Refuse { owner } => {
+                                    Err(CallError::Fence(FenceError::Newer { owner, ours, epoch }))
+                                }
+                                FenceStep::Take => Err(CallError::Fence(FenceError::OwnerKept {
+                                    uid: now.uid,
+                                    ours,
+                                })),
+                            };
+                        }
+                        // Changed since we read it (a write, or another fencer):
+                        // decide again on what it is now.
+                        Nfs3Result::Err((nfsstat3::NFS3ERR_NOT_SYNC, _)) => {}
+                        Nfs3Result::Err((
+                            stat @ (nfsstat3::NFS3ERR_PERM | nfsstat3::NFS3ERR_ACCES),
+                            _,
+                        )) => {
+                            return Err(CallError::Fence(FenceError::RootSquashed { stat }));
+                        }
+                        Nfs3Result::Err((stat, _)) => return Err(CallError::Nfs(stat)),
+                    }
+                }
+                Err(CallError::Fence(FenceError::Contended))
+            })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Claims own their replica files in order: a newer claim takes over
+    /// root's file or an older claim's, never the other way round, also
+    /// across the wrap of the 30 bits.
+    #[test]
+    fn fencing_takes_files_of_older_claims_only() {
+        let span = u64::from(CLAIM_UID_SPAN);
+        assert_eq!(claim_uid(1), 0x4000_0001);
+        assert_eq!(claim_uid(span + 1), claim_uid(1));
+        assert_eq!(claim_uid(span - 1), 0x7fff_ffff);
+        for epoch in [1, 2, 1000, span / 2, span - 1, span, span + 5, u64::MAX] {
+            let ours = claim_uid(epoch);
+            assert_eq!(fence_step(epoch, ours, ours, 0o100600), FenceStep::Done);
+            assert_eq!(fence_step(epoch, ours, ours, 0o100644), FenceStep::Take);
+            assert_eq!(fence_step(epoch, ours, 0, 0o100600), FenceStep::Take);
+            // New files are root's; other owners are not claims.
+            for other in [
+                0,
+                65534,
+                1000,
+                CLAIM_UID_BASE - 1,
+                CLAIM_UID_BASE + CLAIM_UID_SPAN,
+            ] {
+                assert_eq!(fence_step(epoch, other, other, 0o100600), FenceStep::Take);
+            }
+            for older in [1, 2, 1000, span / 2 - 1] {
+                let owner = claim_uid(epoch.wrapping_sub(older));
+                assert_eq!(
+                    fence_step(epoch, owner, owner, 0o100600),
+                    FenceStep::Take,
+                    "{epoch} after {older} fewer"
+                );
+            }
+            for newer in [1, 2, 1000, span / 2 - 1] {
+                let owner = claim_uid(epoch.wrapping_add(newer));
+                assert_eq!(
+                    fence_step(epoch, owner, owner, 0o100600),
+                    FenceStep::Refuse { owner },
+                    "{epoch} before {newer} more"
+                );
+            }
+        }
+        // Across the wrap: the last 30-bit claim is older than claim 0 of
+        // the next round, and the other way round is refused.
+        assert_eq!(
+            fence_step(span, claim_uid(span - 1), claim_uid(span - 1), 0o600),
+            FenceStep::Take
+        );
+        let first = claim_uid(span);
+        assert_eq!(
+            fence_step(span - 1, first, first, 0o600),
+            FenceStep::Refuse { owner: first }
+        );
+        assert_eq!(Caller::Root.uid(), 0);
+        assert_eq!(Caller::Claim(0).uid(), 0);
+        assert_eq!(Caller::Claim(7).uid(), 0x4000_0007);
+    }
 
     /// An NFS pool sends a name as one LOOKUP/CREATE/REMOVE component:
     /// `..` would reach the export's root or another pool's subdir, so bad
