@@ -578,3 +578,299 @@ fn fence_nfs_replica_on_a_root_squashing_export_fails_clearly() {
     let (uid, _) = owner_of(&server.export.join("terna").join(&name));
     assert_ne!(uid, terna::datapath::replica::nfs::claim_uid(3));
 }
+
+/// A `terna engine` process pair serving one volume, in its own process
+/// group so the test can freeze both at once.
+struct EngineProcess {
+    child: std::process::Child,
+    mountpoint: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl EngineProcess {
+    fn start(data_dir: &std::path::Path, node: &str, volume_id: &str) -> EngineProcess {
+        use std::os::unix::process::CommandExt;
+        let mountpoint = data_dir.join(format!("run-{node}")).join("fuse");
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        let log = data_dir.join(format!("engine-{node}.log"));
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_terna"))
+            .args(["engine", "--node-id", node, "--volume", volume_id])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--mountpoint")
+            .arg(&mountpoint)
+            .env("TERNA_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        assert!(
+            terna::datapath::engine::ready::says_ready(&mut child, Duration::from_secs(30)),
+            "engine of {node} did not start:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        EngineProcess {
+            child,
+            mountpoint,
+            log,
+        }
+    }
+
+    fn volume(&self) -> std::fs::File {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(self.mountpoint.join("volume"))
+            .unwrap()
+    }
+
+    fn signal_group(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)
+            .unwrap();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for EngineProcess {
+    fn drop(&mut self) {
+        let pgid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGCONT);
+        let _ = nix::sys::signal::kill(pgid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // An engine killed past its unmount leaves the session: requests
+        // to it would wait for ever, so it is aborted before the unmount.
+        if terna::datapath::frontend::fuse::is_mounted(&self.mountpoint) {
+            terna::datapath::frontend::fuse::abort(&self.mountpoint);
+            let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+fn write_blocks(file: &std::fs::File, seed: u64, blocks: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    for b in 0..blocks {
+        let data = terna::datapath::replica::aligned::AlignedBuf::copy_of(&common::content(
+            seed + b,
+            BLOCK,
+        ));
+        file.write_all_at(data.as_slice(), b * BLOCK as u64)?;
+    }
+    file.sync_all()
+}
+
+fn expected_blocks(seed: u64, blocks: u64) -> Vec<u8> {
+    (0..blocks)
+        .flat_map(|b| common::content(seed + b, BLOCK))
+        .collect()
+}
+
+/// Sets who holds `id`'s claim in the record of `data_dir`, as a takeover
+/// does (no engine of this data dir is running a store update meanwhile).
+fn set_claim(data_dir: &std::path::Path, id: &str, node: &str, epoch: u64) {
+    let path = data_dir.join(format!("state/volumes/{id}.json"));
+    let mut rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    rec["staged_on"] =
+        serde_json::json!({"node": node, "staging_path": "/staging", "epoch": epoch});
+    rec["claims"] = epoch.into();
+    std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
+}
+
+/// A real engine with an NFS replica is frozen (SIGSTOP); a second engine
+/// under the next claim starts on the same replica (it fences it) and
+/// writes checksummed blocks; the first is resumed (SIGCONT) with writes
+/// queued on its FUSE file and driven with more for seconds. Nothing it
+/// writes reaches the replica: the server refuses its uid, every write of
+/// it fails, and the file holds exactly the new holder's bytes.
+///
+/// `shared_store`: both engines read one state store, so the resumed one
+/// also sees the claim moved, must not record the new holder's replica
+/// faulted, and exits. Otherwise the old engine's store still names its
+/// claim (a node cut off from the API server): only the NFS server's
+/// fence stands between it and the replica.
+fn stale_engine_is_fenced_off_its_nfs_replica(shared_store: bool) {
+    const BLOCKS: u64 = 32;
+    let root = nfs_root();
+    let server = Ganesha::start(root.path(), "engines");
+    let mut terna = start_terna(server.pool_toml("nfs-0", "standard"));
+    let id = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut csi = Csi::connect(&terna.socket).await;
+        csi.create(
+            "fenced",
+            (32 * MIB) as i64,
+            &[("replicas", "1")],
+            mount_cap("ext4"),
+        )
+        .await
+        .unwrap()
+        .volume_id
+    });
+    // The engines are the test's from here on: no repair pass, no lock.
+    terna.kill_hard();
+    let new_dir = terna.data_dir.clone();
+    let old_dir = if shared_store {
+        new_dir.clone()
+    } else {
+        let dir = terna.dir.path().join("old-node");
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&new_dir)
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(copied.success());
+        dir
+    };
+    let replica = server.replica_file(&id, 0);
+
+    set_claim(&old_dir, &id, "node-a", 1);
+    let old = EngineProcess::start(&old_dir, "node-a", &id);
+    // No file of the old engine's stays open here while it is frozen: a
+    // child spawned meanwhile would close its inherited copy at exec, and
+    // that FLUSH would wait for the frozen engine (and every `ps` reading
+    // the child with it).
+    write_blocks(&old.volume(), 100, BLOCKS).unwrap();
+    let len = (BLOCKS as usize) * BLOCK;
+    assert!(std::fs::read(&replica).unwrap()[..len] == expected_blocks(100, BLOCKS));
+    assert_eq!(
+        owner_of(&replica).0,
+        terna::datapath::replica::nfs::claim_uid(1)
+    );
+
+    old.signal_group(nix::sys::signal::Signal::SIGSTOP);
+    // Frozen for a bounded time whatever happens to this test.
+    let pgid = nix::unistd::Pid::from_raw(old.child.id() as i32);
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(90));
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGCONT);
+    });
+    set_claim(&new_dir, &id, "node-b", 2);
+    let new = EngineProcess::start(&new_dir, "node-b", &id);
+    write_blocks(&new.volume(), 200, BLOCKS).unwrap();
+    let expected = expected_blocks(200, BLOCKS);
+    assert!(std::fs::read(&replica).unwrap()[..len] == expected);
+    assert_eq!(
+        owner_of(&replica).0,
+        terna::datapath::replica::nfs::claim_uid(2)
+    );
+
+    // Writes of the old engine's users wait in its FUSE queue while it is
+    // frozen, and go on after it is resumed.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (path, stop) = (old.mountpoint.join("volume"), stop.clone());
+            std::thread::spawn(move || {
+                use std::os::unix::fs::{FileExt, OpenOptionsExt};
+                let (mut ok, mut failed, mut i) = (0u64, Vec::new(), 0u64);
+                let mut file = None;
+                while !stop.load(Ordering::SeqCst) {
+                    let b = (t * 8 + i % 8) % BLOCKS;
+                    let data = terna::datapath::replica::aligned::AlignedBuf::copy_of(
+                        &common::content(300 + t * 1000 + i, BLOCK),
+                    );
+                    if file.is_none() {
+                        file = std::fs::OpenOptions::new()
+                            .write(true)
+                            .custom_flags(libc::O_DIRECT)
+                            .open(&path)
+                            .map_err(|e| failed.push(e.to_string()))
+                            .ok();
+                    }
+                    let written = match &file {
+                        Some(f) => f.write_all_at(data.as_slice(), b * BLOCK as u64),
+                        None => Err(io::Error::from_raw_os_error(libc::ENOTCONN)),
+                    };
+                    match written {
+                        Ok(()) => ok += 1,
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                    i += 1;
+                    if !failed.is_empty() {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    old.signal_group(nix::sys::signal::Signal::SIGCONT);
+    std::thread::sleep(Duration::from_secs(5));
+    stop.store(true, Ordering::SeqCst);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for w in writers {
+        let (o, f) = w.join().unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    let old_log = old.log();
+    println!(
+        "resumed engine: {ok} writes acknowledged, {} failed (first: {:?}); {} lines of its log mention the fence, first: {:?}",
+        failed.len(),
+        failed.first(),
+        old_log.lines().filter(|l| l.contains("fenced")).count(),
+        old_log.lines().find(|l| l.contains("fenced"))
+    );
+    assert_eq!(ok, 0, "the stale engine acknowledged writes:\n{old_log}");
+    assert!(!failed.is_empty());
+    assert!(
+        std::fs::read(&replica).unwrap()[..len] == expected,
+        "the replica holds bytes of the stale engine:\n{old_log}"
+    );
+    assert_eq!(
+        owner_of(&replica).0,
+        terna::datapath::replica::nfs::claim_uid(2)
+    );
+    let mut back = terna::datapath::replica::aligned::AlignedBuf::zeroed(len);
+    std::os::unix::fs::FileExt::read_exact_at(&new.volume(), back.as_mut_slice(), 0).unwrap();
+    assert!(back.as_slice() == expected.as_slice());
+    // The new holder's record is untouched: its replica is healthy, its
+    // claim stands.
+    let rec: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(new_dir.join(format!("state/volumes/{id}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rec["staged_on"]["epoch"], 2, "{rec}");
+    assert_eq!(rec["replicas"][0]["state"]["state"], "healthy", "{rec}");
+    if shared_store {
+        let mut old = old;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while old.child.try_wait().unwrap().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stale engine goes on:\n{old_log}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    } else {
+        // Nothing but the server stopped it.
+        assert!(old_log.contains("fenced"), "{old_log}");
+    }
+    drop(new);
+}
+
+#[test]
+fn fence_stale_engine_cut_off_from_the_store_writes_nothing_to_its_nfs_replica() {
+    stale_engine_is_fenced_off_its_nfs_replica(false);
+}
+
+#[test]
+fn fence_stale_engine_resumed_after_a_takeover_writes_nothing_to_its_nfs_replica() {
+    stale_engine_is_fenced_off_its_nfs_replica(true);
+}
