@@ -558,7 +558,7 @@ fn fence_nfs_replica_never_goes_backwards() {
         );
     }
     println!(
-        "racing fencers: the older claim fenced first in {older_won} of {rounds} rounds, the newer one owns every file"
+        "racing fencers: the older claim's fence held in {older_won} of {rounds} rounds (refused in the others), the newer one owns every file"
     );
 }
 

@@ -24,7 +24,10 @@
 //! a newer claim owns it (serial-number order on the 30 bits, so epochs
 //! may wrap as long as fewer than 2^29 claims separate two engines), and
 //! its SETATTR is guarded by the ctime it read, so a fencer that raced
-//! another one reads again instead of overwriting it. Pool calls (create,
+//! another one reads again instead of overwriting it; ganesha checks that
+//! guard apart from applying the change, so a fence counts only once the
+//! owner has stayed ours for `FENCE_SETTLE`, and one taken back by an
+//! older fencer is taken again. Pool calls (create,
 //! grow, lookup, FSSTAT) are root's; this needs an export that does not
 //! squash root. Claim 0 (no claim: tests, records older than epochs)
 //! reads and writes as root, unfenced.
@@ -63,6 +66,9 @@ const CLAIM_UID_SPAN: u32 = 1 << 30;
 /// A fencing SETATTR loses its ctime guard to every write the older claim
 /// lands meanwhile; past this many tries the replica is reported unfenced.
 const FENCE_ATTEMPTS: u32 = 64;
+/// How long a fence's owner must stay ours before it counts (see `fence`):
+/// far longer than a server takes to apply a SETATTR it has checked.
+const FENCE_SETTLE: Duration = Duration::from_millis(50);
 
 type Conn = Nfs3Connection<Stream>;
 
@@ -232,7 +238,9 @@ enum FenceError {
         "the server kept the owner uid {uid:#x} after a SETATTR to {ours:#x}: it does not let root change owners, so replicas cannot be fenced"
     )]
     OwnerKept { uid: u32, ours: u32 },
-    #[error("lost the ctime guard {FENCE_ATTEMPTS} times in a row: the file keeps changing")]
+    #[error(
+        "lost the ctime guard or the owner {FENCE_ATTEMPTS} times in a row: the file keeps changing"
+    )]
     Contended,
 }
 
@@ -852,14 +860,25 @@ impl ReplicaIo for NfsReplica {
         let ours = claim_uid(epoch);
         self.target
             .run(Caller::Root, "fence replica", async |conn| {
+                let mut settled = false;
                 for _ in 0..FENCE_ATTEMPTS {
                     let attr = attributes(conn, &self.fh).await?;
                     match fence_step(epoch, attr.uid, attr.gid, attr.mode) {
-                        FenceStep::Done => return Ok(()),
+                        // ganesha checks the guard and applies the SETATTR in
+                        // two steps, so an older fencer's SETATTR that passed
+                        // its guard before ours may still land after it: only
+                        // an owner that stays ours past that is a fence, and
+                        // one taken back is taken again.
+                        FenceStep::Done if settled => return Ok(()),
+                        FenceStep::Done => {
+                            tokio::time::sleep(FENCE_SETTLE).await;
+                            settled = true;
+                            continue;
+                        }
                         FenceStep::Refuse { owner } => {
                             return Err(CallError::Fence(FenceError::Newer { owner, ours, epoch }));
                         }
-                        FenceStep::Take => {}
+                        FenceStep::Take => settled = false,
                     }
                     let set = conn
                         .setattr(&SETATTR3args {
@@ -876,17 +895,12 @@ impl ReplicaIo for NfsReplica {
                     match set {
                         Nfs3Result::Ok(_) => {
                             let now = attributes(conn, &self.fh).await?;
-                            return match fence_step(epoch, now.uid, now.gid, now.mode) {
-                                FenceStep::Done => Ok(()),
-                                // A newer claim fenced it right after us.
-                                FenceStep::Refuse { owner } => {
-                                    Err(CallError::Fence(FenceError::Newer { owner, ours, epoch }))
-                                }
-                                FenceStep::Take => Err(CallError::Fence(FenceError::OwnerKept {
+                            if now.uid == attr.uid && now.uid != ours {
+                                return Err(CallError::Fence(FenceError::OwnerKept {
                                     uid: now.uid,
                                     ours,
-                                })),
-                            };
+                                }));
+                            }
                         }
                         // Changed since we read it (a write, or another fencer):
                         // decide again on what it is now.
