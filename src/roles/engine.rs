@@ -408,16 +408,31 @@ fn serve(args: &Args, fd: RawFd, signals: SigSet) -> Result<()> {
             }
         }
     };
+    let revoke = Arc::new(revoke);
     let checker = {
-        let (engine, stop, gate) = (engine.clone(), stop.clone(), gate.clone());
-        let volume_id = volume_id.to_string();
-        let claim = claim.clone();
+        let (engine, stop, revoke) = (engine.clone(), stop.clone(), revoke.clone());
         std::thread::Builder::new()
             .name("replica-check".into())
             .spawn(move || {
-                let mut claim_checked = Instant::now();
                 while !stop.load(Ordering::SeqCst) {
                     engine.maintain(|| revoke("no healthy replica left"));
+                    std::thread::sleep(CHECK_INTERVAL);
+                }
+            })
+            .map_err(|e| Error::io("cannot start replica checker", e))?
+    };
+    // Its own thread: maintenance may itself wait at the gate (a catch-up
+    // copy is a write), and only this thread can open it again.
+    {
+        let (stop, gate) = (stop.clone(), gate.clone());
+        let volume_id = volume_id.to_string();
+        let claim = claim.clone();
+        std::thread::Builder::new()
+            .name("claim-check".into())
+            .spawn(move || {
+                let mut claim_checked = Instant::now();
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(CHECK_INTERVAL);
                     // Sooner while the gate is about to lapse or has.
                     let due = gate.as_ref().map_or(CLAIM_CHECK_INTERVAL, |g| {
                         if g.remaining() < CLAIM_CHECK_INTERVAL * 2 {
@@ -426,35 +441,35 @@ fn serve(args: &Args, fd: RawFd, signals: SigSet) -> Result<()> {
                             CLAIM_CHECK_INTERVAL
                         }
                     });
-                    if claim_checked.elapsed() >= due {
-                        claim_checked = Instant::now();
-                        match confirm() {
-                            Ok(Confirmed::Ours) => {}
-                            Ok(Confirmed::Lost(now)) => {
-                                error!(
-                                    volume_id,
-                                    epoch = claim.epoch,
-                                    ?now,
-                                    "this node's claim on the volume is gone; the engine stops"
-                                );
-                                if let Some(g) = &gate {
-                                    g.lose();
-                                }
-                                revoke("the claim moved to another node");
-                                std::process::exit(EXIT_CLAIM_LOST);
+                    if claim_checked.elapsed() < due {
+                        continue;
+                    }
+                    claim_checked = Instant::now();
+                    match confirm() {
+                        Ok(Confirmed::Ours) => {}
+                        Ok(Confirmed::Lost(now)) => {
+                            error!(
+                                volume_id,
+                                epoch = claim.epoch,
+                                ?now,
+                                "this node's claim on the volume is gone; the engine stops"
+                            );
+                            if let Some(g) = &gate {
+                                g.lose();
                             }
-                            // Unreachable store: writes go on while the
-                            // gate allows, then wait for the next reading.
-                            Err(e) => {
-                                warn!(volume_id, error = %e.report(), "cannot confirm this node's claim")
-                            }
+                            revoke("the claim moved to another node");
+                            std::process::exit(EXIT_CLAIM_LOST);
+                        }
+                        // Unreachable store: writes go on while the gate
+                        // allows, then wait for the next reading.
+                        Err(e) => {
+                            warn!(volume_id, error = %e.report(), "cannot confirm this node's claim")
                         }
                     }
-                    std::thread::sleep(CHECK_INTERVAL);
                 }
             })
-            .map_err(|e| Error::io("cannot start replica checker", e))?
-    };
+            .map_err(|e| Error::io("cannot start the claim check", e))?;
+    }
     {
         let engine = engine.clone();
         let store = store.clone();
