@@ -1744,3 +1744,188 @@ async fn expanding_a_claim_beyond_its_pools_room_fails_with_the_reason_and_chang
     .await;
     assert_eq!(replica_sizes(&cluster, &id), vec![128 * MIB; 3]);
 }
+
+/// The stale holder's distinctive bytes: what it tries to write once it is
+/// resumed after another node took its volume over.
+const STALE: u8 = 0xa5;
+
+fn count_stale(bytes: &[u8]) -> usize {
+    bytes
+        .chunks(4096)
+        .filter(|c| c.len() == 4096 && c.iter().all(|&b| b == STALE))
+        .count()
+}
+
+/// A holder frozen whole (its node plugin, the engine's supervisor and
+/// worker: SIGSTOP) until its lease lapses and another node takes the
+/// volume over and writes, then resumed (SIGCONT) and driven with writes:
+/// it writes no replica at all, not even its own node's local one, which
+/// it would reach without any agent; no write of its is acknowledged; and
+/// afterwards every replica holds exactly what the new holder wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_holder_resumed_after_a_takeover_writes_no_replica() {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    common::assert_root("kubernetes");
+    let mut cluster = Cluster::start(3).await;
+    let _cleanup = Cleanup(cluster.root.path().to_path_buf());
+    cluster.start_controller("c1");
+    let client = cluster.client().await;
+    let id = provision_one(&cluster, "frozen", "frozen").await;
+    let root = cluster.root.path().to_path_buf();
+    let block = common::csi_client::block_cap();
+    let mut n1 = common::csi_client::Csi::connect(&cluster.node_socket(1)).await;
+    let (staging1, target1) = (root.join("n1-staging"), root.join("n1-target"));
+    std::fs::create_dir_all(&staging1).unwrap();
+    n1.stage(&id, &staging1, block.clone()).await;
+    n1.publish(&id, &staging1, &target1, block.clone()).await;
+    let device = |path: &std::path::Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .unwrap()
+    };
+    let first = common::content(3, 4 << 20);
+    device(&target1)
+        .write_all_at(
+            terna::datapath::replica::aligned::AlignedBuf::copy_of(&first).as_slice(),
+            0,
+        )
+        .unwrap();
+
+    // n1's local replica, held open the way its engine holds it.
+    let local = cluster
+        .replica_files()
+        .into_iter()
+        .find(|f| f.starts_with("n1/") && f.contains(&id))
+        .expect("a replica on n1");
+    let local_path = cluster
+        .node_dir(1)
+        .join("pools")
+        .join(local.split('/').nth(1).unwrap())
+        .join(local.rsplit('/').next().unwrap());
+    let held = std::fs::File::open(&local_path).unwrap();
+
+    // Freeze n1 whole.
+    let run = cluster.node_dir(1).join(format!("run/{id}"));
+    let pid_of = |file: &str| -> i32 {
+        std::fs::read_to_string(run.join(file))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let frozen = [
+        cluster.nodes[0].pid().unwrap() as i32,
+        pid_of("engine.pid"),
+        pid_of("engine-worker.pid"),
+    ];
+    for pid in frozen {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGSTOP).unwrap();
+    }
+
+    // n2 takes over once n1's lease lapsed, and writes.
+    let mut n2 = common::csi_client::Csi::connect(&cluster.node_socket(2)).await;
+    let (staging2, target2) = (
+        cluster.root.path().join("n2-staging"),
+        cluster.root.path().join("n2-target"),
+    );
+    std::fs::create_dir_all(&staging2).unwrap();
+    let stage2 = terna::proto::csi::NodeStageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging2.display().to_string(),
+        volume_capability: Some(block.clone()),
+        ..Default::default()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10 * NODE_LEASE_SECS);
+    while let Err(e) = n2.node.node_stage_volume(stage2.clone()).await {
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(std::time::Instant::now() < deadline, "{e:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    n2.publish(&id, &staging2, &target2, block.clone()).await;
+    let second = common::content(4, 4 << 20);
+    device(&target2)
+        .write_all_at(
+            terna::datapath::replica::aligned::AlignedBuf::copy_of(&second).as_slice(),
+            0,
+        )
+        .unwrap();
+
+    // n1 resumes and its pod goes on writing.
+    for pid in frozen {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGCONT).unwrap();
+    }
+    let stale_writer = {
+        let target1 = target1.clone();
+        std::thread::spawn(move || {
+            let dev = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&target1);
+            let Ok(dev) = dev else { return (0, 0) };
+            let buf = terna::datapath::replica::aligned::AlignedBuf::copy_of(&[STALE; 65536]);
+            let (mut acked, mut failed) = (0, 0);
+            let until = std::time::Instant::now() + Duration::from_secs(8);
+            let mut offset = 0u64;
+            while std::time::Instant::now() < until {
+                match dev.write_at(buf.as_slice(), offset) {
+                    Ok(_) => acked += 1,
+                    Err(_) => failed += 1,
+                }
+                offset = (offset + 65536) % (4 << 20);
+                if failed > 20 {
+                    break;
+                }
+            }
+            (acked, failed)
+        })
+    };
+    let (acked, failed) = stale_writer.join().unwrap();
+    println!("stale holder after resuming: {acked} writes acknowledged, {failed} failed");
+    assert_eq!(acked, 0, "the stale holder acknowledged writes");
+
+    // n1's replica comes back healthy from n2's engine; nothing anywhere
+    // holds the stale bytes, and every replica is what n2 wrote.
+    wait_replica_state(&client, &id, "n1", "healthy", Duration::from_secs(120)).await;
+    let mut old_inode = vec![0u8; 64 << 20];
+    let n = held.read_at(&mut old_inode, 0).unwrap();
+    assert_eq!(
+        count_stale(&old_inode[..n]),
+        0,
+        "the stale holder wrote its local replica after the takeover"
+    );
+    n2.node
+        .node_unpublish_volume(terna::proto::csi::NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target2.display().to_string(),
+        })
+        .await
+        .unwrap();
+    n2.unstage(&id, &staging2).await;
+    for f in cluster.replica_files().iter().filter(|f| f.contains(&id)) {
+        let mut parts = f.splitn(3, '/');
+        let (node, tier, file) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+        let i: usize = node[1..].parse().unwrap();
+        let bytes = std::fs::read(cluster.node_dir(i).join("pools").join(tier).join(file)).unwrap();
+        assert_eq!(count_stale(&bytes), 0, "{f} holds the stale holder's bytes");
+        assert!(
+            bytes[..4 << 20] == second[..],
+            "{f} does not hold what the new holder wrote"
+        );
+    }
+    let mut n1 = common::csi_client::Csi::connect(&cluster.node_socket(1)).await;
+    let _ = n1
+        .node
+        .node_unpublish_volume(terna::proto::csi::NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target1.display().to_string(),
+        })
+        .await;
+    n1.unstage(&id, &staging1).await;
+}

@@ -277,6 +277,26 @@ fn run(cmd: &mut Command) {
 
 /// Polls `done` every half second for up to `secs` seconds: generous
 /// deadlines, as these tests share 2 cores with everything else.
+/// A storage quantity as Kubernetes prints it (plain bytes or a binary
+/// suffix), in bytes.
+fn quantity_bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let (digits, shift) = match q.find(|ch: char| !ch.is_ascii_digit()) {
+        None => (q, 0),
+        Some(i) => (
+            &q[..i],
+            match &q[i..] {
+                "Ki" => 10,
+                "Mi" => 20,
+                "Gi" => 30,
+                "Ti" => 40,
+                _ => return None,
+            },
+        ),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
 fn wait_until(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !done() {
@@ -567,6 +587,148 @@ spec:
     assert_eq!(
         c.exec(ns, "sub", "ls /only && cat /only/greeting").unwrap(),
         "greeting\nhello\n"
+    );
+    c.kubectl(&["delete", "namespace", ns, "--wait=true", "--timeout=180s"]);
+}
+
+/// Claims expanded while their pod runs, through the API server only: the
+/// controller grows the replicas and the PV, the real kubelet calls
+/// NodeExpandVolume, and inside the pod the filesystem and the raw device
+/// are larger, keep what was written and take writes in the new space.
+/// The filesystem is xfs: growing a mounted ext4 needs CAP_SYS_RESOURCE,
+/// which this machine's root lacks (a real node's privileged pod has it).
+fn claims_grow_while_their_pods_run(c: &Cluster) {
+    let ns = "grow";
+    c.namespace(ns);
+    c.apply(&format!(
+        r#"
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: files, namespace: {ns}}}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: terna-xfs
+  resources: {{requests: {{storage: 300Mi}}}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: raw, namespace: {ns}}}
+spec:
+  accessModes: [ReadWriteOnce]
+  volumeMode: Block
+  storageClassName: terna-standard
+  resources: {{requests: {{storage: 64Mi}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: app, namespace: {ns}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: app
+      image: terna.local/workload:1
+      imagePullPolicy: Never
+      command: ["sleep", "1000000"]
+      volumeMounts: [{{name: files, mountPath: /data}}]
+      volumeDevices: [{{name: raw, devicePath: /dev/xvda}}]
+  volumes:
+    - {{name: files, persistentVolumeClaim: {{claimName: files}}}}
+    - {{name: raw, persistentVolumeClaim: {{claimName: raw}}}}
+"#
+    ));
+    c.wait_running(ns, "app", 240);
+    let fs_kib = || -> u64 {
+        c.exec(ns, "app", "df -k /data | tail -n 1")
+            .ok()
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let dev_bytes = || -> u64 {
+        c.exec(ns, "app", "blockdev --getsize64 /dev/xvda")
+            .ok()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = fs_kib();
+    assert!(
+        before > 0 && before <= 300 << 10,
+        "a 300 MiB filesystem: {before} KiB"
+    );
+    assert_eq!(dev_bytes(), 64 << 20);
+    let sums = c
+        .exec(
+            ns,
+            "app",
+            "dd if=/dev/urandom of=/data/before bs=1M count=16 2>/dev/null && sync /data/before && \
+             dd if=/dev/urandom of=/tmp/p bs=1M count=8 2>/dev/null && \
+             dd if=/tmp/p of=/dev/xvda bs=1M conv=fsync 2>/dev/null && \
+             sha256sum < /data/before && sha256sum < /tmp/p",
+        )
+        .unwrap();
+
+    for (claim, size) in [("files", "600Mi"), ("raw", "128Mi")] {
+        let patch = format!(r#"{{"spec":{{"resources":{{"requests":{{"storage":"{size}"}}}}}}}}"#);
+        c.kubectl(&[
+            "patch",
+            "pvc",
+            "-n",
+            ns,
+            claim,
+            "--type=merge",
+            "-p",
+            &patch,
+        ]);
+    }
+    let asked = Instant::now();
+    // The kubelet grows a mounted volume at its next sync of the pod (about
+    // a minute), then records the claim's new capacity.
+    let capacity = |claim: &str| {
+        quantity_bytes(&c.get(
+            &format!("-n {ns} pvc {claim}"),
+            "{.status.capacity.storage}",
+        ))
+    };
+    wait_until("both claims' status capacity grown", 240, || {
+        capacity("files") == Some(600 << 20) && capacity("raw") == Some(128 << 20)
+    });
+    wait_until("the pod sees the larger filesystem and device", 60, || {
+        fs_kib() > 500 << 10 && dev_bytes() == 128 << 20
+    });
+    println!(
+        "expansion: filesystem {before} KiB -> {} KiB, device 64 MiB -> 128 MiB, {:.1}s after the patch, pod never restarted",
+        fs_kib(),
+        asked.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        c.get(
+            &format!("-n {ns} pod app"),
+            "{.status.containerStatuses[0].restartCount}"
+        ),
+        "0"
+    );
+    for (claim, want) in [("files", 600u64 << 20), ("raw", 128 << 20)] {
+        let pv = c.get(&format!("-n {ns} pvc {claim}"), "{.spec.volumeName}");
+        assert_eq!(
+            quantity_bytes(&c.get(&format!("pv {pv}"), "{.spec.capacity.storage}")),
+            Some(want)
+        );
+    }
+    // The old bytes are where they were; the new space takes writes.
+    let after = c
+        .exec(
+            ns,
+            "app",
+            "sha256sum < /data/before && dd if=/dev/xvda bs=1M count=8 2>/dev/null | sha256sum && \
+             dd if=/dev/urandom of=/data/after bs=1M count=400 2>/dev/null && sync /data/after && \
+             dd if=/dev/urandom of=/tmp/q bs=1M count=8 2>/dev/null && \
+             dd if=/tmp/q of=/dev/xvda bs=1M seek=112 conv=fsync 2>/dev/null && \
+             [ \"$(dd if=/dev/xvda bs=1M skip=112 count=8 2>/dev/null | sha256sum)\" = \"$(sha256sum < /tmp/q)\" ] && echo tail-ok",
+        )
+        .unwrap();
+    assert_eq!(
+        after,
+        format!("{sums}tail-ok\n"),
+        "data kept, new space written"
     );
     c.kubectl(&["delete", "namespace", ns, "--wait=true", "--timeout=180s"]);
 }
@@ -952,6 +1114,10 @@ const TESTS: &[Test] = &[
     ),
     ("block_claim_is_a_raw_device", block_claim_is_a_raw_device),
     ("fsgroup_readonly_and_subpath", fsgroup_readonly_and_subpath),
+    (
+        "claims_grow_while_their_pods_run",
+        claims_grow_while_their_pods_run,
+    ),
     (
         "terna_restarts_and_upgrades_never_interrupt_a_volume",
         terna_restarts_and_upgrades_never_interrupt_a_volume,

@@ -11,6 +11,7 @@ pub mod controller;
 pub mod data_dir;
 pub mod dirty;
 pub mod error;
+pub mod lease;
 pub mod metrics;
 pub mod placement;
 pub mod pool;

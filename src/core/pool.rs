@@ -97,6 +97,14 @@ pub trait ReplicaIo: Send + Sync {
     fn fence(&self) -> io::Result<()> {
         Ok(())
     }
+    /// Fences, then empties the replica under a new file, for one about to
+    /// be rebuilt in full: a writer still holding the old file (an engine
+    /// on the replica's own node, frozen mid-write before a takeover) can
+    /// then only write to a file nobody reads. Where no such writer can
+    /// exist (this node's own files), fencing is enough.
+    fn fence_empty(&self) -> io::Result<()> {
+        self.fence()
+    }
     /// The replica's file, opened with O_DIRECT, when it is local.
     fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
         None
@@ -120,6 +128,16 @@ pub trait Pool: Send + Sync {
     /// `None` when the replica does not exist.
     fn size_of(&self, name: &str) -> Result<Option<u64>>;
     fn open(&self, name: &str) -> Result<Box<dyn ReplicaIo>>;
+    /// Replaces the replica by an empty one of its size under a new file,
+    /// so whoever still has the old one open writes to a file nobody reads.
+    /// Pools that can swap atomically do; the fallback deletes and creates.
+    fn recreate_empty(&self, name: &str) -> Result<()> {
+        let size = self.size_of(name)?.ok_or_else(|| {
+            crate::core::error::Error::not_found(format!("replica {name} does not exist"))
+        })?;
+        self.delete(name)?;
+        self.create(name, size)
+    }
     /// Total bytes of the storage behind the pool.
     fn capacity(&self) -> Result<u64>;
     /// Replicas opened from now on write under staging claim `epoch`, so a

@@ -66,7 +66,7 @@ fn repair_one(data_dir: &Path, node: &str, backing: &Backing, id: &str) -> Resul
     }
     let result = (|| -> Result<()> {
         let config = crate::datapath::host::config_file::load_or_init(data_dir)?;
-        let engine = assemble(data_dir, node, id, IO_THREADS, &config, backing)?;
+        let engine = assemble(data_dir, node, id, IO_THREADS, &config, backing, None)?;
         // Under the repair claim, which is newer than whoever wrote the
         // replicas last: NFS replicas refuse even reads until fenced for it.
         engine

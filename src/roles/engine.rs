@@ -38,7 +38,10 @@ use tracing::{error, info, warn};
 
 use crate::core::data_dir::RunDir;
 use crate::core::error::{Error, ErrorKind, Result};
+use crate::core::store::StateStore;
+use crate::core::volume::StagedOn;
 use crate::datapath::engine::assemble::{Backing, assemble};
+use crate::datapath::engine::gate::{LeaseReader, WriteGate};
 use crate::datapath::frontend::BlockDevice;
 use crate::datapath::frontend::fuse::{self, FuseExport, FuseOptions};
 
@@ -313,6 +316,7 @@ fn serve(args: &Args, fd: RawFd, signals: SigSet) -> Result<()> {
         )?,
     };
     let store = backing.store.clone();
+    let gate = backing.leases.as_ref().map(|_| Arc::new(WriteGate::new()));
     let engine = assemble(
         &args.data_dir,
         &args.node_id,
@@ -320,6 +324,7 @@ fn serve(args: &Args, fd: RawFd, signals: SigSet) -> Result<()> {
         REPLICA_IO_THREADS,
         &config,
         &backing,
+        gate.clone(),
     )?;
     let claim = store
         .get(volume_id)?
@@ -331,6 +336,25 @@ fn serve(args: &Args, fd: RawFd, signals: SigSet) -> Result<()> {
                 args.node_id
             ))
         })?;
+    let confirm = {
+        let (leases, gate, store) = (backing.leases.clone(), gate.clone(), store.clone());
+        let (node, volume_id, claim) = (args.node_id.clone(), volume_id.to_string(), claim.clone());
+        move || match (&leases, &gate) {
+            (Some(leases), Some(gate)) => confirm_claim(
+                leases.as_ref(),
+                gate,
+                store.as_ref(),
+                &node,
+                &volume_id,
+                &claim,
+            ),
+            _ => Ok(Confirmed::Ours),
+        }
+    };
+    // The first writes below (fences, resent requests) already need it.
+    if let Err(e) = confirm() {
+        warn!(volume_id, error = %e.report(), "cannot confirm this node's lease yet; writes wait for it");
+    }
     engine
         .fence_replicas()
         .map_err(|e| Error::io("cannot fence the volume's replicas", e))?;
@@ -384,37 +408,68 @@ fn serve(args: &Args, fd: RawFd, signals: SigSet) -> Result<()> {
             }
         }
     };
+    let revoke = Arc::new(revoke);
     let checker = {
-        let (engine, stop, store) = (engine.clone(), stop.clone(), store.clone());
-        let volume_id = volume_id.to_string();
+        let (engine, stop, revoke) = (engine.clone(), stop.clone(), revoke.clone());
         std::thread::Builder::new()
             .name("replica-check".into())
             .spawn(move || {
-                let mut claim_checked = Instant::now();
                 while !stop.load(Ordering::SeqCst) {
                     engine.maintain(|| revoke("no healthy replica left"));
-                    if claim_checked.elapsed() >= CLAIM_CHECK_INTERVAL {
-                        claim_checked = Instant::now();
-                        // Unreachable store: keep serving; the agents
-                        // fence this engine out if the claim moved.
-                        if let Ok(record) = store.get(&volume_id)
-                            && record.as_ref().and_then(|r| r.staged_on.as_ref()) != Some(&claim)
-                        {
-                            error!(
-                                volume_id,
-                                epoch = claim.epoch,
-                                now = ?record.and_then(|r| r.staged_on),
-                                "this node's claim on the volume is gone; the engine stops"
-                            );
-                            revoke("the claim moved to another node");
-                            std::process::exit(EXIT_CLAIM_LOST);
-                        }
-                    }
                     std::thread::sleep(CHECK_INTERVAL);
                 }
             })
             .map_err(|e| Error::io("cannot start replica checker", e))?
     };
+    // Its own thread: maintenance may itself wait at the gate (a catch-up
+    // copy is a write), and only this thread can open it again.
+    {
+        let (stop, gate) = (stop.clone(), gate.clone());
+        let volume_id = volume_id.to_string();
+        let claim = claim.clone();
+        std::thread::Builder::new()
+            .name("claim-check".into())
+            .spawn(move || {
+                let mut claim_checked = Instant::now();
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(CHECK_INTERVAL);
+                    // Sooner while the gate is about to lapse or has.
+                    let due = gate.as_ref().map_or(CLAIM_CHECK_INTERVAL, |g| {
+                        if g.remaining() < CLAIM_CHECK_INTERVAL * 2 {
+                            CHECK_INTERVAL
+                        } else {
+                            CLAIM_CHECK_INTERVAL
+                        }
+                    });
+                    if claim_checked.elapsed() < due {
+                        continue;
+                    }
+                    claim_checked = Instant::now();
+                    match confirm() {
+                        Ok(Confirmed::Ours) => {}
+                        Ok(Confirmed::Lost(now)) => {
+                            error!(
+                                volume_id,
+                                epoch = claim.epoch,
+                                ?now,
+                                "this node's claim on the volume is gone; the engine stops"
+                            );
+                            if let Some(g) = &gate {
+                                g.lose();
+                            }
+                            revoke("the claim moved to another node");
+                            std::process::exit(EXIT_CLAIM_LOST);
+                        }
+                        // Unreachable store: writes go on while the gate
+                        // allows, then wait for the next reading.
+                        Err(e) => {
+                            warn!(volume_id, error = %e.report(), "cannot confirm this node's claim")
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::io("cannot start the claim check", e))?;
+    }
     {
         let engine = engine.clone();
         let store = store.clone();
@@ -456,4 +511,42 @@ fn serve(args: &Args, fd: RawFd, signals: SigSet) -> Result<()> {
     }
     info!(volume_id, "engine stopped");
     Ok(())
+}
+
+enum Confirmed {
+    Ours,
+    /// The record names another claim now (or none).
+    Lost(Option<StagedOn>),
+}
+
+/// One reading of this node's Lease and then of the volume's claim,
+/// applied to the gate: writes may go on a margin short of when another
+/// node could take the volume over (`core::lease`). The Lease is read
+/// first: a claim seen ours after it means no takeover had happened by
+/// then, and none can until that Lease lapses.
+fn confirm_claim(
+    leases: &dyn LeaseReader,
+    gate: &WriteGate,
+    store: &dyn StateStore,
+    node: &str,
+    volume_id: &str,
+    claim: &StagedOn,
+) -> Result<Confirmed> {
+    let (read_at, wall) = (gate.now(), std::time::SystemTime::now());
+    let lease = leases.read(node)?;
+    let record = store.get(volume_id)?;
+    let now = record.and_then(|r| r.staged_on);
+    if now.as_ref() != Some(claim) {
+        return Ok(Confirmed::Lost(now));
+    }
+    let span = crate::core::lease::writable_for(&lease, node, wall);
+    if span.is_none() {
+        warn!(
+            volume_id,
+            ?lease,
+            "this node's lease is not current; writes wait until it is renewed"
+        );
+    }
+    gate.allow(read_at, span);
+    Ok(Confirmed::Ours)
 }

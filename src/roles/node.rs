@@ -164,6 +164,7 @@ async fn serve(opts: NodeOptions) -> Result<()> {
                 }
             },
             pool_stale_secs: opts.pool_stale_after.as_secs(),
+            lease_namespace: Some(opts.lease_namespace.clone()),
         };
         crate::edge::kube::backing::write_cluster_file(&opts.data_dir, &cluster)?;
         let store = Arc::new(crate::edge::kube::store::KubeStore::new(

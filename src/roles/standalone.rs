@@ -82,6 +82,7 @@ async fn serve(opts: Options) -> Result<()> {
         let backing = crate::datapath::engine::assemble::Backing {
             store: store.clone(),
             pools: pools.clone(),
+            leases: None,
         };
         std::thread::Builder::new()
             .name("repair".into())

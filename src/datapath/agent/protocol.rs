@@ -41,6 +41,14 @@
 //! engine whose node lost its claim (its lease expired and another node took
 //! the volume over) cannot write to the replicas the new engine has fenced,
 //! however it reconnects. Version 2 added the claim.
+//!
+//! `FenceEmpty` fences the same way and then swaps the replica for an
+//! empty one of the same size under a new inode, for a replica about to be
+//! rebuilt in full: an engine on the agent's own node writes its local
+//! replicas directly, not through the agent, and one frozen in the middle
+//! of a write that resumes after a takeover then writes only to a file
+//! nobody reads any more. Agents before it answer it as an unknown kind,
+//! and the engine retries the rebuild later.
 
 use std::io::{self, Read};
 
@@ -113,6 +121,11 @@ pub enum Request {
     /// From now on, refuse writes to this replica that arrive on connections
     /// opened before this request (late deliveries from a cut link).
     Fence {
+        pool: String,
+        name: String,
+    },
+    /// Fences, then replaces the replica by an empty one of the same size.
+    FenceEmpty {
         pool: String,
         name: String,
     },
@@ -306,6 +319,7 @@ mod kind {
     pub const DISCARD: u16 = 10;
     pub const CHECK: u16 = 11;
     pub const FENCE: u16 = 12;
+    pub const FENCE_EMPTY: u16 = 13;
     pub const R_OK: u16 = 100;
     pub const R_HELLO: u16 = 101;
     pub const R_STAT: u16 = 102;
@@ -349,6 +363,7 @@ impl Request {
             } => (kind::DISCARD, w.str(pool).str(name).u64(*offset).u64(*len)),
             Request::Check { pool, name } => (kind::CHECK, w.str(pool).str(name)),
             Request::Fence { pool, name } => (kind::FENCE, w.str(pool).str(name)),
+            Request::FenceEmpty { pool, name } => (kind::FENCE_EMPTY, w.str(pool).str(name)),
         };
         frame(k, id, w.0)
     }
@@ -407,6 +422,10 @@ impl Request {
                 name: r.name()?,
             },
             kind::FENCE => Request::Fence {
+                pool: r.name()?,
+                name: r.name()?,
+            },
+            kind::FENCE_EMPTY => Request::FenceEmpty {
                 pool: r.name()?,
                 name: r.name()?,
             },
@@ -561,6 +580,7 @@ mod tests {
             ),
             (arb_name(), arb_name()).prop_map(|(pool, name)| Request::Check { pool, name }),
             (arb_name(), arb_name()).prop_map(|(pool, name)| Request::Fence { pool, name }),
+            (arb_name(), arb_name()).prop_map(|(pool, name)| Request::FenceEmpty { pool, name }),
         ]
     }
 

@@ -182,6 +182,73 @@ impl AgentState {
             .clone())
     }
 
+    /// Fences `pool/name` for `conn`'s claim; `empty`: then replaces it by
+    /// an empty replica of the same size under a new inode (see the
+    /// protocol's FenceEmpty), with the fence still held so nothing is
+    /// written in between. An older claim may not empty a newer one's.
+    fn fence(
+        &self,
+        conn: &Conn,
+        pool: &str,
+        name: &str,
+        empty: bool,
+    ) -> Result<Response, Response> {
+        // Only replicas that exist get a floor (and a floor file).
+        if self
+            .pool_for(pool, name)?
+            .size_of(name)
+            .map_err(error_response)?
+            .is_none()
+        {
+            return Err(refused(
+                libc::ENOENT,
+                format!("replica {pool}/{name} does not exist"),
+            ));
+        }
+        let fence = self.fence_of(pool, name)?;
+        // Exclusive: waits for fenced operations under way to finish.
+        let mut floor = fence.write().map_err(|_| poisoned())?;
+        floor.epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        if conn.claim > floor.claim {
+            // Durable before the fence is acknowledged: the new
+            // holder relies on it from then on.
+            if let Some(file) = self.floor_file(pool, name) {
+                let written = file
+                    .parent()
+                    .map_or(Ok(None), crate::datapath::host::files::private_dir)
+                    .and_then(|_| {
+                        crate::datapath::host::files::atomic_write(
+                            &file,
+                            conn.claim.to_string().as_bytes(),
+                        )
+                    });
+                if let Err(e) = written {
+                    return Err(refused(
+                        libc::EIO,
+                        format!("cannot persist the fence of {pool}/{name}: {}", e.report()),
+                    ));
+                }
+            }
+            floor.claim = conn.claim;
+        }
+        if empty {
+            if conn.claim < floor.claim {
+                return Err(refused(
+                    libc::ESTALE,
+                    format!(
+                        "replica {pool}/{name} is fenced under claim {}; claim {} may not empty it",
+                        floor.claim, conn.claim
+                    ),
+                ));
+            }
+            let recreated = self.pool_for(pool, name)?.recreate_empty(name);
+            // After the swap, so nothing caches the old file in between.
+            self.forget(pool, name);
+            recreated.map_err(error_response)?;
+        }
+        Ok(Response::Ok)
+    }
+
     /// Runs a data-changing operation unless this connection predates the
     /// replica's fence.
     fn fenced<T>(
@@ -404,50 +471,8 @@ impl AgentState {
                 })?;
                 Response::Ok
             }
-            Request::Fence { pool, name } => {
-                // Only replicas that exist get a floor (and a floor file).
-                if self
-                    .pool_for(&pool, &name)?
-                    .size_of(&name)
-                    .map_err(error_response)?
-                    .is_none()
-                {
-                    return Err(refused(
-                        libc::ENOENT,
-                        format!("replica {pool}/{name} does not exist"),
-                    ));
-                }
-                let fence = self.fence_of(&pool, &name)?;
-                // Exclusive: waits for fenced operations under way to finish.
-                let mut floor = fence.write().map_err(|_| poisoned())?;
-                floor.epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-                if conn.claim > floor.claim {
-                    // Durable before the fence is acknowledged: the new
-                    // holder relies on it from then on.
-                    if let Some(file) = self.floor_file(&pool, &name) {
-                        let written = file
-                            .parent()
-                            .map_or(Ok(None), crate::datapath::host::files::private_dir)
-                            .and_then(|_| {
-                                crate::datapath::host::files::atomic_write(
-                                    &file,
-                                    conn.claim.to_string().as_bytes(),
-                                )
-                            });
-                        if let Err(e) = written {
-                            return Err(refused(
-                                libc::EIO,
-                                format!(
-                                    "cannot persist the fence of {pool}/{name}: {}",
-                                    e.report()
-                                ),
-                            ));
-                        }
-                    }
-                    floor.claim = conn.claim;
-                }
-                Response::Ok
-            }
+            Request::Fence { pool, name } => self.fence(conn, &pool, &name, false)?,
+            Request::FenceEmpty { pool, name } => self.fence(conn, &pool, &name, true)?,
             Request::Check { pool, name } => {
                 let r = self.replica(&pool, &name)?;
                 if let Err(reason) = r.check() {

@@ -189,6 +189,56 @@ fn an_engine_of_an_older_claim_is_fenced_out_even_on_new_connections() {
     assert_eq!(back, [3u8; 4096]);
 }
 
+/// A stale engine on the agent's own node writes its replica file
+/// directly, through a descriptor opened long before. Once the new holder
+/// empties the replica for a full rebuild, what that descriptor writes
+/// lands in a file nobody reads, and an older claim may not empty it back.
+#[test]
+fn a_replica_emptied_for_a_rebuild_is_out_of_reach_of_writers_holding_the_old_file() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start_agent(dir.path());
+    let holder = client(addr, TOKEN);
+    holder.act_under_claim(2);
+    let pool = RemotePool::new(holder, "p");
+    pool.create(&r(0), 1 << 20).unwrap();
+    let io = pool.open(&r(0)).unwrap();
+    io.write_at(&[7u8; 4096], 0).unwrap();
+    // The stale engine's descriptor, opened under claim 1 long ago.
+    let stale = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join(r(0)))
+        .unwrap();
+    io.fence_empty().unwrap();
+    stale.write_all_at(&[9u8; 4096], 0).unwrap();
+    stale.write_all_at(&[9u8; 4096], 8192).unwrap();
+    let mut back = vec![1u8; 3 * 4096];
+    io.read_at(&mut back, 0).unwrap();
+    assert!(back.iter().all(|&b| b == 0), "the replica reads empty");
+    assert_eq!(pool.size_of(&r(0)).unwrap(), Some(1 << 20));
+    // The rebuild writes where the agent and every later open look.
+    io.write_at(&[3u8; 4096], 0).unwrap();
+    let on_disk = std::fs::read(dir.path().join(r(0))).unwrap();
+    assert_eq!(on_disk.len(), 1 << 20);
+    assert_eq!(&on_disk[..4096], &[3u8; 4096][..]);
+    assert!(on_disk[8192..12288].iter().all(|&b| b == 0));
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().count() == 1,
+        "no temporary file left"
+    );
+    // An engine of the older claim cannot empty it again.
+    let old = client(addr, TOKEN);
+    old.act_under_claim(1);
+    let err = RemotePool::new(old, "p")
+        .open(&r(0))
+        .unwrap()
+        .fence_empty()
+        .unwrap_err();
+    assert!(err.to_string().contains("may not empty it"), "{err}");
+    io.read_at(&mut back[..4096], 0).unwrap();
+    assert_eq!(&back[..4096], &[3u8; 4096][..]);
+}
+
 #[test]
 fn a_claim_floor_outlives_an_agent_restart_and_goes_with_its_replica() {
     let dir = tempfile::tempdir().unwrap();
@@ -337,6 +387,10 @@ fn every_named_request(pool: &str, name: &str) -> Vec<Request> {
             name: name.clone(),
         },
         Request::Fence {
+            pool: pool.clone(),
+            name: name.clone(),
+        },
+        Request::FenceEmpty {
             pool: pool.clone(),
             name: name.clone(),
         },

@@ -16,6 +16,7 @@ use crate::core::pool::ReplicaIo;
 use crate::core::store::StateStore;
 use crate::core::volume::{ReplicaState, replica_file_name, unix_now};
 use crate::datapath::dirty_maps::DirtyMapFiles;
+use crate::datapath::engine::gate::{LeaseReader, WriteGate};
 use crate::datapath::engine::{Engine, EngineOptions, EngineReplica, RebuildPolicy, Replacer};
 use crate::datapath::host::files::FileStore;
 
@@ -65,6 +66,9 @@ impl ReplicaIo for Reopening {
     fn fence(&self) -> std::io::Result<()> {
         self.get()?.fence()
     }
+    fn fence_empty(&self) -> std::io::Result<()> {
+        self.get()?.fence_empty()
+    }
 }
 
 fn reopening(pools: &Arc<Pools>, volume_id: &str, index: usize, pool: &str) -> Box<dyn ReplicaIo> {
@@ -87,6 +91,9 @@ fn reopening(pools: &Arc<Pools>, volume_id: &str, index: usize, pool: &str) -> B
 pub struct Backing {
     pub store: Arc<dyn StateStore>,
     pub pools: Arc<Pools>,
+    /// The nodes' liveness Leases, where other nodes may take a volume
+    /// over (a cluster); engines then write only through a `WriteGate`.
+    pub leases: Option<Arc<dyn LeaseReader>>,
 }
 
 impl Backing {
@@ -105,10 +112,14 @@ impl Backing {
             pools: Arc::new(crate::datapath::pools::from_config(
                 config, data_dir, node_id, token,
             )?),
+            leases: None,
         })
     }
 }
 
+/// `gate`: what the engine's writes wait at, kept by the caller from the
+/// node's Lease; `None` only where no other node can take the volume over
+/// while this engine runs.
 pub fn assemble(
     data_dir: &std::path::Path,
     node_id: &str,
@@ -116,6 +127,7 @@ pub fn assemble(
     io_threads: usize,
     config: &Config,
     backing: &Backing,
+    gate: Option<Arc<WriteGate>>,
 ) -> Result<Arc<Engine>> {
     let (store, pools) = (backing.store.clone(), backing.pools.clone());
     let record = store
@@ -225,6 +237,7 @@ pub fn assemble(
                 replacer: Some(replacer),
             },
             claim,
+            gate,
         },
     )
     .map_err(|e| Error::io("cannot start replica I/O threads", e))?;

@@ -56,6 +56,7 @@ impl Engine {
     fn copy_region(&self, slot: &Slot, start: u64, len: u64) -> io::Result<()> {
         let mut buf = AlignedBuf::zeroed(len as usize);
         self.read_at(buf.as_mut_slice(), start)?;
+        self.admit()?;
         if buf.as_slice().iter().all(|&b| b == 0) {
             // Keeps rebuilt replicas thin: a hole reads as zeroes too.
             slot.io.discard(start, len)
@@ -121,8 +122,17 @@ impl Engine {
 
     fn catch_up_one(&self, slot: &Slot) -> io::Result<u64> {
         // Writes sent before the fault may still be in flight on a link that
-        // came back; they must not land on top of what is copied now.
-        slot.io.fence()?;
+        // came back; they must not land on top of what is copied now. A
+        // replica to be copied in full from a healthy one is emptied too.
+        let whole = self
+            .lock_dirty()?
+            .get(&slot.index)
+            .is_some_and(|m| m.count() == m.regions() && m.regions() > 0);
+        if whole && self.healthy_count() > 0 {
+            slot.io.fence_empty()?;
+        } else {
+            slot.io.fence()?;
+        }
         let mut bytes = self.copy_dirty(slot, false)?;
         let _paused = self
             .membership

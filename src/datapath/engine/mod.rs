@@ -27,6 +27,7 @@ pub mod assemble;
 mod catch_up;
 #[forbid(unsafe_code)]
 mod faults;
+pub mod gate;
 #[forbid(unsafe_code)]
 mod maintain;
 #[forbid(unsafe_code)]
@@ -94,6 +95,7 @@ pub struct Engine {
     rebuild: RebuildPolicy,
     stats: Arc<crate::core::metrics::IoStats>,
     claim: Option<StagedOn>,
+    gate: Option<Arc<gate::WriteGate>>,
 }
 
 /// Finds a new home for lost replica `index`: creates it (empty) on some
@@ -114,6 +116,9 @@ pub struct EngineOptions {
     /// the volume cannot fault the new holder's replicas and go on writing
     /// without them. `None`: unchecked (tests).
     pub claim: Option<StagedOn>,
+    /// Writes wait at it while the node's lease is unconfirmed (see
+    /// `gate`); `None`: one node only, nobody can take the volume over.
+    pub gate: Option<Arc<gate::WriteGate>>,
 }
 
 pub struct RebuildPolicy {
@@ -158,6 +163,7 @@ impl Engine {
             dirty_dir,
             rebuild,
             claim,
+            gate,
         } = opts;
         let mut dirty = BTreeMap::new();
         let mut faulted_since = BTreeMap::new();
@@ -193,6 +199,7 @@ impl Engine {
             workers: Workers::new("replica-io", worker_threads)?,
             stats: Default::default(),
             claim,
+            gate,
         })
     }
 
@@ -307,10 +314,19 @@ impl Engine {
             .map(|&i| self.stripes[i].read())
             .collect::<Result<_, _>>()
             .map_err(|_| io::Error::other("stripe lock poisoned"))?;
+        self.admit()?;
         let result = self.fan_out(what, op);
         // Marked even when the operation failed: some replicas may have it.
         self.mark_missed(offset, len)?;
         result
+    }
+
+    /// Waits until this engine may write (see `gate`).
+    fn admit(&self) -> io::Result<()> {
+        match &self.gate {
+            Some(g) => g.admit(&self.volume_id),
+            None => Ok(()),
+        }
     }
 
     fn check_range(&self, offset: u64, len: usize) -> io::Result<()> {

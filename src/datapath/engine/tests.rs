@@ -95,6 +95,7 @@ fn setup(
             dirty_dir: None,
             rebuild: RebuildPolicy::default(),
             claim: None,
+            gate: None,
         },
     )
     .unwrap();
@@ -146,6 +147,7 @@ fn setup_big_with(n: usize, policy: RebuildPolicy) -> BigSetup {
             dirty_dir: Some(run),
             rebuild: policy,
             claim: None,
+            gate: None,
         },
     )
     .unwrap();

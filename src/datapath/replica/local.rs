@@ -328,6 +328,36 @@ impl Pool for LocalPool {
         Ok(Box::new(LocalReplica::open_in(&self.dir, name)?))
     }
 
+    /// An empty file of the replica's size renamed over it: at every
+    /// instant the name is a whole replica, the old one or the new.
+    fn recreate_empty(&self, name: &str) -> Result<()> {
+        check_replica_name(name)?;
+        let path = self.path(name);
+        let size = self.size_of(name)?.ok_or_else(|| {
+            Error::not_found(format!("replica {} does not exist", path.display()))
+        })?;
+        let dir = open_dir(&self.dir)?;
+        // Not a replica name, so no listing takes a leftover for one.
+        let temp = format!(".{name}.empty");
+        let file = open_in(
+            &dir,
+            &self.path(&temp),
+            &temp,
+            OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_WRONLY,
+            "recreate",
+        )?;
+        file.set_len(size)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| Error::io(format!("cannot size replica {}", path.display()), e))?;
+        nix::fcntl::renameat(dir.as_fd(), temp.as_str(), dir.as_fd(), name).map_err(|e| {
+            Error::io(
+                format!("cannot replace replica {}", path.display()),
+                errno_io(e),
+            )
+        })?;
+        self.sync_dir(&dir)
+    }
+
     fn capacity(&self) -> Result<u64> {
         if let Some(c) = self.capacity_override {
             return Ok(c);

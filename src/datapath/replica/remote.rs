@@ -320,6 +320,16 @@ impl ReplicaIo for RemoteReplica {
         Ok(())
     }
 
+    fn fence_empty(&self) -> io::Result<()> {
+        self.client.drop_idle();
+        self.ok(Request::FenceEmpty {
+            pool: self.pool.clone(),
+            name: self.name.clone(),
+        })?;
+        self.client.drop_idle();
+        Ok(())
+    }
+
     fn check(&self) -> std::result::Result<(), String> {
         self.ok(Request::Check {
             pool: self.pool.clone(),

@@ -22,6 +22,11 @@ pub struct ClusterFile {
     /// `None`: in-cluster configuration (or KUBECONFIG).
     pub kubeconfig: Option<PathBuf>,
     pub pool_stale_secs: u64,
+    /// Where the nodes' liveness Leases are: engines write only while
+    /// their node's is current. Absent in files of older versions, whose
+    /// engines then write ungated.
+    #[serde(default)]
+    pub lease_namespace: Option<String>,
 }
 
 /// Tells the engines and repair passes `node` starts in `data_dir` where
@@ -59,6 +64,13 @@ pub fn open(file: &ClusterFile, node: &str, config: &Config, token: &[u8]) -> Re
         file.kubeconfig.as_deref(),
     ))?;
     let store = crate::edge::kube::store::KubeStore::with_runtime(client.clone(), runtime.clone());
+    let leases = file.lease_namespace.as_deref().map(|ns| {
+        Arc::new(crate::edge::kube::node_lease::KubeLeaseReader::new(
+            client.clone(),
+            ns,
+            runtime.clone(),
+        )) as Arc<dyn crate::datapath::engine::gate::LeaseReader>
+    });
     let api: Api<StoragePool> = Api::all(client);
     let objects = runtime
         .block_on(api.list(&ListParams::default()))
@@ -80,5 +92,6 @@ pub fn open(file: &ClusterFile, node: &str, config: &Config, token: &[u8]) -> Re
     Ok(Backing {
         store: Arc::new(store),
         pools: Arc::new(directory.pools(&shared)),
+        leases,
     })
 }

@@ -80,3 +80,55 @@ impl NodeLiveness for LeaseLiveness {
         Ok(lease.is_none() || decide(spec, "", Timestamp::now()) == Decision::Take)
     }
 }
+
+/// A node's Lease as its engines read it, to know how long they may write
+/// (`core::lease`). A Lease that is missing has no holder.
+pub struct KubeLeaseReader {
+    leases: Api<Lease>,
+    runtime: std::sync::Arc<tokio::runtime::Runtime>,
+}
+
+impl KubeLeaseReader {
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        runtime: std::sync::Arc<tokio::runtime::Runtime>,
+    ) -> KubeLeaseReader {
+        KubeLeaseReader {
+            leases: Api::namespaced(client, namespace),
+            runtime,
+        }
+    }
+}
+
+impl crate::datapath::engine::gate::LeaseReader for KubeLeaseReader {
+    fn read(&self, node: &str) -> Result<crate::core::lease::LeaseState> {
+        let lease = self
+            .runtime
+            .block_on(self.leases.get_opt(&lease_name(node)))
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Unavailable,
+                    format!("cannot read the lease of node {node}: {e}"),
+                )
+            })?;
+        let spec = lease.and_then(|l| l.spec).unwrap_or_default();
+        let renewed = spec
+            .renew_time
+            .as_ref()
+            .or(spec.acquire_time.as_ref())
+            .and_then(|t| {
+                let ns = t.0.as_nanosecond();
+                u64::try_from(ns)
+                    .ok()
+                    .map(|ns| std::time::UNIX_EPOCH + Duration::from_nanos(ns))
+            });
+        Ok(crate::core::lease::LeaseState {
+            holder: spec.holder_identity.filter(|h| !h.is_empty()),
+            renewed,
+            duration: Duration::from_secs(
+                u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0),
+            ),
+        })
+    }
+}
