@@ -1057,3 +1057,63 @@ async fn a_loop_device_that_never_lets_go_fails_unstage_until_a_retry_finishes()
     csi.delete(&id).await;
     terna.stop_and_check_clean();
 }
+
+/// After a reboot (the node's mounts, loop devices and engines gone, its
+/// claim still in the store), a NodeStage refused once it had started the
+/// engine and attached the device (the filesystem will not mount with the
+/// flags asked) stops the engine, detaches the device, unmounts the FUSE
+/// session and releases the claim: nothing is left, and the volume stages
+/// elsewhere with its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_refused_after_the_engine_started_leaves_nothing_behind() {
+    if !common::require_root("a_stage_refused_after_the_engine_started_leaves_nothing_behind") {
+        return;
+    }
+    let mut terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let root = terna.dir.path().to_path_buf();
+    let id = create(&mut csi, "rebooted", 16, "1", mount_cap("ext4")).await;
+    let staging = root.join("staging");
+    csi.stage(&id, &staging, mount_cap("ext4")).await;
+    let sum = common::write_synced(&staging.join("kept"), &common::content(3, 1 << 20));
+
+    terna.kill_hard();
+    common::cleanup(&root);
+    assert!(
+        common::leftovers(&root).is_empty(),
+        "the reboot left things"
+    );
+    terna.restart();
+    let mut csi = Csi::connect(&terna.socket).await;
+
+    let mut cap = mount_cap("ext4");
+    if let Some(pb::volume_capability::AccessType::Mount(m)) = &mut cap.access_type {
+        m.mount_flags = vec!["no_such_ext4_option".into()];
+    }
+    let (c, m) = stage(&mut csi, &id, &staging, cap).await;
+    assert_ne!(c, Code::Ok, "{m}");
+    assert!(m.contains("mount"), "{m}");
+    assert!(mounted(&staging).is_none());
+    let left: Vec<String> = common::leftovers(&root)
+        .into_iter()
+        .filter(|l| !l.contains(" standalone "))
+        .collect();
+    assert!(left.is_empty(), "a refused stage left {left:#?}");
+    assert!(
+        !terna.data_dir.join("run").join(&id).exists(),
+        "its run dir stayed"
+    );
+
+    let elsewhere = root.join("elsewhere");
+    let (c, m) = stage(&mut csi, &id, &elsewhere, mount_cap("ext4")).await;
+    assert_eq!(c, Code::Ok, "the claim stayed: {m}");
+    let read = std::fs::read(elsewhere.join("kept")).unwrap();
+    assert_eq!(
+        <sha2::Sha256 as sha2::Digest>::digest(&read).to_vec(),
+        sum,
+        "data lost"
+    );
+    csi.unstage(&id, &elsewhere).await;
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}

@@ -188,8 +188,11 @@ impl NodeCore {
         // Something already mounted at the staging path must be this
         // volume's own device, or staging stops before touching anything.
         let staged_mount = mounts::mount_at(staging_path)?;
+        let own_mount = staged_mount
+            .as_ref()
+            .is_some_and(|m| self.own_device_of(volume_id, m).is_some());
         if let Some(m) = &staged_mount
-            && self.own_device_of(volume_id, m).is_some()
+            && own_mount
         {
             // Staged already: only the same way is the same request.
             let differs = match &cap.access_type {
@@ -220,7 +223,7 @@ impl NodeCore {
             }
         }
         if let Some(m) = staged_mount
-            && self.own_device_of(volume_id, &m).is_none()
+            && !own_mount
         {
             return Err(Error::precondition(format!(
                 "staging path {} already has {} ({}) mounted, not volume {volume_id}; unmount it first",
@@ -279,13 +282,24 @@ impl NodeCore {
             )));
         }
 
+        // Staged here already, as asked: a failure now (the first block not
+        // answering, say) is reported, and the kubelet's NodeUnstageVolume
+        // or retry deals with it.
+        let staged_before = was_here
+            && self.engine_running(volume_id)?
+            && match cap.access_type {
+                AccessType::Mount { .. } => own_mount,
+                AccessType::Block => self.device(volume_id)?.is_some(),
+            };
         let staged = self.stage_claimed(volume_id, staging_path, cap, &record);
         if let Err(e) = &staged
-            && !was_here
+            && !staged_before
         {
-            // A first stage that failed leaves nothing holding the volume: a
-            // retry at another path, or a DeleteVolume, must not find it
-            // claimed with an engine running.
+            // A stage that failed once it had started the engine or
+            // attached the device (the first one here, or one after a
+            // reboot or crash left only the claim) leaves nothing holding
+            // the volume: a retry at another path, or a DeleteVolume, must
+            // not find it claimed with an engine running.
             if let Err(undo) = self.unstage(volume_id, staging_path) {
                 warn!(volume_id, error = %e.report(), undo_error = %undo.report(), "failed stage could not be undone");
             }
