@@ -983,11 +983,12 @@ fn assert_detached(terna: &common::Standalone, device: &str) {
     }
 }
 
-/// A process holding the volume's loop device open for 8 s while it is
+/// A process holding the volume's loop device open for 25 s while it is
 /// unstaged (as udev's blkid does after an unmount, only slower, as on a
-/// loaded machine): NodeUnstageVolume waits for the last close, then
-/// answers OK with the device detached and the volume free for another
-/// stage.
+/// loaded machine; longer than the engine's 15 s to exit, which once hid
+/// an unstage that gave up on the device): NodeUnstageVolume waits for the
+/// last close, then answers OK with the device detached and the volume
+/// free for another stage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loop_device_held_open_briefly_is_detached_before_unstage_answers() {
     if !common::require_root("a_loop_device_held_open_briefly_is_detached_before_unstage_answers") {
@@ -1000,7 +1001,7 @@ async fn a_loop_device_held_open_briefly_is_detached_before_unstage_answers() {
     let staging = root.join("staging");
     csi.stage(&id, &staging, mount_cap("ext4")).await;
     let device = recorded_device(&terna, &id);
-    let mut holder = hold_open(&device, 8);
+    let mut holder = hold_open(&device, 25);
     let (c, m) = unstage(&mut csi, &id, &staging).await;
     assert_eq!(c, Code::Ok, "{m}");
     assert_detached(&terna, &device);
