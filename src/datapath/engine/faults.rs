@@ -14,6 +14,7 @@ use crate::core::dirty::{DEFAULT_REGION, DirtyMap};
 use crate::core::error::{Error, Result};
 use crate::core::volume::VolumeRecord;
 use crate::datapath::frontend::BlockDevice;
+use crate::datapath::replica::aligned::{ALIGN, AlignedBuf};
 
 impl Engine {
     /// Replica health may only be recorded while the record still names
@@ -94,5 +95,85 @@ impl Engine {
                 let _ = self.fault(&slot, &reason);
             }
         }
+        self.read_check();
+    }
+
+    /// A passthrough volume's reads and writes go from the kernel to its
+    /// replica without us, so its disk failing (EIO) would reach the pod and
+    /// never the record: read some of the replica ourselves each check,
+    /// and fault it when that fails.
+    fn read_check(&self) {
+        let Some(slot) = self.passthrough_slot() else {
+            return;
+        };
+        let (reads, next) = read_checks(self.read_check_at.load(Ordering::SeqCst), self.size());
+        for (offset, len) in reads {
+            let mut buf = AlignedBuf::zeroed(len);
+            if let Err(e) = slot.io.read_at(buf.as_mut_slice(), offset) {
+                let _ = self.fault(
+                    &slot,
+                    &format!("read check of {len} bytes at {offset} failed: {e}"),
+                );
+                return;
+            }
+        }
+        self.read_check_at.store(next, Ordering::SeqCst);
+    }
+}
+
+/// What one check reads of a passthrough replica of `size` bytes: its first
+/// block, where a filesystem's superblock is (written once formatted, so a
+/// dead disk shows there at once), and the next window of a pass over the
+/// whole replica from `cursor`, for a disk failing in places; and where
+/// the pass goes on next time.
+fn read_checks(cursor: u64, size: u64) -> (Vec<(u64, usize)>, u64) {
+    let align = ALIGN as u64;
+    let end = size - size % align;
+    let mut reads = Vec::new();
+    if end == 0 {
+        return (reads, 0);
+    }
+    reads.push((0, ALIGN));
+    let at = if cursor < end { cursor } else { 0 };
+    let len = READ_CHECK_WINDOW.min(end - at);
+    reads.push((at, len as usize));
+    let next = if at + len >= end { 0 } else { at + len };
+    (reads, next)
+}
+
+/// How much of a passthrough replica each check reads besides its first
+/// block: 1 MiB a second is little next to any disk, and a pass over a
+/// 100 GiB replica takes a day.
+const READ_CHECK_WINDOW: u64 = 1 << 20;
+
+#[cfg(test)]
+mod read_check_tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_covers_the_replica_window_by_window_then_starts_again() {
+        let size = (5 << 19) + 4096 + 100;
+        let mut cursor = 0;
+        let mut covered = Vec::new();
+        for _ in 0..4 {
+            let (reads, next) = read_checks(cursor, size);
+            assert_eq!(reads[0], (0, ALIGN), "the first block every time");
+            assert_eq!(reads.len(), 2);
+            covered.push(reads[1]);
+            cursor = next;
+        }
+        assert_eq!(
+            covered,
+            vec![
+                (0, 1 << 20),
+                (1 << 20, 1 << 20),
+                (2 << 20, (1 << 19) + 4096),
+                (0, 1 << 20)
+            ]
+        );
+        // A cursor past the end starts over; nothing to read of a replica
+        // smaller than a block.
+        assert_eq!(read_checks(size * 2, size).0[1], (0, 1 << 20));
+        assert_eq!(read_checks(0, 100), (vec![], 0));
     }
 }

@@ -96,6 +96,9 @@ pub struct Engine {
     stats: Arc<crate::core::metrics::IoStats>,
     claim: Option<StagedOn>,
     gate: Option<Arc<gate::WriteGate>>,
+    /// Where the next read check of a passthrough replica goes on
+    /// (`check_replicas`).
+    read_check_at: AtomicU64,
 }
 
 /// Finds a new home for lost replica `index`: creates it (empty) on some
@@ -200,6 +203,7 @@ impl Engine {
             stats: Default::default(),
             claim,
             gate,
+            read_check_at: AtomicU64::new(0),
         })
     }
 
@@ -385,6 +389,17 @@ impl DirectRead for ReplicaRead {
 }
 
 impl Engine {
+    /// The replica the kernel reads and writes itself when the volume's
+    /// opens are passthrough (`BlockDevice::passthrough_fd`): its only one,
+    /// healthy and a local file.
+    fn passthrough_slot(&self) -> Option<Arc<Slot>> {
+        let slots = self.slots();
+        let [only] = slots.as_slice() else {
+            return None;
+        };
+        (only.healthy.load(Ordering::SeqCst) && only.io.direct_fd().is_some()).then(|| only.clone())
+    }
+
     /// Healthy replicas in the order to try a read at `offset` on: fastest
     /// first; among equals, each region of the volume is read from one
     /// replica, so regions spread over the replicas while each replica's
@@ -489,13 +504,7 @@ impl BlockDevice for Engine {
     /// every write must reach each of them through us, and a volume whose
     /// replica is remote has no file here.
     fn passthrough_fd(&self) -> Option<std::os::fd::OwnedFd> {
-        let slots = self.slots();
-        let [only] = slots.as_slice() else {
-            return None;
-        };
-        if !only.healthy.load(Ordering::SeqCst) {
-            return None;
-        }
+        let only = self.passthrough_slot()?;
         let fd = only.io.direct_fd()?;
         // SAFETY: `fd` belongs to the replica `only` keeps open for the
         // whole call; the duplicate shares its open file (and O_DIRECT).

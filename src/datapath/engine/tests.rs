@@ -10,6 +10,9 @@ struct MemReplica {
     fail: Arc<AtomicBool>,
     gone: Arc<AtomicBool>,
     reads: Arc<AtomicUsize>,
+    /// A file standing for the replica's own, so that the engine takes it
+    /// for a local one the kernel may read directly (passthrough).
+    direct: Option<Arc<std::fs::File>>,
 }
 
 impl MemReplica {
@@ -19,6 +22,7 @@ impl MemReplica {
             fail: Arc::new(AtomicBool::new(false)),
             gone: Arc::new(AtomicBool::new(false)),
             reads: Arc::new(AtomicUsize::new(0)),
+            direct: None,
         }
     }
     fn err(&self) -> io::Result<()> {
@@ -60,6 +64,10 @@ impl ReplicaIo for MemReplica {
             Ok(())
         }
     }
+    fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.direct.as_ref().map(|f| f.as_raw_fd())
+    }
 }
 
 const SIZE: usize = 1 << 20;
@@ -68,12 +76,19 @@ fn setup(
     n: usize,
     min_healthy: usize,
 ) -> (tempfile::TempDir, Arc<FileStore>, Vec<MemReplica>, Engine) {
+    setup_with((0..n).map(|_| MemReplica::new(SIZE)).collect(), min_healthy)
+}
+
+fn setup_with(
+    mems: Vec<MemReplica>,
+    min_healthy: usize,
+) -> (tempfile::TempDir, Arc<FileStore>, Vec<MemReplica>, Engine) {
+    let n = mems.len();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(FileStore::open(dir.path()).unwrap());
     let mut rec: VolumeRecord = crate::core::volume::tests::record(n);
     rec.id = "tv-test".into();
     store.put(&rec).unwrap();
-    let mems: Vec<MemReplica> = (0..n).map(|_| MemReplica::new(SIZE)).collect();
     let replicas = mems
         .iter()
         .enumerate()
@@ -358,6 +373,41 @@ fn check_replicas_faults_a_removed_replica() {
     assert_eq!(e.healthy_count(), 2);
     let rec = store.get("tv-test").unwrap().unwrap();
     assert!(rec.degradation().unwrap().contains("gone"));
+}
+
+#[test]
+fn the_check_faults_a_passthrough_replica_whose_disk_fails_reads() {
+    let file = tempfile::tempfile().unwrap();
+    let mut only = MemReplica::new(SIZE);
+    only.direct = Some(Arc::new(file));
+    let (_d, store, mems, e) = setup_with(vec![only], 1);
+    assert!(e.passthrough_fd().is_some());
+    e.check_replicas();
+    assert_eq!(e.healthy_count(), 1);
+    assert!(mems[0].reads.load(Ordering::SeqCst) >= 2, "the check reads");
+    mems[0].fail.store(true, Ordering::SeqCst);
+    e.check_replicas();
+    assert_eq!(e.healthy_count(), 0);
+    let rec = store.get("tv-test").unwrap().unwrap();
+    let reason = rec.degradation().unwrap();
+    assert!(reason.contains("read check"), "{reason}");
+    assert!(
+        e.passthrough_fd().is_none(),
+        "no passthrough of a faulted one"
+    );
+}
+
+#[test]
+fn the_check_reads_nothing_of_replicas_whose_io_the_engine_sees() {
+    // Three replicas, one of them a local file: every I/O goes through the
+    // engine, which faults on the error itself.
+    let mut local = MemReplica::new(SIZE);
+    local.direct = Some(Arc::new(tempfile::tempfile().unwrap()));
+    let (_d, _store, mems, e) =
+        setup_with(vec![local, MemReplica::new(SIZE), MemReplica::new(SIZE)], 1);
+    e.check_replicas();
+    assert!(mems.iter().all(|m| m.reads.load(Ordering::SeqCst) == 0));
+    assert_eq!(e.healthy_count(), 3);
 }
 
 mod model {

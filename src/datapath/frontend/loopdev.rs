@@ -9,6 +9,8 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::datapath::host::holders;
+
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
@@ -18,8 +20,11 @@ const LO_FLAGS_DIRECT_IO: u32 = 16;
 const LO_NAME_SIZE: usize = 64;
 const LOOP_MAJOR: u64 = 7;
 const CONFIGURE_ATTEMPTS: u32 = 16;
-/// How long `detach` waits for the kernel to let go of the backing file.
-const DETACH_WAIT: Duration = Duration::from_secs(5);
+/// How long `detach` waits for the last close of a device others still
+/// have open (udev's blkid, a filesystem still being released, a slow
+/// kernel on a loaded machine): long enough for any of those, short of the
+/// two minutes the kubelet gives a NodeUnstageVolume.
+pub const DETACH_WAIT: Duration = Duration::from_secs(60);
 /// Logical block size of the loop device. Every request the filesystem sends
 /// is a multiple of this (and aligned to it), so O_DIRECT replica I/O never
 /// needs a bounce buffer for the offset or length.
@@ -69,10 +74,18 @@ pub enum LoopError {
     NoFreeDevice(u32),
     #[error("{} is not a loop device", path.display())]
     NotLoop { path: PathBuf },
-    /// LOOP_CLR_FD succeeded but the device is still open elsewhere (e.g.
-    /// mounted); the kernel detaches it on last close.
-    #[error("{} is still in use; it will detach when last closed", path.display())]
-    Busy { path: PathBuf },
+    /// LOOP_CLR_FD succeeded but the device stayed open elsewhere for the
+    /// whole wait; the kernel detaches it at the last close.
+    #[error(
+        "{} is still open after {} s ({holders}); it detaches when that lets go",
+        path.display(),
+        waited.as_secs()
+    )]
+    Busy {
+        path: PathBuf,
+        waited: Duration,
+        holders: String,
+    },
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LoopError + 'a {
@@ -252,12 +265,33 @@ impl LoopDevice {
         Err(LoopError::NoFreeDevice(CONFIGURE_ATTEMPTS))
     }
 
-    /// The loop device currently backed by `backing`, if any (to stay
-    /// idempotent after a crash).
+    /// The loop device currently backed by `backing` that is not being torn
+    /// down, if any (to stay idempotent after a crash). One whose detach
+    /// waits for a last close is on its way out and must not be taken up
+    /// again.
     pub fn find_by_backing(backing: &Path) -> Result<Option<LoopDevice>, LoopError> {
+        Ok(Self::attached_to(backing)?
+            .into_iter()
+            .find(|(_, leaving)| !leaving)
+            .map(|(dev, _)| dev))
+    }
+
+    /// Every loop device backed by `backing`, those being torn down too:
+    /// what a teardown must see gone, including what an earlier, partial
+    /// one left waiting for its last close.
+    pub fn find_all_by_backing(backing: &Path) -> Result<Vec<LoopDevice>, LoopError> {
+        Ok(Self::attached_to(backing)?
+            .into_iter()
+            .map(|(dev, _)| dev)
+            .collect())
+    }
+
+    /// Devices backed by `backing`, each with whether it is being torn down.
+    fn attached_to(backing: &Path) -> Result<Vec<(LoopDevice, bool)>, LoopError> {
         let wanted = [backing.to_path_buf(), normalize(backing)];
         let sys = Path::new("/sys/block");
         let entries = std::fs::read_dir(sys).map_err(io_err("list", sys))?;
+        let mut found = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(n) = name
@@ -270,18 +304,13 @@ impl LoopDevice {
             let Some(attached) = read_backing(&entry.path()) else {
                 continue;
             };
-            // Detach was asked and waits for a last close: the device is on
-            // its way out and must not be taken up again.
-            if tearing_down(&entry.path()) {
-                continue;
-            }
             if wanted.contains(&attached) {
                 let path = PathBuf::from(format!("/dev/loop{n}"));
                 ensure_node(&path, n)?;
-                return Ok(Some(LoopDevice { path }));
+                found.push((LoopDevice { path }, tearing_down(&entry.path())));
             }
         }
-        Ok(None)
+        Ok(found)
     }
 
     /// The file this device is attached to, per sysfs; `None` if detached.
@@ -315,9 +344,12 @@ impl LoopDevice {
             .map_err(io_err("open", &self.path))
     }
 
-    /// Detaches the backing file; already detached is success. If the
-    /// device is still open elsewhere (mounted, or a process has it open),
-    /// the kernel only arms autoclear and this returns [`LoopError::Busy`].
+    /// Detaches the backing file and returns once the kernel has; already
+    /// detached is success. A device still open elsewhere (mounted, or a
+    /// process has it open) only gets autoclear armed by the ioctl, so this
+    /// waits up to [`DETACH_WAIT`] for its last close, then returns
+    /// [`LoopError::Busy`] naming what still holds it. Asking again (a
+    /// retry) waits again.
     pub fn detach(&self) -> Result<(), LoopError> {
         if self.sysfs_dir().is_some_and(|d| d.exists()) && self.backing_file().is_none() {
             return Ok(());
@@ -341,13 +373,17 @@ impl LoopDevice {
             // the last one.
         }
         let deadline = Instant::now() + DETACH_WAIT;
+        let mut pause = Duration::from_millis(10);
         while self.backing_file().is_some() {
             if Instant::now() >= deadline {
                 return Err(LoopError::Busy {
                     path: self.path.clone(),
+                    waited: DETACH_WAIT,
+                    holders: holders::describe(&holders::of_device(&self.path)),
                 });
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(200));
         }
         Ok(())
     }

@@ -1,4 +1,4 @@
-//! What the node's host provides: mounts, filesystems, the signals that
+//! What the node's host provides: mounts, filesystems, who holds a device, the signals that
 //! stop a process, child processes, private files, the data dir's owner,
 //! `terna.toml` on disk, pool throughput probes, and the hostname.
 
@@ -10,6 +10,8 @@ pub mod config_file;
 pub mod files;
 #[forbid(unsafe_code)]
 pub mod filesystem;
+#[forbid(unsafe_code)]
+pub mod holders;
 #[forbid(unsafe_code)]
 pub mod hostname;
 #[forbid(unsafe_code)]

@@ -188,8 +188,11 @@ impl NodeCore {
         // Something already mounted at the staging path must be this
         // volume's own device, or staging stops before touching anything.
         let staged_mount = mounts::mount_at(staging_path)?;
+        let own_mount = staged_mount
+            .as_ref()
+            .is_some_and(|m| self.own_device_of(volume_id, m).is_some());
         if let Some(m) = &staged_mount
-            && self.own_device_of(volume_id, m).is_some()
+            && own_mount
         {
             // Staged already: only the same way is the same request.
             let differs = match &cap.access_type {
@@ -220,7 +223,7 @@ impl NodeCore {
             }
         }
         if let Some(m) = staged_mount
-            && self.own_device_of(volume_id, &m).is_none()
+            && !own_mount
         {
             return Err(Error::precondition(format!(
                 "staging path {} already has {} ({}) mounted, not volume {volume_id}; unmount it first",
@@ -279,13 +282,24 @@ impl NodeCore {
             )));
         }
 
+        // Staged here already, as asked: a failure now (the first block not
+        // answering, say) is reported, and the kubelet's NodeUnstageVolume
+        // or retry deals with it.
+        let staged_before = was_here
+            && self.engine_running(volume_id)?
+            && match cap.access_type {
+                AccessType::Mount { .. } => own_mount,
+                AccessType::Block => self.device(volume_id)?.is_some(),
+            };
         let staged = self.stage_claimed(volume_id, staging_path, cap, &record);
         if let Err(e) = &staged
-            && !was_here
+            && !staged_before
         {
-            // A first stage that failed leaves nothing holding the volume: a
-            // retry at another path, or a DeleteVolume, must not find it
-            // claimed with an engine running.
+            // A stage that failed once it had started the engine or
+            // attached the device (the first one here, or one after a
+            // reboot or crash left only the claim) leaves nothing holding
+            // the volume: a retry at another path, or a DeleteVolume, must
+            // not find it claimed with an engine running.
             if let Err(undo) = self.unstage(volume_id, staging_path) {
                 warn!(volume_id, error = %e.report(), undo_error = %undo.report(), "failed stage could not be undone");
             }
@@ -359,7 +373,7 @@ impl NodeCore {
     /// from under a pod would hand the pod whatever volume gets the device
     /// next.
     fn drop_dead_device(&self, volume_id: &str, staging: &Path) -> Result<()> {
-        let mut dev = self.device(volume_id)?;
+        let mut dev = None;
         let held = self.holders(volume_id, Some(staging))?;
         if !held.is_empty() {
             return Err(Error::precondition(format!(
@@ -375,7 +389,7 @@ impl NodeCore {
             mounts::unmount_one(staging)?;
             dev = dev.or(Some(d));
         }
-        if let Some(dev) = dev {
+        for dev in self.devices_to_release(volume_id, dev)? {
             warn!(volume_id, device = %dev.path().display(), "engine of staged volume is gone; restaging");
             release_device(volume_id, &dev)?;
         }
@@ -387,6 +401,23 @@ impl NodeCore {
         let found = LoopDevice::find_by_backing(&self.backing_file(volume_id))
             .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot scan loop devices", e))?;
         Ok(found.or_else(|| self.detached_device(volume_id)))
+    }
+
+    /// Every loop device of this volume, those an earlier teardown left
+    /// waiting for their last close too, and `also` (found by its mount).
+    fn devices_to_release(
+        &self,
+        volume_id: &str,
+        also: Option<LoopDevice>,
+    ) -> Result<Vec<LoopDevice>> {
+        let mut devices = LoopDevice::find_all_by_backing(&self.backing_file(volume_id))
+            .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot scan loop devices", e))?;
+        for dev in also.into_iter().chain(self.detached_device(volume_id)) {
+            if !devices.iter().any(|d| d.path() == dev.path()) {
+                devices.push(dev);
+            }
+        }
+        Ok(devices)
     }
 
     /// The device recorded at staging, if its FUSE export has since been
@@ -602,9 +633,11 @@ impl NodeCore {
             mounts::unmount_one(staging_path)?;
             orphan = Some(dev);
         }
-        // Once the engine's session is gone the device's backing path no
-        // longer resolves, so it may only be known from the staging mount.
-        if let Some(dev) = self.device(volume_id)?.or(orphan) {
+        // Before the engine stops, so that whoever still reads the device
+        // gets answers and closes it. Once the engine's session is gone the
+        // device's backing path no longer resolves, so it may only be known
+        // from the staging mount or the recorded device.
+        for dev in self.devices_to_release(volume_id, orphan)? {
             release_device(volume_id, &dev)?;
         }
         self.stop_engine(volume_id)?;
@@ -1033,23 +1066,23 @@ fn is_engine_process(pid: i32, volume_id: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Detaches a loop device nothing mounts any more (the callers checked).
-/// One some process still has open (a probe, a stale descriptor) is left
-/// to the kernel, which has armed autoclear: it detaches at the last close
-/// and binds the device to nothing else before, so no later volume is read
-/// through that descriptor; and a restage attaches a new device, as
-/// `LoopDevice::find_by_backing` passes over one being torn down.
+/// Detaches a loop device nothing mounts any more (the callers checked),
+/// and returns once it is gone. One some process still has open (udev's
+/// probe, a filesystem still being released) is waited for: the kernel has
+/// armed autoclear, detaches it at the last close and binds it to nothing
+/// else before. One that never lets go is Unavailable, naming its holders:
+/// the caller keeps the claim, and its retry finds the device again
+/// (`LoopDevice::find_all_by_backing`) and finishes.
 fn release_device(volume_id: &str, dev: &LoopDevice) -> Result<()> {
     match dev.detach() {
         Ok(()) => Ok(()),
-        Err(LoopError::Busy { path }) => {
-            warn!(
-                volume_id,
-                device = %path.display(),
-                "loop device still open elsewhere; the kernel detaches it at its last close"
-            );
-            Ok(())
-        }
+        Err(e @ LoopError::Busy { .. }) => Err(Error::with_source(
+            ErrorKind::Unavailable,
+            format!(
+                "the loop device of volume {volume_id} will not detach; retry once it is closed"
+            ),
+            e,
+        )),
         Err(e) => Err(Error::with_source(
             ErrorKind::Internal,
             "cannot detach loop device",
