@@ -136,6 +136,10 @@ fn main() {
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default();
     let (rounds, secs) = if quick { (3, 1.0) } else { (5, 4.0) };
     let work = tempfile::Builder::new()
         .prefix("terna-bench-tls-")
@@ -162,9 +166,10 @@ fn main() {
         )
     };
     let mut md = format!(
-        "# Remote replica: plain TCP vs mutual TLS 1.3\n\n{} rounds of {secs} s per figure, alternating, medians; agent and client in one process over loopback, replica in /dev/shm, {} CPUs.\n\n| figure | plain | TLS | TLS / plain |\n|---|---|---|---|\n",
+        "# Remote replica: plain TCP vs mutual TLS 1.3\n\n{} rounds of {secs} s per figure, alternating, medians; agent and client in one process over loopback, replica in /dev/shm, {} CPUs, load average {} at the start (both ends share the CPUs, so TLS pays encryption and decryption on each).\n\n| figure | plain | TLS | TLS / plain |\n|---|---|---|---|\n",
         rounds,
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load
     );
     md += &row("1 MiB writes, 1 connection", p.write1, t.write1, "MiB/s");
     md += &row("1 MiB writes, 4 connections", p.write4, t.write4, "MiB/s");
