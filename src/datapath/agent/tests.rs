@@ -813,3 +813,26 @@ fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
         .unwrap();
     stream
 }
+
+/// The client names the node it means to reach: an agent whose
+/// certificate is another node's (a recycled address, a wrong entry) is
+/// refused at the handshake, before the token is sent.
+#[test]
+fn a_client_refuses_an_agent_whose_certificate_is_another_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start_agent(dir.path());
+    let wrong = RemotePool::new(
+        Arc::new(Client::new(
+            addr,
+            "node-x",
+            TOKEN,
+            "node-b",
+            Duration::from_secs(2),
+            tls("node-b"),
+        )),
+        "p",
+    );
+    let err = wrong.create(&r(0), 4096).unwrap_err().report().to_string();
+    assert!(err.contains("not valid for name"), "{err}");
+    assert!(!dir.path().join(r(0)).exists());
+}
