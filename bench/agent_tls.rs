@@ -146,7 +146,7 @@ fn main() {
         .tempdir_in("/dev/shm")
         .unwrap();
     let set = CaSet::create(terna::datapath::tls::unix_now(), CA_LIFETIME).unwrap();
-    let tls = |name: &str| Transport::Tls(Identity::in_memory(name, set.clone()).unwrap());
+    let tls = |name: &str| Transport::Tls(Identity::in_memory(name, set.clone()));
     let (plain_dir, tls_dir) = (work.path().join("plain"), work.path().join("tls"));
     std::fs::create_dir_all(&plain_dir).unwrap();
     std::fs::create_dir_all(&tls_dir).unwrap();

@@ -141,7 +141,7 @@ impl Agent {
         let tcp = TcpStream::connect_timeout(&self.addr, within).ok()?;
         tcp.set_read_timeout(Some(within)).unwrap();
         tcp.set_write_timeout(Some(within)).unwrap();
-        let identity = Identity::from_file("test", self.ca.clone()).unwrap();
+        let identity = Identity::from_file("test", self.ca.clone());
         let mut s = Transport::Tls(identity)
             .connect(tcp, "n1", Instant::now() + within)
             .ok()?;

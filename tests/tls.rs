@@ -236,8 +236,8 @@ async fn ca_rotation_under_a_writer_fails_no_write_and_faults_no_replica() {
     // trusts only it does not take the agents' new certificates.
     let now = terna::datapath::tls::store::load(&ca).unwrap();
     assert!(now.previous.is_none() && now.next.is_none());
-    let current = Identity::in_memory("probe", now.clone()).unwrap();
-    let stale_trust = Identity::in_memory("probe", original.clone()).unwrap();
+    let current = Identity::in_memory("probe", now.clone());
+    let stale_trust = Identity::in_memory("probe", original.clone());
     let stale_cert = Identity::in_memory(
         "probe",
         CaSet {
@@ -247,8 +247,7 @@ async fn ca_rotation_under_a_writer_fails_no_write_and_faults_no_replica() {
             }),
             ..original
         },
-    )
-    .unwrap();
+    );
     for a in &agents {
         assert!(a.admits(current.clone()), "{}: current CA refused", a.name);
         assert!(

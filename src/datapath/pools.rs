@@ -52,9 +52,9 @@ pub fn cluster_token(config: &Config, data_dir: &Path, node: &str) -> Result<Vec
 /// What this process's agent connections run over: mutual TLS as
 /// `identity`, with the data dir's CA (read when first needed, so a data
 /// dir of local pools needs none).
-pub fn transport(data_dir: &Path, identity: &str) -> Result<Transport> {
+pub fn transport(data_dir: &Path, identity: &str) -> Transport {
     let file = crate::core::data_dir::ca_file(data_dir);
-    Ok(Transport::Tls(Identity::from_file(identity, file)?))
+    Transport::Tls(Identity::from_file(identity, file))
 }
 
 /// Every configured pool: this node's as local pools, other nodes'

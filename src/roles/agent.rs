@@ -45,7 +45,7 @@ fn serve(data_dir: &Path, listen: SocketAddr, node: &str) -> Result<()> {
             }
         })?;
     crate::datapath::tls::store::prepare(&config, data_dir)?;
-    let transport = crate::datapath::pools::transport(data_dir, node)?;
+    let transport = crate::datapath::pools::transport(data_dir, node);
     // A CA that cannot be read is an error now, not at the first peer.
     if let crate::datapath::agent::transport::Transport::Tls(identity) = &transport {
         identity.configs()?;

@@ -187,7 +187,7 @@ fn identity(file: Option<&PathBuf>, me: &str) -> Result<Arc<Identity>> {
     match file {
         Some(path) => {
             crate::datapath::tls::store::ensure(path)?;
-            let identity = Identity::from_file(me, path.clone())?;
+            let identity = Identity::from_file(me, path.clone());
             identity.configs()?;
             Ok(identity)
         }
@@ -197,7 +197,7 @@ fn identity(file: Option<&PathBuf>, me: &str) -> Result<Arc<Identity>> {
                  this controller's certificate, so only NFS pools can hold new replicas"
             );
             let set = CaSet::create(crate::datapath::tls::unix_now(), CA_LIFETIME)?;
-            Ok(Identity::in_memory(me, set)?)
+            Ok(Identity::in_memory(me, set))
         }
     }
 }

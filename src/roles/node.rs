@@ -133,7 +133,7 @@ async fn serve(opts: NodeOptions) -> Result<()> {
     )?;
     let token = crate::datapath::host::config_file::cluster_token(&config, &opts.data_dir)?;
     crate::datapath::tls::store::prepare(&config, &opts.data_dir)?;
-    let transport = crate::datapath::pools::transport(&opts.data_dir, &opts.node_id)?;
+    let transport = crate::datapath::pools::transport(&opts.data_dir, &opts.node_id);
     if let crate::datapath::agent::transport::Transport::Tls(identity) = &transport {
         identity.configs()?;
     }

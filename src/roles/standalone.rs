@@ -57,7 +57,7 @@ async fn serve(opts: Options) -> Result<()> {
     let token = crate::datapath::pools::cluster_token(&config, data_dir, &opts.node_id)?;
     // The engines it starts make their TLS identities from the same CA.
     crate::datapath::tls::store::prepare(&config, data_dir)?;
-    let transport = crate::datapath::pools::transport(data_dir, &opts.node_id)?;
+    let transport = crate::datapath::pools::transport(data_dir, &opts.node_id);
     let pools = Arc::new(crate::datapath::pools::from_config(
         &config,
         data_dir,

@@ -23,7 +23,7 @@ fn tls(name: &str) -> Transport {
         )
         .unwrap()
     });
-    Transport::Tls(crate::datapath::tls::Identity::in_memory(name, set.clone()).unwrap())
+    Transport::Tls(crate::datapath::tls::Identity::in_memory(name, set.clone()))
 }
 
 /// An agent of node-a on these tests' CA.

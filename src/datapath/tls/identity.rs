@@ -107,23 +107,24 @@ fn build(set: &CaSet, leaf: &ca::Leaf) -> Result<Configs, TlsError> {
 }
 
 impl Identity {
-    fn with_source(name: &str, source: Source) -> Result<Arc<Identity>, TlsError> {
-        ca::dns_name(name)?;
-        Ok(Arc::new(Identity {
+    /// The name is checked when a certificate is first issued for it, so a
+    /// process that never dials an agent never needs a name fit for one.
+    fn with_source(name: &str, source: Source) -> Arc<Identity> {
+        Arc::new(Identity {
             name: name.to_string(),
             source,
             loaded: Mutex::new(None),
-        }))
+        })
     }
 
     /// `name`'s identity from the CA file `path`, read when first needed.
-    pub fn from_file(name: &str, path: PathBuf) -> Result<Arc<Identity>, TlsError> {
+    pub fn from_file(name: &str, path: PathBuf) -> Arc<Identity> {
         Identity::with_source(name, Source::File(path))
     }
 
     /// `name`'s identity from a CA set the process keeps (`replace` hands
     /// over a new one).
-    pub fn in_memory(name: &str, set: CaSet) -> Result<Arc<Identity>, TlsError> {
+    pub fn in_memory(name: &str, set: CaSet) -> Arc<Identity> {
         Identity::with_source(name, Source::Memory(Box::new(Mutex::new((set, 0)))))
     }
 
@@ -263,7 +264,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let file = dir.path().join("ca.json");
         super::super::store::ensure(&file).expect("ca");
-        let id = Identity::from_file("n1", file.clone()).expect("identity");
+        let id = Identity::from_file("n1", file.clone());
         let first = id.configs().expect("configs");
         let again = id.configs().expect("configs");
         assert!(Arc::ptr_eq(&first.client, &again.client), "cached");
@@ -275,6 +276,13 @@ mod tests {
         std::thread::sleep(RELOAD_EVERY + Duration::from_millis(100));
         let kept = id.configs().expect("the last good configurations");
         assert!(Arc::ptr_eq(&staged.client, &kept.client));
+    }
+
+    #[test]
+    fn a_name_unfit_for_a_certificate_fails_only_when_one_is_needed() {
+        let set = CaSet::create(super::super::unix_now(), ca::CA_LIFETIME).expect("ca");
+        let id = Identity::in_memory("not a dns name", set);
+        assert!(matches!(id.configs(), Err(TlsError::BadIdentity(_))));
     }
 
     #[test]

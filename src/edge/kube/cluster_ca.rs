@@ -149,7 +149,7 @@ pub async fn followed(
     me: &str,
 ) -> Result<Arc<Identity>> {
     let set = get_or_create(client.clone(), namespace, name).await?;
-    let identity = Identity::in_memory(me, set)?;
+    let identity = Identity::in_memory(me, set);
     tokio::spawn(keep_current(
         client,
         namespace.to_string(),
