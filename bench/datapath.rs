@@ -273,6 +273,10 @@ impl Drop for Agent {
 async fn catch_up_after_absence(work: &Path, size: u64, away: u64) -> (u64, u64) {
     let base = work.join("catch-up");
     let token = "bench-cluster-token-0123456789abcdef";
+    // One cluster CA for the agents and the standalone.
+    let ca = base.join("cluster-ca.json");
+    std::fs::create_dir_all(&base).unwrap();
+    terna::datapath::tls::store::ensure(&ca).unwrap();
     let mut agents: Vec<Agent> = (1..=3)
         .map(|i| {
             let name = format!("a{i}");
@@ -281,7 +285,7 @@ async fn catch_up_after_absence(work: &Path, size: u64, away: u64) -> (u64, u64)
             std::fs::write(dir.join("token"), token).unwrap();
             std::fs::write(
                 dir.join("terna.toml"),
-                format!("cluster_token_file = \"token\"\n[[pools]]\nname = \"{name}-disk\"\npath = \"pool\"\ntier = \"standard\"\n"),
+                format!("cluster_token_file = \"token\"\ncluster_ca_file = {ca:?}\n[[pools]]\nname = \"{name}-disk\"\npath = \"pool\"\ntier = \"standard\"\n"),
             )
             .unwrap();
             let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -293,8 +297,8 @@ async fn catch_up_after_absence(work: &Path, size: u64, away: u64) -> (u64, u64)
     }
     std::fs::create_dir_all(base.join("data")).unwrap();
     std::fs::write(base.join("data/token"), token).unwrap();
-    let mut config = String::from(
-        "cluster_token_file = \"token\"\nagent_timeout_ms = 1500\nreplace_after_secs = 3600\nrebuild_mib_per_sec = 0\n",
+    let mut config = format!(
+        "cluster_token_file = \"token\"\ncluster_ca_file = {ca:?}\nagent_timeout_ms = 1500\nreplace_after_secs = 3600\nrebuild_mib_per_sec = 0\n",
     );
     for a in &agents {
         config += &format!("[[nodes]]\nname = \"{}\"\nagent = \"{}\"\n", a.name, a.addr);

@@ -28,6 +28,8 @@ enum Command {
     /// A cluster node: serves its pools through the replica agent and
     /// registers them as StoragePools.
     Node(roles::node::Args),
+    /// Shows or rotates the cluster CA file (`terna ca show|rotate`).
+    Ca(roles::ca::Args),
     /// Prints the CustomResourceDefinitions (or writes them into a directory).
     Crds {
         #[arg(long)]
@@ -72,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         Command::Standalone(args) => roles::standalone::run(args)?,
         Command::Engine(args) => roles::engine::run(args)?,
         Command::Agent(args) => roles::agent::run(args)?,
+        Command::Ca(args) => roles::ca::run(args)?,
         Command::Controller(args) => roles::controller::run(args)?,
         Command::Node(args) => roles::node::run(args)?,
         Command::Report(args) => roles::report::run(args)?,

@@ -1,6 +1,8 @@
 //! `terna agent` as a process, under hostile peers: what it costs to talk
 //! to it before authenticating (threads, memory, file descriptors, log
-//! lines) stays bounded, and it will not start without a cluster token.
+//! lines) stays bounded, it will not start without a cluster token, and a
+//! peer without a certificate of the cluster CA for the node it claims to
+//! be is refused before any request is served.
 //! Measured from /proc/<pid>/status of the spawned agent. Timing bounds are
 //! loose: they must hold on a loaded 2-core machine. Needs no root.
 
@@ -15,11 +17,17 @@ use std::time::{Duration, Instant};
 
 use terna::datapath::agent::protocol::read_frame;
 use terna::datapath::agent::protocol::{HEADER_LEN, Request, Response};
+use terna::datapath::agent::transport::{Stream, Transport};
+use terna::datapath::tls::Identity;
 
 const TOKEN: &str = "agent-test-token-0123456789abcdef";
 
 struct Agent {
     _dir: tempfile::TempDir,
+    /// The cluster CA the agent's `cluster_ca_file` names.
+    ca: PathBuf,
+    /// Its pool's directory.
+    pool: PathBuf,
     log: PathBuf,
     addr: SocketAddr,
     child: Child,
@@ -45,11 +53,13 @@ fn start(extra: &str, nofile: Option<u64>) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
+    let ca = dir.path().join("ca.json");
+    terna::datapath::tls::store::ensure(&ca).unwrap();
     std::fs::write(data.join("token"), format!("{TOKEN}\n")).unwrap();
     std::fs::write(
         data.join("terna.toml"),
         format!(
-            "cluster_token_file = \"token\"\n{extra}\n[[pools]]\nname = \"p\"\npath = \"pools/p\"\ntier = \"standard\"\n"
+            "cluster_token_file = \"token\"\ncluster_ca_file = {ca:?}\n{extra}\n[[pools]]\nname = \"p\"\npath = \"pools/p\"\ntier = \"standard\"\n"
         ),
     )
     .unwrap();
@@ -82,6 +92,8 @@ fn start(extra: &str, nofile: Option<u64>) -> Agent {
     let child = cmd.spawn().unwrap();
     let agent = Agent {
         _dir: dir,
+        ca,
+        pool: data.join("pools/p"),
         log,
         addr,
         child,
@@ -123,17 +135,29 @@ impl Agent {
         self.log_text().lines().count()
     }
 
+    /// A TLS connection as node `test`, with a certificate of the agent's
+    /// CA, or `None` if the agent did not take it.
+    fn tls(&self, within: Duration) -> Option<Stream> {
+        let tcp = TcpStream::connect_timeout(&self.addr, within).ok()?;
+        tcp.set_read_timeout(Some(within)).unwrap();
+        tcp.set_write_timeout(Some(within)).unwrap();
+        let identity = Identity::from_file("test", self.ca.clone());
+        let mut s = Transport::Tls(identity)
+            .connect(tcp, "n1", Instant::now() + within)
+            .ok()?;
+        s.set_deadline(None);
+        Some(s)
+    }
+
     /// A connection that said Hello, or `None` if the agent did not answer.
-    fn hello(&self, within: Duration) -> Option<TcpStream> {
-        let mut s = TcpStream::connect_timeout(&self.addr, within).ok()?;
-        s.set_read_timeout(Some(within)).unwrap();
-        s.set_write_timeout(Some(within)).unwrap();
+    fn hello(&self, within: Duration) -> Option<Stream> {
+        let mut s = self.tls(within)?;
         let hello = Request::Hello {
             token: TOKEN.as_bytes().to_vec(),
             node: "test".into(),
             claim: 0,
         };
-        s.write_all(&hello.encode(1)).ok()?;
+        s.send(&hello.encode(1)).ok()?;
         let (h, p) = read_frame(&mut s).ok()??;
         matches!(Response::decode(h.kind, &p).ok()?, Response::Hello { .. }).then_some(s)
     }
@@ -142,6 +166,11 @@ impl Agent {
 /// Whether the peer closed `s` (EOF or reset) within `within`.
 fn closed_within(mut s: &TcpStream, within: Duration) -> bool {
     s.set_read_timeout(Some(within)).unwrap();
+    closed(&mut s)
+}
+
+/// Whether the peer closed `s` (EOF or reset) before its read timeout.
+fn closed(s: &mut impl Read) -> bool {
     let mut buf = [0u8; 256];
     loop {
         match s.read(&mut buf) {
@@ -219,20 +248,25 @@ fn huge_frames_before_hello_are_refused_without_allocating() {
     let start = Instant::now();
     let mut conns = Vec::new();
     for _ in 0..100 {
-        let mut s = TcpStream::connect(agent.addr).unwrap();
-        s.write_all(&head).unwrap();
+        let mut s = agent.tls(Duration::from_secs(10)).unwrap();
+        s.send(&head).unwrap();
         conns.push(s);
     }
     let mut refused = 0;
     for s in &mut conns {
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.tcp()
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         if let Ok(Some((h, p))) = read_frame(s)
             && let Ok(Response::Error { errno, .. }) = Response::decode(h.kind, &p)
         {
             assert_eq!(errno, libc::EMSGSIZE);
             refused += 1;
         }
-        assert!(closed_within(s, Duration::from_secs(5)));
+        s.tcp()
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        assert!(closed(s));
     }
     assert_eq!(refused, 100);
     assert!(
@@ -369,4 +403,167 @@ fn a_node_refuses_to_start_without_a_token() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("cluster_token_file"), "{err}");
     assert!(err.contains("openssl rand -hex 32"), "{err}");
+}
+
+/// What a client with `cert` (chain and key; none: no certificate) gets
+/// from the agent for a Hello with the right token followed by a Create of
+/// `replica`: the answers it read before the connection ended.
+fn try_with_certificate(
+    agent: &Agent,
+    cert: Option<(rustls::pki_types::CertificateDer<'static>, Vec<u8>)>,
+    replica: &str,
+) -> Vec<Response> {
+    use rustls::pki_types::pem::PemObject;
+    let set = terna::datapath::tls::store::load(&agent.ca).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for pem in set.trusted() {
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap())
+            .unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match cert {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => builder
+            .with_client_auth_cert(
+                vec![chain],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()),
+            )
+            .unwrap(),
+    };
+    let conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        "n1.node.terna".try_into().unwrap(),
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(agent.addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let requests = [
+        Request::Hello {
+            token: TOKEN.as_bytes().to_vec(),
+            node: "test".into(),
+            claim: 0,
+        }
+        .encode(1),
+        Request::Create {
+            pool: "p".into(),
+            name: replica.into(),
+            size: 1 << 20,
+        }
+        .encode(2),
+    ]
+    .concat();
+    let mut answers = Vec::new();
+    // In TLS 1.3 the client's side of the handshake ends before the server
+    // has checked its certificate, so the requests may well be sent.
+    if tls.write_all(&requests).and_then(|()| tls.flush()).is_ok() {
+        while let Ok(Some((h, p))) = read_frame(&mut tls) {
+            answers.push(Response::decode(h.kind, &p).unwrap());
+        }
+    }
+    answers
+}
+
+fn replica_name(i: usize) -> String {
+    terna::core::volume::replica_file_name(&terna::core::volume::volume_id_for("tls-tests"), i)
+}
+
+/// No certificate, a self-signed one, one of another CA, an expired one of
+/// the right CA, one for another node than the Hello names, and plain text
+/// with the right token: refused, nothing created; a good one is served.
+#[test]
+fn peers_without_a_valid_certificate_are_refused_and_served_nothing() {
+    use terna::datapath::tls::ca;
+    let agent = start("", None);
+    let now = terna::datapath::tls::unix_now();
+    let own = terna::datapath::tls::store::load(&agent.ca).unwrap();
+    let other = ca::CaSet::create(now, ca::CA_LIFETIME).unwrap();
+    let leaf = |ca: &ca::CaPair, name: &str, from: i64, life: Duration| {
+        let l = ca::issue_leaf(ca, name, from, life).unwrap();
+        Some((l.cert_der.into(), l.key_der))
+    };
+    let self_signed = {
+        let c = rcgen::generate_simple_self_signed(vec!["test.node.terna".to_string()]).unwrap();
+        Some((c.cert.der().clone(), c.signing_key.serialize_der()))
+    };
+    let day = Duration::from_secs(24 * 3600);
+    let cases = [
+        ("no certificate", None),
+        ("a self-signed certificate", self_signed),
+        (
+            "a certificate of another CA",
+            leaf(&other.current, "test", now, day),
+        ),
+        (
+            "an expired certificate",
+            leaf(&own.current, "test", now - 3 * 24 * 3600, day),
+        ),
+        (
+            "another node's certificate",
+            leaf(&own.current, "n7", now, day),
+        ),
+    ];
+    for (i, (what, cert)) in cases.into_iter().enumerate() {
+        let answers = try_with_certificate(&agent, cert, &replica_name(i));
+        assert!(
+            answers.iter().all(|a| matches!(
+                a,
+                Response::Error {
+                    errno: libc::EACCES,
+                    ..
+                }
+            )),
+            "{what}: {answers:?}"
+        );
+        assert!(
+            !answers.iter().any(|a| matches!(a, Response::Hello { .. })),
+            "{what}: {answers:?}"
+        );
+    }
+    // Plain text, our protocol with the right token: no handshake, no answer.
+    let mut plain = TcpStream::connect(agent.addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let bytes = [
+        Request::Hello {
+            token: TOKEN.as_bytes().to_vec(),
+            node: "test".into(),
+            claim: 0,
+        }
+        .encode(1),
+        Request::Create {
+            pool: "p".into(),
+            name: replica_name(9),
+            size: 1 << 20,
+        }
+        .encode(2),
+    ]
+    .concat();
+    let _ = plain.write_all(&bytes);
+    let mut rest = Vec::new();
+    let _ = plain.read_to_end(&mut rest);
+    assert!(
+        terna::datapath::agent::protocol::split_frame(&rest).is_err(),
+        "plain text got an answer: {rest:?}"
+    );
+    for i in [0, 1, 2, 3, 4, 9] {
+        assert!(
+            !agent.pool.join(replica_name(i)).exists(),
+            "replica {i} was created"
+        );
+    }
+    // The right certificate for the node the Hello names is served.
+    let good = leaf(&own.current, "test", now, day);
+    let answers = try_with_certificate(&agent, good, &replica_name(5));
+    assert!(
+        matches!(answers.as_slice(), [Response::Hello { .. }, Response::Ok]),
+        "{answers:?}"
+    );
+    assert!(agent.pool.join(replica_name(5)).exists());
 }

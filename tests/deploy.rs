@@ -450,10 +450,24 @@ fn secret_token(env: &KubeEnv) -> Option<Vec<u8>> {
 
 /// Secret terna-cluster-token, if it exists.
 fn token_secret(env: &KubeEnv) -> Option<Secret> {
+    named_secret(env, TOKEN_SECRET)
+}
+
+/// The cluster CA the controller made into Secret terna-cluster-ca, if it
+/// exists.
+fn secret_ca(env: &KubeEnv) -> Option<Vec<u8>> {
+    named_secret(env, "terna-cluster-ca").map(|s| {
+        s.data.unwrap()[terna::edge::kube::cluster_ca::CA_KEY]
+            .0
+            .clone()
+    })
+}
+
+fn named_secret(env: &KubeEnv, name: &str) -> Option<Secret> {
     let out = env.kubectl(&[
         "get",
         "secret",
-        TOKEN_SECRET,
+        name,
         "-n",
         NAMESPACE,
         "--ignore-not-found",
@@ -493,10 +507,10 @@ fn controller_and_node_provision_and_delete_a_volume_with_only_their_rbac() {
         root.path().join("controller.log"),
     );
     wait_until(
-        "the controller to generate the token Secret",
+        "the controller to generate the token and CA Secrets",
         Duration::from_secs(30),
         &|| controller.log(),
-        || secret_token(&env).is_some(),
+        || secret_token(&env).is_some() && secret_ca(&env).is_some(),
     );
 
     // The node reads the token the controller generated, as node.yaml's
@@ -504,6 +518,9 @@ fn controller_and_node_provision_and_delete_a_volume_with_only_their_rbac() {
     let token = root.path().join(TOKEN_KEY);
     std::fs::write(&token, secret_token(&env).unwrap()).unwrap();
     let token = token.to_str().unwrap();
+    // And the CA, as node.yaml's mount of its Secret would.
+    let ca = root.path().join("ca.json");
+    std::fs::write(&ca, secret_ca(&env).unwrap()).unwrap();
 
     // The node, with one fast pool (for terna-scratch) in a local data dir.
     let node_pod = node_pod();
@@ -517,7 +534,7 @@ fn controller_and_node_provision_and_delete_a_volume_with_only_their_rbac() {
     std::fs::write(
         &config,
         format!(
-            "cluster_token_file = {token:?}\n\n[[pools]]\nname = \"fast\"\npath = \"pools/fast\"\ntier = \"fast\"\ncapacity_bytes = {}\n",
+            "cluster_token_file = {token:?}\ncluster_ca_file = {ca:?}\n\n[[pools]]\nname = \"fast\"\npath = \"pools/fast\"\ntier = \"fast\"\ncapacity_bytes = {}\n",
             1u64 << 40
         ),
     )

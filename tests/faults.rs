@@ -67,6 +67,11 @@ impl Drop for Blackhole {
     }
 }
 
+/// The cluster CA the agents and the standalone share.
+fn shared_ca(base: &Path) -> PathBuf {
+    base.join("cluster-ca.json")
+}
+
 /// One replica agent in its own network namespace.
 struct AgentNode {
     ns: String,
@@ -109,7 +114,8 @@ impl AgentNode {
         std::fs::write(
             dir.join("terna.toml"),
             format!(
-                "cluster_token_file = \"token\"\n[[pools]]\nname = \"{name}-disk\"\npath = \"pool\"\ntier = \"standard\"\n{}",
+                "cluster_token_file = \"token\"\ncluster_ca_file = {:?}\n[[pools]]\nname = \"{name}-disk\"\npath = \"pool\"\ntier = \"standard\"\n{}",
+                shared_ca(base),
                 // The spare (a4) reports less space, so placement leaves it
                 // free until a replica must be replaced.
                 if i == 4 { "capacity_bytes = 629145600\n" } else { "" }
@@ -251,12 +257,14 @@ async fn faults_lose_no_acknowledged_write_and_heal_by_catching_up_dirty_regions
         .prefix("terna-faults-")
         .tempdir()
         .unwrap();
+    terna::datapath::tls::store::ensure(&shared_ca(base.path())).unwrap();
     let mut agents: Vec<AgentNode> = (1..=4).map(|i| AgentNode::new(base.path(), i)).collect();
     agents[0].pool_on_tmpfs();
 
     // The engine side: no pools of its own, the three agents' pools.
-    let mut config = String::from(
-        "cluster_token_file = \"token\"\nagent_timeout_ms = 1500\nreplace_after_secs = 6\nrebuild_mib_per_sec = 128\n",
+    let mut config = format!(
+        "cluster_token_file = \"token\"\ncluster_ca_file = {:?}\nagent_timeout_ms = 1500\nreplace_after_secs = 6\nrebuild_mib_per_sec = 128\n",
+        shared_ca(base.path())
     );
     for a in &agents {
         config += &format!("[[nodes]]\nname = \"{}\"\nagent = \"{}\"\n", a.name, a.addr);

@@ -26,6 +26,11 @@ pub struct Config {
     /// relative paths are under the data dir.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_token_file: Option<PathBuf>,
+    /// A cluster CA file kept elsewhere (shared with other machines, a
+    /// mounted Secret), copied into the data dir's own whenever it changes;
+    /// absent: the data dir's CA is made on first start and is its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_ca_file: Option<PathBuf>,
     /// How long a replica agent may take to answer before its replica is faulted.
     #[serde(default = "default_agent_timeout_ms")]
     pub agent_timeout_ms: u64,
@@ -138,7 +143,8 @@ pub(crate) const HEADER: &str = "\
 # Allocatable bytes of a pool = capacity_bytes (default: its filesystem's size) x overcommit_ratio.
 # Pools on other machines: add [[nodes]] (name, agent = \"host:7420\") and give the pool
 # node = \"name\"; both sides read the same cluster_token_file (make one with
-# `openssl rand -hex 32 > token`; `terna agent` refuses to start without it). A replica unreachable for
+# `openssl rand -hex 32 > token`; `terna agent` refuses to start without it) and the same cluster CA
+# (copy tls/ca.json of this data dir to theirs, or point cluster_ca_file at one shared copy). A replica unreachable for
 # replace_after_secs is replaced on another pool and rebuilt at up to rebuild_mib_per_sec.
 ";
 
@@ -163,6 +169,7 @@ impl Config {
             pools,
             nodes: Vec::new(),
             cluster_token_file: None,
+            cluster_ca_file: None,
             agent_timeout_ms: default_agent_timeout_ms(),
             agent_max_connections: default_agent_max_connections(),
             replace_after_secs: default_replace_after_secs(),

@@ -25,6 +25,12 @@ pub fn dirty_dir(data_dir: &Path, volume_id: &str) -> PathBuf {
     dirty_root(data_dir).join(volume_id)
 }
 
+/// The cluster CA every process on the data dir makes its TLS identity
+/// from (`datapath::tls`).
+pub fn ca_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("tls").join("ca.json")
+}
+
 /// Where an agent keeps its replicas' claim floors.
 pub fn fence_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("fences")

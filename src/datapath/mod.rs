@@ -1,6 +1,7 @@
 //! The data path: the engine and its FUSE frontend, the replica backends,
 //! the replica agent's protocol and server, the node's host work (mounts,
-//! filesystems, files) and background repair.
+//! filesystems, files), background repair, and the TLS that agent
+//! connections are made under.
 
 // unsafe is for the calls into the kernel that need it; a module without
 // such calls forbids it, so one does not slip in unreviewed.
@@ -19,3 +20,5 @@ pub mod pools;
 pub mod repair;
 #[forbid(unsafe_code)]
 pub mod replica;
+#[forbid(unsafe_code)]
+pub mod tls;

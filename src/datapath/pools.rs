@@ -8,9 +8,11 @@ use crate::core::config::{Config, NfsPoolConfig, PoolConfig};
 use crate::core::error::{Error, Result};
 use crate::core::pool::Pool;
 use crate::core::pool::{PoolEntry, Pools, nfs_node};
+use crate::datapath::agent::transport::Transport;
 use crate::datapath::replica::local::LocalPool;
 use crate::datapath::replica::nfs::NfsPool;
 use crate::datapath::replica::remote::{Client, RemotePool};
+use crate::datapath::tls::Identity;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,9 +49,24 @@ pub fn cluster_token(config: &Config, data_dir: &Path, node: &str) -> Result<Vec
     })
 }
 
+/// What this process's agent connections run over: mutual TLS as
+/// `identity`, with the data dir's CA (read when first needed, so a data
+/// dir of local pools needs none).
+pub fn transport(data_dir: &Path, identity: &str) -> Transport {
+    let file = crate::core::data_dir::ca_file(data_dir);
+    Transport::Tls(Identity::from_file(identity, file))
+}
+
 /// Every configured pool: this node's as local pools, other nodes'
-/// through their replica agents, authenticated with `token`.
-pub fn from_config(config: &Config, data_dir: &Path, node: &str, token: &[u8]) -> Result<Pools> {
+/// through their replica agents, authenticated with `token` over
+/// `transport`.
+pub fn from_config(
+    config: &Config,
+    data_dir: &Path,
+    node: &str,
+    token: &[u8],
+    transport: &Transport,
+) -> Result<Pools> {
     let timeout = Duration::from_millis(config.agent_timeout_ms);
     let clients: BTreeMap<&str, Arc<Client>> = config
         .nodes
@@ -57,7 +74,14 @@ pub fn from_config(config: &Config, data_dir: &Path, node: &str, token: &[u8]) -
         .map(|n| {
             (
                 n.name.as_str(),
-                Arc::new(Client::new(n.agent, token, node, timeout)),
+                Arc::new(Client::new(
+                    n.agent,
+                    &n.name,
+                    token,
+                    node,
+                    timeout,
+                    transport.clone(),
+                )),
             )
         })
         .collect();

@@ -44,13 +44,19 @@ fn serve(data_dir: &Path, listen: SocketAddr, node: &str) -> Result<()> {
                 ..e
             }
         })?;
+    crate::datapath::tls::store::prepare(&config, data_dir)?;
+    let transport = crate::datapath::pools::transport(data_dir, node);
+    // A CA that cannot be read is an error now, not at the first peer.
+    if let crate::datapath::agent::transport::Transport::Tls(identity) = &transport {
+        identity.configs()?;
+    }
     let pools = crate::datapath::pools::local_to(&config, data_dir, node)?;
     let fences = crate::core::data_dir::fence_dir(data_dir);
     crate::datapath::host::files::private_dir(&fences)?;
     let listener = TcpListener::bind(listen)
         .map_err(|e| Error::io(format!("cannot listen on {listen}"), e))?;
     let state = Arc::new(
-        server::AgentState::new(node, &token, pools)
+        server::AgentState::new(node, &token, transport, pools)
             .with_fence_dir(&fences)
             .with_limits(server::Limits {
                 max_connections: config.agent_max_connections.max(1),

@@ -11,6 +11,9 @@ use tracing::{info, warn};
 use crate::core::controller::ControllerCore;
 use crate::core::error::{Error, Result};
 use crate::core::pool::Pools;
+use crate::datapath::agent::transport::Transport;
+use crate::datapath::tls::Identity;
+use crate::datapath::tls::ca::{CA_LIFETIME, CaSet};
 use crate::edge::csi::server::{Controller, Endpoint, Services};
 use crate::edge::kube::leader::LeaseConfig;
 use crate::edge::kube::leading::Leading;
@@ -45,6 +48,14 @@ pub struct Args {
     /// require under key `token`; created with a random token if absent.
     #[arg(long)]
     cluster_token_secret: Option<String>,
+    /// The cluster CA file (made when absent) the controller's TLS identity
+    /// for the agents comes from.
+    #[arg(long, conflicts_with = "cluster_ca_secret")]
+    cluster_ca_file: Option<PathBuf>,
+    /// Secret (in the lease namespace) holding the cluster CA under key
+    /// `ca.json`; created when absent, rotated by the controller.
+    #[arg(long)]
+    cluster_ca_secret: Option<String>,
     #[arg(long, default_value_t = 5000)]
     agent_timeout_ms: u64,
     /// Allocatable bytes per pool = capacity × this, unless the pool says otherwise.
@@ -76,6 +87,7 @@ struct ControllerOptions {
     /// `None`: run without leader election (one controller only).
     lease: Option<LeaseConfig>,
     token: TokenSource,
+    ca: CaSource,
     agent_timeout: Duration,
     overcommit_ratio: f64,
     concurrency: u16,
@@ -101,6 +113,18 @@ enum TokenSource {
     Secret { namespace: String, name: String },
 }
 
+/// Where the cluster CA comes from.
+enum CaSource {
+    /// None: a CA of the controller's own, which no agent trusts (NFS
+    /// pools only, as without a token).
+    None,
+    File(PathBuf),
+    Secret {
+        namespace: String,
+        name: String,
+    },
+}
+
 impl ControllerOptions {
     fn from_args(args: Args) -> Result<ControllerOptions> {
         let identity = match args.id {
@@ -124,6 +148,14 @@ impl ControllerOptions {
             },
             (None, None) => TokenSource::None,
         };
+        let ca = match (args.cluster_ca_file, args.cluster_ca_secret) {
+            (Some(path), _) => CaSource::File(path),
+            (None, Some(name)) => CaSource::Secret {
+                namespace: args.lease_namespace.clone(),
+                name,
+            },
+            (None, None) => CaSource::None,
+        };
         let duration = Duration::from_secs(args.lease_duration_secs.max(3));
         let lease = (!args.no_leader_elect).then(|| LeaseConfig {
             namespace: args.lease_namespace,
@@ -137,6 +169,7 @@ impl ControllerOptions {
             identity,
             lease,
             token,
+            ca,
             agent_timeout: Duration::from_millis(args.agent_timeout_ms),
             overcommit_ratio: args.overcommit_ratio,
             concurrency: args.concurrency.max(1),
@@ -145,6 +178,27 @@ impl ControllerOptions {
             capacity_namespace: args.capacity_namespace,
             metrics_listen: args.metrics_listen,
         })
+    }
+}
+
+/// The controller's TLS identity for the agents from a CA file, or from
+/// none (a Secret is `cluster_ca::followed` instead).
+fn identity(file: Option<&PathBuf>, me: &str) -> Result<Arc<Identity>> {
+    match file {
+        Some(path) => {
+            crate::datapath::tls::store::ensure(path)?;
+            let identity = Identity::from_file(me, path.clone());
+            identity.configs()?;
+            Ok(identity)
+        }
+        None => {
+            warn!(
+                "no --cluster-ca-secret or --cluster-ca-file: every node's agent will refuse \
+                 this controller's certificate, so only NFS pools can hold new replicas"
+            );
+            let set = CaSet::create(crate::datapath::tls::unix_now(), CA_LIFETIME)?;
+            Ok(Identity::in_memory(me, set))
+        }
     }
 }
 
@@ -180,8 +234,18 @@ async fn serve(opts: ControllerOptions) -> Result<()> {
         Arc::new(Pools::from_entries(vec![])),
         opts.overcommit_ratio,
     ));
+    let identity = match &opts.ca {
+        CaSource::Secret { namespace, name } => {
+            crate::edge::kube::cluster_ca::followed(client.clone(), namespace, name, &opts.identity)
+                .await?
+        }
+        CaSource::File(path) => identity(Some(path), &opts.identity)?,
+        CaSource::None => identity(None, &opts.identity)?,
+    };
+    let transport = Transport::Tls(identity);
     let directory = PoolDirectory::new(
         &token,
+        transport,
         &opts.identity,
         opts.agent_timeout,
         opts.pool_stale_after,

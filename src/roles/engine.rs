@@ -301,18 +301,21 @@ fn serve(args: &Args, fd: RawFd, signals: SigSet) -> Result<()> {
     let config = crate::datapath::host::config_file::load_or_init(&args.data_dir)?;
     // The engine process is a role: it alone decides what its engine runs
     // on (a cluster node's data dir names its cluster in `cluster.json`).
+    let transport = crate::datapath::pools::transport(&args.data_dir, &args.node_id);
     let backing = match crate::edge::kube::backing::read_cluster_file(&args.data_dir)? {
         Some(cluster) => crate::edge::kube::backing::open(
             &cluster,
             &args.node_id,
             &config,
             &crate::datapath::host::config_file::cluster_token(&config, &args.data_dir)?,
+            &transport,
         )?,
         None => Backing::standalone(
             &args.data_dir,
             &args.node_id,
             &config,
             &crate::datapath::pools::cluster_token(&config, &args.data_dir, &args.node_id)?,
+            &transport,
         )?,
     };
     let store = backing.store.clone();

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod ca;
 pub mod controller;
 pub mod engine;
 pub mod node;

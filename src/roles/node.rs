@@ -132,8 +132,13 @@ async fn serve(opts: NodeOptions) -> Result<()> {
         Config::default_node,
     )?;
     let token = crate::datapath::host::config_file::cluster_token(&config, &opts.data_dir)?;
+    crate::datapath::tls::store::prepare(&config, &opts.data_dir)?;
+    let transport = crate::datapath::pools::transport(&opts.data_dir, &opts.node_id);
+    if let crate::datapath::agent::transport::Transport::Tls(identity) = &transport {
+        identity.configs()?;
+    }
     let agent = Arc::new(
-        AgentState::new(&opts.node_id, &token, Default::default())
+        AgentState::new(&opts.node_id, &token, transport.clone(), Default::default())
             .with_fence_dir(&crate::core::data_dir::fence_dir(&opts.data_dir)),
     );
     let listener = TcpListener::bind(opts.agent_listen)
@@ -224,7 +229,7 @@ async fn serve(opts: NodeOptions) -> Result<()> {
                 }
             }));
         }
-        spawn_repair(&opts.data_dir, &opts.node_id, cluster, token)?;
+        spawn_repair(&opts.data_dir, &opts.node_id, cluster, token, transport)?;
         tokio::spawn(async move {
             let services = Services {
                 controller: None,
@@ -277,7 +282,13 @@ const REPAIR_INTERVAL: Duration = Duration::from_secs(10);
 /// Repairs, in the background, degraded volumes staged nowhere that this
 /// node holds a healthy replica of: a fresh store and pool snapshot each
 /// pass, so pools registered since are seen.
-fn spawn_repair(data_dir: &Path, node: &str, cluster: ClusterFile, token: Vec<u8>) -> Result<()> {
+fn spawn_repair(
+    data_dir: &Path,
+    node: &str,
+    cluster: ClusterFile,
+    token: Vec<u8>,
+    transport: crate::datapath::agent::transport::Transport,
+) -> Result<()> {
     let (data_dir, node) = (data_dir.to_path_buf(), node.to_string());
     std::thread::Builder::new()
         .name("repair".into())
@@ -289,7 +300,7 @@ fn spawn_repair(data_dir: &Path, node: &str, cluster: ClusterFile, token: Vec<u8
                     Config::default_node,
                 )
                 .and_then(|config| {
-                    crate::edge::kube::backing::open(&cluster, &node, &config, &token)
+                    crate::edge::kube::backing::open(&cluster, &node, &config, &token, &transport)
                 });
                 match backing {
                     Ok(b) => crate::datapath::repair::pass_over(&data_dir, &node, &b, |r| {

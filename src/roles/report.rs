@@ -204,7 +204,8 @@ pub fn from_data_dir(data_dir: &Path, node: &str) -> Result<(Vec<PoolRow>, Vec<V
         }
     }
     let token = crate::datapath::pools::cluster_token(&config, data_dir, node)?;
-    let pools = crate::datapath::pools::from_config(&config, data_dir, node, &token)?;
+    let transport = crate::datapath::pools::transport(data_dir, node);
+    let pools = crate::datapath::pools::from_config(&config, data_dir, node, &token, &transport)?;
     let pool_rows = pools
         .iter()
         .map(|p| {

@@ -55,11 +55,15 @@ async fn serve(opts: Options) -> Result<()> {
         data_dir,
     ))?);
     let token = crate::datapath::pools::cluster_token(&config, data_dir, &opts.node_id)?;
+    // The engines it starts make their TLS identities from the same CA.
+    crate::datapath::tls::store::prepare(&config, data_dir)?;
+    let transport = crate::datapath::pools::transport(data_dir, &opts.node_id);
     let pools = Arc::new(crate::datapath::pools::from_config(
         &config,
         data_dir,
         &opts.node_id,
         &token,
+        &transport,
     )?);
     let controller = Arc::new(
         ControllerCore::new(store.clone(), pools.clone(), config.overcommit_ratio).with_dirty_maps(

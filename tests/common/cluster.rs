@@ -206,6 +206,8 @@ pub struct Cluster {
     pub root: tempfile::TempDir,
     pub env: KubeEnv,
     token: PathBuf,
+    /// The cluster CA every node and controller shares (a Secret's stand-in).
+    ca: PathBuf,
 }
 
 fn free_port() -> u16 {
@@ -230,12 +232,15 @@ impl Cluster {
             .unwrap();
         let token = root.path().join("cluster-token");
         std::fs::write(&token, "test-cluster-token\n").unwrap();
+        let ca = root.path().join("cluster-ca.json");
+        terna::datapath::tls::store::ensure(&ca).unwrap();
         let mut cluster = Cluster {
             controllers: vec![],
             nodes: vec![],
             root,
             env,
             token,
+            ca,
         };
         for i in 1..=nodes {
             cluster.start_node(i);
@@ -263,8 +268,9 @@ impl Cluster {
         let data = self.node_dir(i);
         std::fs::create_dir_all(&data).unwrap();
         let mut config = format!(
-            "overcommit_ratio = 1.0\ncluster_token_file = {:?}\n",
-            self.token.display().to_string()
+            "overcommit_ratio = 1.0\ncluster_token_file = {:?}\ncluster_ca_file = {:?}\n",
+            self.token.display().to_string(),
+            self.ca.display().to_string()
         );
         for tier in TIERS {
             config += &format!(
@@ -320,6 +326,8 @@ impl Cluster {
             "6",
             "--cluster-token-file",
             self.token.to_str().unwrap(),
+            "--cluster-ca-file",
+            self.ca.to_str().unwrap(),
             "--agent-timeout-ms",
             "3000",
         ]

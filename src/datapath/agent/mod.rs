@@ -1,8 +1,9 @@
 //! The replica agent: serves this node's pools to engines on other nodes
-//! over TCP, with the protocol in `protocol.rs`.
+//! over mutual TLS (`transport.rs`), with the protocol in `protocol.rs`.
 
 pub mod protocol;
 pub mod server;
+pub mod transport;
 
 #[cfg(test)]
 mod tests;

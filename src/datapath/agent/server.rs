@@ -9,14 +9,17 @@
 //! back off (up to a second) rather than spin, and every warning of the
 //! accept loop is rate-limited.
 //!
+//! Every connection is mutual TLS (`transport`), handshaken by the Hello
+//! deadline too, and the node its Hello names must be its certificate's.
+//!
 //! Every request's names are checked before anything is looked up (pool
 //! names plain, replica names replica file names), and every offset and
 //! length against the replica's size, so bad input is an error answer, never
 //! a path outside the pools, a panic or a large allocation.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{self, Read};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -29,6 +32,7 @@ use crate::datapath::agent::protocol::{
     self, FrameError, HEADER_LEN, HELLO_KIND, PRE_AUTH_MAX_PAYLOAD, Request, Response, invalid,
     read_frame,
 };
+use crate::datapath::agent::transport::{Stream, Transport};
 use crate::datapath::replica::aligned::AlignedBuf;
 
 /// Longest a backed-off accept loop sleeps (out of file descriptors).
@@ -68,6 +72,7 @@ pub struct AgentState {
     node: String,
     /// Empty only when misconfigured: then every Hello is refused.
     token: Vec<u8>,
+    transport: Transport,
     /// Grows as a cluster names more pools for this node.
     pools: RwLock<BTreeMap<String, Arc<dyn Pool>>>,
     open: Mutex<HashMap<ReplicaKey, Arc<dyn ReplicaIo>>>,
@@ -109,7 +114,12 @@ fn refused(errno: i32, message: impl Into<String>) -> Response {
 
 impl AgentState {
     /// An agent given an empty `token` refuses every peer.
-    pub fn new(node: &str, token: &[u8], pools: BTreeMap<String, Box<dyn Pool>>) -> AgentState {
+    pub fn new(
+        node: &str,
+        token: &[u8],
+        transport: Transport,
+        pools: BTreeMap<String, Box<dyn Pool>>,
+    ) -> AgentState {
         if token.is_empty() {
             warn!(
                 node,
@@ -119,6 +129,7 @@ impl AgentState {
         AgentState {
             node: node.to_string(),
             token: token.to_vec(),
+            transport,
             pools: RwLock::new(
                 pools
                     .into_iter()
@@ -532,14 +543,13 @@ fn token_matches(a: &[u8], b: &[u8]) -> bool {
 
 /// Fills `buf` by `deadline` however slowly the peer sends; `Ok(false)`
 /// when the peer closed before sending anything.
-fn read_by(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<bool> {
+/// (The stream's own deadline bounds each read.)
+fn read_by(stream: &mut Stream, buf: &mut [u8], deadline: Instant) -> io::Result<bool> {
     let mut filled = 0;
     while filled < buf.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        if Instant::now() >= deadline {
             return Err(io::Error::new(io::ErrorKind::TimedOut, "no Hello in time"));
         }
-        stream.set_read_timeout(Some(left))?;
         match stream.read(&mut buf[filled..]) {
             Ok(0) if filled == 0 => return Ok(false),
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
@@ -557,8 +567,8 @@ fn read_by(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Res
 }
 
 /// Answers `resp` and ends the connection with `why`.
-fn refuse(stream: &mut TcpStream, id: u64, resp: Response, why: &str) -> io::Result<Option<Conn>> {
-    stream.write_all(&resp.encode(id))?;
+fn refuse(stream: &mut Stream, id: u64, resp: Response, why: &str) -> io::Result<Option<Conn>> {
+    stream.send(&resp.encode(id))?;
     Err(io::Error::new(
         io::ErrorKind::PermissionDenied,
         why.to_string(),
@@ -568,9 +578,11 @@ fn refuse(stream: &mut TcpStream, id: u64, resp: Response, why: &str) -> io::Res
 /// The connection's first frame, which must be a Hello with the token:
 /// read by the Hello deadline and never larger than `PRE_AUTH_MAX_PAYLOAD`.
 /// `Ok(None)` when the peer left without a word.
-fn authenticate(state: &AgentState, stream: &mut TcpStream) -> io::Result<Option<Conn>> {
-    let deadline = Instant::now() + state.limits.hello_timeout;
-    stream.set_write_timeout(Some(state.limits.hello_timeout))?;
+fn authenticate(
+    state: &AgentState,
+    stream: &mut Stream,
+    deadline: Instant,
+) -> io::Result<Option<Conn>> {
     let mut head = [0u8; HEADER_LEN];
     if !read_by(stream, &mut head, deadline)? {
         return Ok(None);
@@ -597,17 +609,16 @@ fn authenticate(state: &AgentState, stream: &mut TcpStream) -> io::Result<Option
         let resp = refused(libc::EACCES, "Hello with the cluster token must come first");
         return refuse(stream, header.id, resp, "no hello");
     }
-    let Request::Hello { token, claim, .. } =
+    let Request::Hello { token, claim, node } =
         Request::decode(header.kind, payload).map_err(invalid)?
     else {
         return Err(invalid(FrameError::UnknownKind(header.kind)));
     };
-    if !state.admits(&token) {
-        let resp = refused(libc::EACCES, "cluster token rejected");
-        return refuse(stream, header.id, resp, "bad token");
+    if let Some(resp) = state.refusal(stream, &token, &node) {
+        return refuse(stream, header.id, resp, "hello refused");
     }
     let conn = state.connect(claim);
-    stream.write_all(
+    stream.send(
         &Response::Hello {
             node: state.node.clone(),
         }
@@ -616,34 +627,58 @@ fn authenticate(state: &AgentState, stream: &mut TcpStream) -> io::Result<Option
     Ok(Some(conn))
 }
 
+impl AgentState {
+    /// Why a Hello with `token` naming `node` on `stream` is refused, if it is.
+    fn refusal(&self, stream: &Stream, token: &[u8], node: &str) -> Option<Response> {
+        if !self.admits(token) {
+            return Some(refused(libc::EACCES, "cluster token rejected"));
+        }
+        if !stream.peer_is(node) {
+            return Some(refused(
+                libc::EACCES,
+                format!("the Hello names node {node:?}, which the certificate does not"),
+            ));
+        }
+        None
+    }
+}
+
 fn serve_connection(
     state: &AgentState,
-    mut stream: TcpStream,
+    tcp: std::net::TcpStream,
     unauthenticated: Unauthenticated,
 ) -> io::Result<()> {
-    stream.set_nodelay(true)?;
-    let authenticated = authenticate(state, &mut stream);
+    tcp.set_nodelay(true)?;
+    let deadline = Instant::now() + state.limits.hello_timeout;
+    let authenticated = state
+        .transport
+        .accept(tcp, deadline)
+        .and_then(|mut stream| Ok((authenticate(state, &mut stream, deadline)?, stream)));
     drop(unauthenticated);
-    let Some(mut conn) = authenticated? else {
+    let (Some(mut conn), mut stream) = authenticated? else {
         return Ok(());
     };
-    stream.set_read_timeout(Some(state.limits.idle_timeout))?;
-    stream.set_write_timeout(Some(state.limits.idle_timeout))?;
+    stream.set_deadline(None);
+    stream
+        .tcp()
+        .set_read_timeout(Some(state.limits.idle_timeout))?;
+    stream
+        .tcp()
+        .set_write_timeout(Some(state.limits.idle_timeout))?;
     while let Some((header, payload)) = read_frame(&mut stream)? {
         let req = Request::decode(header.kind, &payload).map_err(invalid)?;
         let resp = match &req {
             // A Hello again: a new claim, with the token checked again.
-            Request::Hello { token, claim, .. } => {
-                if !state.admits(token) {
-                    let resp = refused(libc::EACCES, "cluster token rejected");
-                    return refuse(&mut stream, header.id, resp, "bad token").map(drop);
+            Request::Hello { token, claim, node } => {
+                if let Some(resp) = state.refusal(&stream, token, node) {
+                    return refuse(&mut stream, header.id, resp, "hello refused").map(drop);
                 }
                 conn = state.connect(*claim);
                 state.handle(&conn, req)
             }
             _ => state.handle(&conn, req),
         };
-        stream.write_all(&resp.encode(header.id))?;
+        stream.send(&resp.encode(header.id))?;
     }
     Ok(())
 }

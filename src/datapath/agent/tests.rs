@@ -6,11 +6,30 @@ use std::time::{Duration, Instant};
 
 use super::protocol::{Request, Response};
 use super::server::{AgentState, serve};
+use super::transport::{Stream, Transport};
 use crate::core::pool::Pool;
 use crate::datapath::replica::local::LocalPool;
 use crate::datapath::replica::remote::{Client, RemotePool};
 
 const TOKEN: &[u8] = b"0123456789abcdef-cluster-secret";
+
+/// `name`'s TLS identity, from one CA for all these tests.
+fn tls(name: &str) -> Transport {
+    static CA: std::sync::OnceLock<crate::datapath::tls::ca::CaSet> = std::sync::OnceLock::new();
+    let set = CA.get_or_init(|| {
+        crate::datapath::tls::ca::CaSet::create(
+            crate::datapath::tls::unix_now(),
+            crate::datapath::tls::ca::CA_LIFETIME,
+        )
+        .unwrap()
+    });
+    Transport::Tls(crate::datapath::tls::Identity::in_memory(name, set.clone()))
+}
+
+/// An agent of node-a on these tests' CA.
+fn agent(token: &[u8], dir: &std::path::Path) -> AgentState {
+    AgentState::new("node-a", token, tls("node-a"), pool_in(dir))
+}
 
 /// Replica `index` of the tests' volume: agents serve replica file names only.
 fn r(index: usize) -> String {
@@ -21,7 +40,7 @@ fn r(index: usize) -> String {
 }
 
 fn start_agent(dir: &std::path::Path) -> SocketAddr {
-    start_agent_with(AgentState::new("node-a", TOKEN, pool_in(dir)))
+    start_agent_with(agent(TOKEN, dir))
 }
 
 fn pool_in(dir: &std::path::Path) -> BTreeMap<String, Box<dyn Pool>> {
@@ -39,7 +58,14 @@ fn start_agent_with(state: AgentState) -> SocketAddr {
 }
 
 fn client(addr: SocketAddr, token: &[u8]) -> Arc<Client> {
-    Arc::new(Client::new(addr, token, "node-b", Duration::from_secs(2)))
+    Arc::new(Client::new(
+        addr,
+        "node-a",
+        token,
+        "node-b",
+        Duration::from_secs(2),
+        tls("node-b"),
+    ))
 }
 
 #[test]
@@ -76,35 +102,38 @@ fn wrong_token_and_unknown_pool_are_refused_clearly() {
 fn requests_before_hello_and_garbage_close_the_connection_and_the_agent_survives() {
     let dir = tempfile::tempdir().unwrap();
     let addr = start_agent(dir.path());
-    // A valid request without Hello: refused, connection closed.
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(
-        &Request::Create {
-            pool: "p".into(),
-            name: r(0),
-            size: 4096,
-        }
-        .encode(1),
-    )
-    .unwrap();
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest).unwrap();
-    let (h, p) = super::protocol::split_frame(&rest).unwrap();
-    assert!(matches!(
-        Response::decode(h.kind, p).unwrap(),
-        Response::Error {
-            errno: libc::EACCES,
-            ..
-        }
-    ));
+    let create = Request::Create {
+        pool: "p".into(),
+        name: r(0),
+        size: 4096,
+    }
+    .encode(1);
+    // A valid request without Hello, inside TLS: refused, connection closed.
+    let mut raw = Raw::connect(addr);
+    raw.stream.send(&create).unwrap();
+    assert_eq!(errno_of(&raw.answer()), libc::EACCES);
+    assert!(raw.closed_within(Duration::from_secs(5)));
     assert!(!dir.path().join(r(0)).exists());
-    // Garbage: closed without an answer.
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: agent\r\n\r\n")
-        .unwrap();
-    let mut rest = Vec::new();
-    let _ = s.read_to_end(&mut rest);
-    assert!(rest.is_empty());
+    // Plain text, be it our protocol (a Hello with the right token, then
+    // the request) or garbage: no TLS handshake, so never an answer of ours.
+    let hello = Request::Hello {
+        token: TOKEN.to_vec(),
+        node: "n".into(),
+        claim: 0,
+    }
+    .encode(1);
+    for bytes in [
+        [hello, create].concat(),
+        b"GET / HTTP/1.1\r\nHost: agent\r\n\r\n".to_vec(),
+    ] {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(&bytes);
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(super::protocol::split_frame(&rest).is_err(), "{rest:?}");
+    }
+    assert!(!dir.path().join(r(0)).exists());
     // Still serving.
     let pool = RemotePool::new(client(addr, TOKEN), "p");
     pool.create(&r(1), 4096).unwrap();
@@ -122,7 +151,14 @@ fn a_silent_agent_turns_into_an_error_within_the_timeout() {
         drop(conns);
     });
     let pool = RemotePool::new(
-        Arc::new(Client::new(addr, TOKEN, "n", Duration::from_millis(300))),
+        Arc::new(Client::new(
+            addr,
+            "node-a",
+            TOKEN,
+            "n",
+            Duration::from_millis(300),
+            tls("n"),
+        )),
         "p",
     );
     let start = Instant::now();
@@ -245,7 +281,7 @@ fn a_claim_floor_outlives_an_agent_restart_and_goes_with_its_replica() {
     let fences = dir.path().join("fences");
     let pool_dir = dir.path().join("pool");
     std::fs::create_dir_all(&pool_dir).unwrap();
-    let agent = || AgentState::new("node-a", TOKEN, pool_in(&pool_dir)).with_fence_dir(&fences);
+    let agent = || agent(TOKEN, &pool_dir).with_fence_dir(&fences);
     let first = start_agent_with(agent());
     let holder = client(first, TOKEN);
     holder.act_under_claim(2);
@@ -267,26 +303,31 @@ fn a_claim_floor_outlives_an_agent_restart_and_goes_with_its_replica() {
     old_io.write_at(&[1u8; 4096], 0).unwrap();
 }
 
-/// A raw connection to an agent: frames in, answers out.
+/// A raw connection to an agent (inside TLS, as node `n`): frames in,
+/// answers out.
 struct Raw {
-    stream: TcpStream,
+    stream: Stream,
     id: u64,
 }
 
 impl Raw {
+    fn over(tcp: TcpStream) -> std::io::Result<Raw> {
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut stream =
+            tls("n").connect(tcp, "node-a", Instant::now() + Duration::from_secs(10))?;
+        stream.set_deadline(None);
+        Ok(Raw { stream, id: 0 })
+    }
+
     fn connect(addr: SocketAddr) -> Raw {
-        let stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        Raw { stream, id: 0 }
+        Raw::over(TcpStream::connect(addr).unwrap()).unwrap()
     }
 
     fn hello(addr: SocketAddr) -> Raw {
         let mut raw = Raw::connect(addr);
         let resp = raw.call(&Request::Hello {
             token: TOKEN.to_vec(),
-            node: "test".into(),
+            node: "n".into(),
             claim: 0,
         });
         assert!(matches!(resp, Response::Hello { .. }), "{resp:?}");
@@ -295,7 +336,7 @@ impl Raw {
 
     fn call(&mut self, req: &Request) -> Response {
         self.id += 1;
-        self.stream.write_all(&req.encode(self.id)).unwrap();
+        self.stream.send(&req.encode(self.id)).unwrap();
         self.answer()
     }
 
@@ -308,10 +349,17 @@ impl Raw {
 
     /// Whether the agent closed the connection (EOF or reset) by `within`.
     fn closed_within(&mut self, within: Duration) -> bool {
-        self.stream.set_read_timeout(Some(within)).unwrap();
+        self.stream.tcp().set_read_timeout(Some(within)).unwrap();
+        closed(&mut self.stream)
+    }
+}
+
+/// Whether `stream`'s peer closed it (EOF or reset) before its read timeout.
+fn closed(stream: &mut impl Read) -> bool {
+    {
         let mut byte = [0u8; 1];
         loop {
-            match self.stream.read(&mut byte) {
+            match stream.read(&mut byte) {
                 Ok(0) => return true,
                 Ok(_) => {}
                 Err(e)
@@ -409,9 +457,7 @@ fn names_that_would_leave_the_pool_get_a_specific_error_and_touch_nothing() {
     // What an escape would read, overwrite or remove.
     let config = root.path().join("terna.toml");
     std::fs::write(&config, b"secret").unwrap();
-    let addr = start_agent_with(
-        AgentState::new("node-a", TOKEN, pool_in(&pool_dir)).with_fence_dir(&fences),
-    );
+    let addr = start_agent_with(agent(TOKEN, &pool_dir).with_fence_dir(&fences));
     let mut raw = Raw::hello(addr);
     let long = "a".repeat(4096);
     let abs = config.display().to_string();
@@ -583,9 +629,7 @@ fn offsets_lengths_and_sizes_outside_the_replica_are_refused() {
     // Replicas that do not exist: refused, and no claim floor is made.
     let fences = dir.path().join("fences");
     let missing = r(7);
-    let addr = start_agent_with(
-        AgentState::new("node-a", TOKEN, pool_in(dir.path())).with_fence_dir(&fences),
-    );
+    let addr = start_agent_with(agent(TOKEN, dir.path()).with_fence_dir(&fences));
     let mut raw = Raw::hello(addr);
     for req in every_named_request("p", &missing) {
         let resp = raw.call(&req);
@@ -611,7 +655,7 @@ fn offsets_lengths_and_sizes_outside_the_replica_are_refused() {
 #[test]
 fn an_agent_with_an_empty_token_refuses_everyone() {
     let dir = tempfile::tempdir().unwrap();
-    let addr = start_agent_with(AgentState::new("node-a", b"", pool_in(dir.path())));
+    let addr = start_agent_with(agent(b"", dir.path()));
     for token in [&b""[..], TOKEN] {
         let mut raw = Raw::connect(addr);
         let resp = raw.call(&Request::Hello {
@@ -663,12 +707,10 @@ fn the_agent_will_not_start_without_a_cluster_token() {
 #[test]
 fn before_hello_big_frames_are_refused_and_silent_peers_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    let addr = start_agent_with(
-        AgentState::new("node-a", TOKEN, pool_in(dir.path())).with_limits(super::server::Limits {
-            hello_timeout: Duration::from_millis(500),
-            ..Default::default()
-        }),
-    );
+    let addr = start_agent_with(agent(TOKEN, dir.path()).with_limits(super::server::Limits {
+        hello_timeout: Duration::from_millis(500),
+        ..Default::default()
+    }));
     // A header announcing 4 MiB, as a Hello and as a Write.
     for kind_of in [
         Request::Hello {
@@ -689,7 +731,7 @@ fn before_hello_big_frames_are_refused_and_silent_peers_dropped() {
         head[20..24].copy_from_slice(&crc.to_le_bytes());
         let mut raw = Raw::connect(addr);
         let start = Instant::now();
-        raw.stream.write_all(&head).unwrap();
+        raw.stream.send(&head).unwrap();
         let resp = raw.answer();
         assert_eq!(errno_of(&resp), libc::EMSGSIZE, "{resp:?}");
         assert!(raw.closed_within(Duration::from_secs(5)));
@@ -699,7 +741,13 @@ fn before_hello_big_frames_are_refused_and_silent_peers_dropped() {
             start.elapsed()
         );
     }
-    // Silence, and a trickle too slow to finish a Hello in time: dropped.
+    // Silence, before the TLS handshake and after it, and a trickle too
+    // slow to finish a Hello in time: dropped.
+    let mut silent = TcpStream::connect(addr).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(closed(&mut silent));
     let mut silent = Raw::connect(addr);
     assert!(silent.closed_within(Duration::from_secs(10)));
     let mut slow = Raw::connect(addr);
@@ -711,7 +759,7 @@ fn before_hello_big_frames_are_refused_and_silent_peers_dropped() {
     .encode(1);
     let start = Instant::now();
     for byte in &hello[..10] {
-        if slow.stream.write_all(&[*byte]).is_err() {
+        if slow.stream.send(&[*byte]).is_err() {
             break;
         }
         std::thread::sleep(Duration::from_millis(150));
@@ -731,16 +779,17 @@ fn before_hello_big_frames_are_refused_and_silent_peers_dropped() {
 #[test]
 fn connections_beyond_the_limit_are_closed_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let addr = start_agent_with(
-        AgentState::new("node-a", TOKEN, pool_in(dir.path())).with_limits(super::server::Limits {
-            max_connections: 4,
-            ..Default::default()
-        }),
-    );
+    let addr = start_agent_with(agent(TOKEN, dir.path()).with_limits(super::server::Limits {
+        max_connections: 4,
+        ..Default::default()
+    }));
     let mut held: Vec<Raw> = (0..4).map(|_| Raw::hello(addr)).collect();
     for _ in 0..3 {
-        let mut extra = Raw::connect(addr);
-        assert!(extra.closed_within(Duration::from_secs(5)));
+        let mut extra = TcpStream::connect(addr).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        assert!(closed(&mut extra));
     }
     // The held ones still serve.
     for raw in &mut held {
@@ -752,14 +801,13 @@ fn connections_beyond_the_limit_are_closed_at_once() {
     drop(held.pop());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut raw = Raw::connect(addr);
-        raw.id += 1;
         let hello = Request::Hello {
             token: TOKEN.to_vec(),
             node: "n".into(),
             claim: 0,
         };
-        if raw.stream.write_all(&hello.encode(1)).is_ok()
+        if let Ok(mut raw) = Raw::over(TcpStream::connect(addr).unwrap())
+            && raw.stream.send(&hello.encode(1)).is_ok()
             && let Ok(Some((h, p))) = super::protocol::read_frame(&mut raw.stream)
         {
             assert!(matches!(
@@ -776,22 +824,21 @@ fn connections_beyond_the_limit_are_closed_at_once() {
 #[test]
 fn one_address_saying_nothing_cannot_take_every_place() {
     let dir = tempfile::tempdir().unwrap();
-    let addr = start_agent_with(AgentState::new("node-a", TOKEN, pool_in(dir.path())));
+    let addr = start_agent_with(agent(TOKEN, dir.path()));
     // Silent connections from 127.0.0.1, more than one address may hold.
     let silent: Vec<TcpStream> = (0..super::server::MAX_UNAUTHENTICATED_PER_PEER + 8)
         .map(|_| TcpStream::connect(addr).unwrap())
         .collect();
-    let mut extra = Raw::connect(addr);
-    assert!(extra.closed_within(Duration::from_secs(5)));
+    let mut extra = TcpStream::connect(addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert!(closed(&mut extra));
     // Another peer address still gets in at once.
-    let other = connect_from("127.0.0.2", addr);
-    let mut raw = Raw {
-        stream: other,
-        id: 0,
-    };
+    let mut raw = Raw::over(connect_from("127.0.0.2", addr)).unwrap();
     let resp = raw.call(&Request::Hello {
         token: TOKEN.to_vec(),
-        node: "peer".into(),
+        node: "n".into(),
         claim: 0,
     });
     assert!(matches!(resp, Response::Hello { .. }), "{resp:?}");
@@ -819,4 +866,27 @@ fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     stream
+}
+
+/// The client names the node it means to reach: an agent whose
+/// certificate is another node's (a recycled address, a wrong entry) is
+/// refused at the handshake, before the token is sent.
+#[test]
+fn a_client_refuses_an_agent_whose_certificate_is_another_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start_agent(dir.path());
+    let wrong = RemotePool::new(
+        Arc::new(Client::new(
+            addr,
+            "node-x",
+            TOKEN,
+            "node-b",
+            Duration::from_secs(2),
+            tls("node-b"),
+        )),
+        "p",
+    );
+    let err = wrong.create(&r(0), 4096).unwrap_err().report().to_string();
+    assert!(err.contains("not valid for name"), "{err}");
+    assert!(!dir.path().join(r(0)).exists());
 }

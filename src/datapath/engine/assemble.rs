@@ -98,19 +98,20 @@ pub struct Backing {
 
 impl Backing {
     /// A standalone data dir's: the file store and the configured pools,
-    /// other nodes' reached with `token`.
+    /// other nodes' reached with `token` over `transport`.
     pub fn standalone(
         data_dir: &std::path::Path,
         node_id: &str,
         config: &Config,
         token: &[u8],
+        transport: &crate::datapath::agent::transport::Transport,
     ) -> Result<Backing> {
         Ok(Backing {
             store: Arc::new(FileStore::open(&crate::core::data_dir::state_dir(
                 data_dir,
             ))?),
             pools: Arc::new(crate::datapath::pools::from_config(
-                config, data_dir, node_id, token,
+                config, data_dir, node_id, token, transport,
             )?),
             leases: None,
         })

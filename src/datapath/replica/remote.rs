@@ -4,42 +4,59 @@
 //! (or dials a new one), sends a request and waits for its answer with a
 //! deadline. Any failure drops that connection, so a dead agent or a cut
 //! link becomes an error within the timeout, never a hang, and the engine
-//! faults the replica.
+//! faults the replica. Connections are mutual TLS (`agent::transport`):
+//! the agent must show a certificate for the node the client means to
+//! reach, and a connection is dialled under the identity's configuration of
+//! the moment, so one made before a CA rotation lives on until recycled.
 //!
 //! Hot path: `RemoteReplica::{read_at, write_at}`.
 
-use std::io::{self, Write};
+use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::core::error::{Error, ErrorKind, Result};
 use crate::core::pool::{Pool, ReplicaIo};
 use crate::datapath::agent::protocol::{Request, Response};
 use crate::datapath::agent::protocol::{invalid, read_frame};
+use crate::datapath::agent::transport::{Stream, Transport};
 
 const MAX_IDLE: usize = 32;
 
 pub struct Client {
     addr: SocketAddr,
+    /// The node whose agent listens at `addr`: its certificate must say so.
+    peer: String,
     token: Vec<u8>,
     node: String,
     timeout: Duration,
-    idle: Mutex<Vec<TcpStream>>,
+    transport: Transport,
+    idle: Mutex<Vec<Stream>>,
     next_id: AtomicU64,
     /// The staging claim this process's writes act under (0: none).
     claim: AtomicU64,
 }
 
 impl Client {
-    pub fn new(addr: SocketAddr, token: &[u8], node: &str, timeout: Duration) -> Client {
+    /// A client of node `peer`'s agent at `addr`, saying it is `node`.
+    pub fn new(
+        addr: SocketAddr,
+        peer: &str,
+        token: &[u8],
+        node: &str,
+        timeout: Duration,
+        transport: Transport,
+    ) -> Client {
         Client {
             addr,
+            peer: peer.to_string(),
             token: token.to_vec(),
             node: node.to_string(),
             timeout,
+            transport,
             idle: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
             claim: AtomicU64::new(0),
@@ -52,9 +69,9 @@ impl Client {
         self.drop_idle();
     }
 
-    fn exchange(&self, stream: &mut TcpStream, req: &Request) -> io::Result<Response> {
+    fn exchange(&self, stream: &mut Stream, req: &Request) -> io::Result<Response> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        stream.write_all(&req.encode(id))?;
+        stream.send(&req.encode(id))?;
         let (header, payload) = read_frame(stream)?.ok_or_else(|| {
             io::Error::new(io::ErrorKind::UnexpectedEof, "agent closed the connection")
         })?;
@@ -67,11 +84,21 @@ impl Client {
         Response::decode(header.kind, &payload).map_err(invalid)
     }
 
-    fn dial(&self) -> io::Result<TcpStream> {
-        let mut stream = TcpStream::connect_timeout(&self.addr, self.timeout)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(self.timeout))?;
-        stream.set_write_timeout(Some(self.timeout))?;
+    fn dial(&self) -> io::Result<Stream> {
+        let tcp = TcpStream::connect_timeout(&self.addr, self.timeout)?;
+        tcp.set_nodelay(true)?;
+        tcp.set_read_timeout(Some(self.timeout))?;
+        tcp.set_write_timeout(Some(self.timeout))?;
+        let mut stream = self
+            .transport
+            .connect(tcp, &self.peer, Instant::now() + self.timeout)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("agent {} of node {}: {e}", self.addr, self.peer),
+                )
+            })?;
+        stream.set_deadline(None);
         let hello = Request::Hello {
             token: self.token.clone(),
             node: self.node.clone(),

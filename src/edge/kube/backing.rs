@@ -2,6 +2,7 @@
 //! TernaVolumes (with the runtime its Kubernetes calls run on) and the pools
 //! the StoragePools name, for a data dir whose node wrote `cluster.json`.
 
+use crate::datapath::agent::transport::Transport;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,8 +52,14 @@ pub fn read_cluster_file(data_dir: &Path) -> Result<Option<ClusterFile>> {
 }
 
 /// The cluster's backing for `node`: remote pools are reached with `token`,
-/// which the role read once.
-pub fn open(file: &ClusterFile, node: &str, config: &Config, token: &[u8]) -> Result<Backing> {
+/// which the role read once, over `transport`.
+pub fn open(
+    file: &ClusterFile,
+    node: &str,
+    config: &Config,
+    token: &[u8],
+    transport: &Transport,
+) -> Result<Backing> {
     let runtime = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -83,6 +90,7 @@ pub fn open(file: &ClusterFile, node: &str, config: &Config, token: &[u8]) -> Re
         .items;
     let directory = crate::edge::kube::pools::PoolDirectory::new(
         token,
+        transport.clone(),
         node,
         Duration::from_millis(config.agent_timeout_ms),
         Duration::from_secs(file.pool_stale_secs),

@@ -7,6 +7,7 @@ pub mod allocation;
 pub mod backing;
 pub mod capacity;
 pub mod client;
+pub mod cluster_ca;
 pub mod cluster_report;
 pub mod cluster_token;
 pub mod crd;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::core::pool::{PoolEntry, Pools};
+use crate::datapath::agent::transport::Transport;
 use crate::datapath::replica::nfs::NfsPool;
 use crate::datapath::replica::remote::{Client, RemotePool};
 use crate::edge::kube::crd::{NfsPoolSpec, StoragePool};
@@ -57,19 +58,28 @@ pub fn unusable_reason(
 /// set, so pooled connections survive.
 pub struct PoolDirectory {
     token: Vec<u8>,
+    transport: Transport,
     identity: String,
     timeout: Duration,
     stale_after: Duration,
-    clients: Mutex<HashMap<SocketAddr, Arc<Client>>>,
+    /// By agent address and the node it must prove to be.
+    clients: Mutex<HashMap<(SocketAddr, String), Arc<Client>>>,
     /// Pools on this node are opened as local files, not through the agent.
     local_node: Option<String>,
     nfs: Mutex<HashMap<String, (NfsPoolSpec, NfsPool)>>,
 }
 
 impl PoolDirectory {
-    pub fn new(token: &[u8], identity: &str, timeout: Duration, stale_after: Duration) -> Self {
+    pub fn new(
+        token: &[u8],
+        transport: Transport,
+        identity: &str,
+        timeout: Duration,
+        stale_after: Duration,
+    ) -> Self {
         PoolDirectory {
             token: token.to_vec(),
+            transport,
             identity: identity.to_string(),
             timeout,
             stale_after,
@@ -85,12 +95,19 @@ impl PoolDirectory {
         self
     }
 
-    fn client(&self, addr: SocketAddr) -> Arc<Client> {
+    fn client(&self, addr: SocketAddr, node: &str) -> Arc<Client> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         clients
-            .entry(addr)
+            .entry((addr, node.to_string()))
             .or_insert_with(|| {
-                Arc::new(Client::new(addr, &self.token, &self.identity, self.timeout))
+                Arc::new(Client::new(
+                    addr,
+                    node,
+                    &self.token,
+                    &self.identity,
+                    self.timeout,
+                    self.transport.clone(),
+                ))
             })
             .clone()
     }
@@ -152,7 +169,7 @@ impl PoolDirectory {
                             .ok()?,
                         )
                     } else {
-                        Box::new(RemotePool::new(self.client(addr), &name))
+                        Box::new(RemotePool::new(self.client(addr, &p.spec.node), &name))
                     };
                 Some(PoolEntry {
                     name: name.clone(),
