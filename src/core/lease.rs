@@ -39,10 +39,15 @@ pub fn writable_for(state: &LeaseState, node: &str, read_at: SystemTime) -> Opti
     if state.holder.as_deref() != Some(node) {
         return None;
     }
-    let until = state
-        .renewed?
-        .checked_add(state.duration.checked_sub(skew_margin(state.duration))?)?;
-    until.duration_since(read_at).ok().filter(|d| !d.is_zero())
+    let most = state.duration.checked_sub(skew_margin(state.duration))?;
+    let until = state.renewed?.checked_add(most)?;
+    // Never more than one lease's worth: a renewal stamped in this clock's
+    // future (a clock stepped back) must not open the gate for as long.
+    until
+        .duration_since(read_at)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .map(|d| d.min(most))
 }
 
 #[cfg(test)]
@@ -99,10 +104,12 @@ mod tests {
 
     #[test]
     fn a_renewal_stamped_ahead_of_the_reader_is_not_trusted_beyond_its_bound() {
-        // The renewer's clock runs 5 s ahead of the engine's: the engine
-        // then writes 5 s longer by its own clock, which the margin covers.
+        // Stamped in the reader's future (a clock stepped back): never more
+        // than one lease's worth from the reading.
         let l = lease(Some("n1"), Some(5_000), 40);
-        assert_eq!(writable_for(&l, "n1", at(0)), Some(Duration::from_secs(35)));
+        assert_eq!(writable_for(&l, "n1", at(0)), Some(Duration::from_secs(30)));
+        let l = lease(Some("n1"), Some(3_600_000), 40);
+        assert_eq!(writable_for(&l, "n1", at(0)), Some(Duration::from_secs(30)));
     }
 
     proptest! {
@@ -119,6 +126,7 @@ mod tests {
             let l = lease(Some("n1"), Some(renewed), duration);
             let d = Duration::from_secs(duration);
             if let Some(w) = writable_for(&l, "n1", at(read)) {
+                prop_assert!(w <= d - skew_margin(d));
                 let last_write = at(read) + w;
                 let takeover = at(renewed) + d;
                 prop_assert!(last_write + skew_margin(d) <= takeover);

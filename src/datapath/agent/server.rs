@@ -219,6 +219,17 @@ impl AgentState {
         let fence = self.fence_of(pool, name)?;
         // Exclusive: waits for fenced operations under way to finish.
         let mut floor = fence.write().map_err(|_| poisoned())?;
+        // Before the epoch moves: a stale engine's fence would otherwise
+        // cut off the current holder's connections and fault its replica.
+        if conn.claim < floor.claim {
+            return Err(refused(
+                libc::ESTALE,
+                format!(
+                    "replica {pool}/{name} is fenced under claim {}; claim {} may not fence it",
+                    floor.claim, conn.claim
+                ),
+            ));
+        }
         floor.epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         if conn.claim > floor.claim {
             // Durable before the fence is acknowledged: the new
@@ -243,15 +254,6 @@ impl AgentState {
             floor.claim = conn.claim;
         }
         if empty {
-            if conn.claim < floor.claim {
-                return Err(refused(
-                    libc::ESTALE,
-                    format!(
-                        "replica {pool}/{name} is fenced under claim {}; claim {} may not empty it",
-                        floor.claim, conn.claim
-                    ),
-                ));
-            }
             let recreated = self.pool_for(pool, name)?.recreate_empty(name);
             // After the swap, so nothing caches the old file in between.
             self.forget(pool, name);

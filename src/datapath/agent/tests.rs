@@ -225,6 +225,32 @@ fn an_engine_of_an_older_claim_is_fenced_out_even_on_new_connections() {
     assert_eq!(back, [3u8; 4096]);
 }
 
+/// A stale engine's fence (its catch-up, after it was resumed) is refused
+/// before it moves anything: the current holder's open connections keep
+/// writing, so its healthy replica is not faulted by someone else's fence.
+#[test]
+fn an_older_claims_fence_cuts_off_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start_agent(dir.path());
+    let holder = client(addr, TOKEN);
+    holder.act_under_claim(5);
+    let io = RemotePool::new(holder, "p");
+    io.create(&r(0), 1 << 20).unwrap();
+    let io = io.open(&r(0)).unwrap();
+    io.fence().unwrap();
+    io.write_at(&[1u8; 4096], 0).unwrap();
+    let stale = client(addr, TOKEN);
+    stale.act_under_claim(4);
+    let stale_io = RemotePool::new(stale, "p").open(&r(0)).unwrap();
+    let err = stale_io.fence().unwrap_err();
+    assert!(err.to_string().contains("may not fence it"), "{err}");
+    // The holder's pooled connection predates that attempt and still writes.
+    io.write_at(&[2u8; 4096], 0).unwrap();
+    let mut back = [0u8; 4096];
+    io.read_at(&mut back, 0).unwrap();
+    assert_eq!(back, [2u8; 4096]);
+}
+
 /// A stale engine on the agent's own node writes its replica file
 /// directly, through a descriptor opened long before. Once the new holder
 /// empties the replica for a full rebuild, what that descriptor writes
@@ -270,7 +296,7 @@ fn a_replica_emptied_for_a_rebuild_is_out_of_reach_of_writers_holding_the_old_fi
         .unwrap()
         .fence_empty()
         .unwrap_err();
-    assert!(err.to_string().contains("may not empty it"), "{err}");
+    assert!(err.to_string().contains("may not fence it"), "{err}");
     io.read_at(&mut back[..4096], 0).unwrap();
     assert_eq!(&back[..4096], &[3u8; 4096][..]);
 }

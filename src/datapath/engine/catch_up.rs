@@ -128,6 +128,8 @@ impl Engine {
             .lock_dirty()?
             .get(&slot.index)
             .is_some_and(|m| m.count() == m.regions() && m.regions() > 0);
+        // A fence changes what the agents accept: a stale engine must not.
+        self.admit()?;
         if whole && self.healthy_count() > 0 {
             slot.io.fence_empty()?;
         } else {

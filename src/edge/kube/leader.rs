@@ -47,14 +47,17 @@ pub fn decide(spec: Option<&LeaseSpec>, identity: &str, now: Timestamp) -> Decis
         None | Some("") => Decision::Take,
         Some(h) if h == identity => Decision::Renew,
         Some(_) => {
-            let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15).max(1));
+            // In nanoseconds: whole seconds would let a taker act up to a
+            // second early, eating into the engines' skew margin.
+            let duration =
+                i128::from(spec.lease_duration_seconds.unwrap_or(15).max(1)) * 1_000_000_000;
             let renewed = spec
                 .renew_time
                 .as_ref()
                 .or(spec.acquire_time.as_ref())
                 .map(|t| t.0);
             match renewed {
-                Some(t) if t.as_second() + duration > now.as_second() => Decision::Wait,
+                Some(t) if t.as_nanosecond() + duration > now.as_nanosecond() => Decision::Wait,
                 _ => Decision::Take,
             }
         }
