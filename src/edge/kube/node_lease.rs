@@ -81,6 +81,8 @@ impl NodeLiveness for LeaseLiveness {
     }
 }
 
+const LEASE_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A node's Lease as its engines read it, to know how long they may write
 /// (`core::lease`). A Lease that is missing has no holder.
 pub struct KubeLeaseReader {
@@ -103,9 +105,21 @@ impl KubeLeaseReader {
 
 impl crate::datapath::engine::gate::LeaseReader for KubeLeaseReader {
     fn read(&self, node: &str) -> Result<crate::core::lease::LeaseState> {
+        // Bounded well under the engine's margin: a reading that hangs on a
+        // dead connection must not keep the gate shut once the API server
+        // answers again.
         let lease = self
             .runtime
-            .block_on(self.leases.get_opt(&lease_name(node)))
+            .block_on(tokio::time::timeout(
+                LEASE_READ_TIMEOUT,
+                self.leases.get_opt(&lease_name(node)),
+            ))
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Unavailable,
+                    format!("reading the lease of node {node} took over {LEASE_READ_TIMEOUT:?}"),
+                )
+            })?
             .map_err(|e| {
                 Error::new(
                     ErrorKind::Unavailable,
