@@ -110,10 +110,11 @@ impl crate::datapath::engine::gate::LeaseReader for KubeLeaseReader {
         // answers again.
         let lease = self
             .runtime
-            .block_on(tokio::time::timeout(
-                LEASE_READ_TIMEOUT,
-                self.leases.get_opt(&lease_name(node)),
-            ))
+            // Made inside the runtime: a timer needs its driver.
+            .block_on(async {
+                tokio::time::timeout(LEASE_READ_TIMEOUT, self.leases.get_opt(&lease_name(node)))
+                    .await
+            })
             .map_err(|_| {
                 Error::new(
                     ErrorKind::Unavailable,
