@@ -351,7 +351,9 @@ fn serve(args: &Args, fd: RawFd, signals: SigSet) -> Result<()> {
                 &volume_id,
                 &claim,
             ),
-            _ => Ok(Confirmed::Ours),
+            // No leases (one node, or a data dir shared by its processes):
+            // the claim alone says whether this engine still serves.
+            _ => claim_still_ours(store.as_ref(), &volume_id, &claim),
         }
     };
     // The first writes below (fences, resent requests) already need it.
@@ -522,6 +524,19 @@ enum Confirmed {
     Lost(Option<StagedOn>),
 }
 
+fn claim_still_ours(
+    store: &dyn StateStore,
+    volume_id: &str,
+    claim: &StagedOn,
+) -> Result<Confirmed> {
+    let now = store.get(volume_id)?.and_then(|r| r.staged_on);
+    Ok(if now.as_ref() == Some(claim) {
+        Confirmed::Ours
+    } else {
+        Confirmed::Lost(now)
+    })
+}
+
 /// One reading of this node's Lease and then of the volume's claim,
 /// applied to the gate: writes may go on a margin short of when another
 /// node could take the volume over (`core::lease`). The Lease is read
@@ -537,10 +552,8 @@ fn confirm_claim(
 ) -> Result<Confirmed> {
     let (read_at, wall) = (gate.now(), std::time::SystemTime::now());
     let lease = leases.read(node)?;
-    let record = store.get(volume_id)?;
-    let now = record.and_then(|r| r.staged_on);
-    if now.as_ref() != Some(claim) {
-        return Ok(Confirmed::Lost(now));
+    if let lost @ Confirmed::Lost(_) = claim_still_ours(store, volume_id, claim)? {
+        return Ok(lost);
     }
     let span = crate::core::lease::writable_for(&lease, node, wall);
     if span.is_none() {
