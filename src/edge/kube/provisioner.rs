@@ -414,7 +414,9 @@ async fn reconcile_claim(
         let api: Api<PersistentVolume> = Api::all(prov.client.clone());
         match api.create(&PostParams::default(), &pv).await {
             Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            // An earlier pass made it (this one ran before the PV reached
+            // the watch cache): counted and announced then, not again.
+            Err(kube::Error::Api(s)) if s.code == 409 => return Ok(Action::await_change()),
             Err(e) => return Err(e.into()),
         }
         prov.metrics.provisioned(started.elapsed());
