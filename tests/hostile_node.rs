@@ -1059,6 +1059,82 @@ async fn a_loop_device_that_never_lets_go_fails_unstage_until_a_retry_finishes()
     terna.stop_and_check_clean();
 }
 
+/// Another mount namespace (another node sharing this kernel, as the
+/// nodes suite's do, or a container) with a loop device on a file at the
+/// very path of this volume's FUSE file: the path reads the same from
+/// here, but the device is not this node's. NodeUnstageVolume detaches
+/// the volume's own device and leaves the stranger's attached (it once
+/// took it for its own, and a node back from a crash waited a minute on
+/// another node's mounted device, then tore it down under that node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_on_the_same_path_in_another_mount_namespace_is_not_touched() {
+    if !common::require_root("a_device_on_the_same_path_in_another_mount_namespace_is_not_touched")
+    {
+        return;
+    }
+    let terna = common::Standalone::start();
+    let mut csi = Csi::connect(&terna.socket).await;
+    let root = terna.dir.path();
+    let id = create(&mut csi, "twin", 16, "1", block_cap()).await;
+    let staging = root.join("staging");
+    csi.stage(&id, &staging, block_cap()).await;
+    let own = recorded_device(&terna, &id);
+    let fuse_dir = terna.data_dir.join("run").join(&id).join("fuse");
+    let mut stranger = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "set -e; mount -t tmpfs twin \"$1\"; truncate -s 16M \"$1/volume\"; \
+             losetup -f --show \"$1/volume\"; exec sleep 3600",
+        )
+        .arg("sh")
+        .arg(&fuse_dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(stranger.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let theirs = line.trim().to_string();
+    assert!(theirs.starts_with("/dev/loop"), "losetup printed {line:?}");
+    let backing = |dev: &str| {
+        std::fs::read_to_string(
+            Path::new("/sys/block")
+                .join(dev.trim_start_matches("/dev/"))
+                .join("loop/backing_file"),
+        )
+        .map(|b| b.trim().to_string())
+    };
+    assert_eq!(
+        backing(&theirs).unwrap(),
+        fuse_dir.join("volume").to_string_lossy(),
+        "the stranger's device reads as this volume's path"
+    );
+
+    let (c, m) = unstage(&mut csi, &id, &staging).await;
+    assert_eq!(c, Code::Ok, "{m}");
+    assert_detached(&terna, &own);
+    let still = backing(&theirs);
+    let autoclear = std::fs::read_to_string(
+        Path::new("/sys/block")
+            .join(theirs.trim_start_matches("/dev/"))
+            .join("loop/autoclear"),
+    );
+    stranger.kill().unwrap();
+    stranger.wait().unwrap();
+    let _ = Command::new("losetup").arg("-d").arg(&theirs).status();
+    assert!(still.is_ok(), "the other namespace's {theirs} was detached");
+    assert_eq!(
+        autoclear.unwrap().trim(),
+        "0",
+        "the other namespace's {theirs} was set to detach at its last close"
+    );
+    csi.delete(&id).await;
+    terna.stop_and_check_clean();
+}
+
 /// After a reboot (the node's mounts, loop devices and engines gone, its
 /// claim still in the store), a NodeStage refused once it had started the
 /// engine and attached the device (the filesystem will not mount with the

@@ -15,6 +15,7 @@ const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
 const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_DIRECT_IO: u32 = 16;
 const LO_NAME_SIZE: usize = 64;
@@ -47,6 +48,26 @@ struct LoopInfo64 {
     lo_crypt_name: [u8; LO_NAME_SIZE],
     lo_encrypt_key: [u8; 32],
     lo_init: [u64; 2],
+}
+
+impl LoopInfo64 {
+    fn empty() -> LoopInfo64 {
+        LoopInfo64 {
+            lo_device: 0,
+            lo_inode: 0,
+            lo_rdevice: 0,
+            lo_offset: 0,
+            lo_sizelimit: 0,
+            lo_number: 0,
+            lo_encrypt_type: 0,
+            lo_encrypt_key_size: 0,
+            lo_flags: 0,
+            lo_file_name: [0; LO_NAME_SIZE],
+            lo_crypt_name: [0; LO_NAME_SIZE],
+            lo_encrypt_key: [0; 32],
+            lo_init: [0; 2],
+        }
+    }
 }
 
 /// `struct loop_config` from linux/loop.h.
@@ -161,6 +182,27 @@ fn clear_fd(dev: &File) -> io::Result<()> {
     unsafe { raw_ioctl(dev, LOOP_CLR_FD, 0) }.map(|_| ())
 }
 
+/// `LOOP_GET_STATUS64`: the device's settings and its backing file's
+/// device and inode numbers (which the kernel asks the filesystem for).
+fn get_status(dev: &File) -> io::Result<LoopInfo64> {
+    let mut info = LoopInfo64::empty();
+    // SAFETY: LOOP_GET_STATUS64 writes one `struct loop_info64`, which
+    // `info` is (repr(C), same layout), alive for the call.
+    unsafe {
+        raw_ioctl(
+            dev,
+            LOOP_GET_STATUS64,
+            &mut info as *mut LoopInfo64 as libc::c_ulong,
+        )
+    }?;
+    Ok(info)
+}
+
+/// The kernel's `new_decode_dev`: `lo_device` is encoded that way.
+fn decode_dev(dev: u64) -> (u64, u64) {
+    ((dev & 0xfff00) >> 8, (dev & 0xff) | ((dev >> 12) & 0xfff00))
+}
+
 /// `LOOP_SET_CAPACITY`: re-reads the backing file's size.
 fn set_capacity(dev: &File) -> io::Result<()> {
     // SAFETY: LOOP_SET_CAPACITY ignores its argument.
@@ -193,21 +235,7 @@ impl LoopDevice {
             .custom_flags(libc::O_CLOEXEC)
             .open(control_path)
             .map_err(io_err("open", control_path))?;
-        let mut info = LoopInfo64 {
-            lo_device: 0,
-            lo_inode: 0,
-            lo_rdevice: 0,
-            lo_offset: 0,
-            lo_sizelimit: 0,
-            lo_number: 0,
-            lo_encrypt_type: 0,
-            lo_encrypt_key_size: 0,
-            lo_flags: 0,
-            lo_file_name: [0; LO_NAME_SIZE],
-            lo_crypt_name: [0; LO_NAME_SIZE],
-            lo_encrypt_key: [0; 32],
-            lo_init: [0; 2],
-        };
+        let mut info = LoopInfo64::empty();
         if opts.read_only {
             info.lo_flags |= LO_FLAGS_READ_ONLY;
         }
@@ -276,6 +304,12 @@ impl LoopDevice {
             .map(|(dev, _)| dev))
     }
 
+    /// Autoclear armed: a detach found it busy, and it goes at its last
+    /// close.
+    pub fn tearing_down(&self) -> bool {
+        self.sysfs_dir().is_some_and(|d| tearing_down(&d))
+    }
+
     /// Every loop device backed by `backing`, those being torn down too:
     /// what a teardown must see gone, including what an earlier, partial
     /// one left waiting for its last close.
@@ -316,6 +350,16 @@ impl LoopDevice {
     /// The file this device is attached to, per sysfs; `None` if detached.
     pub fn backing_file(&self) -> Option<PathBuf> {
         read_backing(&self.sysfs_dir()?)
+    }
+
+    /// `major:minor` of the filesystem the backing file lives on: which
+    /// mount serves it, where the path alone cannot tell (the same path in
+    /// two mount namespaces). The kernel asks that filesystem, so a dead
+    /// FUSE session can make this fail.
+    pub fn backing_device(&self) -> Result<(u64, u64), LoopError> {
+        let dev = self.open_dev()?;
+        let info = get_status(&dev).map_err(io_err("get the status of", &self.path))?;
+        Ok(decode_dev(info.lo_device))
     }
 
     /// Whether the kernel actually runs this device with direct I/O.
@@ -494,5 +538,20 @@ fn ensure_node(path: &Path, n: u32) -> Result<(), LoopError> {
     ) {
         Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
         Err(e) => Err(io_err("create device node", path)(e.into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_dev;
+
+    #[test]
+    fn device_numbers_decode_as_the_kernel_encodes_them() {
+        // new_encode_dev: minor's low byte, major, then minor's high bits.
+        let encode =
+            |major: u64, minor: u64| (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12);
+        for (major, minor) in [(0, 57), (7, 3), (259, 300), (0, 0xfffff), (0xfff, 0)] {
+            assert_eq!(decode_dev(encode(major, minor)), (major, minor));
+        }
     }
 }

@@ -398,9 +398,45 @@ impl NodeCore {
 
     /// The loop device serving `volume_id`, if it is staged here.
     pub fn device(&self, volume_id: &str) -> Result<Option<LoopDevice>> {
-        let found = LoopDevice::find_by_backing(&self.backing_file(volume_id))
-            .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot scan loop devices", e))?;
+        let found = LoopDevice::find_all_by_backing(&self.backing_file(volume_id))
+            .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot scan loop devices", e))?
+            .into_iter()
+            .filter(|d| !d.tearing_down())
+            .find(|d| self.backed_here(volume_id, d));
         Ok(found.or_else(|| self.detached_device(volume_id)))
+    }
+
+    /// Whether `dev`, whose backing path reads as this volume's FUSE file,
+    /// is backed by this node's FUSE session of it. A path is the same in
+    /// every mount namespace, and several nodes may share a kernel (or a
+    /// node comes back after a crash, its old device number taken by
+    /// another volume or node): without a FUSE mount of the volume here,
+    /// the device is someone else's, and with one it must be on that
+    /// mount's filesystem. The device staging recorded is taken at its
+    /// word, so that the kernel, which asks the FUSE session for the
+    /// device's backing numbers, is only asked about strangers: an engine
+    /// that is frozen would hold the question up.
+    fn backed_here(&self, volume_id: &str, dev: &LoopDevice) -> bool {
+        let Ok(run) = std::fs::canonicalize(self.run_dir(volume_id).path()) else {
+            return false;
+        };
+        let Ok(Some(session)) = mounts::mount_at(&RunDir::at(run).fuse_dir()) else {
+            return false;
+        };
+        if !session.is_fuse() {
+            return false;
+        }
+        if self.recorded_device(volume_id).as_deref() == Some(dev.path()) {
+            return true;
+        }
+        dev.backing_device()
+            .is_ok_and(|backing| session.device_number() == Some(backing))
+    }
+
+    /// The loop device staging recorded for this volume here.
+    fn recorded_device(&self, volume_id: &str) -> Option<PathBuf> {
+        let recorded = std::fs::read_to_string(self.run_dir(volume_id).device_file()).ok()?;
+        Some(PathBuf::from(recorded.trim()))
     }
 
     /// Every loop device of this volume, those an earlier teardown left
@@ -412,6 +448,7 @@ impl NodeCore {
     ) -> Result<Vec<LoopDevice>> {
         let mut devices = LoopDevice::find_all_by_backing(&self.backing_file(volume_id))
             .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot scan loop devices", e))?;
+        devices.retain(|d| self.backed_here(volume_id, d));
         for dev in also.into_iter().chain(self.detached_device(volume_id)) {
             if !devices.iter().any(|d| d.path() == dev.path()) {
                 devices.push(dev);
@@ -426,8 +463,7 @@ impl NodeCore {
     /// record says whose it is. A device reused by another volume names
     /// that volume's full path instead.
     fn detached_device(&self, volume_id: &str) -> Option<LoopDevice> {
-        let recorded = std::fs::read_to_string(self.run_dir(volume_id).device_file()).ok()?;
-        let dev = LoopDevice::open(Path::new(recorded.trim()));
+        let dev = LoopDevice::open(&self.recorded_device(volume_id)?);
         (dev.backing_file()? == Path::new("/volume")).then_some(dev)
     }
 
@@ -668,9 +704,10 @@ impl NodeCore {
         };
         let dev = LoopDevice::open(&path);
         let backing = dev.backing_file()?;
-        let ours = backing == self.backing_file(volume_id)
+        let ours = ((backing == self.backing_file(volume_id)
             || std::fs::canonicalize(self.run_dir(volume_id).path())
-                .is_ok_and(|run| backing == RunDir::at(run).fuse_dir().join(fuse::FILE_NAME))
+                .is_ok_and(|run| backing == RunDir::at(run).fuse_dir().join(fuse::FILE_NAME)))
+            && self.backed_here(volume_id, &dev))
             || self
                 .detached_device(volume_id)
                 .is_some_and(|d| d.path() == dev.path());
