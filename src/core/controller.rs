@@ -264,7 +264,7 @@ impl ControllerCore {
         let pools = self.pools();
         let mut out = Vec::new();
         let mut left_out = Vec::new();
-        for p in pools.iter() {
+        for p in pools.all() {
             // A pool that cannot say how big it is (its server or agent is
             // down) takes no new replicas; the others still do.
             let capacity = match p.backend.capacity() {

@@ -4,8 +4,10 @@
 //! are in `datapath::replica`.
 
 use std::collections::BTreeMap;
-
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::core::class::Tier;
 use crate::core::error::{Error, Result};
@@ -163,7 +165,27 @@ pub struct PoolEntry {
 }
 
 pub struct Pools {
-    entries: BTreeMap<String, PoolEntry>,
+    entries: RwLock<BTreeMap<String, Arc<PoolEntry>>>,
+    /// The staging claim replicas opened through these pools write under.
+    epoch: AtomicU64,
+    rediscovery: Option<Rediscovery>,
+}
+
+/// Where a process that outlives the pool set it started with (an engine
+/// serving for days) finds pools that were not usable then: a node that
+/// was away when a volume moved comes back, and its replicas must catch
+/// up rather than be given up.
+pub trait PoolSource: Send + Sync {
+    /// The pools usable now.
+    fn usable(&self) -> Result<Vec<PoolEntry>>;
+}
+
+struct Rediscovery {
+    source: Box<dyn PoolSource>,
+    /// A name nobody knows is asked about every check: the source (an
+    /// API server) is asked at most this often.
+    every: Duration,
+    last: Mutex<Option<Instant>>,
 }
 
 /// The node an NFS pool is recorded on: its server, which is also its
@@ -175,26 +197,92 @@ pub fn nfs_node(server: &str) -> String {
 impl Pools {
     pub fn from_entries(entries: Vec<PoolEntry>) -> Pools {
         Pools {
-            entries: entries.into_iter().map(|e| (e.name.clone(), e)).collect(),
+            entries: RwLock::new(
+                entries
+                    .into_iter()
+                    .map(|e| (e.name.clone(), Arc::new(e)))
+                    .collect(),
+            ),
+            epoch: AtomicU64::new(0),
+            rediscovery: None,
         }
     }
 
-    pub fn get(&self, name: &str) -> Result<&PoolEntry> {
-        self.entries.get(name).ok_or_else(|| {
+    /// Pools asked for by a name this set lacks are looked for in `source`,
+    /// at most once per `every`.
+    pub fn rediscovering(mut self, source: Box<dyn PoolSource>, every: Duration) -> Pools {
+        self.rediscovery = Some(Rediscovery {
+            source,
+            every,
+            last: Mutex::new(None),
+        });
+        self
+    }
+
+    fn entries(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<PoolEntry>>> {
+        self.entries.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<PoolEntry>> {
+        if let Some(e) = self.entries().get(name) {
+            return Ok(e.clone());
+        }
+        self.rediscover();
+        self.entries().get(name).cloned().ok_or_else(|| {
             Error::precondition(format!(
                 "pool {name:?} is not configured on this node (known: {})",
-                self.entries.keys().cloned().collect::<Vec<_>>().join(", ")
+                self.entries()
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         })
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &PoolEntry> {
-        self.entries.values()
+    /// Adds the source's pools this set lacks. Those it has are kept as
+    /// they are, with their connections and replicas open on them.
+    fn rediscover(&self) {
+        let Some(r) = &self.rediscovery else {
+            return;
+        };
+        {
+            let mut last = r.last.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < r.every) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let found = match r.source.usable() {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e.report(), "cannot look for pools again");
+                return;
+            }
+        };
+        // Under the write lock, so a claim taken meanwhile reaches these too.
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        for e in found {
+            if !entries.contains_key(&e.name) {
+                e.backend.act_under_claim(epoch);
+                tracing::info!(pool = %e.name, node = %e.node, "pool usable again");
+                entries.insert(e.name.clone(), Arc::new(e));
+            }
+        }
     }
 
-    /// Every replica write through these pools acts under claim `epoch`.
+    /// Every pool, in name order.
+    pub fn all(&self) -> Vec<Arc<PoolEntry>> {
+        self.entries().values().cloned().collect()
+    }
+
+    /// Every replica write through these pools acts under claim `epoch`,
+    /// also through pools found later.
     pub fn act_under_claim(&self, epoch: u64) {
-        for e in self.entries.values() {
+        let entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        self.epoch.store(epoch, Ordering::SeqCst);
+        for e in entries.values() {
             e.backend.act_under_claim(epoch);
         }
     }
@@ -203,6 +291,122 @@ impl Pools {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A pool that only remembers the claim it was told to act under.
+    struct Labelled {
+        claim: Arc<AtomicU64>,
+    }
+
+    impl Pool for Labelled {
+        fn create(&self, _: &str, _: u64) -> Result<()> {
+            Ok(())
+        }
+        fn grow(&self, _: &str, _: u64) -> Result<()> {
+            Ok(())
+        }
+        fn delete(&self, _: &str) -> Result<()> {
+            Ok(())
+        }
+        fn size_of(&self, _: &str) -> Result<Option<u64>> {
+            Ok(None)
+        }
+        fn open(&self, name: &str) -> Result<Box<dyn ReplicaIo>> {
+            Err(Error::not_found(name))
+        }
+        fn capacity(&self) -> Result<u64> {
+            Ok(0)
+        }
+        fn act_under_claim(&self, epoch: u64) {
+            self.claim.store(epoch, Ordering::SeqCst);
+        }
+    }
+
+    fn entry(name: &str, claim: &Arc<AtomicU64>) -> PoolEntry {
+        PoolEntry {
+            name: name.into(),
+            node: format!("node-of-{name}"),
+            tier: Tier::Standard,
+            domain: name.into(),
+            zone: "default".into(),
+            overcommit_ratio: None,
+            backend: Box::new(Labelled {
+                claim: claim.clone(),
+            }),
+        }
+    }
+
+    /// A node that comes back: its pool is listed from the `back`th ask on.
+    struct Returning {
+        asked: Arc<AtomicUsize>,
+        back: usize,
+        claim: Arc<AtomicU64>,
+    }
+
+    impl PoolSource for Returning {
+        fn usable(&self) -> Result<Vec<PoolEntry>> {
+            let n = self.asked.fetch_add(1, Ordering::SeqCst) + 1;
+            let mut found = vec![entry("a", &Arc::new(AtomicU64::new(99)))];
+            if n >= self.back {
+                found.push(entry("b", &self.claim));
+            }
+            Ok(found)
+        }
+    }
+
+    #[test]
+    fn a_pool_missing_at_start_is_found_once_its_node_is_back_and_acts_under_the_claim() {
+        let (asked, a_claim, b_claim) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let source = Returning {
+            asked: asked.clone(),
+            back: 2,
+            claim: b_claim.clone(),
+        };
+        let pools = Pools::from_entries(vec![entry("a", &a_claim)])
+            .rediscovering(Box::new(source), Duration::from_millis(200));
+        pools.act_under_claim(7);
+        assert_eq!(a_claim.load(Ordering::SeqCst), 7);
+        // Known pools never ask the source.
+        pools.get("a").unwrap();
+        assert_eq!(asked.load(Ordering::SeqCst), 0);
+        // The node is still away: asked once, then not again for a while,
+        // however often the engine looks.
+        let err = pools.get("b").err().unwrap();
+        assert!(err.message.contains("\"b\""), "{}", err.message);
+        for _ in 0..50 {
+            assert!(pools.get("b").is_err());
+        }
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
+        std::thread::sleep(Duration::from_millis(250));
+        let b = pools.get("b").unwrap();
+        assert_eq!(b.node, "node-of-b");
+        assert_eq!(asked.load(Ordering::SeqCst), 2);
+        assert_eq!(b_claim.load(Ordering::SeqCst), 7, "found under the claim");
+        // The pool already held was kept, not swapped for the listed copy.
+        assert_eq!(a_claim.load(Ordering::SeqCst), 7);
+        pools.act_under_claim(8);
+        assert_eq!(b_claim.load(Ordering::SeqCst), 8);
+        assert_eq!(
+            pools
+                .all()
+                .iter()
+                .map(|p| p.name.clone())
+                .collect::<Vec<_>>(),
+            vec!["a", "b"]
+        );
+    }
+
+    #[test]
+    fn without_a_source_a_missing_pool_is_an_error_naming_the_known_ones() {
+        let pools = Pools::from_entries(vec![entry("a", &Arc::new(AtomicU64::new(0)))]);
+        let err = pools.get("zz").err().unwrap();
+        assert_eq!(err.kind, crate::core::error::ErrorKind::FailedPrecondition);
+        assert!(err.message.contains("known: a"), "{}", err.message);
+    }
 
     #[test]
     fn only_replica_file_names_and_plain_pool_names_pass() {

@@ -207,7 +207,8 @@ pub fn from_data_dir(data_dir: &Path, node: &str) -> Result<(Vec<PoolRow>, Vec<V
     let transport = crate::datapath::pools::transport(data_dir, node);
     let pools = crate::datapath::pools::from_config(&config, data_dir, node, &token, &transport)?;
     let pool_rows = pools
-        .iter()
+        .all()
+        .into_iter()
         .map(|p| {
             let capacity = p.backend.capacity();
             PoolRow {

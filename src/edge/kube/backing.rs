@@ -11,8 +11,10 @@ use kube::api::{Api, ListParams};
 
 use crate::core::config::Config;
 use crate::core::error::{Error, Result};
+use crate::core::pool::{PoolEntry, PoolSource, Pools};
 use crate::datapath::engine::assemble::Backing;
 use crate::edge::kube::crd::StoragePool;
+use crate::edge::kube::pools::PoolDirectory;
 
 /// Written into a cluster node's data dir: tells the engines it starts
 /// that state lives in Kubernetes and pools are the StoragePools.
@@ -78,28 +80,52 @@ pub fn open(
             runtime.clone(),
         )) as Arc<dyn crate::datapath::engine::gate::LeaseReader>
     });
-    let api: Api<StoragePool> = Api::all(client);
-    let objects = runtime
-        .block_on(api.list(&ListParams::default()))
-        .map_err(|e| {
-            Error::new(
-                crate::core::error::ErrorKind::Unavailable,
-                format!("cannot list StoragePools: {e}"),
-            )
-        })?
-        .items;
-    let directory = crate::edge::kube::pools::PoolDirectory::new(
-        token,
-        transport.clone(),
-        node,
-        Duration::from_millis(config.agent_timeout_ms),
-        Duration::from_secs(file.pool_stale_secs),
-    )
-    .with_local_node(node);
-    let shared: Vec<Arc<StoragePool>> = objects.into_iter().map(Arc::new).collect();
+    let source = StoragePools {
+        api: Api::all(client),
+        runtime,
+        directory: PoolDirectory::new(
+            token,
+            transport.clone(),
+            node,
+            Duration::from_millis(config.agent_timeout_ms),
+            Duration::from_secs(file.pool_stale_secs),
+        )
+        .with_local_node(node),
+    };
+    let pools = Pools::from_entries(source.usable()?);
     Ok(Backing {
         store: Arc::new(store),
-        pools: Arc::new(directory.pools(&shared)),
+        pools: Arc::new(pools.rediscovering(Box::new(source), REDISCOVER_EVERY)),
         leases,
     })
+}
+
+/// How often an engine missing a pool (its node was away when the engine
+/// started) asks the API server for it again. Each engine process asks on
+/// its own, so this keeps a cluster with a dead node and many volumes from
+/// listing StoragePools many times a second.
+const REDISCOVER_EVERY: Duration = Duration::from_secs(15);
+
+/// The cluster's StoragePools, as an engine's pools.
+struct StoragePools {
+    api: Api<StoragePool>,
+    runtime: Arc<tokio::runtime::Runtime>,
+    directory: PoolDirectory,
+}
+
+impl PoolSource for StoragePools {
+    fn usable(&self) -> Result<Vec<PoolEntry>> {
+        let objects = self
+            .runtime
+            .block_on(self.api.list(&ListParams::default()))
+            .map_err(|e| {
+                Error::new(
+                    crate::core::error::ErrorKind::Unavailable,
+                    format!("cannot list StoragePools: {e}"),
+                )
+            })?
+            .items;
+        let shared: Vec<Arc<StoragePool>> = objects.into_iter().map(Arc::new).collect();
+        Ok(self.directory.entries(&shared))
+    }
 }

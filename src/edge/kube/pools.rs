@@ -147,11 +147,16 @@ impl PoolDirectory {
     /// The usable pools among `objects`. NFS pools are always offered:
     /// whether their server answers is found out when they are used.
     pub fn pools(&self, objects: &[Arc<StoragePool>]) -> Pools {
+        Pools::from_entries(self.entries(objects))
+    }
+
+    /// The usable pools among `objects`, each on its own.
+    pub fn entries(&self, objects: &[Arc<StoragePool>]) -> Vec<PoolEntry> {
         let now = Timestamp::now();
         let nfs = objects
             .iter()
             .filter_map(|p| self.nfs_entry(p, p.spec.nfs.as_ref()?));
-        let entries = objects
+        objects
             .iter()
             .filter(|p| p.spec.nfs.is_none())
             .filter(|p| unusable_reason(p, now, self.stale_after).is_none())
@@ -182,8 +187,7 @@ impl PoolDirectory {
                 })
             })
             .chain(nfs)
-            .collect();
-        Pools::from_entries(entries)
+            .collect()
     }
 }
 
