@@ -484,7 +484,17 @@ pub fn from_resource(obj: &TernaVolume) -> Result<VolumeRecord> {
         .enumerate()
         .map(|(i, p)| {
             let s = status.replicas.get(i);
+            // Only a replica recorded healthy is read from: one whose state
+            // is missing or unknown (an object edited by hand, a newer
+            // version's word) is copied in full from those that are.
+            let unsure = |reason: String| ReplicaState::Faulted {
+                generation: status.generation,
+                reason,
+                since: s.and_then(|s| s.since).unwrap_or(0),
+                replaced: false,
+            };
             let state = match s {
+                Some(s) if s.state == "healthy" => ReplicaState::Healthy,
                 Some(s) if s.state == "faulted" || s.state == "rebuilding" => {
                     ReplicaState::Faulted {
                         generation: s.faulted_at_generation.unwrap_or(status.generation),
@@ -493,7 +503,14 @@ pub fn from_resource(obj: &TernaVolume) -> Result<VolumeRecord> {
                         replaced: s.state == "rebuilding",
                     }
                 }
-                _ => ReplicaState::Healthy,
+                Some(s) => unsure(format!(
+                    "recorded state {:?} is not one this version knows",
+                    s.state
+                )),
+                // A create that has not finished has written no states yet:
+                // its replicas are new and empty.
+                None if phase == Phase::Creating => ReplicaState::Healthy,
+                None => unsure("no state recorded for this replica".into()),
             };
             ReplicaRecord {
                 pool: p.pool.clone(),
@@ -584,6 +601,36 @@ mod tests {
         assert_eq!(back.phase, Phase::Creating);
         assert_eq!(back.replicas.len(), 2);
         assert!(back.replicas.iter().all(|r| r.is_healthy()));
+    }
+
+    #[test]
+    fn a_replica_without_a_known_recorded_state_is_not_read_from() {
+        let mut r = record(3);
+        r.phase = Phase::Ready;
+        let (spec, mut status) = to_resource(&r);
+        status.replicas[1].state = "Healthy ".into();
+        status.replicas.truncate(2);
+        let obj = TernaVolume {
+            metadata: ObjectMeta {
+                name: Some(r.id.clone()),
+                ..Default::default()
+            },
+            spec,
+            status: Some(status),
+        };
+        let back = from_resource(&obj).unwrap();
+        assert!(back.replicas[0].is_healthy());
+        for (i, why) in [(1, "not one this version knows"), (2, "no state recorded")] {
+            match &back.replicas[i].state {
+                ReplicaState::Faulted {
+                    reason, replaced, ..
+                } => {
+                    assert!(reason.contains(why), "replica {i}: {reason}");
+                    assert!(!replaced);
+                }
+                other => panic!("replica {i} read as {other:?}"),
+            }
+        }
     }
 
     #[test]
