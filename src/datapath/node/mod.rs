@@ -6,6 +6,7 @@
 pub mod paths;
 
 use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -507,7 +508,7 @@ impl NodeCore {
         }
         Ok(self
             .engine_pid(volume_id)
-            .is_some_and(|pid| is_engine_process(pid, volume_id)))
+            .is_some_and(|pid| is_engine_process(pid, &self.node_id, volume_id)))
     }
 
     fn engine_pid(&self, volume_id: &str) -> Option<i32> {
@@ -607,7 +608,7 @@ impl NodeCore {
         } else if let Some(pid) = pid {
             // Started by an earlier run of this process: not our child.
             let deadline = Instant::now() + ENGINE_EXIT_TIMEOUT;
-            while is_engine_process(pid, volume_id) {
+            while is_engine_process(pid, &self.node_id, volume_id) {
                 if Instant::now() > deadline {
                     let _ = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(pid),
@@ -1094,13 +1095,45 @@ fn read_first_block(device: &Path) -> std::io::Result<()> {
     file.read_at(buf.as_mut_slice(), 0).map(drop)
 }
 
-fn is_engine_process(pid: i32, volume_id: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| {
-            let text = String::from_utf8_lossy(&c);
-            text.contains("engine") && text.contains(volume_id)
+/// Whether `pid` is this node's engine of `volume_id`. A pid file can
+/// outlive its process (a node back from a crash) and the pid be reused,
+/// by anything or by another node's engine of the same volume where nodes
+/// share a kernel: only the exact command line `ensure_engine` starts
+/// counts, never a process that merely mentions the volume.
+fn is_engine_process(pid: i32, node_id: &str, volume_id: &str) -> bool {
+    // A binary replaced on disk since (an upgrade) reads as "terna (deleted)".
+    let Some(exe) = std::env::current_exe().ok().and_then(|e| {
+        e.file_name().map(|n| {
+            let n = n.as_bytes();
+            n.strip_suffix(b" (deleted)").unwrap_or(n).to_vec()
         })
-        .unwrap_or(false)
+    }) else {
+        return false;
+    };
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| is_engine_cmdline(&c, &exe, node_id, volume_id))
+}
+
+/// `exe`: the file name of the binary engines are started from (ours).
+fn is_engine_cmdline(cmdline: &[u8], exe: &[u8], node_id: &str, volume_id: &str) -> bool {
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let program = args
+        .first()
+        .and_then(|a| a.rsplit(|&b| b == b'/').next())
+        .unwrap_or_default();
+    let value_of = |flag: &str| {
+        args.iter()
+            .position(|a| *a == flag.as_bytes())
+            .and_then(|i| args.get(i + 1))
+            .copied()
+    };
+    program == exe
+        && args.get(1) == Some(&b"engine".as_slice())
+        && value_of("--volume") == Some(volume_id.as_bytes())
+        && value_of("--node-id") == Some(node_id.as_bytes())
+        // A worker of the engine serves the same session; only its
+        // supervisor is the engine a pid file names.
+        && value_of("--fuse-fd").is_none()
 }
 
 /// Detaches a loop device nothing mounts any more (the callers checked),
@@ -1134,4 +1167,65 @@ fn sorted(flags: &[String]) -> Vec<String> {
     flags.sort();
     flags.dedup();
     flags
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_engine_cmdline;
+
+    fn cmdline(args: &[&str]) -> Vec<u8> {
+        let mut c = args.join("\0").into_bytes();
+        c.push(0);
+        c
+    }
+
+    #[test]
+    fn only_this_nodes_engine_of_the_volume_is_taken_for_it() {
+        let (node, vol) = ("node-2", "tv-0123456789abcdef01234567");
+        let ours = [
+            "/usr/bin/terna",
+            "engine",
+            "--cgroup-root",
+            "/sys/fs/cgroup/terna",
+            "--data-dir",
+            "/var/lib/terna",
+            "--node-id",
+            node,
+            "--volume",
+            vol,
+            "--mountpoint",
+            "/var/lib/terna/run/x/fuse",
+        ];
+        assert!(is_engine_cmdline(&cmdline(&ours), b"terna", node, vol));
+        let mut other_node = ours;
+        other_node[7] = "node-3";
+        let mut other_volume = ours;
+        other_volume[9] = "tv-0123456789abcdef01234568";
+        let mut longer_id = ours;
+        let longer = format!("{vol}0");
+        longer_id[9] = &longer;
+        let worker: Vec<&str> = ours.iter().copied().chain(["--fuse-fd", "5"]).collect();
+        for (what, args) in [
+            ("another node's engine", other_node.to_vec()),
+            ("another volume's engine", other_volume.to_vec()),
+            ("an id it is a prefix of", longer_id.to_vec()),
+            ("a worker", worker),
+            (
+                "a process that mentions it",
+                vec!["grep", "engine", "--volume", vol, "--node-id", node],
+            ),
+            (
+                "another program's engine",
+                [&["/usr/bin/other"][..], &ours[1..]].concat(),
+            ),
+            ("a flag with no value", vec!["terna", "engine", "--volume"]),
+            ("nothing", vec![]),
+        ] {
+            assert!(
+                !is_engine_cmdline(&cmdline(&args), b"terna", node, vol),
+                "{what}"
+            );
+        }
+        assert!(!is_engine_cmdline(b"", b"terna", node, vol));
+    }
 }
