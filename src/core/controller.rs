@@ -438,6 +438,7 @@ impl ControllerCore {
                     zone: c.zone,
                     state: ReplicaState::Healthy,
                     last_catch_up_bytes: None,
+                    missed: None,
                 })
                 .collect(),
             staged_on: None,
@@ -627,6 +628,10 @@ impl ControllerCore {
                         replaced: true,
                     },
                     last_catch_up_bytes: None,
+                    missed: Some(crate::core::missed_extents::MissedExtents::everything(
+                        r.capacity_bytes,
+                        r.claims,
+                    )),
                 };
                 r.generation = next;
             }

@@ -13,6 +13,7 @@ pub mod dirty;
 pub mod error;
 pub mod lease;
 pub mod metrics;
+pub mod missed_extents;
 pub mod placement;
 pub mod pool;
 pub mod store;

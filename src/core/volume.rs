@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::core::class::VolumeClass;
+use crate::core::missed_extents::MissedExtents;
 
 /// Volume sizes are whole mebibytes.
 pub const SIZE_UNIT: u64 = 1 << 20;
@@ -59,6 +60,10 @@ pub struct ReplicaRecord {
     /// Bytes copied the last time this replica caught up after a fault.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_catch_up_bytes: Option<u64>,
+    /// What a faulted replica has missed since its fault, for whichever
+    /// node catches it up; `None`: not known, so everything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missed: Option<MissedExtents>,
 }
 
 impl ReplicaRecord {
@@ -263,6 +268,7 @@ impl VolumeRecord {
             Some(r) if !r.is_healthy() => {
                 r.state = ReplicaState::Healthy;
                 r.last_catch_up_bytes = Some(bytes);
+                r.missed = None;
                 self.generation = next;
                 true
             }
@@ -350,6 +356,7 @@ impl VolumeRecord {
     /// the first recorded fault (the earliest missed generation) is kept.
     pub fn fault_replica(&mut self, index: usize, reason: &str) -> bool {
         let next = self.generation + 1;
+        let missed = MissedExtents::none_yet(self.capacity_bytes, self.claims);
         match self.replicas.get_mut(index) {
             Some(r) if r.is_healthy() => {
                 r.state = ReplicaState::Faulted {
@@ -358,11 +365,53 @@ impl VolumeRecord {
                     since: unix_now(),
                     replaced: false,
                 };
+                r.missed = Some(missed);
                 self.generation = next;
                 true
             }
             _ => false,
         }
+    }
+
+    /// Lists `extents` as missed by faulted replica `index`, if its record
+    /// keeps a list. Whether anything changed.
+    pub fn list_missed(&mut self, index: usize, extents: &[u64]) -> bool {
+        match self.replicas.get_mut(index) {
+            Some(r) if !r.is_healthy() => r.missed.as_mut().is_some_and(|m| m.list(extents)),
+            _ => false,
+        }
+    }
+
+    /// Unlists `extents`, which faulted replica `index` has now copied.
+    /// Whether anything changed.
+    pub fn unlist_missed(&mut self, index: usize, extents: &[u64]) -> bool {
+        match self.replicas.get_mut(index) {
+            Some(r) if !r.is_healthy() => r.missed.as_mut().is_some_and(|m| m.unlist(extents)),
+            _ => false,
+        }
+    }
+
+    /// An engine under claim `epoch` takes over the faulted replicas' lists
+    /// it can trust (every claim since each fault kept it) and drops the
+    /// others (everything is then missed). Whether anything changed.
+    pub fn keep_missed_lists(&mut self, epoch: u64) -> bool {
+        let mut changed = false;
+        for r in self.replicas.iter_mut().filter(|r| !r.is_healthy()) {
+            match &mut r.missed {
+                Some(m) if !m.trusted_under(epoch) => {
+                    r.missed = None;
+                    changed = true;
+                }
+                // Claim 0 never moves; a restart under the same claim
+                // changes nothing.
+                Some(m) if epoch != 0 && m.through_epoch != epoch => {
+                    m.through_epoch = epoch;
+                    changed = true;
+                }
+                _ => {}
+            }
+        }
+        changed
     }
 }
 
@@ -416,6 +465,7 @@ pub(crate) mod tests {
                     zone: "z".into(),
                     state: ReplicaState::Healthy,
                     last_catch_up_bytes: None,
+                    missed: None,
                 })
                 .collect(),
             staged_on: None,
@@ -423,6 +473,32 @@ pub(crate) mod tests {
             published: vec![],
             claim: None,
         }
+    }
+
+    #[test]
+    fn a_faulted_replicas_list_is_kept_only_along_an_unbroken_chain_of_claims() {
+        let mut r = record(3);
+        r.capacity_bytes = 64 << 20;
+        r.claim_staging("n1", "/s");
+        assert!(r.fault_replica(1, "away"));
+        assert!(!r.fault_replica(1, "again"), "the first fault is kept");
+        assert!(r.list_missed(1, &[2, 3]));
+        assert!(!r.list_missed(1, &[3]));
+        assert!(!r.list_missed(0, &[3]), "a healthy replica keeps no list");
+        let listed = |r: &VolumeRecord| r.replicas[1].missed.clone().map(|m| m.extents);
+        assert_eq!(listed(&r), Some([2, 3].into()));
+        assert!(!r.keep_missed_lists(1), "the same claim: nothing to change");
+        r.claim_staging("n2", "/s");
+        assert!(r.keep_missed_lists(2));
+        assert_eq!(r.replicas[1].missed.as_ref().unwrap().through_epoch, 2);
+        // Claim 3 goes by with no engine to keep the list.
+        r.claim_staging("n3", "/s");
+        r.claim_staging("n1", "/s");
+        assert!(r.keep_missed_lists(4));
+        assert_eq!(listed(&r), None, "dropped: everything is missed");
+        assert!(!r.list_missed(1, &[7]), "nothing to list into");
+        assert!(r.heal_replica(1, 64 << 20));
+        assert!(r.replicas[1].missed.is_none());
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub fn record(prefix: &str, name: &str) -> VolumeRecord {
                 zone: "z".into(),
                 state: ReplicaState::Healthy,
                 last_catch_up_bytes: None,
+                missed: None,
             })
             .collect(),
         staged_on: None,

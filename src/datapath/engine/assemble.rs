@@ -11,6 +11,7 @@ use crate::core::config::Config;
 use crate::core::controller::ControllerCore;
 use crate::core::dirty::{DEFAULT_REGION, DirtyMap};
 use crate::core::error::{Error, ErrorKind, Result};
+use crate::core::missed_extents::MissedExtents;
 use crate::core::pool::Pools;
 use crate::core::pool::ReplicaIo;
 use crate::core::store::StateStore;
@@ -118,6 +119,23 @@ impl Backing {
     }
 }
 
+/// What a faulted replica missed: what this node's map says (it may be
+/// from an earlier stay of the volume here) and what the record lists
+/// (every holder since the fault); everything when the record keeps no
+/// list.
+fn missed_by(local: Option<DirtyMap>, listed: Option<&MissedExtents>, size: u64) -> DirtyMap {
+    let mut map = match local {
+        Some(m) if m.region_size() == DEFAULT_REGION => m,
+        _ => DirtyMap::new(size, DEFAULT_REGION),
+    };
+    map.resize(size);
+    match listed {
+        Some(listed) => listed.mark_into(&mut map),
+        None => map.mark_all(),
+    }
+    map
+}
+
 /// `gate`: what the engine's writes wait at, kept by the caller from the
 /// node's Lease; `None` only where no other node can take the volume over
 /// while this engine runs.
@@ -137,6 +155,23 @@ pub fn assemble(
     // Replicas are written under this node's claim on the volume, so once
     // another node takes it over, this engine's writes are fenced out.
     let claim = record.staged_on.clone().filter(|s| s.node == node_id);
+    // This engine keeps the faulted replicas' lists of what they missed
+    // from now on; one a claim before it did not keep is dropped first.
+    let epoch = claim.as_ref().map_or(0, |s| s.epoch);
+    let record = if record.clone().keep_missed_lists(epoch) {
+        store
+            .update(volume_id, &mut |r| {
+                if claim.is_some() && r.staged_on != claim {
+                    return Err(Error::precondition(format!(
+                        "volume {volume_id} is no longer claimed by node {node_id}"
+                    )));
+                }
+                Ok(r.keep_missed_lists(epoch))
+            })?
+            .ok_or_else(|| Error::not_found(format!("volume {volume_id} does not exist")))?
+    } else {
+        record
+    };
     pools.act_under_claim(claim.as_ref().map_or(0, |s| s.epoch));
     let dirty_maps = DirtyMapFiles::new(data_dir).volume(volume_id);
     dirty_maps.create_dir()?;
@@ -159,17 +194,14 @@ pub fn assemble(
                 warn!(volume_id, replica = index, error = %e.report(), "dirty map unreadable; catching up on everything");
                 None
             });
-            let map = map.unwrap_or_else(|| {
-                let mut m = DirtyMap::new(record.capacity_bytes, DEFAULT_REGION);
-                m.mark_all();
-                m
-            });
+            let map = missed_by(map, replica.missed.as_ref(), record.capacity_bytes);
             let ago = Duration::from_secs(unix_now().saturating_sub(*since));
             replicas.push(EngineReplica {
                 index,
                 io,
                 missed: Some(map),
                 faulted_since: Instant::now().checked_sub(ago),
+                listed: replica.missed.clone(),
             });
             continue;
         }
@@ -179,6 +211,7 @@ pub fn assemble(
                 io,
                 missed: None,
                 faulted_since: None,
+                listed: None,
             }),
             Err(e) => {
                 // Nothing has been written through this engine yet, so
@@ -186,12 +219,17 @@ pub fn assemble(
                 // nothing so far.
                 warn!(volume_id, replica = index, error = %e.report(), "replica cannot be opened");
                 let reason = format!("cannot open at engine start: {}", e.report());
-                store.update(volume_id, &mut |r| Ok(r.fault_replica(index, &reason)))?;
+                let faulted =
+                    store.update(volume_id, &mut |r| Ok(r.fault_replica(index, &reason)))?;
                 replicas.push(EngineReplica {
                     index,
                     io: reopening(&pools, volume_id, index, &replica.pool),
                     missed: Some(DirtyMap::new(record.capacity_bytes, DEFAULT_REGION)),
                     faulted_since: None,
+                    listed: faulted
+                        .as_ref()
+                        .and_then(|r| r.replicas.get(index))
+                        .and_then(|r| r.missed.clone()),
                 });
             }
         }
@@ -243,4 +281,307 @@ pub fn assemble(
     )
     .map_err(|e| Error::io("cannot start replica I/O threads", e))?;
     Ok(Arc::new(engine))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::pool::{Pool, PoolEntry};
+    use crate::core::volume::{VolumeRecord, replica_file_name};
+    use crate::datapath::frontend::BlockDevice;
+    use crate::datapath::replica::local::LocalPool;
+
+    const SIZE: u64 = 160 << 20;
+    const MIB: u64 = 1 << 20;
+
+    struct Cluster {
+        _dirs: Vec<tempfile::TempDir>,
+        pool_dirs: Vec<std::path::PathBuf>,
+        /// One data dir per node: each has its own dirty maps.
+        data: Vec<std::path::PathBuf>,
+        backing: Backing,
+        id: String,
+    }
+
+    fn cluster() -> Cluster {
+        let dirs: Vec<tempfile::TempDir> = (0..6).map(|_| tempfile::tempdir().unwrap()).collect();
+        let store = Arc::new(FileStore::open(dirs[0].path()).unwrap());
+        let pool_dirs: Vec<_> = (1..4).map(|i| dirs[i].path().to_path_buf()).collect();
+        let mut record: VolumeRecord = crate::core::volume::tests::record(3);
+        record.capacity_bytes = SIZE;
+        let id = record.id.clone();
+        let entries = pool_dirs
+            .iter()
+            .enumerate()
+            .map(|(i, dir)| {
+                let pool = LocalPool::new(dir, None).unwrap();
+                pool.create(&replica_file_name(&id, i), SIZE).unwrap();
+                PoolEntry {
+                    name: format!("p{i}"),
+                    node: format!("n{i}"),
+                    tier: crate::core::class::Tier::Standard,
+                    domain: format!("d{i}"),
+                    zone: "z".into(),
+                    overcommit_ratio: None,
+                    backend: Box::new(pool),
+                }
+            })
+            .collect();
+        store.put(&record).unwrap();
+        Cluster {
+            data: (4..6).map(|i| dirs[i].path().to_path_buf()).collect(),
+            pool_dirs,
+            _dirs: dirs,
+            backing: Backing {
+                store,
+                pools: Arc::new(Pools::from_entries(entries)),
+                leases: None,
+            },
+            id,
+        }
+    }
+
+    impl Cluster {
+        fn update(&self, change: impl Fn(&mut VolumeRecord)) {
+            self.backing
+                .store
+                .update(&self.id, &mut |r| {
+                    change(r);
+                    Ok(true)
+                })
+                .unwrap();
+        }
+
+        /// Node `n` stages the volume (a new claim) and starts its engine.
+        fn stage_on(&self, n: usize) -> Arc<Engine> {
+            self.update(|r| r.claim_staging(&format!("node-{n}"), "/staging"));
+            assemble(
+                &self.data[n],
+                &format!("node-{n}"),
+                &self.id,
+                2,
+                &Config::default_node(),
+                &self.backing,
+                None,
+            )
+            .unwrap()
+        }
+
+        fn replica(&self, i: usize) -> Vec<u8> {
+            std::fs::read(self.pool_dirs[i].join(replica_file_name(&self.id, i))).unwrap()
+        }
+
+        fn caught_up_bytes(&self, i: usize) -> Option<u64> {
+            let r = self.backing.store.get(&self.id).unwrap().unwrap();
+            assert!(r.replicas[i].is_healthy(), "replica {i} rejoined");
+            r.replicas[i].last_catch_up_bytes
+        }
+    }
+
+    fn write(engine: &Engine, offset: u64, byte: u8) {
+        let block = AlignedBlock::filled(byte);
+        engine.write_at(block.as_slice(), offset).unwrap();
+        engine.flush().unwrap();
+    }
+
+    struct AlignedBlock(crate::datapath::replica::aligned::AlignedBuf);
+
+    impl AlignedBlock {
+        fn filled(byte: u8) -> AlignedBlock {
+            let mut b = crate::datapath::replica::aligned::AlignedBuf::zeroed(4096);
+            b.as_mut_slice().fill(byte);
+            AlignedBlock(b)
+        }
+        fn as_slice(&self) -> &[u8] {
+            self.0.as_slice()
+        }
+    }
+
+    /// Replica 2 is away (recorded faulted) while node 0 writes one block,
+    /// then node 1 takes the volume over: it has none of node 0's dirty
+    /// maps, yet copies only the region written, from the record's list.
+    #[test]
+    fn a_takeover_catches_a_returning_replica_up_on_what_it_missed_only() {
+        let c = cluster();
+        c.update(|r| {
+            r.fault_replica(2, "its node is away");
+        });
+        let a = c.stage_on(0);
+        write(&a, 5 * MIB + 8192, 0xa5);
+        drop(a);
+        let b = c.stage_on(1);
+        let extent = crate::core::missed_extents::MIN_EXTENT;
+        assert_eq!(b.catch_up(), extent, "one extent, not the whole volume");
+        assert_eq!(c.caught_up_bytes(2), Some(extent));
+        assert!(c.replica(2) == c.replica(0), "replica 2 equals replica 0");
+    }
+
+    /// The volume leaves node 0 and comes back while replica 2 stays away:
+    /// node 0's own map is from its first stay and lacks what node 1
+    /// wrote; the record's list has it.
+    #[test]
+    fn a_volume_back_on_a_node_catches_up_on_what_other_nodes_wrote_meanwhile() {
+        let c = cluster();
+        let a = c.stage_on(0);
+        let away = a.slots().into_iter().find(|s| s.index == 2).unwrap();
+        a.fault(&away, "its node is away").unwrap();
+        write(&a, 5 * MIB, 1);
+        drop(a);
+        assert!(
+            DirtyMapFiles::new(&c.data[0])
+                .load(&c.id, 2)
+                .unwrap()
+                .is_some(),
+            "node 0 keeps its own map"
+        );
+        let b = c.stage_on(1);
+        write(&b, 9 * MIB, 2);
+        drop(b);
+        let a = c.stage_on(0);
+        // Node 0's extent (0..8 MiB) and node 1's (8..16 MiB).
+        assert_eq!(a.catch_up(), 2 * crate::core::missed_extents::MIN_EXTENT);
+        assert!(c.replica(2) == c.replica(0), "replica 2 equals replica 0");
+    }
+
+    /// Wraps a real pool: its replicas' writes fail once `left` runs out
+    /// (a disk or link that dies mid-rebuild).
+    struct Dying {
+        pool: LocalPool,
+        left: Arc<std::sync::atomic::AtomicI64>,
+    }
+
+    struct DyingReplica {
+        io: Box<dyn ReplicaIo>,
+        left: Arc<std::sync::atomic::AtomicI64>,
+    }
+
+    impl DyingReplica {
+        fn spend(&self) -> std::io::Result<()> {
+            if self.left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) <= 0 {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            Ok(())
+        }
+    }
+
+    impl ReplicaIo for DyingReplica {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.io.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.spend()?;
+            self.io.write_at(buf, offset)
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            self.io.flush()
+        }
+        fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.spend()?;
+            self.io.discard(offset, len)
+        }
+        fn check(&self) -> std::result::Result<(), String> {
+            self.io.check()
+        }
+        fn fence(&self) -> std::io::Result<()> {
+            self.io.fence()
+        }
+        fn fence_empty(&self) -> std::io::Result<()> {
+            self.io.fence_empty()
+        }
+    }
+
+    impl Pool for Dying {
+        fn create(&self, name: &str, size: u64) -> Result<()> {
+            self.pool.create(name, size)
+        }
+        fn grow(&self, name: &str, size: u64) -> Result<()> {
+            self.pool.grow(name, size)
+        }
+        fn delete(&self, name: &str) -> Result<()> {
+            self.pool.delete(name)
+        }
+        fn size_of(&self, name: &str) -> Result<Option<u64>> {
+            self.pool.size_of(name)
+        }
+        fn open(&self, name: &str) -> Result<Box<dyn ReplicaIo>> {
+            Ok(Box::new(DyingReplica {
+                io: self.pool.open(name)?,
+                left: self.left.clone(),
+            }))
+        }
+        fn capacity(&self) -> Result<u64> {
+            self.pool.capacity()
+        }
+    }
+
+    /// A replacement whose rebuild dies two thirds of the way, then is
+    /// finished by another node: that node copies only what was left.
+    #[test]
+    fn a_rebuild_interrupted_on_one_node_resumes_on_the_next() {
+        let mut c = cluster();
+        let left = Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
+        let mut entries: Vec<PoolEntry> = Vec::new();
+        for (i, dir) in c.pool_dirs.iter().enumerate() {
+            entries.push(PoolEntry {
+                name: format!("p{i}"),
+                node: format!("n{i}"),
+                tier: crate::core::class::Tier::Standard,
+                domain: format!("d{i}"),
+                zone: "z".into(),
+                overcommit_ratio: None,
+                backend: Box::new(Dying {
+                    pool: LocalPool::new(dir, None).unwrap(),
+                    left: if i == 2 {
+                        left.clone()
+                    } else {
+                        Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX))
+                    },
+                }),
+            });
+        }
+        c.backing.pools = Arc::new(Pools::from_entries(entries));
+        let a = c.stage_on(0);
+        for n in 0..64 {
+            write(&a, n * MIB, n as u8 + 1);
+        }
+        drop(a);
+        // Replica 2 is replaced (here, on its own pool: the only one left).
+        ControllerCore::new(c.backing.store.clone(), c.backing.pools.clone(), 1.0)
+            .replace_replica(&c.id, 2)
+            .unwrap();
+        let listed = |c: &Cluster| {
+            let r = c.backing.store.get(&c.id).unwrap().unwrap();
+            r.replicas[2].missed.clone().map(|m| m.extents.len())
+        };
+        assert_eq!(listed(&c), Some(20), "a replacement misses everything");
+        left.store(100, std::sync::atomic::Ordering::SeqCst);
+        let b = c.stage_on(1);
+        assert_eq!(b.catch_up(), 0, "the rebuild dies before it finishes");
+        drop(b);
+        let after_first = listed(&c).unwrap();
+        assert_eq!(after_first, 12, "progress recorded every 64 regions");
+        left.store(i64::MAX, std::sync::atomic::Ordering::SeqCst);
+        let a = c.stage_on(0);
+        assert_eq!(a.catch_up(), 96 * MIB, "only what was left");
+        assert!(c.replica(2) == c.replica(0), "replica 2 equals replica 0");
+    }
+
+    /// A claim whose engine kept no list (an older version's, or one that
+    /// never started) breaks the chain: everything is copied.
+    #[test]
+    fn a_claim_that_kept_no_list_means_everything_is_copied() {
+        let c = cluster();
+        c.update(|r| {
+            r.fault_replica(2, "its node is away");
+        });
+        let a = c.stage_on(0);
+        write(&a, 5 * MIB, 1);
+        drop(a);
+        c.update(|r| r.claim_staging("node-9", "/elsewhere"));
+        let b = c.stage_on(1);
+        assert_eq!(b.catch_up(), SIZE);
+        assert!(c.replica(2) == c.replica(0), "replica 2 equals replica 0");
+        let r = c.backing.store.get(&c.id).unwrap().unwrap();
+        assert!(r.replicas[2].missed.is_none(), "healed: no list kept");
+    }
 }

@@ -99,11 +99,16 @@ impl Engine {
                 }
             }
             bytes += len;
-            // Persist progress now and then, so an interrupted rebuild resumes.
-            if n % 64 == 63
-                && let Some(map) = self.lock_dirty()?.get(&slot.index)
-            {
-                self.persist_map(slot.index, map)?;
+            // Persist progress now and then, so an interrupted rebuild
+            // resumes, here or on another node.
+            if n % 64 == 63 {
+                if let Some(map) = self.lock_dirty()?.get(&slot.index) {
+                    self.persist_map(slot.index, map)?;
+                }
+                // Progress only: a store out now costs a longer resume.
+                if !paused && let Err(e) = self.unlist_copied(slot.index) {
+                    warn!(volume_id = %self.volume_id, replica = slot.index, error = %e, "cannot record catch-up progress");
+                }
             }
             let limit = self.rebuild.bytes_per_sec;
             if limit > 0 && !paused {
@@ -152,6 +157,7 @@ impl Engine {
                 io::Error::other(format!("cannot record replica healthy: {}", e.report()))
             })?;
         self.lock_dirty()?.remove(&index);
+        self.stop_listing(index);
         if let Ok(mut since) = self.faulted_since.lock() {
             since.remove(&index);
         }

@@ -46,9 +46,9 @@ impl Engine {
             Ok(r.fault_replica(index, reason))
         });
         match persisted {
-            Ok(_) => {
-                // The map exists before any write skips this replica, so
-                // every skipped write is marked in it.
+            Ok(record) => {
+                // The map and the list exist before any write skips this
+                // replica, so every skipped write is marked in both.
                 let mut dirty = self.lock_dirty()?;
                 if let Entry::Vacant(e) = dirty.entry(index) {
                     let map = DirtyMap::new(self.size(), DEFAULT_REGION);
@@ -56,6 +56,7 @@ impl Engine {
                     e.insert(map);
                 }
                 drop(dirty);
+                self.keep_listing(index, record.as_ref())?;
                 if let Ok(mut since) = self.faulted_since.lock() {
                     since.entry(index).or_insert_with(Instant::now);
                 }

@@ -5,11 +5,15 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::MutexGuard;
+use std::time::Duration;
 
 use tracing::warn;
 
 use super::Engine;
 use crate::core::dirty::DirtyMap;
+use crate::core::error::ErrorKind;
+use crate::core::missed_extents::MissedExtents;
+use crate::core::volume::VolumeRecord;
 
 impl Engine {
     pub(super) fn lock_dirty(&self) -> io::Result<MutexGuard<'_, BTreeMap<usize, DirtyMap>>> {
@@ -38,15 +42,146 @@ impl Engine {
     }
 
     /// Records `[offset, offset+len)` as missed by every faulted replica,
-    /// persisting maps that gained a region. Must succeed before the write
-    /// is acknowledged.
+    /// persisting maps that gained a region, and listing extents new to
+    /// the record. Must succeed before the write is acknowledged.
     pub(super) fn mark_missed(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut dirty = self.lock_dirty()?;
-        for (index, map) in dirty.iter_mut() {
-            if map.mark(offset, len) {
-                self.persist_map(*index, map)?;
+        {
+            let mut dirty = self.lock_dirty()?;
+            for (index, map) in dirty.iter_mut() {
+                if map.mark(offset, len) {
+                    self.persist_map(*index, map)?;
+                }
             }
         }
+        self.list_missed(offset, len)
+    }
+
+    pub(super) fn lock_listed(
+        &self,
+    ) -> io::Result<MutexGuard<'_, BTreeMap<usize, Option<MissedExtents>>>> {
+        self.listed
+            .lock()
+            .map_err(|_| io::Error::other("missed-extents lock poisoned"))
+    }
+
+    /// Lists the extents of `[offset, offset+len)` that faulted replicas'
+    /// records do not list yet, in one store write: so whichever node
+    /// holds the volume next knows what each missed. Nothing to list (the
+    /// usual case, even while degraded) costs nothing.
+    fn list_missed(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut listed = self.lock_listed()?;
+        let new: Vec<(usize, Vec<u64>)> = listed
+            .iter()
+            .filter_map(|(index, m)| {
+                let unlisted = m.as_ref()?.unlisted(offset, len);
+                (!unlisted.is_empty()).then_some((*index, unlisted))
+            })
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let mut wait = Duration::from_millis(50);
+        let record = loop {
+            let written = self.store.update(&self.volume_id, &mut |r| {
+                self.still_claimed(r)?;
+                let mut changed = false;
+                for (index, extents) in &new {
+                    changed |= r.list_missed(*index, extents);
+                }
+                Ok(changed)
+            });
+            match written {
+                Ok(Some(record)) => break record,
+                Ok(None) => {
+                    return Err(io::Error::other(format!(
+                        "volume {} is gone",
+                        self.volume_id
+                    )));
+                }
+                // The claim is another's: this engine must not write on.
+                Err(e) if e.kind == ErrorKind::FailedPrecondition => {
+                    return Err(io::Error::other(format!(
+                        "cannot record what faulted replicas missed: {}",
+                        e.report()
+                    )));
+                }
+                // The store is out (an API server restarting): the write
+                // waits, as it would at the lease gate, rather than fail
+                // the pod's filesystem.
+                Err(e) => {
+                    warn!(volume_id = %self.volume_id, error = %e.report(), "cannot record what faulted replicas missed yet; the write waits");
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                    self.admit()?;
+                }
+            }
+        };
+        for (index, _) in new {
+            // What the record says now: a replica replaced meanwhile keeps
+            // no list (it misses everything).
+            listed.insert(
+                index,
+                record.replicas.get(index).and_then(|r| r.missed.clone()),
+            );
+        }
         Ok(())
+    }
+
+    /// Unlists from replica `index`'s record the extents catch-up has
+    /// copied in full and nothing has written since, so an interrupted
+    /// catch-up resumes where it was, on whichever node holds the volume
+    /// next. Holds the dirty maps while the store is written: a write in
+    /// such an extent meanwhile would find it listed and not list it again.
+    pub(super) fn unlist_copied(&self, index: usize) -> io::Result<()> {
+        let mut listed = self.lock_listed()?;
+        let Some(Some(list)) = listed.get(&index) else {
+            return Ok(());
+        };
+        let dirty = self.lock_dirty()?;
+        let Some(map) = dirty.get(&index) else {
+            return Ok(());
+        };
+        let copied = list.copied(map);
+        if copied.is_empty() {
+            return Ok(());
+        }
+        let record = self
+            .store
+            .update(&self.volume_id, &mut |r| {
+                self.still_claimed(r)?;
+                Ok(r.unlist_missed(index, &copied))
+            })
+            .map_err(|e| {
+                io::Error::other(format!("cannot record catch-up progress: {}", e.report()))
+            })?;
+        drop(dirty);
+        listed.insert(
+            index,
+            record
+                .as_ref()
+                .and_then(|r| r.replicas.get(index))
+                .and_then(|r| r.missed.clone()),
+        );
+        Ok(())
+    }
+
+    /// Starts keeping replica `index`'s list as `record` has it.
+    pub(super) fn keep_listing(
+        &self,
+        index: usize,
+        record: Option<&VolumeRecord>,
+    ) -> io::Result<()> {
+        let missed = record
+            .and_then(|r| r.replicas.get(index))
+            .and_then(|r| r.missed.clone());
+        self.lock_listed()?.insert(index, missed);
+        Ok(())
+    }
+
+    /// Stops listing for replica `index`, which rejoined.
+    pub(super) fn stop_listing(&self, index: usize) {
+        if let Ok(mut listed) = self.lock_listed() {
+            listed.remove(&index);
+        }
     }
 }

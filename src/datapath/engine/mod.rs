@@ -39,6 +39,7 @@ mod replace;
 #[forbid(unsafe_code)]
 pub mod workers;
 
+use crate::core::missed_extents::MissedExtents;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
@@ -84,6 +85,10 @@ pub struct Engine {
     workers: Workers,
     /// What each faulted replica (by replica index) has missed.
     dirty: Mutex<BTreeMap<usize, DirtyMap>>,
+    /// What the record lists each faulted replica as having missed (`None`:
+    /// the record keeps no list for it), so only new extents cost a store
+    /// write (`core::missed_extents`).
+    listed: Mutex<BTreeMap<usize, Option<MissedExtents>>>,
     /// Where dirty maps are persisted; `None` keeps them in memory only
     /// (tests).
     dirty_files: Option<VolumeDirtyMaps>,
@@ -150,6 +155,9 @@ pub struct EngineReplica {
     /// For a faulted replica: since when (the replacement grace period
     /// counts from here); `None` means now.
     pub faulted_since: Option<Instant>,
+    /// For a faulted replica: what its record lists as missed, if it keeps
+    /// a list (`ReplicaRecord::missed`).
+    pub listed: Option<MissedExtents>,
 }
 
 impl Engine {
@@ -169,6 +177,7 @@ impl Engine {
             gate,
         } = opts;
         let mut dirty = BTreeMap::new();
+        let mut listed = BTreeMap::new();
         let mut faulted_since = BTreeMap::new();
         let slots = replicas
             .into_iter()
@@ -176,6 +185,7 @@ impl Engine {
                 let healthy = r.missed.is_none();
                 if let Some(map) = r.missed {
                     dirty.insert(r.index, map);
+                    listed.insert(r.index, r.listed);
                     faulted_since.insert(r.index, r.faulted_since.unwrap_or_else(Instant::now));
                 }
                 Arc::new(Slot {
@@ -191,6 +201,7 @@ impl Engine {
             faulted_since: Mutex::new(faulted_since),
             rebuild,
             dirty: Mutex::new(dirty),
+            listed: Mutex::new(listed),
             dirty_files: dirty_dir.map(VolumeDirtyMaps::in_dir),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             membership: RwLock::new(()),

@@ -52,6 +52,13 @@ impl Engine {
                 let mut dirty = self.lock_dirty()?;
                 self.persist_map(index, &map)?;
                 dirty.insert(index, map);
+                // The replacement's record lists everything, and catch-up
+                // unlists what it has copied.
+                let record = self
+                    .store
+                    .get(&self.volume_id)
+                    .map_err(|e| io::Error::other(e.report().to_string()))?;
+                self.keep_listing(index, record.as_ref())?;
                 let mut slots = self
                     .slots
                     .write()

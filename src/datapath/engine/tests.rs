@@ -97,6 +97,7 @@ fn setup_with(
             io: Box::new(m.clone()),
             missed: None,
             faulted_since: None,
+            listed: None,
         })
         .collect();
     let engine = Engine::new(
@@ -149,6 +150,7 @@ fn setup_big_with(n: usize, policy: RebuildPolicy) -> BigSetup {
             io: Box::new(m.clone()),
             missed: None,
             faulted_since: None,
+            listed: None,
         })
         .collect();
     let engine = Engine::new(

@@ -259,6 +259,21 @@ pub struct ReplicaStatus {
     pub since: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_catch_up_bytes: Option<u64>,
+    /// What a faulted replica missed, so any node catches it up on only
+    /// that: absent when not known (then everything).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missed: Option<MissedStatus>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MissedStatus {
+    /// The size of each extent listed.
+    pub extent_bytes: u64,
+    /// The last claim epoch whose engine listed every extent it wrote.
+    pub through_epoch: u64,
+    /// Extent indexes as ranges, "0-3,17".
+    pub extents: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

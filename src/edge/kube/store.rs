@@ -28,10 +28,11 @@ use tracing::warn;
 
 use crate::core::class::VolumeClass;
 use crate::core::error::{Error, ErrorKind, Result};
+use crate::core::missed_extents::MissedExtents;
 use crate::core::store::StateStore;
 use crate::core::volume::{Phase, ReplicaRecord, ReplicaState, StagedOn, VolumeRecord};
 use crate::edge::kube::crd::{
-    ReplicaPlacement, ReplicaStatus, StagedOnStatus, TernaVolume, TernaVolumeSpec,
+    MissedStatus, ReplicaPlacement, ReplicaStatus, StagedOnStatus, TernaVolume, TernaVolumeSpec,
     TernaVolumeStatus, human_bytes,
 };
 
@@ -433,6 +434,11 @@ pub fn to_resource(record: &VolumeRecord) -> (TernaVolumeSpec, TernaVolumeStatus
                     reason: Some(reason.clone()),
                     since: Some(*since),
                     last_catch_up_bytes: r.last_catch_up_bytes,
+                    missed: r.missed.as_ref().map(|m| MissedStatus {
+                        extent_bytes: m.extent_bytes,
+                        through_epoch: m.through_epoch,
+                        extents: crate::core::missed_extents::ranges::encode(&m.extents),
+                    }),
                 },
             })
             .collect(),
@@ -519,6 +525,20 @@ pub fn from_resource(obj: &TernaVolume) -> Result<VolumeRecord> {
                 zone: p.zone.clone(),
                 state,
                 last_catch_up_bytes: s.and_then(|s| s.last_catch_up_bytes),
+                // Only a replica recorded faulted keeps a list, and one that
+                // does not parse is no list: everything is missed.
+                missed: s
+                    .filter(|s| s.state == "faulted" || s.state == "rebuilding")
+                    .and_then(|s| s.missed.as_ref())
+                    .and_then(|m| {
+                        Some(MissedExtents {
+                            extent_bytes: m.extent_bytes,
+                            through_epoch: m.through_epoch,
+                            extents: crate::core::missed_extents::ranges::decode(&m.extents)
+                                .ok()?,
+                        })
+                    })
+                    .filter(|m| m.extent_bytes.is_power_of_two()),
             }
         })
         .collect();
@@ -577,6 +597,7 @@ mod tests {
         r.claim = Some("ns/claim/uid".into());
         assert_eq!(round_trip(&r), r);
         r.fault_replica(1, "agent unreachable");
+        assert!(r.list_missed(1, &[0, 3, 4, 9]));
         r.claim_staging("n1", "/s");
         r.published = vec!["/p".into()];
         assert_eq!(round_trip(&r), r);
