@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 use crate::core::class::VolumeClass;
 use crate::core::missed_extents::MissedExtents;
 
+/// The most extents a faulted replica's list may hold (see `list_missed`).
+const MAX_LISTED: u64 = 4 * crate::core::missed_extents::MAX_EXTENTS;
+
 /// Volume sizes are whole mebibytes.
 pub const SIZE_UNIT: u64 = 1 << 20;
 /// What a request without a size gets.
@@ -85,6 +88,12 @@ pub struct StagedOn {
     /// NodeStage: a stage meanwhile is told to retry, not to unstage.
     #[serde(default, skip_serializing_if = "is_false")]
     pub repair: bool,
+    /// Made by a version whose engines list what faulted replicas miss
+    /// (`core::missed_extents`): only under such a claim may a list be
+    /// trusted, since an engine of an older version may have written under
+    /// it before this one restarted under the same claim.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub lists_missed: bool,
 }
 
 impl StagedOn {
@@ -284,6 +293,7 @@ impl VolumeRecord {
             staging_path: staging_path.to_string(),
             epoch: self.claims,
             repair: false,
+            lists_missed: true,
         });
     }
 
@@ -295,6 +305,7 @@ impl VolumeRecord {
             staging_path: String::new(),
             epoch: self.claims,
             repair: true,
+            lists_missed: true,
         });
     }
 
@@ -346,7 +357,11 @@ impl VolumeRecord {
             dead.node
         );
         for i in on_dead {
-            self.fault_replica(i, &reason);
+            // The dead holder's own writes in flight may have reached its
+            // replica and no other: copied in full, never trusted to match.
+            if self.fault_replica(i, &reason) {
+                self.replicas[i].missed = None;
+            }
         }
         self.published.clear();
         self.claim_staging(node, staging_path);
@@ -373,20 +388,36 @@ impl VolumeRecord {
         }
     }
 
-    /// Lists `extents` as missed by faulted replica `index`, if its record
-    /// keeps a list. Whether anything changed.
-    pub fn list_missed(&mut self, index: usize, extents: &[u64]) -> bool {
-        match self.replicas.get_mut(index) {
-            Some(r) if !r.is_healthy() => r.missed.as_mut().is_some_and(|m| m.list(extents)),
-            _ => false,
+    /// Lists `[offset, offset+len)` as missed by faulted replica `index`,
+    /// if its record keeps a list; a list grown past `MAX_LISTED` (the
+    /// volume expanded since the fault) is dropped: everything is missed.
+    /// Whether anything changed.
+    pub fn list_missed(&mut self, index: usize, offset: u64, len: u64) -> bool {
+        let Some(r) = self.replicas.get_mut(index).filter(|r| !r.is_healthy()) else {
+            return false;
+        };
+        let Some(m) = r.missed.as_mut() else {
+            return false;
+        };
+        let new = m.unlisted(offset, len);
+        if !m.list(&new) {
+            return false;
         }
+        if m.extents.len() as u64 > MAX_LISTED {
+            r.missed = None;
+        }
+        true
     }
 
-    /// Unlists `extents`, which faulted replica `index` has now copied.
-    /// Whether anything changed.
-    pub fn unlist_missed(&mut self, index: usize, extents: &[u64]) -> bool {
+    /// Unlists the extents of faulted replica `index` that `map` (its
+    /// engine's) has clean: copied whole, and not written since. Whether
+    /// anything changed.
+    pub fn unlist_copied(&mut self, index: usize, map: &crate::core::dirty::DirtyMap) -> bool {
         match self.replicas.get_mut(index) {
-            Some(r) if !r.is_healthy() => r.missed.as_mut().is_some_and(|m| m.unlist(extents)),
+            Some(r) if !r.is_healthy() => r.missed.as_mut().is_some_and(|m| {
+                let copied = m.copied(map);
+                m.unlist(&copied)
+            }),
             _ => false,
         }
     }
@@ -394,11 +425,13 @@ impl VolumeRecord {
     /// An engine under claim `epoch` takes over the faulted replicas' lists
     /// it can trust (every claim since each fault kept it) and drops the
     /// others (everything is then missed). Whether anything changed.
-    pub fn keep_missed_lists(&mut self, epoch: u64) -> bool {
+    pub fn keep_missed_lists(&mut self, claim: Option<&StagedOn>) -> bool {
+        let epoch = claim.map_or(0, |c| c.epoch);
+        let listing = claim.is_none_or(|c| c.lists_missed);
         let mut changed = false;
         for r in self.replicas.iter_mut().filter(|r| !r.is_healthy()) {
             match &mut r.missed {
-                Some(m) if !m.trusted_under(epoch) => {
+                Some(m) if !listing || !m.trusted_under(epoch) => {
                     r.missed = None;
                     changed = true;
                 }
@@ -482,23 +515,47 @@ pub(crate) mod tests {
         r.claim_staging("n1", "/s");
         assert!(r.fault_replica(1, "away"));
         assert!(!r.fault_replica(1, "again"), "the first fault is kept");
-        assert!(r.list_missed(1, &[2, 3]));
-        assert!(!r.list_missed(1, &[3]));
-        assert!(!r.list_missed(0, &[3]), "a healthy replica keeps no list");
+        let extent = crate::core::missed_extents::MIN_EXTENT;
+        assert!(r.list_missed(1, 2 * extent, extent + 1));
+        assert!(!r.list_missed(1, 3 * extent, 10));
+        assert!(!r.list_missed(0, 0, 10), "a healthy replica keeps no list");
         let listed = |r: &VolumeRecord| r.replicas[1].missed.clone().map(|m| m.extents);
         assert_eq!(listed(&r), Some([2, 3].into()));
-        assert!(!r.keep_missed_lists(1), "the same claim: nothing to change");
+        let claim = |r: &VolumeRecord| r.staged_on.clone();
+        assert!(
+            !r.keep_missed_lists(claim(&r).as_ref()),
+            "the same claim: nothing to change"
+        );
         r.claim_staging("n2", "/s");
-        assert!(r.keep_missed_lists(2));
+        assert!(r.keep_missed_lists(claim(&r).as_ref()));
         assert_eq!(r.replicas[1].missed.as_ref().unwrap().through_epoch, 2);
+        // A claim made by an older version (which does not say it lists):
+        // its engine may have written unlisted.
+        let mut old = r.clone();
+        old.staged_on.as_mut().unwrap().lists_missed = false;
+        assert!(old.keep_missed_lists(claim(&old).as_ref()));
+        assert_eq!(listed(&old), None);
         // Claim 3 goes by with no engine to keep the list.
         r.claim_staging("n3", "/s");
         r.claim_staging("n1", "/s");
-        assert!(r.keep_missed_lists(4));
+        assert!(r.keep_missed_lists(claim(&r).as_ref()));
         assert_eq!(listed(&r), None, "dropped: everything is missed");
-        assert!(!r.list_missed(1, &[7]), "nothing to list into");
+        assert!(!r.list_missed(1, 0, 10), "nothing to list into");
         assert!(r.heal_replica(1, 64 << 20));
         assert!(r.replicas[1].missed.is_none());
+        // A list past its bound (the volume grew a lot since the fault) is
+        // dropped rather than left to outgrow the record.
+        let mut grown = record(2);
+        grown.capacity_bytes = 64 << 20;
+        grown.fault_replica(1, "away");
+        grown.capacity_bytes = 1 << 50;
+        let step = 2 * extent;
+        for n in 0..MAX_LISTED {
+            assert!(grown.list_missed(1, n * step, 1));
+        }
+        assert!(grown.replicas[1].missed.is_some());
+        assert!(grown.list_missed(1, MAX_LISTED * step, 1));
+        assert!(grown.replicas[1].missed.is_none(), "everything is missed");
     }
 
     #[test]
@@ -517,6 +574,10 @@ pub(crate) mod tests {
         assert_eq!((claim.node.as_str(), claim.epoch), ("n2", 2));
         assert!(r.published.is_empty());
         assert!(!r.replicas[0].is_healthy());
+        assert!(
+            r.replicas[0].missed.is_none(),
+            "the dead holder's replica may hold its writes in flight: copied in full"
+        );
         assert!(r.replicas[1].is_healthy() && r.replicas[2].is_healthy());
         assert_eq!(r.generation, generation + 1);
         // A stale view of the dead claim takes nothing over.

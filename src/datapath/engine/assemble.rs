@@ -157,8 +157,7 @@ pub fn assemble(
     let claim = record.staged_on.clone().filter(|s| s.node == node_id);
     // This engine keeps the faulted replicas' lists of what they missed
     // from now on; one a claim before it did not keep is dropped first.
-    let epoch = claim.as_ref().map_or(0, |s| s.epoch);
-    let record = if record.clone().keep_missed_lists(epoch) {
+    let record = if record.clone().keep_missed_lists(claim.as_ref()) {
         store
             .update(volume_id, &mut |r| {
                 if claim.is_some() && r.staged_on != claim {
@@ -166,7 +165,7 @@ pub fn assemble(
                         "volume {volume_id} is no longer claimed by node {node_id}"
                     )));
                 }
-                Ok(r.keep_missed_lists(epoch))
+                Ok(r.keep_missed_lists(claim.as_ref()))
             })?
             .ok_or_else(|| Error::not_found(format!("volume {volume_id} does not exist")))?
     } else {

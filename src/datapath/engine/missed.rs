@@ -13,7 +13,6 @@ use super::Engine;
 use crate::core::dirty::DirtyMap;
 use crate::core::error::ErrorKind;
 use crate::core::missed_extents::MissedExtents;
-use crate::core::volume::VolumeRecord;
 
 impl Engine {
     pub(super) fn lock_dirty(&self) -> io::Result<MutexGuard<'_, BTreeMap<usize, DirtyMap>>> {
@@ -70,12 +69,15 @@ impl Engine {
     /// usual case, even while degraded) costs nothing.
     fn list_missed(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut listed = self.lock_listed()?;
-        let new: Vec<(usize, Vec<u64>)> = listed
+        // The record's own list decides what is listed: this copy only
+        // spares the store a write when nothing is new.
+        let new: Vec<usize> = listed
             .iter()
-            .filter_map(|(index, m)| {
-                let unlisted = m.as_ref()?.unlisted(offset, len);
-                (!unlisted.is_empty()).then_some((*index, unlisted))
+            .filter(|(_, m)| {
+                m.as_ref()
+                    .is_some_and(|m| !m.unlisted(offset, len).is_empty())
             })
+            .map(|(index, _)| *index)
             .collect();
         if new.is_empty() {
             return Ok(());
@@ -85,8 +87,8 @@ impl Engine {
             let written = self.store.update(&self.volume_id, &mut |r| {
                 self.still_claimed(r)?;
                 let mut changed = false;
-                for (index, extents) in &new {
-                    changed |= r.list_missed(*index, extents);
+                for &index in &new {
+                    changed |= r.list_missed(index, offset, len);
                 }
                 Ok(changed)
             });
@@ -98,25 +100,26 @@ impl Engine {
                         self.volume_id
                     )));
                 }
-                // The claim is another's: this engine must not write on.
-                Err(e) if e.kind == ErrorKind::FailedPrecondition => {
-                    return Err(io::Error::other(format!(
-                        "cannot record what faulted replicas missed: {}",
-                        e.report()
-                    )));
-                }
-                // The store is out (an API server restarting): the write
-                // waits, as it would at the lease gate, rather than fail
-                // the pod's filesystem.
-                Err(e) => {
+                // The store is out (an API server restarting) or busy: the
+                // write waits, as it would at the lease gate, rather than
+                // fail the pod's filesystem.
+                Err(e) if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Aborted) => {
                     warn!(volume_id = %self.volume_id, error = %e.report(), "cannot record what faulted replicas missed yet; the write waits");
                     std::thread::sleep(wait);
                     wait = (wait * 2).min(Duration::from_secs(2));
                     self.admit()?;
                 }
+                // Anything else (the claim is another's above all) fails
+                // the write: it must not be acknowledged.
+                Err(e) => {
+                    return Err(io::Error::other(format!(
+                        "cannot record what faulted replicas missed: {}",
+                        e.report()
+                    )));
+                }
             }
         };
-        for (index, _) in new {
+        for index in new {
             // What the record says now: a replica replaced meanwhile keeps
             // no list (it misses everything).
             listed.insert(
@@ -141,15 +144,14 @@ impl Engine {
         let Some(map) = dirty.get(&index) else {
             return Ok(());
         };
-        let copied = list.copied(map);
-        if copied.is_empty() {
+        if list.copied(map).is_empty() {
             return Ok(());
         }
         let record = self
             .store
             .update(&self.volume_id, &mut |r| {
                 self.still_claimed(r)?;
-                Ok(r.unlist_missed(index, &copied))
+                Ok(r.unlist_copied(index, map))
             })
             .map_err(|e| {
                 io::Error::other(format!("cannot record catch-up progress: {}", e.report()))
@@ -165,15 +167,12 @@ impl Engine {
         Ok(())
     }
 
-    /// Starts keeping replica `index`'s list as `record` has it.
+    /// Starts keeping replica `index`'s list as `missed` (its record's).
     pub(super) fn keep_listing(
         &self,
         index: usize,
-        record: Option<&VolumeRecord>,
+        missed: Option<MissedExtents>,
     ) -> io::Result<()> {
-        let missed = record
-            .and_then(|r| r.replicas.get(index))
-            .and_then(|r| r.missed.clone());
         self.lock_listed()?.insert(index, missed);
         Ok(())
     }

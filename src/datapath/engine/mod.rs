@@ -330,8 +330,13 @@ impl Engine {
             .collect::<Result<_, _>>()
             .map_err(|_| io::Error::other("stripe lock poisoned"))?;
         self.admit()?;
+        // Write-ahead for replicas already faulted: should this node die
+        // mid-write, the others may hold what the faulted ones lack, and
+        // whoever catches them up must know where.
+        self.mark_missed(offset, len)?;
         let result = self.fan_out(what, op);
-        // Marked even when the operation failed: some replicas may have it.
+        // Again for replicas that faulted during this write; marked even
+        // when the operation failed: some replicas may have it.
         self.mark_missed(offset, len)?;
         result
     }

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use super::{Engine, Slot};
 use crate::core::dirty::{DEFAULT_REGION, DirtyMap};
+use crate::core::missed_extents::MissedExtents;
 use crate::datapath::frontend::BlockDevice;
 
 impl Engine {
@@ -49,16 +50,12 @@ impl Engine {
             let mut map = DirtyMap::new(self.size(), DEFAULT_REGION);
             map.mark_all();
             let swapped = (|| -> io::Result<()> {
+                // The replacement's record lists everything (no write needs
+                // to list anything), and catch-up unlists what it copies.
+                self.keep_listing(index, Some(MissedExtents::everything(self.size(), 0)))?;
                 let mut dirty = self.lock_dirty()?;
                 self.persist_map(index, &map)?;
                 dirty.insert(index, map);
-                // The replacement's record lists everything, and catch-up
-                // unlists what it has copied.
-                let record = self
-                    .store
-                    .get(&self.volume_id)
-                    .map_err(|e| io::Error::other(e.report().to_string()))?;
-                self.keep_listing(index, record.as_ref())?;
                 let mut slots = self
                     .slots
                     .write()

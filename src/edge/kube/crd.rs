@@ -287,6 +287,9 @@ pub struct StagedOnStatus {
     /// Held by background repair rather than a NodeStage.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub repair: bool,
+    /// Made by a version whose engines list what faulted replicas miss.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lists_missed: bool,
 }
 
 /// The CRDs as YAML documents, in a stable order: what `terna crds` prints

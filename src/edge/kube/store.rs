@@ -447,6 +447,7 @@ pub fn to_resource(record: &VolumeRecord) -> (TernaVolumeSpec, TernaVolumeStatus
             staging_path: s.staging_path.clone(),
             epoch: s.epoch,
             repair: s.repair,
+            lists_missed: s.lists_missed,
         }),
         claims: record.claims,
         published: record.published.clone(),
@@ -557,6 +558,7 @@ pub fn from_resource(obj: &TernaVolume) -> Result<VolumeRecord> {
             staging_path: s.staging_path,
             epoch: s.epoch,
             repair: s.repair,
+            lists_missed: s.lists_missed,
         }),
         claims: status.claims,
         published: status.published,
@@ -597,7 +599,8 @@ mod tests {
         r.claim = Some("ns/claim/uid".into());
         assert_eq!(round_trip(&r), r);
         r.fault_replica(1, "agent unreachable");
-        assert!(r.list_missed(1, &[0, 3, 4, 9]));
+        assert!(r.list_missed(1, 0, 1));
+        assert!(r.list_missed(1, 3 << 23, 2 << 23));
         r.claim_staging("n1", "/s");
         r.published = vec!["/p".into()];
         assert_eq!(round_trip(&r), r);
