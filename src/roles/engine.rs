@@ -197,7 +197,11 @@ fn supervise(args: &Args, signals: SigSet) -> Result<()> {
         let pid = i32::try_from(child.id()).unwrap_or(0);
         worker_pid.store(pid, Ordering::SeqCst);
         if let Some(dir) = &run_dir {
-            let _ = std::fs::write(dir.worker_pid_file(), pid.to_string());
+            // Replaced whole: a reader never sees it empty or half written.
+            let _ = crate::datapath::host::files::atomic_write(
+                &dir.worker_pid_file(),
+                pid.to_string().as_bytes(),
+            );
         }
         if restarts == 0 {
             info!(volume_id, worker = pid, "engine ready");

@@ -575,8 +575,12 @@ impl NodeCore {
         if let Ok(mut children) = self.children.lock() {
             children.insert(volume_id.to_string(), child);
         }
-        std::fs::write(self.run_dir(volume_id).engine_pid_file(), pid.to_string())
-            .map_err(|e| Error::io("cannot write engine pid file", e))?;
+        // Replaced whole: a pid file read half written would look like a
+        // dead engine, and a live volume's session would be torn down.
+        crate::datapath::host::files::atomic_write(
+            &self.run_dir(volume_id).engine_pid_file(),
+            pid.to_string().as_bytes(),
+        )?;
         Ok(())
     }
 
