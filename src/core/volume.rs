@@ -388,6 +388,11 @@ impl VolumeRecord {
         }
     }
 
+    /// What replica `index`'s record lists as missed, if it keeps a list.
+    pub fn missed_of(&self, index: usize) -> Option<MissedExtents> {
+        self.replicas.get(index).and_then(|r| r.missed.clone())
+    }
+
     /// Lists `[offset, offset+len)` as missed by faulted replica `index`,
     /// if its record keeps a list; a list grown past `MAX_LISTED` (the
     /// volume expanded since the fault) is dropped: everything is missed.

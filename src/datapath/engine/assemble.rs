@@ -225,10 +225,7 @@ pub fn assemble(
                     io: reopening(&pools, volume_id, index, &replica.pool),
                     missed: Some(DirtyMap::new(record.capacity_bytes, DEFAULT_REGION)),
                     faulted_since: None,
-                    listed: faulted
-                        .as_ref()
-                        .and_then(|r| r.replicas.get(index))
-                        .and_then(|r| r.missed.clone()),
+                    listed: faulted.and_then(|r| r.missed_of(index)),
                 });
             }
         }
@@ -366,6 +363,13 @@ mod tests {
             .unwrap()
         }
 
+        /// Replica `i` is recorded faulted: its node is away.
+        fn away(&self, i: usize) {
+            self.update(|r| {
+                r.fault_replica(i, "its node is away");
+            });
+        }
+
         fn replica(&self, i: usize) -> Vec<u8> {
             std::fs::read(self.pool_dirs[i].join(replica_file_name(&self.id, i))).unwrap()
         }
@@ -378,22 +382,10 @@ mod tests {
     }
 
     fn write(engine: &Engine, offset: u64, byte: u8) {
-        let block = AlignedBlock::filled(byte);
+        let mut block = crate::datapath::replica::aligned::AlignedBuf::zeroed(4096);
+        block.as_mut_slice().fill(byte);
         engine.write_at(block.as_slice(), offset).unwrap();
         engine.flush().unwrap();
-    }
-
-    struct AlignedBlock(crate::datapath::replica::aligned::AlignedBuf);
-
-    impl AlignedBlock {
-        fn filled(byte: u8) -> AlignedBlock {
-            let mut b = crate::datapath::replica::aligned::AlignedBuf::zeroed(4096);
-            b.as_mut_slice().fill(byte);
-            AlignedBlock(b)
-        }
-        fn as_slice(&self) -> &[u8] {
-            self.0.as_slice()
-        }
     }
 
     /// Replica 2 is away (recorded faulted) while node 0 writes one block,
@@ -402,9 +394,7 @@ mod tests {
     #[test]
     fn a_takeover_catches_a_returning_replica_up_on_what_it_missed_only() {
         let c = cluster();
-        c.update(|r| {
-            r.fault_replica(2, "its node is away");
-        });
+        c.away(2);
         let a = c.stage_on(0);
         write(&a, 5 * MIB + 8192, 0xa5);
         drop(a);
@@ -570,9 +560,7 @@ mod tests {
     #[test]
     fn a_claim_that_kept_no_list_means_everything_is_copied() {
         let c = cluster();
-        c.update(|r| {
-            r.fault_replica(2, "its node is away");
-        });
+        c.away(2);
         let a = c.stage_on(0);
         write(&a, 5 * MIB, 1);
         drop(a);

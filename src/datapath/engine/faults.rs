@@ -56,13 +56,7 @@ impl Engine {
                     e.insert(map);
                 }
                 drop(dirty);
-                self.keep_listing(
-                    index,
-                    record
-                        .as_ref()
-                        .and_then(|r| r.replicas.get(index))
-                        .and_then(|r| r.missed.clone()),
-                )?;
+                self.keep_listing(index, record.and_then(|r| r.missed_of(index)))?;
                 if let Ok(mut since) = self.faulted_since.lock() {
                     since.entry(index).or_insert_with(Instant::now);
                 }

@@ -46,6 +46,10 @@ impl Engine {
     pub(super) fn mark_missed(&self, offset: u64, len: u64) -> io::Result<()> {
         {
             let mut dirty = self.lock_dirty()?;
+            // Every replica healthy (the usual case): nothing to list either.
+            if dirty.is_empty() {
+                return Ok(());
+            }
             for (index, map) in dirty.iter_mut() {
                 if map.mark(offset, len) {
                     self.persist_map(*index, map)?;
@@ -122,10 +126,7 @@ impl Engine {
         for index in new {
             // What the record says now: a replica replaced meanwhile keeps
             // no list (it misses everything).
-            listed.insert(
-                index,
-                record.replicas.get(index).and_then(|r| r.missed.clone()),
-            );
+            listed.insert(index, record.missed_of(index));
         }
         Ok(())
     }
@@ -157,13 +158,7 @@ impl Engine {
                 io::Error::other(format!("cannot record catch-up progress: {}", e.report()))
             })?;
         drop(dirty);
-        listed.insert(
-            index,
-            record
-                .as_ref()
-                .and_then(|r| r.replicas.get(index))
-                .and_then(|r| r.missed.clone()),
-        );
+        listed.insert(index, record.and_then(|r| r.missed_of(index)));
         Ok(())
     }
 
