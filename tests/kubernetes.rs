@@ -1041,15 +1041,16 @@ async fn a_node_that_dies_holding_a_volume_releases_it_when_its_lease_expires() 
     );
     common::write_synced(&target2.join("after.bin"), &data);
 
-    // n1 comes back: its replica is rebuilt in full from the others (it may
-    // hold writes n1's engine never had acknowledged), and the kubelet's
-    // unstage there leaves n2's claim alone.
+    // n1 comes back: its replica catches up on what n2 wrote and on where
+    // n1's engine had writes in flight (its write log): it may hold writes
+    // never acknowledged there. The kubelet's unstage there leaves n2's
+    // claim alone.
     cluster.nodes[0].restart();
     wait_replica_state(&client, &id, "n1", "healthy", Duration::from_secs(120)).await;
     let rebuilt = tv_replica_on(&client, &id, "n1").await;
-    assert!(
-        rebuilt.last_catch_up_bytes.unwrap_or(0) >= 64 << 20,
-        "a taken-over node's replica is rebuilt in full: {rebuilt:?}"
+    println!(
+        "n1's replica caught up on {:?} bytes of 64 MiB after the takeover",
+        rebuilt.last_catch_up_bytes
     );
     let mut n1 = common::csi_client::Csi::connect(&cluster.node_socket(1)).await;
     n1.unpublish(&id, &target1).await;
@@ -1076,6 +1077,19 @@ async fn a_node_that_dies_holding_a_volume_releases_it_when_its_lease_expires() 
     assert_eq!(claim.node, "n2");
     n2.unpublish(&id, &target2).await;
     n2.unstage(&id, &staging2).await;
+    // Compared file against file: every replica is the same.
+    let replicas: Vec<(String, Vec<u8>)> = replica_paths(&cluster, &id)
+        .into_iter()
+        .map(|(f, path)| (f, std::fs::read(path).unwrap()))
+        .collect();
+    assert_eq!(replicas.len(), 3);
+    for (f, bytes) in &replicas[1..] {
+        assert!(
+            *bytes == replicas[0].1,
+            "{f} differs from {}",
+            replicas[0].0
+        );
+    }
 }
 
 async fn terna_volume(client: &kube::Client, id: &str) -> terna::edge::kube::crd::TernaVolume {
@@ -1342,11 +1356,12 @@ async fn resize_state(
     )
 }
 
-/// Sizes of a volume's replica files on every node's pools.
-fn replica_sizes(cluster: &Cluster, id: &str) -> Vec<u64> {
+/// A volume's replica files on every node's pools, each with its name
+/// ("n<i>/<tier>/<file>").
+fn replica_paths(cluster: &Cluster, id: &str) -> Vec<(String, std::path::PathBuf)> {
     cluster
         .replica_files()
-        .iter()
+        .into_iter()
         .filter(|f| f.contains(id))
         .map(|f| {
             let mut parts = f.splitn(3, '/');
@@ -1356,10 +1371,17 @@ fn replica_sizes(cluster: &Cluster, id: &str) -> Vec<u64> {
                 parts.next().unwrap(),
             );
             let i: usize = node[1..].parse().unwrap();
-            std::fs::metadata(cluster.node_dir(i).join("pools").join(tier).join(file))
-                .unwrap()
-                .len()
+            let path = cluster.node_dir(i).join("pools").join(tier).join(file);
+            (f.clone(), path)
         })
+        .collect()
+}
+
+/// Sizes of a volume's replica files on every node's pools.
+fn replica_sizes(cluster: &Cluster, id: &str) -> Vec<u64> {
+    replica_paths(cluster, id)
+        .iter()
+        .map(|(_, path)| std::fs::metadata(path).unwrap().len())
         .collect()
 }
 
@@ -1904,15 +1926,8 @@ async fn a_frozen_holder_resumed_after_a_takeover_writes_no_replica() {
         .await
         .unwrap();
     n2.unstage(&id, &staging2).await;
-    for f in cluster.replica_files().iter().filter(|f| f.contains(&id)) {
-        let mut parts = f.splitn(3, '/');
-        let (node, tier, file) = (
-            parts.next().unwrap(),
-            parts.next().unwrap(),
-            parts.next().unwrap(),
-        );
-        let i: usize = node[1..].parse().unwrap();
-        let bytes = std::fs::read(cluster.node_dir(i).join("pools").join(tier).join(file)).unwrap();
+    for (f, path) in replica_paths(&cluster, &id) {
+        let bytes = std::fs::read(path).unwrap();
         assert_eq!(count_stale(&bytes), 0, "{f} holds the stale holder's bytes");
         assert!(
             bytes[..4 << 20] == second[..],

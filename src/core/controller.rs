@@ -443,6 +443,7 @@ impl ControllerCore {
                 .collect(),
             staged_on: None,
             claims: 0,
+            writing: None,
             published: vec![],
             claim: req.claim.clone(),
         };
@@ -628,7 +629,7 @@ impl ControllerCore {
                         replaced: true,
                     },
                     last_catch_up_bytes: None,
-                    missed: Some(crate::core::missed_extents::MissedExtents::everything(
+                    missed: Some(crate::core::extent_list::ExtentList::everything(
                         r.capacity_bytes,
                         r.claims,
                     )),

@@ -4,10 +4,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::core::class::VolumeClass;
-use crate::core::missed_extents::MissedExtents;
+use crate::core::extent_list::ExtentList;
 
 /// The most extents a faulted replica's list may hold (see `list_missed`).
-const MAX_LISTED: u64 = 4 * crate::core::missed_extents::MAX_EXTENTS;
+const MAX_LISTED: u64 = 4 * crate::core::extent_list::MAX_EXTENTS;
 
 /// Volume sizes are whole mebibytes.
 pub const SIZE_UNIT: u64 = 1 << 20;
@@ -66,7 +66,7 @@ pub struct ReplicaRecord {
     /// What a faulted replica has missed since its fault, for whichever
     /// node catches it up; `None`: not known, so everything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub missed: Option<MissedExtents>,
+    pub missed: Option<ExtentList>,
 }
 
 impl ReplicaRecord {
@@ -89,7 +89,7 @@ pub struct StagedOn {
     #[serde(default, skip_serializing_if = "is_false")]
     pub repair: bool,
     /// Made by a version whose engines list what faulted replicas miss
-    /// (`core::missed_extents`): only under such a claim may a list be
+    /// (`core::extent_list`): only under such a claim may a list be
     /// trusted, since an engine of an older version may have written under
     /// it before this one restarted under the same claim.
     #[serde(default, skip_serializing_if = "is_false")]
@@ -132,6 +132,12 @@ pub struct VolumeRecord {
     /// How many staging claims were ever made: the last claim's epoch.
     #[serde(default)]
     pub claims: u64,
+    /// The volume's write log: extents where its engine may have writes in
+    /// flight, so the next engine makes the healthy replicas agree there
+    /// before serving (`core::extent_list`). `None`: last written by a
+    /// version that kept none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writing: Option<ExtentList>,
     /// Target paths this volume is published at (for NodeUnpublish bookkeeping
     /// and LIST_VOLUMES_PUBLISHED_NODES).
     #[serde(default)]
@@ -356,11 +362,19 @@ impl VolumeRecord {
             "node {} held the volume when its lease expired; taken over by {node}",
             dead.node
         );
+        // The dead holder's own writes in flight may have reached its
+        // replicas and no other; its write log says where, when its engine
+        // kept one. Without it they are copied in full.
+        let in_flight = self
+            .writing
+            .clone()
+            .filter(|log| log.trusted_under(dead.epoch));
         for i in on_dead {
-            // The dead holder's own writes in flight may have reached its
-            // replica and no other: copied in full, never trusted to match.
             if self.fault_replica(i, &reason) {
-                self.replicas[i].missed = None;
+                self.replicas[i].missed = in_flight.clone().map(|log| ExtentList {
+                    through_epoch: self.claims,
+                    ..log
+                });
             }
         }
         self.published.clear();
@@ -371,7 +385,7 @@ impl VolumeRecord {
     /// the first recorded fault (the earliest missed generation) is kept.
     pub fn fault_replica(&mut self, index: usize, reason: &str) -> bool {
         let next = self.generation + 1;
-        let missed = MissedExtents::none_yet(self.capacity_bytes, self.claims);
+        let missed = ExtentList::none_yet(self.capacity_bytes, self.claims);
         match self.replicas.get_mut(index) {
             Some(r) if r.is_healthy() => {
                 r.state = ReplicaState::Faulted {
@@ -389,7 +403,7 @@ impl VolumeRecord {
     }
 
     /// What replica `index`'s record lists as missed, if it keeps a list.
-    pub fn missed_of(&self, index: usize) -> Option<MissedExtents> {
+    pub fn missed_of(&self, index: usize) -> Option<ExtentList> {
         self.replicas.get(index).and_then(|r| r.missed.clone())
     }
 
@@ -425,6 +439,48 @@ impl VolumeRecord {
             }),
             _ => false,
         }
+    }
+
+    /// An engine starting under `claim` takes the write log over: the
+    /// extents it must make agree before serving stay listed (until that
+    /// is done), and every extent is listed when a claim since the log was
+    /// last kept did not keep it. A volume of one replica keeps none.
+    /// Whether anything changed.
+    pub fn resume_write_log(&mut self, claim: Option<&StagedOn>) -> bool {
+        if self.replicas.len() < 2 {
+            // One replica cannot disagree with itself.
+            return self.writing.take().is_some();
+        }
+        let epoch = claim.map_or(0, |c| c.epoch);
+        let logging = claim.is_none_or(|c| c.lists_missed);
+        let resumed = match &self.writing {
+            Some(log) if logging && log.trusted_under(epoch) => ExtentList {
+                through_epoch: if epoch == 0 { log.through_epoch } else { epoch },
+                ..log.clone()
+            },
+            Some(_) => ExtentList::everything(self.capacity_bytes, epoch),
+            None => ExtentList::none_yet(self.capacity_bytes, epoch),
+        };
+        let changed = self.writing.as_ref() != Some(&resumed);
+        self.writing = Some(resumed);
+        changed
+    }
+
+    /// Lists `extents` in the write log; whether any was new. A volume
+    /// without one gets one (its engine keeps it from now on).
+    pub fn log_writes(&mut self, extents: &[u64]) -> bool {
+        let (capacity, epoch) = (
+            self.capacity_bytes,
+            self.staged_on.as_ref().map_or(0, |s| s.epoch),
+        );
+        self.writing
+            .get_or_insert_with(|| ExtentList::none_yet(capacity, epoch))
+            .list(extents)
+    }
+
+    /// Unlists `extents` from the write log: no write is in flight there.
+    pub fn unlog_writes(&mut self, extents: &[u64]) -> bool {
+        self.writing.as_mut().is_some_and(|log| log.unlist(extents))
     }
 
     /// An engine under claim `epoch` takes over the faulted replicas' lists
@@ -508,6 +564,7 @@ pub(crate) mod tests {
                 .collect(),
             staged_on: None,
             claims: 0,
+            writing: None,
             published: vec![],
             claim: None,
         }
@@ -520,7 +577,7 @@ pub(crate) mod tests {
         r.claim_staging("n1", "/s");
         assert!(r.fault_replica(1, "away"));
         assert!(!r.fault_replica(1, "again"), "the first fault is kept");
-        let extent = crate::core::missed_extents::MIN_EXTENT;
+        let extent = crate::core::extent_list::MIN_EXTENT;
         assert!(r.list_missed(1, 2 * extent, extent + 1));
         assert!(!r.list_missed(1, 3 * extent, 10));
         assert!(!r.list_missed(0, 0, 10), "a healthy replica keeps no list");
@@ -593,6 +650,72 @@ pub(crate) mod tests {
         r.staged_on = None;
         r.claim_staging("n3", "/s3");
         assert_eq!(r.staged_on.unwrap().epoch, 3);
+    }
+
+    #[test]
+    fn a_takeover_copies_only_the_dead_holders_logged_writes_to_its_replicas() {
+        let mut r = record(3);
+        r.capacity_bytes = 64 << 20;
+        for (i, n) in ["n1", "n2", "n3"].iter().enumerate() {
+            r.replicas[i].node = n.to_string();
+        }
+        r.claim_staging("n1", "/s1");
+        assert!(r.resume_write_log(r.staged_on.clone().as_ref()));
+        assert!(r.log_writes(&[2, 5]));
+        assert!(!r.log_writes(&[5]));
+        let dead = r.staged_on.clone().unwrap();
+        r.take_over(&dead, "n2", "/s2");
+        let missed = r.replicas[0]
+            .missed
+            .clone()
+            .expect("a list, not everything");
+        assert_eq!(missed.extents, [2, 5].into());
+        assert!(missed.trusted_under(2), "the taker keeps it");
+        // Its log resumes under the new claim, the extents still listed:
+        // the taker makes the others agree there before it serves.
+        let claim = r.staged_on.clone();
+        assert!(r.resume_write_log(claim.as_ref()));
+        let log = r.writing.clone().unwrap();
+        assert_eq!((log.extents, log.through_epoch), ([2, 5].into(), 2));
+        assert!(r.unlog_writes(&[2, 5]));
+        assert!(!r.unlog_writes(&[2]));
+        assert!(
+            !r.resume_write_log(claim.as_ref()),
+            "a restart changes nothing"
+        );
+    }
+
+    #[test]
+    fn a_write_log_not_kept_by_every_claim_since_lists_everything() {
+        let mut r = record(2);
+        r.capacity_bytes = 64 << 20;
+        r.claim_staging("n1", "/s");
+        r.resume_write_log(r.staged_on.clone().as_ref());
+        r.log_writes(&[1]);
+        // Claim 2 goes by with no engine to keep it.
+        r.claim_staging("n2", "/s");
+        r.claim_staging("n1", "/s");
+        r.resume_write_log(r.staged_on.clone().as_ref());
+        let log = r.writing.clone().unwrap();
+        assert_eq!(log.extents.len(), 8, "64 MiB in 8 MiB extents, all listed");
+        // A dead holder whose log is that old: its replicas are copied whole.
+        let mut stale = r.clone();
+        stale.writing.as_mut().unwrap().through_epoch = 1;
+        let dead = stale.staged_on.clone().unwrap();
+        stale.take_over(&dead, "n2", "/s");
+        assert!(stale.replicas.iter().all(|x| x.missed.is_none()));
+        // A claim by an older version: its engine kept no log.
+        let mut old = record(2);
+        old.claim_staging("n1", "/s");
+        old.writing = Some(ExtentList::none_yet(SIZE_UNIT, 1));
+        old.staged_on.as_mut().unwrap().lists_missed = false;
+        old.resume_write_log(old.staged_on.clone().as_ref());
+        assert_eq!(old.writing.unwrap().extents.len(), 1);
+        // A record from before write logs: nothing is known to be listed.
+        let mut legacy = record(2);
+        legacy.claim_staging("n1", "/s");
+        assert!(legacy.resume_write_log(legacy.staged_on.clone().as_ref()));
+        assert!(legacy.writing.unwrap().extents.is_empty());
     }
 
     #[test]

@@ -367,6 +367,11 @@ fn serve(args: &Args, fd: RawFd, signals: SigSet) -> Result<()> {
     engine
         .fence_replicas()
         .map_err(|e| Error::io("cannot fence the volume's replicas", e))?;
+    // After the fence, so no stale engine's write lands on what is made
+    // to agree; before serving, so no read sees either version.
+    engine
+        .resync_in_flight()
+        .map_err(|e| Error::io("cannot resynchronise where writes were in flight", e))?;
     let export = FuseExport::serve(
         &args.mountpoint,
         session,
@@ -515,8 +520,10 @@ fn serve(args: &Args, fd: RawFd, signals: SigSet) -> Result<()> {
     export.wait();
     stop.store(true, Ordering::SeqCst);
     let _ = checker.join();
-    if let Err(e) = engine.flush() {
-        warn!(volume_id, error = %e, "final flush failed");
+    match engine.flush() {
+        // Nothing is in flight now: the next engine need compare nothing.
+        Ok(()) => engine.sweep_write_log(Duration::ZERO),
+        Err(e) => warn!(volume_id, error = %e, "final flush failed"),
     }
     info!(volume_id, "engine stopped");
     Ok(())

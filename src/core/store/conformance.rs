@@ -40,6 +40,7 @@ pub fn record(prefix: &str, name: &str) -> VolumeRecord {
             .collect(),
         staged_on: None,
         claims: 0,
+        writing: None,
         published: vec![],
         claim: None,
     }

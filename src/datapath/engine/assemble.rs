@@ -11,7 +11,7 @@ use crate::core::config::Config;
 use crate::core::controller::ControllerCore;
 use crate::core::dirty::{DEFAULT_REGION, DirtyMap};
 use crate::core::error::{Error, ErrorKind, Result};
-use crate::core::missed_extents::MissedExtents;
+use crate::core::extent_list::ExtentList;
 use crate::core::pool::Pools;
 use crate::core::pool::ReplicaIo;
 use crate::core::store::StateStore;
@@ -123,7 +123,7 @@ impl Backing {
 /// from an earlier stay of the volume here) and what the record lists
 /// (every holder since the fault); everything when the record keeps no
 /// list.
-fn missed_by(local: Option<DirtyMap>, listed: Option<&MissedExtents>, size: u64) -> DirtyMap {
+fn missed_by(local: Option<DirtyMap>, listed: Option<&ExtentList>, size: u64) -> DirtyMap {
     let mut map = match local {
         Some(m) if m.region_size() == DEFAULT_REGION => m,
         _ => DirtyMap::new(size, DEFAULT_REGION),
@@ -156,8 +156,13 @@ pub fn assemble(
     // another node takes it over, this engine's writes are fenced out.
     let claim = record.staged_on.clone().filter(|s| s.node == node_id);
     // This engine keeps the faulted replicas' lists of what they missed
-    // from now on; one a claim before it did not keep is dropped first.
-    let record = if record.clone().keep_missed_lists(claim.as_ref()) {
+    // from now on (one a claim before it did not keep is dropped first),
+    // and the write log.
+    let resume = |r: &mut crate::core::volume::VolumeRecord| {
+        let lists = r.keep_missed_lists(claim.as_ref());
+        r.resume_write_log(claim.as_ref()) | lists
+    };
+    let record = if resume(&mut record.clone()) {
         store
             .update(volume_id, &mut |r| {
                 if claim.is_some() && r.staged_on != claim {
@@ -165,7 +170,7 @@ pub fn assemble(
                         "volume {volume_id} is no longer claimed by node {node_id}"
                     )));
                 }
-                Ok(r.keep_missed_lists(claim.as_ref()))
+                Ok(resume(r))
             })?
             .ok_or_else(|| Error::not_found(format!("volume {volume_id} does not exist")))?
     } else {
@@ -273,6 +278,7 @@ pub fn assemble(
             },
             claim,
             gate,
+            write_log: record.writing.clone(),
         },
     )
     .map_err(|e| Error::io("cannot start replica I/O threads", e))?;
@@ -399,7 +405,7 @@ mod tests {
         write(&a, 5 * MIB + 8192, 0xa5);
         drop(a);
         let b = c.stage_on(1);
-        let extent = crate::core::missed_extents::MIN_EXTENT;
+        let extent = crate::core::extent_list::MIN_EXTENT;
         assert_eq!(b.catch_up(), extent, "one extent, not the whole volume");
         assert_eq!(c.caught_up_bytes(2), Some(extent));
         assert!(c.replica(2) == c.replica(0), "replica 2 equals replica 0");
@@ -428,8 +434,105 @@ mod tests {
         drop(b);
         let a = c.stage_on(0);
         // Node 0's extent (0..8 MiB) and node 1's (8..16 MiB).
-        assert_eq!(a.catch_up(), 2 * crate::core::missed_extents::MIN_EXTENT);
+        assert_eq!(a.catch_up(), 2 * crate::core::extent_list::MIN_EXTENT);
         assert!(c.replica(2) == c.replica(0), "replica 2 equals replica 0");
+    }
+
+    fn logged(c: &Cluster) -> Vec<u64> {
+        let r = c.backing.store.get(&c.id).unwrap().unwrap();
+        r.writing
+            .map(|l| l.extents.into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// Writes at `offset` straight into replica `i`'s file: one that
+    /// reached that replica alone before its engine died.
+    fn land_on(c: &Cluster, i: usize, offset: u64, byte: u8) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.pool_dirs[i].join(replica_file_name(&c.id, i)))
+            .unwrap();
+        f.write_all_at(&[byte; 4096], offset).unwrap();
+    }
+
+    /// An engine killed with writes in flight: some reached one replica
+    /// only. The next engine compares just the extents its log lists,
+    /// and makes every replica agree there before it serves.
+    #[test]
+    fn the_next_engine_makes_replicas_agree_where_writes_were_in_flight() {
+        let c = cluster();
+        let a = c.stage_on(0);
+        write(&a, 5 * MIB, 1);
+        write(&a, 40 * MIB, 2);
+        assert_eq!(logged(&c), vec![0, 5], "listed before they went out");
+        drop(a);
+        land_on(&c, 1, 5 * MIB + 4096, 0xee);
+        land_on(&c, 2, 41 * MIB, 0xdd);
+        // Somewhere no write was in flight: the log rightly leaves it be.
+        land_on(&c, 1, 100 * MIB, 0xcc);
+        let b = c.stage_on(0);
+        let done = b.resync_in_flight().unwrap();
+        let extent = crate::core::extent_list::MIN_EXTENT;
+        assert_eq!(done.compared, 2 * extent);
+        assert_eq!(done.rewritten, 2 * MIB, "one chunk on each of two replicas");
+        let (r0, r1, r2) = (c.replica(0), c.replica(1), c.replica(2));
+        let upto = (100 * MIB) as usize;
+        assert!(r0[..upto] == r1[..upto] && r0 == r2, "they agree");
+        assert!(
+            r0[upto..] != r1[upto..],
+            "an unlisted extent is not compared"
+        );
+        assert!(logged(&c).is_empty(), "nothing left to compare");
+        // Idle extents leave the log; a busy one stays.
+        write(&b, 70 * MIB, 3);
+        assert_eq!(logged(&c), vec![8]);
+        b.sweep_write_log(Duration::from_secs(3600));
+        assert_eq!(logged(&c), vec![8]);
+        b.sweep_write_log(Duration::ZERO);
+        assert!(logged(&c).is_empty());
+    }
+
+    /// The node holding the volume dies mid-write; another takes it over.
+    /// The dead node's replica is caught up on its log's extents only
+    /// (not copied whole), and what reached it alone is overwritten.
+    #[test]
+    fn a_takeover_catches_the_dead_holders_replica_up_on_its_write_log() {
+        let c = cluster();
+        let on = |node: &str, data: usize| {
+            assemble(
+                &c.data[data],
+                node,
+                &c.id,
+                2,
+                &Config::default_node(),
+                &c.backing,
+                None,
+            )
+            .unwrap()
+        };
+        c.update(|r| {
+            for (i, replica) in r.replicas.iter_mut().enumerate() {
+                replica.node = format!("n{i}");
+            }
+            r.claim_staging("n0", "/staging");
+        });
+        let a = on("n0", 0);
+        write(&a, 5 * MIB, 1);
+        write(&a, 90 * MIB, 2);
+        drop(a);
+        land_on(&c, 0, 90 * MIB + 8192, 0xee);
+        land_on(&c, 1, 5 * MIB, 0xdd);
+        c.update(|r| {
+            let dead = r.staged_on.clone().unwrap();
+            r.take_over(&dead, "n1", "/staging");
+        });
+        let b = on("n1", 1);
+        let done = b.resync_in_flight().unwrap();
+        assert_eq!(done.rewritten, MIB, "replica 1 or 2 differed in one chunk");
+        let extent = crate::core::extent_list::MIN_EXTENT;
+        assert_eq!(b.catch_up(), 2 * extent, "not the whole volume");
+        assert!(c.replica(0) == c.replica(1) && c.replica(1) == c.replica(2));
     }
 
     /// Wraps a real pool: its replicas' writes fail once `left` runs out

@@ -6,7 +6,8 @@ use super::Engine;
 
 impl Engine {
     /// Faults replicas that are gone, replaces those lost past their grace
-    /// period, and lets reachable ones catch up. `none_healthy` runs as
+    /// period, lets reachable ones catch up, and unlists idle extents from
+    /// the write log. `none_healthy` runs as
     /// soon as the check leaves no healthy replica, before the slower
     /// replacing and copying. Returns whether more replicas are healthy
     /// than before the round.
@@ -18,6 +19,7 @@ impl Engine {
         }
         self.replace_lost();
         self.catch_up();
+        self.sweep_write_log(super::in_flight::IDLE);
         self.healthy_count() > before
     }
 }

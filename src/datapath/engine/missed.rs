@@ -12,7 +12,8 @@ use tracing::warn;
 use super::Engine;
 use crate::core::dirty::DirtyMap;
 use crate::core::error::ErrorKind;
-use crate::core::missed_extents::MissedExtents;
+use crate::core::extent_list::ExtentList;
+use crate::core::volume::VolumeRecord;
 
 impl Engine {
     pub(super) fn lock_dirty(&self) -> io::Result<MutexGuard<'_, BTreeMap<usize, DirtyMap>>> {
@@ -61,7 +62,7 @@ impl Engine {
 
     pub(super) fn lock_listed(
         &self,
-    ) -> io::Result<MutexGuard<'_, BTreeMap<usize, Option<MissedExtents>>>> {
+    ) -> io::Result<MutexGuard<'_, BTreeMap<usize, Option<ExtentList>>>> {
         self.listed
             .lock()
             .map_err(|_| io::Error::other("missed-extents lock poisoned"))
@@ -86,49 +87,56 @@ impl Engine {
         if new.is_empty() {
             return Ok(());
         }
-        let mut wait = Duration::from_millis(50);
-        let record = loop {
-            let written = self.store.update(&self.volume_id, &mut |r| {
-                self.still_claimed(r)?;
-                let mut changed = false;
-                for &index in &new {
-                    changed |= r.list_missed(index, offset, len);
-                }
-                Ok(changed)
-            });
-            match written {
-                Ok(Some(record)) => break record,
-                Ok(None) => {
-                    return Err(io::Error::other(format!(
-                        "volume {} is gone",
-                        self.volume_id
-                    )));
-                }
-                // The store is out (an API server restarting) or busy: the
-                // write waits, as it would at the lease gate, rather than
-                // fail the pod's filesystem.
-                Err(e) if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Aborted) => {
-                    warn!(volume_id = %self.volume_id, error = %e.report(), "cannot record what faulted replicas missed yet; the write waits");
-                    std::thread::sleep(wait);
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                    self.admit()?;
-                }
-                // Anything else (the claim is another's above all) fails
-                // the write: it must not be acknowledged.
-                Err(e) => {
-                    return Err(io::Error::other(format!(
-                        "cannot record what faulted replicas missed: {}",
-                        e.report()
-                    )));
-                }
+        let record = self.record_before_write("record what faulted replicas missed", &mut |r| {
+            let mut changed = false;
+            for &index in &new {
+                changed |= r.list_missed(index, offset, len);
             }
-        };
+            Ok(changed)
+        })?;
         for index in new {
             // What the record says now: a replica replaced meanwhile keeps
             // no list (it misses everything).
             listed.insert(index, record.missed_of(index));
         }
         Ok(())
+    }
+
+    /// Applies `change` to the record before a write goes out, under this
+    /// engine's claim. The store out (an API server restarting) or busy
+    /// makes the write wait, as it would at the lease gate, rather than
+    /// fail the pod's filesystem; anything else (the claim is another's
+    /// above all) fails it: it must not be acknowledged.
+    pub(super) fn record_before_write(
+        &self,
+        what: &str,
+        change: &mut dyn FnMut(&mut VolumeRecord) -> crate::core::error::Result<bool>,
+    ) -> io::Result<VolumeRecord> {
+        let mut wait = Duration::from_millis(50);
+        loop {
+            let written = self.store.update(&self.volume_id, &mut |r| {
+                self.still_claimed(r)?;
+                change(r)
+            });
+            match written {
+                Ok(Some(record)) => return Ok(record),
+                Ok(None) => {
+                    return Err(io::Error::other(format!(
+                        "volume {} is gone",
+                        self.volume_id
+                    )));
+                }
+                Err(e) if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Aborted) => {
+                    warn!(volume_id = %self.volume_id, error = %e.report(), "cannot {what} yet; the write waits");
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                    self.admit()?;
+                }
+                Err(e) => {
+                    return Err(io::Error::other(format!("cannot {what}: {}", e.report())));
+                }
+            }
+        }
     }
 
     /// Unlists from replica `index`'s record the extents catch-up has
@@ -163,11 +171,7 @@ impl Engine {
     }
 
     /// Starts keeping replica `index`'s list as `missed` (its record's).
-    pub(super) fn keep_listing(
-        &self,
-        index: usize,
-        missed: Option<MissedExtents>,
-    ) -> io::Result<()> {
+    pub(super) fn keep_listing(&self, index: usize, missed: Option<ExtentList>) -> io::Result<()> {
         self.lock_listed()?.insert(index, missed);
         Ok(())
     }

@@ -29,6 +29,8 @@ mod catch_up;
 mod faults;
 pub mod gate;
 #[forbid(unsafe_code)]
+pub mod in_flight;
+#[forbid(unsafe_code)]
 mod maintain;
 #[forbid(unsafe_code)]
 mod missed;
@@ -39,7 +41,7 @@ mod replace;
 #[forbid(unsafe_code)]
 pub mod workers;
 
-use crate::core::missed_extents::MissedExtents;
+use crate::core::extent_list::ExtentList;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
@@ -87,8 +89,8 @@ pub struct Engine {
     dirty: Mutex<BTreeMap<usize, DirtyMap>>,
     /// What the record lists each faulted replica as having missed (`None`:
     /// the record keeps no list for it), so only new extents cost a store
-    /// write (`core::missed_extents`).
-    listed: Mutex<BTreeMap<usize, Option<MissedExtents>>>,
+    /// write (`core::extent_list`).
+    listed: Mutex<BTreeMap<usize, Option<ExtentList>>>,
     /// Where dirty maps are persisted; `None` keeps them in memory only
     /// (tests).
     dirty_files: Option<VolumeDirtyMaps>,
@@ -104,6 +106,8 @@ pub struct Engine {
     /// Where the next read check of a passthrough replica goes on
     /// (`check_replicas`).
     read_check_at: AtomicU64,
+    /// Writes in flight, and the write log (`in_flight`).
+    in_flight: in_flight::InFlight,
 }
 
 /// Finds a new home for lost replica `index`: creates it (empty) on some
@@ -127,6 +131,9 @@ pub struct EngineOptions {
     /// Writes wait at it while the node's lease is unconfirmed (see
     /// `gate`); `None`: one node only, nobody can take the volume over.
     pub gate: Option<Arc<gate::WriteGate>>,
+    /// The volume's write log as this engine resumes it (its record's);
+    /// `None`: none is kept (tests).
+    pub write_log: Option<ExtentList>,
 }
 
 pub struct RebuildPolicy {
@@ -157,7 +164,7 @@ pub struct EngineReplica {
     pub faulted_since: Option<Instant>,
     /// For a faulted replica: what its record lists as missed, if it keeps
     /// a list (`ReplicaRecord::missed`).
-    pub listed: Option<MissedExtents>,
+    pub listed: Option<ExtentList>,
 }
 
 impl Engine {
@@ -175,6 +182,7 @@ impl Engine {
             rebuild,
             claim,
             gate,
+            write_log,
         } = opts;
         let mut dirty = BTreeMap::new();
         let mut listed = BTreeMap::new();
@@ -215,6 +223,7 @@ impl Engine {
             claim,
             gate,
             read_check_at: AtomicU64::new(0),
+            in_flight: in_flight::InFlight::new(write_log),
         })
     }
 
@@ -330,6 +339,7 @@ impl Engine {
             .collect::<Result<_, _>>()
             .map_err(|_| io::Error::other("stripe lock poisoned"))?;
         self.admit()?;
+        let _writing = self.begin_write(offset, len)?;
         // Write-ahead for replicas already faulted: should this node die
         // mid-write, the others may hold what the faulted ones lack, and
         // whoever catches them up must know where.

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use super::{Engine, Slot};
 use crate::core::dirty::{DEFAULT_REGION, DirtyMap};
-use crate::core::missed_extents::MissedExtents;
+use crate::core::extent_list::ExtentList;
 use crate::datapath::frontend::BlockDevice;
 
 impl Engine {
@@ -52,7 +52,7 @@ impl Engine {
             let swapped = (|| -> io::Result<()> {
                 // The replacement's record lists everything (no write needs
                 // to list anything), and catch-up unlists what it copies.
-                self.keep_listing(index, Some(MissedExtents::everything(self.size(), 0)))?;
+                self.keep_listing(index, Some(ExtentList::everything(self.size(), 0)))?;
                 let mut dirty = self.lock_dirty()?;
                 self.persist_map(index, &map)?;
                 dirty.insert(index, map);

@@ -239,6 +239,10 @@ pub struct TernaVolumeStatus {
     /// Staging claims ever made; each claim's epoch is the count at the time.
     #[serde(default)]
     pub claims: u64,
+    /// The write log: extents where the engine may have writes in flight,
+    /// made to agree on every healthy replica before the next engine serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writing: Option<ExtentListStatus>,
     #[serde(default)]
     pub published: Vec<String>,
 }
@@ -262,12 +266,12 @@ pub struct ReplicaStatus {
     /// What a faulted replica missed, so any node catches it up on only
     /// that: absent when not known (then everything).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub missed: Option<MissedStatus>,
+    pub missed: Option<ExtentListStatus>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct MissedStatus {
+pub struct ExtentListStatus {
     /// The size of each extent listed.
     pub extent_bytes: u64,
     /// The last claim epoch whose engine listed every extent it wrote.

@@ -28,12 +28,12 @@ use tracing::warn;
 
 use crate::core::class::VolumeClass;
 use crate::core::error::{Error, ErrorKind, Result};
-use crate::core::missed_extents::MissedExtents;
+use crate::core::extent_list::ExtentList;
 use crate::core::store::StateStore;
 use crate::core::volume::{Phase, ReplicaRecord, ReplicaState, StagedOn, VolumeRecord};
 use crate::edge::kube::crd::{
-    MissedStatus, ReplicaPlacement, ReplicaStatus, StagedOnStatus, TernaVolume, TernaVolumeSpec,
-    TernaVolumeStatus, human_bytes,
+    ExtentListStatus, ReplicaPlacement, ReplicaStatus, StagedOnStatus, TernaVolume,
+    TernaVolumeSpec, TernaVolumeStatus, human_bytes,
 };
 
 /// Conflicting writers retry this many times before giving up.
@@ -434,11 +434,7 @@ pub fn to_resource(record: &VolumeRecord) -> (TernaVolumeSpec, TernaVolumeStatus
                     reason: Some(reason.clone()),
                     since: Some(*since),
                     last_catch_up_bytes: r.last_catch_up_bytes,
-                    missed: r.missed.as_ref().map(|m| MissedStatus {
-                        extent_bytes: m.extent_bytes,
-                        through_epoch: m.through_epoch,
-                        extents: crate::core::missed_extents::ranges::encode(&m.extents),
-                    }),
+                    missed: r.missed.as_ref().map(extent_list_status),
                 },
             })
             .collect(),
@@ -450,9 +446,28 @@ pub fn to_resource(record: &VolumeRecord) -> (TernaVolumeSpec, TernaVolumeStatus
             lists_missed: s.lists_missed,
         }),
         claims: record.claims,
+        writing: record.writing.as_ref().map(extent_list_status),
         published: record.published.clone(),
     };
     (spec, status)
+}
+
+fn extent_list_status(list: &ExtentList) -> ExtentListStatus {
+    ExtentListStatus {
+        extent_bytes: list.extent_bytes,
+        through_epoch: list.through_epoch,
+        extents: crate::core::extent_list::ranges::encode(&list.extents),
+    }
+}
+
+/// `None` when the status does not parse.
+fn extent_list(status: &ExtentListStatus) -> Option<ExtentList> {
+    Some(ExtentList {
+        extent_bytes: status.extent_bytes,
+        through_epoch: status.through_epoch,
+        extents: crate::core::extent_list::ranges::decode(&status.extents).ok()?,
+    })
+    .filter(|m| m.extent_bytes.is_power_of_two())
 }
 
 /// The record a TernaVolume stands for. An object without status was
@@ -531,15 +546,7 @@ pub fn from_resource(obj: &TernaVolume) -> Result<VolumeRecord> {
                 missed: s
                     .filter(|s| s.state == "faulted" || s.state == "rebuilding")
                     .and_then(|s| s.missed.as_ref())
-                    .and_then(|m| {
-                        Some(MissedExtents {
-                            extent_bytes: m.extent_bytes,
-                            through_epoch: m.through_epoch,
-                            extents: crate::core::missed_extents::ranges::decode(&m.extents)
-                                .ok()?,
-                        })
-                    })
-                    .filter(|m| m.extent_bytes.is_power_of_two()),
+                    .and_then(extent_list),
             }
         })
         .collect();
@@ -561,6 +568,11 @@ pub fn from_resource(obj: &TernaVolume) -> Result<VolumeRecord> {
             lists_missed: s.lists_missed,
         }),
         claims: status.claims,
+        // One that does not parse is the log of everything.
+        writing: status.writing.as_ref().map(|w| {
+            extent_list(w)
+                .unwrap_or_else(|| ExtentList::everything(obj.spec.capacity_bytes, w.through_epoch))
+        }),
         published: status.published,
         claim: obj.spec.claim.clone(),
     })
@@ -603,6 +615,10 @@ mod tests {
         assert!(r.list_missed(1, 3 << 23, 2 << 23));
         r.claim_staging("n1", "/s");
         r.published = vec!["/p".into()];
+        assert_eq!(round_trip(&r), r);
+        assert!(r.resume_write_log(r.staged_on.clone().as_ref()));
+        assert_eq!(round_trip(&r), r);
+        assert!(r.log_writes(&[0, 1, 2, 7]));
         assert_eq!(round_trip(&r), r);
         r.heal_replica(1, 4096);
         assert_eq!(round_trip(&r), r);

@@ -1,20 +1,27 @@
-//! What a faulted replica has missed, as the volume's record keeps it, so
-//! that whichever node holds the volume next copies only that when the
-//! replica returns. Pure.
+//! Coarse extents of a volume, as its record keeps them, written to the
+//! store before the first write in each is sent: so whichever node holds
+//! the volume next knows where replicas may differ without reading any
+//! node's local state. Two lists use it. Pure.
 //!
-//! The engine's own dirty map (`core::dirty`, in its node's data dir) is
-//! fine-grained and persisted before each write is acknowledged; but a node
-//! that takes the volume over cannot read it. So each faulted replica's
-//! record also lists coarse extents (at most `MAX_EXTENTS` for the volume,
-//! never smaller than `MIN_EXTENT`), each written to the store before
-//! the first write in it is acknowledged: one store write per extent per
-//! fault, however much is written there.
+//! - **What a faulted replica missed.** The engine's own dirty map
+//!   (`core::dirty`, in its node's data dir) is fine-grained and persisted
+//!   before each write is acknowledged; but a node that takes the volume
+//!   over cannot read it. So each faulted replica's record also lists
+//!   coarse extents, and whichever node catches it up copies only those.
+//! - **Where writes are in flight** (the volume's write log): a holder
+//!   killed mid-write may leave its healthy replicas different there, so
+//!   the next engine makes them agree before it serves a read. Extents
+//!   leave the log once idle, so it names the last seconds' writing.
 //!
-//! The list is only as good as every holder's care: a holder of an older
+//! Either list holds at most `MAX_EXTENTS` for the volume, never smaller
+//! than `MIN_EXTENT`: one store write per extent, however much is written
+//! there.
+//!
+//! A list is only as good as every holder's care: a holder of an older
 //! version writes without listing. So the list names the last claim epoch
 //! whose engine kept it (`through_epoch`); an engine under claim `e` trusts
 //! it only when that is `e - 1` (no claim in between went unrecorded), and
-//! otherwise catches up on everything.
+//! otherwise assumes every extent.
 
 use std::collections::BTreeSet;
 
@@ -28,9 +35,12 @@ pub const MAX_EXTENTS: u64 = 1024;
 /// The smallest extent: a degraded volume's sequential writes pay one store
 /// write (an API server round trip) per extent, so not one per region.
 pub const MIN_EXTENT: u64 = 8 * DEFAULT_REGION;
+/// How many extents past a forward-moving write the write log lists with
+/// it (`to_list`).
+pub const LOOKAHEAD: u64 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MissedExtents {
+pub struct ExtentList {
     /// A power of two, at least a dirty-map region.
     pub extent_bytes: u64,
     /// The last claim epoch whose engine listed every extent it wrote.
@@ -40,12 +50,12 @@ pub struct MissedExtents {
     pub extents: BTreeSet<u64>,
 }
 
-impl MissedExtents {
+impl ExtentList {
     /// Nothing missed yet, for a replica of a `capacity`-byte volume
     /// faulted under claim `epoch`.
-    pub fn none_yet(capacity: u64, epoch: u64) -> MissedExtents {
+    pub fn none_yet(capacity: u64, epoch: u64) -> ExtentList {
         let wanted = capacity.div_ceil(MAX_EXTENTS).max(MIN_EXTENT);
-        MissedExtents {
+        ExtentList {
             extent_bytes: wanted.next_power_of_two(),
             through_epoch: epoch,
             extents: BTreeSet::new(),
@@ -53,8 +63,8 @@ impl MissedExtents {
     }
 
     /// Everything missed: a replacement, empty, for a `capacity`-byte volume.
-    pub fn everything(capacity: u64, epoch: u64) -> MissedExtents {
-        let mut m = MissedExtents::none_yet(capacity, epoch);
+    pub fn everything(capacity: u64, epoch: u64) -> ExtentList {
+        let mut m = ExtentList::none_yet(capacity, epoch);
         m.extents = (0..capacity.div_ceil(m.extent_bytes)).collect();
         m
     }
@@ -101,6 +111,46 @@ impl MissedExtents {
         let before = self.extents.len();
         self.extents.extend(extents.iter().copied());
         self.extents.len() != before
+    }
+
+    /// The extents a write of `[offset, offset+len)` must list first, in a
+    /// volume of `capacity` bytes: those it touches that are not listed,
+    /// and when the extent before them is listed (a stream moving
+    /// forward), the next `LOOKAHEAD` too, so sequential writing pays a
+    /// store write per few extents rather than per extent.
+    pub fn to_list(&self, offset: u64, len: u64, capacity: u64) -> Vec<u64> {
+        let mut new = self.unlisted(offset, len);
+        let (Some(&first), Some(&last)) = (new.first(), new.last()) else {
+            return new;
+        };
+        let streaming = first > 0 && self.extents.contains(&(first - 1));
+        if streaming {
+            let end = capacity.div_ceil(self.extent_bytes.max(1));
+            new.extend(
+                (last + 1..end)
+                    .take(LOOKAHEAD as usize)
+                    .filter(|e| !self.extents.contains(e)),
+            );
+        }
+        new
+    }
+
+    /// The listed extents as byte ranges `(start, len)` within a
+    /// `capacity`-byte volume, neighbours merged.
+    pub fn byte_runs(&self, capacity: u64) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &e in &self.extents {
+            let start = e.saturating_mul(self.extent_bytes);
+            if start >= capacity {
+                break;
+            }
+            let end = start.saturating_add(self.extent_bytes).min(capacity);
+            match runs.last_mut() {
+                Some((s, l)) if *s + *l == start => *l = end - *s,
+                _ => runs.push((start, end - start)),
+            }
+        }
+        runs
     }
 
     /// Marks every listed extent in `map`.
@@ -195,21 +245,18 @@ mod tests {
 
     #[test]
     fn extents_are_coarse_for_big_volumes_and_regions_for_small_ones() {
-        assert_eq!(MissedExtents::none_yet(128 << 20, 1).extent_bytes, 8 << 20);
-        assert_eq!(MissedExtents::none_yet(8 << 30, 1).extent_bytes, 8 << 20);
-        assert_eq!(MissedExtents::none_yet(9 << 30, 1).extent_bytes, 16 << 20);
-        assert_eq!(
-            MissedExtents::none_yet(100 << 30, 1).extent_bytes,
-            128 << 20
-        );
-        assert_eq!(MissedExtents::none_yet(0, 1).extent_bytes, 8 << 20);
-        let m = MissedExtents::none_yet(u64::MAX, 1);
+        assert_eq!(ExtentList::none_yet(128 << 20, 1).extent_bytes, 8 << 20);
+        assert_eq!(ExtentList::none_yet(8 << 30, 1).extent_bytes, 8 << 20);
+        assert_eq!(ExtentList::none_yet(9 << 30, 1).extent_bytes, 16 << 20);
+        assert_eq!(ExtentList::none_yet(100 << 30, 1).extent_bytes, 128 << 20);
+        assert_eq!(ExtentList::none_yet(0, 1).extent_bytes, 8 << 20);
+        let m = ExtentList::none_yet(u64::MAX, 1);
         assert!(m.extent_bytes.is_power_of_two());
     }
 
     #[test]
     fn a_write_lists_the_extents_it_touches_once() {
-        let mut m = MissedExtents::none_yet(64 << 20, 3);
+        let mut m = ExtentList::none_yet(64 << 20, 3);
         m.extent_bytes = 1 << 20;
         assert_eq!(m.unlisted(0, 0), Vec::<u64>::new());
         assert_eq!(m.unlisted((1 << 20) - 1, 2), vec![0, 1]);
@@ -220,9 +267,9 @@ mod tests {
         let mut map = DirtyMap::new(64 << 20, DEFAULT_REGION);
         m.mark_into(&mut map);
         assert_eq!(map.dirty_regions().collect::<Vec<_>>(), vec![0, 1]);
-        let coarse = MissedExtents {
+        let coarse = ExtentList {
             extents: [1].into(),
-            ..MissedExtents::none_yet(64 << 20, 3)
+            ..ExtentList::none_yet(64 << 20, 3)
         };
         let mut map = DirtyMap::new(64 << 20, DEFAULT_REGION);
         coarse.mark_into(&mut map);
@@ -234,7 +281,7 @@ mod tests {
 
     #[test]
     fn extents_are_unlisted_once_every_region_in_them_is_copied() {
-        let mut m = MissedExtents::everything(8 << 20, 1);
+        let mut m = ExtentList::everything(8 << 20, 1);
         m.extent_bytes = 2 << 20;
         m.extents = (0..4).collect();
         let mut map = DirtyMap::new(8 << 20, DEFAULT_REGION);
@@ -250,14 +297,51 @@ mod tests {
         assert!(m.unlist(&[0, 3]));
         assert!(!m.unlist(&[0]));
         assert_eq!(m.extents, [1, 2].into());
-        let all = MissedExtents::everything(100 << 20, 2);
+        let all = ExtentList::everything(100 << 20, 2);
         assert_eq!(all.extents.len(), 13, "100 MiB in 8 MiB extents");
         assert_eq!(all.through_epoch, 2);
     }
 
     #[test]
+    fn a_forward_stream_lists_ahead_and_a_random_write_only_itself() {
+        let e = MIN_EXTENT;
+        let mut log = ExtentList::none_yet(64 * e, 1);
+        assert_eq!(log.to_list(5 * e, 10, 64 * e), vec![5], "nothing before it");
+        log.list(&[5]);
+        assert_eq!(log.to_list(6 * e, 10, 64 * e), vec![6, 7, 8, 9]);
+        log.list(&[6, 7, 8, 9]);
+        assert_eq!(log.to_list(7 * e - 1, 2, 64 * e), Vec::<u64>::new());
+        log.unlist(&[8]);
+        assert_eq!(
+            log.to_list(8 * e, 10, 64 * e),
+            vec![8, 10, 11],
+            "9 is listed"
+        );
+        assert_eq!(log.to_list(10 * e, 10, 64 * e), vec![10, 11, 12, 13]);
+        assert_eq!(log.to_list(20 * e, 10, 64 * e), vec![20]);
+        log.list(&[62]);
+        assert_eq!(
+            log.to_list(63 * e, 10, 64 * e),
+            vec![63],
+            "none past the end"
+        );
+    }
+
+    #[test]
+    fn byte_runs_merge_neighbours_and_stop_at_the_capacity() {
+        let e = MIN_EXTENT;
+        let mut log = ExtentList::none_yet(10 * e, 1);
+        assert!(log.byte_runs(10 * e).is_empty());
+        log.list(&[0, 1, 3, 9, 12]);
+        assert_eq!(
+            log.byte_runs(9 * e + 5),
+            vec![(0, 2 * e), (3 * e, e), (9 * e, 5)]
+        );
+    }
+
+    #[test]
     fn only_an_unbroken_chain_of_claims_is_trusted() {
-        let m = MissedExtents::none_yet(1 << 30, 4);
+        let m = ExtentList::none_yet(1 << 30, 4);
         assert!(m.trusted_under(4), "the claim that faulted it");
         assert!(m.trusted_under(5), "the next claim");
         assert!(!m.trusted_under(6), "claim 5 kept no list");
@@ -279,7 +363,7 @@ mod tests {
             assert!(ranges::decode(bad).is_err(), "{bad:?}");
         }
         let json = r#"{"extent_bytes":1048576,"through_epoch":2,"extents":"0-99999999999"}"#;
-        assert!(serde_json::from_str::<MissedExtents>(json).is_err());
+        assert!(serde_json::from_str::<ExtentList>(json).is_err());
     }
 
     proptest! {
@@ -287,8 +371,8 @@ mod tests {
         fn ranges_round_trip(set in proptest::collection::btree_set(0u64..5000, 0..300)) {
             let text = ranges::encode(&set);
             prop_assert_eq!(ranges::decode(&text).unwrap(), set.clone());
-            let m = MissedExtents { extent_bytes: 1 << 20, through_epoch: 1, extents: set };
-            let back: MissedExtents = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+            let m = ExtentList { extent_bytes: 1 << 20, through_epoch: 1, extents: set };
+            let back: ExtentList = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
             prop_assert_eq!(back, m);
         }
 
@@ -297,18 +381,24 @@ mod tests {
             writes in proptest::collection::vec((0u64..(256 << 20), 1u64..(8 << 20)), 1..20),
         ) {
             let size = 256u64 << 20;
-            let mut m = MissedExtents::none_yet(size, 1);
+            let mut m = ExtentList::none_yet(size, 1);
             let mut fine = DirtyMap::new(size, DEFAULT_REGION);
             for (offset, len) in writes {
-                let new = m.unlisted(offset, len);
+                let new = m.to_list(offset, len, size);
+                prop_assert!(new.len() as u64 <= len.div_ceil(m.extent_bytes) + 1 + LOOKAHEAD);
                 m.list(&new);
                 fine.mark(offset, len);
                 prop_assert!(m.unlisted(offset, len).is_empty());
             }
             let mut coarse = DirtyMap::new(size, DEFAULT_REGION);
             m.mark_into(&mut coarse);
+            let mut runs = DirtyMap::new(size, DEFAULT_REGION);
+            for (start, len) in m.byte_runs(size) {
+                runs.mark(start, len);
+            }
             for r in fine.dirty_regions() {
                 prop_assert!(coarse.is_dirty(r), "region {} written but not listed", r);
+                prop_assert!(runs.is_dirty(r), "region {} listed but not in a run", r);
             }
         }
     }
