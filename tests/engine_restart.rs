@@ -391,11 +391,23 @@ async fn an_engine_killed_whole_mid_write_leaves_replicas_made_identical_by_the_
         csi.unpublish(&id, &target).await;
         csi.unstage(&id, &staging).await;
         csi.stage(&id, &staging, block_cap()).await;
-        let log = std::fs::read_to_string(run_dir.join("engine.log")).unwrap();
-        let line = log
-            .lines()
-            .rfind(|l| l.contains("replicas agree where writes were in flight"))
-            .unwrap_or_else(|| panic!("the next engine compared nothing:\n{log}"));
+        // The next engine serves at once and resynchronises in the
+        // background, reading those extents from one replica meanwhile.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let line = loop {
+            let log = std::fs::read_to_string(run_dir.join("engine.log")).unwrap_or_default();
+            if let Some(l) = log
+                .lines()
+                .rfind(|l| l.contains("replicas agree where writes were in flight"))
+            {
+                break l.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the next engine compared nothing:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         let bytes = line
             .split("rewritten=")
             .nth(1)

@@ -1041,16 +1041,15 @@ async fn a_node_that_dies_holding_a_volume_releases_it_when_its_lease_expires() 
     );
     common::write_synced(&target2.join("after.bin"), &data);
 
-    // n1 comes back: its replica catches up on what n2 wrote and on where
-    // n1's engine had writes in flight (its write log): it may hold writes
-    // never acknowledged there. The kubelet's unstage there leaves n2's
-    // claim alone.
+    // n1 comes back: its replica is rebuilt in full from the others (it may
+    // hold writes n1's engine never had acknowledged), and the kubelet's
+    // unstage there leaves n2's claim alone.
     cluster.nodes[0].restart();
     wait_replica_state(&client, &id, "n1", "healthy", Duration::from_secs(120)).await;
     let rebuilt = tv_replica_on(&client, &id, "n1").await;
-    println!(
-        "n1's replica caught up on {:?} bytes of 64 MiB after the takeover",
-        rebuilt.last_catch_up_bytes
+    assert!(
+        rebuilt.last_catch_up_bytes.unwrap_or(0) >= 64 << 20,
+        "a taken-over node's replica is rebuilt in full: {rebuilt:?}"
     );
     let mut n1 = common::csi_client::Csi::connect(&cluster.node_socket(1)).await;
     n1.unpublish(&id, &target1).await;

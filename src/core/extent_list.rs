@@ -135,6 +135,23 @@ impl ExtentList {
         new
     }
 
+    /// The same list in extents no more than `MAX_EXTENTS` to a volume of
+    /// `capacity` bytes (four times that for a volume grown since it was
+    /// made, before it is coarsened): a list that outgrew its record's
+    /// room after an expansion names the same bytes, or more.
+    pub fn coarsened(self, capacity: u64) -> ExtentList {
+        if capacity.div_ceil(self.extent_bytes.max(1)) <= 4 * MAX_EXTENTS {
+            return self;
+        }
+        let coarse = ExtentList::none_yet(capacity, self.through_epoch).extent_bytes;
+        let per = coarse / self.extent_bytes.max(1);
+        ExtentList {
+            extent_bytes: coarse,
+            through_epoch: self.through_epoch,
+            extents: self.extents.iter().map(|e| e / per.max(1)).collect(),
+        }
+    }
+
     /// The listed extents as byte ranges `(start, len)` within a
     /// `capacity`-byte volume, neighbours merged.
     pub fn byte_runs(&self, capacity: u64) -> Vec<(u64, u64)> {
@@ -337,6 +354,22 @@ mod tests {
             log.byte_runs(9 * e + 5),
             vec![(0, 2 * e), (3 * e, e), (9 * e, 5)]
         );
+    }
+
+    #[test]
+    fn a_list_of_a_volume_grown_far_is_coarsened_over_the_same_bytes() {
+        let mut log = ExtentList::none_yet(1 << 30, 1);
+        log.list(&[0, 3, 127]);
+        assert_eq!(log.clone().coarsened(1 << 30), log, "room enough");
+        let grown = 64u64 << 40;
+        let coarse = log.clone().coarsened(grown);
+        assert_eq!(coarse.extent_bytes, 64 << 30);
+        assert_eq!(coarse.extents, [0].into());
+        let mut fine = DirtyMap::new(1 << 30, DEFAULT_REGION);
+        log.mark_into(&mut fine);
+        let mut wide = DirtyMap::new(1 << 30, DEFAULT_REGION);
+        coarse.mark_into(&mut wide);
+        assert!(fine.dirty_regions().all(|r| wide.is_dirty(r)));
     }
 
     #[test]

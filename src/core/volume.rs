@@ -362,19 +362,13 @@ impl VolumeRecord {
             "node {} held the volume when its lease expired; taken over by {node}",
             dead.node
         );
-        // The dead holder's own writes in flight may have reached its
-        // replicas and no other; its write log says where, when its engine
-        // kept one. Without it they are copied in full.
-        let in_flight = self
-            .writing
-            .clone()
-            .filter(|log| log.trusted_under(dead.epoch));
         for i in on_dead {
+            // The dead holder's own writes in flight may have reached its
+            // replica and no other, and its engine may still hold the file
+            // open, writing it directly when it resumes: copied in full,
+            // into a new file (`FenceEmpty`), never trusted to match.
             if self.fault_replica(i, &reason) {
-                self.replicas[i].missed = in_flight.clone().map(|log| ExtentList {
-                    through_epoch: self.claims,
-                    ..log
-                });
+                self.replicas[i].missed = None;
             }
         }
         self.published.clear();
@@ -457,7 +451,8 @@ impl VolumeRecord {
             Some(log) if logging && log.trusted_under(epoch) => ExtentList {
                 through_epoch: if epoch == 0 { log.through_epoch } else { epoch },
                 ..log.clone()
-            },
+            }
+            .coarsened(self.capacity_bytes),
             Some(_) => ExtentList::everything(self.capacity_bytes, epoch),
             None => ExtentList::none_yet(self.capacity_bytes, epoch),
         };
@@ -466,16 +461,26 @@ impl VolumeRecord {
         changed
     }
 
-    /// Lists `extents` in the write log; whether any was new. A volume
-    /// without one gets one (its engine keeps it from now on).
-    pub fn log_writes(&mut self, extents: &[u64]) -> bool {
-        let (capacity, epoch) = (
-            self.capacity_bytes,
-            self.staged_on.as_ref().map_or(0, |s| s.epoch),
-        );
-        self.writing
-            .get_or_insert_with(|| ExtentList::none_yet(capacity, epoch))
-            .list(extents)
+    /// Lists `extents` (of `extent_bytes` each, the engine's) in the write
+    /// log; whether any was new. A record whose log went missing (rewritten
+    /// by an older version) gets one again in the engine's extents.
+    pub fn log_writes(&mut self, extent_bytes: u64, extents: &[u64]) -> bool {
+        let epoch = self.staged_on.as_ref().map_or(0, |s| s.epoch);
+        let log = self.writing.get_or_insert_with(|| ExtentList {
+            extent_bytes,
+            through_epoch: epoch,
+            extents: Default::default(),
+        });
+        if log.extent_bytes != extent_bytes {
+            // Not this engine's log (it resumed another); everything.
+            *log = ExtentList {
+                extent_bytes,
+                through_epoch: epoch,
+                extents: (0..self.capacity_bytes.div_ceil(extent_bytes.max(1))).collect(),
+            };
+            return true;
+        }
+        log.list(extents)
     }
 
     /// Unlists `extents` from the write log: no write is in flight there.
@@ -653,7 +658,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_takeover_copies_only_the_dead_holders_logged_writes_to_its_replicas() {
+    fn a_takeover_resumes_the_dead_holders_write_log_and_rebuilds_its_replicas() {
         let mut r = record(3);
         r.capacity_bytes = 64 << 20;
         for (i, n) in ["n1", "n2", "n3"].iter().enumerate() {
@@ -661,18 +666,13 @@ pub(crate) mod tests {
         }
         r.claim_staging("n1", "/s1");
         assert!(r.resume_write_log(r.staged_on.clone().as_ref()));
-        assert!(r.log_writes(&[2, 5]));
-        assert!(!r.log_writes(&[5]));
+        assert!(r.log_writes(crate::core::extent_list::MIN_EXTENT, &[2, 5]));
+        assert!(!r.log_writes(crate::core::extent_list::MIN_EXTENT, &[5]));
         let dead = r.staged_on.clone().unwrap();
         r.take_over(&dead, "n2", "/s2");
-        let missed = r.replicas[0]
-            .missed
-            .clone()
-            .expect("a list, not everything");
-        assert_eq!(missed.extents, [2, 5].into());
-        assert!(missed.trusted_under(2), "the taker keeps it");
-        // Its log resumes under the new claim, the extents still listed:
-        // the taker makes the others agree there before it serves.
+        assert!(r.replicas[0].missed.is_none(), "the dead holder's: in full");
+        // The log resumes under the new claim, its extents still listed:
+        // the taker makes the other replicas agree there before serving.
         let claim = r.staged_on.clone();
         assert!(r.resume_write_log(claim.as_ref()));
         let log = r.writing.clone().unwrap();
@@ -691,19 +691,13 @@ pub(crate) mod tests {
         r.capacity_bytes = 64 << 20;
         r.claim_staging("n1", "/s");
         r.resume_write_log(r.staged_on.clone().as_ref());
-        r.log_writes(&[1]);
+        r.log_writes(crate::core::extent_list::MIN_EXTENT, &[1]);
         // Claim 2 goes by with no engine to keep it.
         r.claim_staging("n2", "/s");
         r.claim_staging("n1", "/s");
         r.resume_write_log(r.staged_on.clone().as_ref());
         let log = r.writing.clone().unwrap();
         assert_eq!(log.extents.len(), 8, "64 MiB in 8 MiB extents, all listed");
-        // A dead holder whose log is that old: its replicas are copied whole.
-        let mut stale = r.clone();
-        stale.writing.as_mut().unwrap().through_epoch = 1;
-        let dead = stale.staged_on.clone().unwrap();
-        stale.take_over(&dead, "n2", "/s");
-        assert!(stale.replicas.iter().all(|x| x.missed.is_none()));
         // A claim by an older version: its engine kept no log.
         let mut old = record(2);
         old.claim_staging("n1", "/s");

@@ -72,10 +72,11 @@ fn repair_one(data_dir: &Path, node: &str, backing: &Backing, id: &str) -> Resul
         engine
             .fence_replicas()
             .map_err(|e| Error::io("cannot fence the volume's replicas", e))?;
-        // Catch-up copies from the healthy replicas: they must agree first.
+        // Catch-up copies from the healthy replicas: until they agree, it
+        // reads where writes were in flight from one of them only.
         engine
-            .resync_in_flight()
-            .map_err(|e| Error::io("cannot resynchronise where writes were in flight", e))?;
+            .start_resync()
+            .map_err(|e| Error::io("cannot take over the write log", e))?;
         let started = Instant::now();
         let want = store.get(id)?.map(|r| r.replicas.len()).unwrap_or(0);
         // Hold the claim only while repair gets somewhere: a replica that

@@ -368,10 +368,11 @@ fn serve(args: &Args, fd: RawFd, signals: SigSet) -> Result<()> {
         .fence_replicas()
         .map_err(|e| Error::io("cannot fence the volume's replicas", e))?;
     // After the fence, so no stale engine's write lands on what is made
-    // to agree; before serving, so no read sees either version.
+    // to agree; before serving, so reads of those extents keep to one
+    // replica until the maintenance rounds have resynchronised them.
     engine
-        .resync_in_flight()
-        .map_err(|e| Error::io("cannot resynchronise where writes were in flight", e))?;
+        .start_resync()
+        .map_err(|e| Error::io("cannot take over the write log", e))?;
     let export = FuseExport::serve(
         &args.mountpoint,
         session,

@@ -62,7 +62,8 @@ impl Engine {
                 }
                 slot.healthy.store(false, Ordering::SeqCst);
                 error!(volume_id = %self.volume_id, replica = index, %reason, "replica faulted");
-                Ok(())
+                // It may differ where the last engine had writes in flight.
+                self.mark_unsynced_missed()
             }
             Err(e) => {
                 error!(volume_id = %self.volume_id, replica = index, error = %e.report(), "cannot record replica fault");

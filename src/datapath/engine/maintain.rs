@@ -5,14 +5,16 @@
 use super::Engine;
 
 impl Engine {
-    /// Faults replicas that are gone, replaces those lost past their grace
-    /// period, lets reachable ones catch up, and unlists idle extents from
-    /// the write log. `none_healthy` runs as
+    /// Makes the healthy replicas agree where the last engine had writes in
+    /// flight, faults replicas that are gone, replaces those lost past their
+    /// grace period, lets reachable ones catch up, and unlists idle extents
+    /// from the write log. `none_healthy` runs as
     /// soon as the check leaves no healthy replica, before the slower
     /// replacing and copying. Returns whether more replicas are healthy
     /// than before the round.
     pub fn maintain(&self, none_healthy: impl FnOnce()) -> bool {
         let before = self.healthy_count();
+        self.resync_step();
         self.check_replicas();
         if self.healthy_count() == 0 {
             none_healthy();

@@ -108,6 +108,9 @@ pub struct Engine {
     read_check_at: AtomicU64,
     /// Writes in flight, and the write log (`in_flight`).
     in_flight: in_flight::InFlight,
+    /// Some extents' healthy replicas may disagree yet (`in_flight`): a
+    /// read checks which replica it must come from.
+    unsynced: AtomicBool,
 }
 
 /// Finds a new home for lost replica `index`: creates it (empty) on some
@@ -224,6 +227,7 @@ impl Engine {
             gate,
             read_check_at: AtomicU64::new(0),
             in_flight: in_flight::InFlight::new(write_log),
+            unsynced: AtomicBool::new(false),
         })
     }
 
@@ -288,15 +292,23 @@ impl Engine {
 
         let mut ok = 0usize;
         let mut first_error = None;
+        let mut unrecorded = None;
+        // Every answer before returning, even when a fault cannot be
+        // recorded: the write counts as in flight until none is pending.
         for (slot, result) in rx.iter().take(slots.len()) {
             match result {
                 Ok(()) => ok += 1,
                 Err(e) => {
                     warn!(volume_id = %self.volume_id, replica = slot.index, op = what, error = %e, "replica I/O failed");
-                    self.fault(&slot, &format!("{what} failed: {e}"))?;
+                    if let Err(f) = self.fault(&slot, &format!("{what} failed: {e}")) {
+                        unrecorded.get_or_insert(f);
+                    }
                     first_error.get_or_insert(e);
                 }
             }
+        }
+        if let Some(f) = unrecorded {
+            return Err(f);
         }
         if ok >= self.min_healthy {
             Ok(())
@@ -338,8 +350,9 @@ impl Engine {
             .map(|&i| self.stripes[i].read())
             .collect::<Result<_, _>>()
             .map_err(|_| io::Error::other("stripe lock poisoned"))?;
-        self.admit()?;
         let _writing = self.begin_write(offset, len)?;
+        // After any wait for overlapping writes, right before it goes out.
+        self.admit()?;
         // Write-ahead for replicas already faulted: should this node die
         // mid-write, the others may hold what the faulted ones lack, and
         // whoever catches them up must know where.
@@ -431,8 +444,13 @@ impl Engine {
     /// replica, so regions spread over the replicas while each replica's
     /// share stays in its disk's caches (which a per-request rotation
     /// would triple).
-    fn read_order(&self, offset: u64) -> Vec<Arc<Slot>> {
+    fn read_order(&self, offset: u64, len: u64) -> Vec<Arc<Slot>> {
         let mut slots = self.healthy_slots();
+        if let Some(source) = self.unsynced_source(offset, len) {
+            // The others may hold another version there until resynced.
+            slots.retain(|s| s.index == source);
+            return slots;
+        }
         let spin = (offset / READ_REGION) as usize;
         if !slots.is_empty() {
             let n = slots.len();
@@ -445,7 +463,7 @@ impl Engine {
     fn read_replicas(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check_range(offset, buf.len())?;
         let mut last = io::Error::from_raw_os_error(libc::EIO);
-        for slot in self.read_order(offset) {
+        for slot in self.read_order(offset, buf.len() as u64) {
             match self.read_from(&slot, buf, offset) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
@@ -498,6 +516,9 @@ impl BlockDevice for Engine {
         let started = Instant::now();
         let result = self.fan_out("flush", |io| io.flush());
         let ok = result.is_ok();
+        if ok {
+            self.note_flushed(started);
+        }
         self.stats
             .record(crate::core::metrics::Op::Flush, 0, started.elapsed(), ok);
         result
@@ -515,7 +536,7 @@ impl BlockDevice for Engine {
         if !len.is_multiple_of(ALIGN) || !offset.is_multiple_of(ALIGN as u64) {
             return None;
         }
-        let slot = self.read_order(offset).into_iter().next()?;
+        let slot = self.read_order(offset, len as u64).into_iter().next()?;
         let fd = slot.io.direct_fd()?;
         Some(Box::new(ReplicaRead {
             slot,

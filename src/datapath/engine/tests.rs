@@ -621,9 +621,14 @@ fn concurrent_overlapping_writes_leave_every_replica_the_same() {
         rebuild: RebuildPolicy::default(),
         claim: None,
         gate: None,
-        write_log: None,
+        write_log: Some(crate::core::extent_list::ExtentList {
+            extent_bytes: 16 << 10,
+            through_epoch: 0,
+            extents: Default::default(),
+        }),
     };
-    let engine = Arc::new(Engine::new("tv-test", SIZE as u64, replicas, store, opts).unwrap());
+    let engine =
+        Arc::new(Engine::new("tv-test", SIZE as u64, replicas, store.clone(), opts).unwrap());
     let writers: Vec<_> = (0..6u8)
         .map(|t| {
             let engine = engine.clone();
@@ -638,6 +643,12 @@ fn concurrent_overlapping_writes_leave_every_replica_the_same() {
     for w in writers {
         w.join().unwrap();
     }
+    let logged = store.get("tv-test").unwrap().unwrap().writing.unwrap();
+    assert!(
+        (0..3).all(|e| logged.extents.contains(&e)),
+        "every extent written is listed: {:?}",
+        logged.extents
+    );
     let first = mems[0].data.lock().unwrap().clone();
     for (i, m) in mems.iter().enumerate().skip(1) {
         assert!(*m.data.lock().unwrap() == first, "replica {i} differs");

@@ -618,7 +618,7 @@ mod tests {
         assert_eq!(round_trip(&r), r);
         assert!(r.resume_write_log(r.staged_on.clone().as_ref()));
         assert_eq!(round_trip(&r), r);
-        assert!(r.log_writes(&[0, 1, 2, 7]));
+        assert!(r.log_writes(crate::core::extent_list::MIN_EXTENT, &[0, 1, 2, 7]));
         assert_eq!(round_trip(&r), r);
         r.heal_replica(1, 4096);
         assert_eq!(round_trip(&r), r);
