@@ -9,6 +9,7 @@ use crate::core::error::{Error, Result};
 use crate::core::pool::Pool;
 use crate::core::pool::{PoolEntry, Pools, nfs_node};
 use crate::datapath::agent::transport::Transport;
+use crate::datapath::replica::agent_fenced::AgentFencedPool;
 use crate::datapath::replica::local::LocalPool;
 use crate::datapath::replica::nfs::NfsPool;
 use crate::datapath::replica::remote::{Client, RemotePool};
@@ -96,10 +97,19 @@ pub fn from_config(
             Some(client) if pool_node != node => {
                 Box::new(RemotePool::new(client.clone(), &pool.name))
             }
-            _ => Box::new(LocalPool::new(
-                &config.pool_path(data_dir, pool),
-                pool.capacity_bytes,
-            )?),
+            local => {
+                let pool_here =
+                    LocalPool::new(&config.pool_path(data_dir, pool), pool.capacity_bytes)?;
+                match local {
+                    // Other nodes write it through this node's agent: a
+                    // fence must reach the agent too.
+                    Some(client) => Box::new(AgentFencedPool::new(
+                        pool_here,
+                        RemotePool::new(client.clone(), &pool.name),
+                    )),
+                    None => Box::new(pool_here),
+                }
+            }
         };
         entries.insert(
             pool.name.clone(),

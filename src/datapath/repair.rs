@@ -69,14 +69,14 @@ fn repair_one(data_dir: &Path, node: &str, backing: &Backing, id: &str) -> Resul
         let engine = assemble(data_dir, node, id, IO_THREADS, &config, backing, None)?;
         // Under the repair claim, which is newer than whoever wrote the
         // replicas last: NFS replicas refuse even reads until fenced for it.
-        engine
-            .fence_replicas()
-            .map_err(|e| Error::io("cannot fence the volume's replicas", e))?;
         // Catch-up copies from the healthy replicas: until they agree, it
         // reads where writes were in flight from one of them only.
         engine
             .start_resync()
             .map_err(|e| Error::io("cannot take over the write log", e))?;
+        engine
+            .fence_replicas()
+            .map_err(|e| Error::io("cannot fence the volume's replicas", e))?;
         let started = Instant::now();
         let want = store.get(id)?.map(|r| r.replicas.len()).unwrap_or(0);
         // Hold the claim only while repair gets somewhere: a replica that

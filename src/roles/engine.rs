@@ -364,15 +364,16 @@ fn serve(args: &Args, fd: RawFd, signals: SigSet) -> Result<()> {
     if let Err(e) = confirm() {
         warn!(volume_id, error = %e.report(), "cannot confirm this node's lease yet; writes wait for it");
     }
-    engine
-        .fence_replicas()
-        .map_err(|e| Error::io("cannot fence the volume's replicas", e))?;
-    // After the fence, so no stale engine's write lands on what is made
-    // to agree; before serving, so reads of those extents keep to one
-    // replica until the maintenance rounds have resynchronised them.
+    // Before the fences (a replica that fails one is faulted, and must
+    // then count what is not agreed on yet as missed) and before serving:
+    // reads of those extents keep to one replica until the maintenance
+    // rounds, after the fences, have resynchronised them.
     engine
         .start_resync()
         .map_err(|e| Error::io("cannot take over the write log", e))?;
+    engine
+        .fence_replicas()
+        .map_err(|e| Error::io("cannot fence the volume's replicas", e))?;
     let export = FuseExport::serve(
         &args.mountpoint,
         session,

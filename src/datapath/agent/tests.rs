@@ -916,3 +916,47 @@ fn a_client_refuses_an_agent_whose_certificate_is_another_nodes() {
     assert!(err.contains("not valid for name"), "{err}");
     assert!(!dir.path().join(r(0)).exists());
 }
+
+/// The node that took a volume over writes its own replica as a local
+/// file; a stale engine elsewhere writes it through this node's agent. A
+/// local file's fence stops nobody: the fence must reach the agent.
+#[test]
+fn a_takers_own_replica_is_fenced_through_its_agent_against_a_stale_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start_agent(dir.path());
+    let stale_client = client(addr, TOKEN);
+    stale_client.act_under_claim(1);
+    let stale = RemotePool::new(stale_client, "p");
+    stale.create(&r(0), 1 << 20).unwrap();
+    let stale_io = stale.open(&r(0)).unwrap();
+    stale_io.write_at(&[1u8; 4096], 0).unwrap();
+    // A local file's own fence: the stale engine still writes.
+    let local = LocalPool::new(dir.path(), None).unwrap();
+    local.open(&r(0)).unwrap().fence().unwrap();
+    stale_io.write_at(&[2u8; 4096], 0).unwrap();
+    // Fenced through the agent under the taker's claim: refused.
+    let taker_client = client(addr, TOKEN);
+    let taker = crate::datapath::replica::agent_fenced::AgentFencedPool::new(
+        LocalPool::new(dir.path(), None).unwrap(),
+        RemotePool::new(taker_client, "p"),
+    );
+    taker.act_under_claim(2);
+    let io = taker.open(&r(0)).unwrap();
+    assert!(io.direct_fd().is_some(), "still the local file");
+    io.fence().unwrap();
+    let err = stale_io.write_at(&[3u8; 4096], 0).unwrap_err();
+    assert!(err.to_string().contains("before its fence"), "{err}");
+    // Nor on a connection of its own made afresh.
+    let again = client(addr, TOKEN);
+    again.act_under_claim(1);
+    let err = RemotePool::new(again, "p")
+        .open(&r(0))
+        .unwrap()
+        .write_at(&[3u8; 4096], 0)
+        .unwrap_err();
+    assert!(err.to_string().contains("claim 2 fenced it"), "{err}");
+    io.write_at(&[4u8; 4096], 0).unwrap();
+    let mut back = [0u8; 4096];
+    io.read_at(&mut back, 0).unwrap();
+    assert_eq!(back, [4u8; 4096]);
+}

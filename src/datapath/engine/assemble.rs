@@ -219,16 +219,31 @@ pub fn assemble(
             }),
             Err(e) => {
                 // Nothing has been written through this engine yet, so
-                // recording the fault now is in time, and it has missed
-                // nothing so far.
+                // recording the fault now is in time.
                 warn!(volume_id, replica = index, error = %e.report(), "replica cannot be opened");
+                // Only where the last engine may have had writes in flight
+                // (its write log) can it differ from the others.
+                let in_flight = record
+                    .writing
+                    .as_ref()
+                    .map(|log| log.byte_runs(record.capacity_bytes))
+                    .unwrap_or_default();
                 let reason = format!("cannot open at engine start: {}", e.report());
-                let faulted =
-                    store.update(volume_id, &mut |r| Ok(r.fault_replica(index, &reason)))?;
+                let faulted = store.update(volume_id, &mut |r| {
+                    let mut changed = r.fault_replica(index, &reason);
+                    for &(start, len) in &in_flight {
+                        changed |= r.list_missed(index, start, len);
+                    }
+                    Ok(changed)
+                })?;
+                let mut map = DirtyMap::new(record.capacity_bytes, DEFAULT_REGION);
+                for &(start, len) in &in_flight {
+                    map.mark(start, len);
+                }
                 replicas.push(EngineReplica {
                     index,
                     io: reopening(&pools, volume_id, index, &replica.pool),
-                    missed: Some(DirtyMap::new(record.capacity_bytes, DEFAULT_REGION)),
+                    missed: Some(map),
                     faulted_since: None,
                     listed: faulted.and_then(|r| r.missed_of(index)),
                 });
@@ -510,9 +525,9 @@ mod tests {
         assert!(logged(&c).is_empty());
     }
 
-    /// A replica faulted before the next engine starts (its node away)
-    /// may have missed a write in flight too: it counts the log's extents
-    /// as missed, though its record's list was empty.
+    /// A replica that cannot be opened when the next engine starts may
+    /// have missed a write in flight: it counts the log's extents as
+    /// missed, and catches up on just those once it is back.
     #[test]
     fn a_replica_away_when_the_next_engine_starts_misses_the_logged_extents() {
         let c = cluster();
@@ -520,14 +535,48 @@ mod tests {
         write(&a, 5 * MIB, 1);
         write(&a, 40 * MIB, 2);
         drop(a);
-        c.away(2);
+        let file = c.pool_dirs[2].join(replica_file_name(&c.id, 2));
+        let aside = file.with_extension("aside");
+        std::fs::rename(&file, &aside).unwrap();
         let b = c.stage_on(1);
-        b.start_resync().unwrap();
         let r = c.backing.store.get(&c.id).unwrap().unwrap();
+        assert!(!r.replicas[2].is_healthy());
         let missed = r.replicas[2].missed.clone().unwrap().extents;
         assert_eq!(missed, [0, 5].into());
+        std::fs::rename(&aside, &file).unwrap();
         assert_eq!(b.catch_up(), 2 * crate::core::extent_list::MIN_EXTENT);
         assert!(c.replica(2) == c.replica(0));
+    }
+
+    /// Replicas faulted while extents are not agreed on yet count those as
+    /// missed; when the replica reads came from faults, another takes over.
+    #[test]
+    fn a_replica_faulted_before_the_resync_misses_what_is_not_agreed_on() {
+        let c = cluster();
+        let a = c.stage_on(0);
+        write(&a, 5 * MIB, 1);
+        drop(a);
+        land_on(&c, 1, 5 * MIB, 0xee);
+        let b = c.stage_on(1);
+        b.start_resync().unwrap();
+        let source = b.unsynced_source(5 * MIB, 4096).unwrap();
+        let slot = b.slots().into_iter().find(|s| s.index == source).unwrap();
+        b.fault(&slot, "test").unwrap();
+        let r = c.backing.store.get(&c.id).unwrap().unwrap();
+        assert_eq!(
+            r.replicas[source].missed.clone().unwrap().extents,
+            [0].into()
+        );
+        let next = b.unsynced_source(5 * MIB, 4096).unwrap();
+        assert_ne!(next, source);
+        let mut block = crate::datapath::replica::aligned::AlignedBuf::zeroed(4096);
+        b.read_at(block.as_mut_slice(), 5 * MIB).unwrap();
+        assert_eq!(
+            b.resync_step().compared,
+            crate::core::extent_list::MIN_EXTENT
+        );
+        assert_eq!(b.catch_up(), crate::core::extent_list::MIN_EXTENT);
+        assert!(c.replica(0) == c.replica(1) && c.replica(1) == c.replica(2));
     }
 
     /// The node holding the volume dies mid-write; another takes it over.

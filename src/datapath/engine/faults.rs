@@ -41,29 +41,41 @@ impl Engine {
             return Ok(());
         }
         let index = slot.index;
+        // Where the healthy replicas may still disagree (`in_flight`): this
+        // one has missed that too, recorded with the fault itself.
+        let unsynced = self.unsynced_runs();
         let persisted = self.store.update(&self.volume_id, &mut |r| {
             self.still_claimed(r)?;
-            Ok(r.fault_replica(index, reason))
+            let mut changed = r.fault_replica(index, reason);
+            for &(start, len) in &unsynced {
+                changed |= r.list_missed(index, start, len);
+            }
+            Ok(changed)
         });
         match persisted {
             Ok(record) => {
                 // The map and the list exist before any write skips this
                 // replica, so every skipped write is marked in both.
                 let mut dirty = self.lock_dirty()?;
-                if let Entry::Vacant(e) = dirty.entry(index) {
-                    let map = DirtyMap::new(self.size(), DEFAULT_REGION);
-                    self.persist_map(index, &map)?;
-                    e.insert(map);
+                let map = match dirty.entry(index) {
+                    Entry::Vacant(e) => e.insert(DirtyMap::new(self.size(), DEFAULT_REGION)),
+                    Entry::Occupied(e) => e.into_mut(),
+                };
+                for &(start, len) in &unsynced {
+                    map.mark(start, len);
                 }
+                self.persist_map(index, map)?;
                 drop(dirty);
                 self.keep_listing(index, record.and_then(|r| r.missed_of(index)))?;
                 if let Ok(mut since) = self.faulted_since.lock() {
                     since.entry(index).or_insert_with(Instant::now);
                 }
+                // Reads the healthy ones may disagree on came from it: from
+                // now on they come from another (a version as good).
+                self.unsynced_source_lost(index);
                 slot.healthy.store(false, Ordering::SeqCst);
                 error!(volume_id = %self.volume_id, replica = index, %reason, "replica faulted");
-                // It may differ where the last engine had writes in flight.
-                self.mark_unsynced_missed()
+                Ok(())
             }
             Err(e) => {
                 error!(volume_id = %self.volume_id, replica = index, error = %e.report(), "cannot record replica fault");

@@ -60,6 +60,8 @@ struct State {
 struct Unsynced {
     source: usize,
     extents: std::collections::BTreeSet<u64>,
+    /// How far into the first of `extents` the replicas agree.
+    done_to: Option<u64>,
 }
 
 impl InFlight {
@@ -284,54 +286,62 @@ impl Engine {
         }
     }
 
-    /// Takes over what the write log lists, before serving: faulted
-    /// replicas count those extents as missed (writes in flight may have
-    /// reached the others there), and with two healthy replicas or more,
-    /// reads of them go to one replica only until `resync_step` has made
-    /// the others agree.
+    /// Takes over what the write log lists, before serving (and before
+    /// the fences, which may fault a replica): with two healthy replicas
+    /// or more, reads of the listed extents go to one of them only until
+    /// `resync_step` has made the others agree. Replicas already faulted
+    /// are not concerned: the engine that faulted them listed what they
+    /// missed before writing it.
     pub fn start_resync(&self) -> io::Result<()> {
-        let runs = {
-            let mut state = self.in_flight.lock()?;
-            let Some(log) = state.log.clone() else {
-                return Ok(());
-            };
-            if log.extents.is_empty() {
-                return Ok(());
-            }
-            let mut healthy = self.healthy_slots();
-            if healthy.len() >= 2 {
-                // A local file reads fastest.
-                healthy.sort_by_key(|s| s.io.direct_fd().is_none());
-                state.unsynced = Some(Unsynced {
-                    source: healthy[0].index,
-                    extents: log.extents.clone(),
-                });
-                self.unsynced.store(true, Ordering::SeqCst);
-            }
-            log.byte_runs(self.size.load(Ordering::SeqCst))
+        let mut state = self.in_flight.lock()?;
+        let Some(log) = state.log.clone() else {
+            return Ok(());
         };
-        if self.faulted_count() > 0 {
-            for (start, len) in runs {
-                self.mark_missed(start, len)?;
-            }
+        let mut healthy = self.healthy_slots();
+        if log.extents.is_empty() || healthy.len() < 2 {
+            return Ok(());
         }
+        // A local file reads fastest.
+        healthy.sort_by_key(|s| s.io.direct_fd().is_none());
+        state.unsynced = Some(Unsynced {
+            source: healthy[0].index,
+            extents: log.extents.clone(),
+            done_to: None,
+        });
+        self.unsynced.store(true, Ordering::SeqCst);
         Ok(())
     }
 
-    /// After replica faults while extents are not agreed on yet: the
-    /// faulted ones have missed those extents.
-    pub(super) fn mark_unsynced_missed(&self) -> io::Result<()> {
+    /// Where the healthy replicas may disagree yet, as byte ranges.
+    pub(super) fn unsynced_runs(&self) -> Vec<(u64, u64)> {
         if !self.unsynced.load(Ordering::SeqCst) {
-            return Ok(());
+            return Vec::new();
         }
-        let runs = self
+        self.in_flight
+            .lock()
+            .map(|s| s.unsynced_runs(self.size.load(Ordering::SeqCst)))
+            .unwrap_or_default()
+    }
+
+    /// Replica `index` is about to stop serving: if reads of extents not
+    /// agreed on yet came from it, they come from another healthy replica
+    /// from now on; with none left to disagree, the resync is over.
+    pub(super) fn unsynced_source_lost(&self, index: usize) {
+        if !self.unsynced.load(Ordering::SeqCst) {
+            return;
+        }
+        let is_source = self
             .in_flight
-            .lock()?
-            .unsynced_runs(self.size.load(Ordering::SeqCst));
-        for (start, len) in runs {
-            self.mark_missed(start, len)?;
+            .lock()
+            .is_ok_and(|s| s.unsynced.as_ref().is_some_and(|u| u.source == index));
+        let others = self
+            .healthy_slots()
+            .into_iter()
+            .filter(|s| s.index != index)
+            .count();
+        if is_source || others < 2 {
+            self.new_resync_source(Some(index));
         }
-        Ok(())
     }
 
     /// The replica a read of `[offset, offset+len)` must come from while
@@ -357,35 +367,46 @@ impl Engine {
     /// Returns what this step did.
     pub fn resync_step(&self) -> Resync {
         let mut done = Resync::default();
-        if !self.unsynced.load(Ordering::SeqCst) {
-            return done;
-        }
         let started = Instant::now();
-        while started.elapsed() < RESYNC_STEP {
+        while self.unsynced.load(Ordering::SeqCst) && started.elapsed() < RESYNC_STEP {
+            let size = self.size.load(Ordering::SeqCst);
             let next = match self.in_flight.lock() {
                 Ok(state) => match (&state.log, &state.unsynced) {
-                    (Some(log), Some(u)) => {
-                        u.extents.first().map(|&e| (e, u.source, log.extent_bytes))
-                    }
+                    (Some(log), Some(u)) => u.extents.first().map(|&e| {
+                        let start = e.saturating_mul(log.extent_bytes).min(size);
+                        let end = start.saturating_add(log.extent_bytes).min(size);
+                        (e, u.done_to.unwrap_or(start).max(start), end, u.source)
+                    }),
                     _ => None,
                 },
                 Err(_) => return done,
             };
-            let Some((extent, source, extent_bytes)) = next else {
+            let Some((extent, at, end, source)) = next else {
                 self.finish_resync();
                 break;
             };
-            match self.resync_extent(extent, extent_bytes, source, &mut done) {
-                Ok(true) => {
+            let step = if at < end {
+                let n = RESYNC_CHUNK.min(end - at);
+                self.resync_region(source, at, n, &mut done)
+                    .map(|ok| ok.then_some(at + n))
+            } else {
+                self.flush_agreed().map(|()| Some(end))
+            };
+            match step {
+                Ok(Some(to)) => {
                     if let Ok(mut state) = self.in_flight.lock()
                         && let Some(u) = state.unsynced.as_mut()
                     {
-                        u.extents.remove(&extent);
+                        if at >= end {
+                            u.extents.remove(&extent);
+                            u.done_to = None;
+                        } else {
+                            u.done_to = Some(to);
+                        }
                     }
                 }
-                // The source failed (and is faulted): another one, from
-                // the start, or nothing left to compare.
-                Ok(false) => self.new_resync_source(),
+                // The source failed (and is faulted, another chosen).
+                Ok(None) => {}
                 Err(e) => {
                     warn!(volume_id = %self.volume_id, error = %e, "resync interrupted; will retry");
                     break;
@@ -398,6 +419,35 @@ impl Engine {
         done
     }
 
+    /// Agreed only once durable on each of them.
+    fn flush_agreed(&self) -> io::Result<()> {
+        for slot in self.healthy_slots() {
+            if let Err(e) = slot.io.flush() {
+                self.fault(&slot, &format!("flush failed during resync: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `Ok(false)`: the source failed (and is faulted).
+    fn resync_region(&self, source: usize, at: u64, n: u64, done: &mut Resync) -> io::Result<bool> {
+        let healthy = self.healthy_slots();
+        let Some(src) = healthy.iter().find(|s| s.index == source).cloned() else {
+            return Ok(false);
+        };
+        let targets: Vec<Arc<Slot>> = healthy.into_iter().filter(|s| s.index != source).collect();
+        // Writes to this region wait; one after this copy reaches every
+        // replica anyway.
+        let _stripe = self.stripes[((at / RESYNC_CHUNK) % super::STRIPES as u64) as usize]
+            .write()
+            .map_err(|_| io::Error::other("stripe lock poisoned"))?;
+        let ok = self.resync_chunk(&src, &targets, at, n, done)?;
+        if ok {
+            done.compared += n;
+        }
+        Ok(ok)
+    }
+
     fn finish_resync(&self) {
         if let Ok(mut state) = self.in_flight.lock() {
             state.unsynced = None;
@@ -405,8 +455,14 @@ impl Engine {
         self.unsynced.store(false, Ordering::SeqCst);
     }
 
-    fn new_resync_source(&self) {
-        let mut healthy = self.healthy_slots();
+    /// Picks the replica reads of what is not agreed on come from, among
+    /// the healthy ones but `except`.
+    fn new_resync_source(&self, except: Option<usize>) {
+        let mut healthy: Vec<Arc<Slot>> = self
+            .healthy_slots()
+            .into_iter()
+            .filter(|s| Some(s.index) != except)
+            .collect();
         if healthy.len() < 2 {
             // Nothing left to disagree with; the faulted ones were marked.
             self.finish_resync();
@@ -418,52 +474,6 @@ impl Engine {
         {
             u.source = healthy[0].index;
         }
-    }
-
-    fn faulted_count(&self) -> usize {
-        self.slots().len() - self.healthy_count()
-    }
-
-    /// `Ok(false)`: the source failed (and is faulted).
-    fn resync_extent(
-        &self,
-        extent: u64,
-        extent_bytes: u64,
-        source: usize,
-        done: &mut Resync,
-    ) -> io::Result<bool> {
-        let size = self.size.load(Ordering::SeqCst);
-        let start = extent.saturating_mul(extent_bytes).min(size);
-        let end = start.saturating_add(extent_bytes).min(size);
-        let mut at = start;
-        while at < end {
-            let n = RESYNC_CHUNK.min(end - at);
-            let healthy = self.healthy_slots();
-            let Some(src) = healthy.iter().find(|s| s.index == source).cloned() else {
-                return Ok(false);
-            };
-            let targets: Vec<Arc<Slot>> =
-                healthy.into_iter().filter(|s| s.index != source).collect();
-            {
-                // Writes to this region wait; a write after this copy
-                // reaches every replica anyway.
-                let _stripe = self.stripes[((at / RESYNC_CHUNK) % super::STRIPES as u64) as usize]
-                    .write()
-                    .map_err(|_| io::Error::other("stripe lock poisoned"))?;
-                if !self.resync_chunk(&src, &targets, at, n, done)? {
-                    return Ok(false);
-                }
-            }
-            done.compared += n;
-            at += n;
-        }
-        // Agreed only once durable on each of them.
-        for slot in self.healthy_slots() {
-            if let Err(e) = slot.io.flush() {
-                self.fault(&slot, &format!("flush failed during resync: {e}"))?;
-            }
-        }
-        Ok(self.healthy_slots().iter().any(|s| s.index == source))
     }
 
     /// `Ok(false)`: the source failed (and is faulted).

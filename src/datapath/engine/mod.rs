@@ -463,15 +463,21 @@ impl Engine {
     fn read_replicas(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check_range(offset, buf.len())?;
         let mut last = io::Error::from_raw_os_error(libc::EIO);
-        for slot in self.read_order(offset, buf.len() as u64) {
+        let mut order = self.read_order(offset, buf.len() as u64);
+        let mut failed = Vec::new();
+        while let Some(slot) = order.first().cloned() {
             match self.read_from(&slot, buf, offset) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     warn!(volume_id = %self.volume_id, replica = slot.index, error = %e, "replica read failed");
                     self.fault(&slot, &format!("read failed: {e}"))?;
+                    failed.push(slot.index);
                     last = e;
                 }
             }
+            // Asked again: a fault may have moved where this read must go.
+            order = self.read_order(offset, buf.len() as u64);
+            order.retain(|s| !failed.contains(&s.index));
         }
         Err(last)
     }

@@ -11,6 +11,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::core::pool::{PoolEntry, Pools};
 use crate::datapath::agent::transport::Transport;
+use crate::datapath::replica::agent_fenced::AgentFencedPool;
 use crate::datapath::replica::nfs::NfsPool;
 use crate::datapath::replica::remote::{Client, RemotePool};
 use crate::edge::kube::crd::{NfsPoolSpec, StoragePool};
@@ -166,13 +167,16 @@ impl PoolDirectory {
                 let addr: SocketAddr = status.agent.as_deref()?.parse().ok()?;
                 let backend: Box<dyn crate::core::pool::Pool> =
                     if self.local_node.as_deref() == Some(p.spec.node.as_str()) {
-                        Box::new(
+                        // Written here as local files; fenced through this
+                        // node's agent, which other nodes write it through.
+                        Box::new(AgentFencedPool::new(
                             crate::datapath::replica::local::LocalPool::new(
                                 std::path::Path::new(&p.spec.path),
                                 p.spec.capacity_bytes,
                             )
                             .ok()?,
-                        )
+                            RemotePool::new(self.client(addr, &p.spec.node), &name),
+                        ))
                     } else {
                         Box::new(RemotePool::new(self.client(addr, &p.spec.node), &name))
                     };
