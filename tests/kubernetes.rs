@@ -986,6 +986,15 @@ async fn a_node_that_dies_holding_a_volume_releases_it_when_its_lease_expires() 
     let status = terna_volume(&client, &id).await.status.unwrap();
     let claim = status.staged_on.unwrap();
     assert_eq!((claim.node.as_str(), claim.epoch), ("n2", 2));
+    // n2 held n1's lapsed Lease off before claiming: a renewal of n1's
+    // slipping in would otherwise let its engine write on after this.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "default");
+    let n1_lease = leases.get("terna-node-n1").await.unwrap();
+    assert_eq!(
+        n1_lease.spec.unwrap().holder_identity.as_deref(),
+        Some("n2 (taking over)")
+    );
     let on_n1 = tv_replica_on(&client, &id, "n1").await;
     assert_eq!(
         on_n1.state, "faulted",

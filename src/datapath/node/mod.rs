@@ -49,8 +49,10 @@ pub struct NodeCore {
 /// that died holding a volume.
 pub trait NodeLiveness: Send + Sync {
     /// True once `node` has stopped renewing its lease for longer than the
-    /// lease lasts.
-    fn expired(&self, node: &str) -> Result<bool>;
+    /// lease lasts, and this node now holds that lease off for a while (so
+    /// a late renewal of `node`'s cannot open its engines' write gates
+    /// before its claims are taken over).
+    fn hold_off_if_expired(&self, node: &str) -> Result<bool>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,7 +99,7 @@ impl NodeCore {
 
     fn holder_expired(&self, node: &str) -> Result<bool> {
         match &self.liveness {
-            Some(l) if node != self.node_id => l.expired(node),
+            Some(l) if node != self.node_id => l.hold_off_if_expired(node),
             _ => Ok(false),
         }
     }
