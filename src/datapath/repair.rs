@@ -60,10 +60,12 @@ fn repair_one(data_dir: &Path, node: &str, backing: &Backing, id: &str) -> Resul
         r.claim_repair(node);
         Ok(true)
     })?;
-    let ours = claimed.is_some_and(|r| r.staged_on.as_ref().is_some_and(|s| s.is_repair()));
-    if !ours {
+    let Some(ours) = claimed
+        .and_then(|r| r.staged_on)
+        .filter(|s| s.is_repair() && s.node == node)
+    else {
         return Ok(());
-    }
+    };
     let result = (|| -> Result<()> {
         let config = crate::datapath::host::config_file::load_or_init(data_dir)?;
         let engine = assemble(data_dir, node, id, IO_THREADS, &config, backing, None)?;
@@ -93,8 +95,10 @@ fn repair_one(data_dir: &Path, node: &str, backing: &Backing, id: &str) -> Resul
         }
         Ok(())
     })();
+    // Only this pass's own claim: another node's repair may have claimed
+    // the volume since, and its engine must keep acting under it.
     store.update(id, &mut |r| {
-        if r.staged_on.as_ref().is_some_and(|s| s.is_repair()) {
+        if r.staged_on.as_ref() == Some(&ours) {
             r.staged_on = None;
             Ok(true)
         } else {
