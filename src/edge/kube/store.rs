@@ -39,6 +39,16 @@ use crate::edge::kube::crd::{
 /// Conflicting writers retry this many times before giving up.
 const CONFLICT_RETRIES: usize = 20;
 
+/// Up to 2^attempt ms (at most 64), picked from the clock's nanoseconds.
+fn conflict_backoff(attempt: usize) -> Duration {
+    let most = 1u64 << attempt.min(6);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::from(d.subsec_nanos()))
+        .unwrap_or(0);
+    Duration::from_micros(nanos % (most * 1000) + 100)
+}
+
 pub struct KubeStore {
     api: Api<TernaVolume>,
     handle: tokio::runtime::Handle,
@@ -344,7 +354,7 @@ impl StateStore for KubeStore {
         id: &str,
         change: &mut dyn FnMut(&mut VolumeRecord) -> Result<bool>,
     ) -> Result<Option<VolumeRecord>> {
-        for _ in 0..CONFLICT_RETRIES {
+        for attempt in 0..CONFLICT_RETRIES {
             let Some(obj) = self.fetch(id)? else {
                 return Ok(None);
             };
@@ -354,7 +364,12 @@ impl StateStore for KubeStore {
             }
             match self.write(Some(obj), &record) {
                 Ok(()) => return Ok(Some(record)),
-                Err(e) if e.kind == ErrorKind::Aborted => continue,
+                // Writers that collided back off by different amounts, so
+                // they stop colliding rather than lose to each other in
+                // lockstep until the retries run out.
+                Err(e) if e.kind == ErrorKind::Aborted => {
+                    std::thread::sleep(conflict_backoff(attempt))
+                }
                 Err(e) => return Err(e),
             }
         }
