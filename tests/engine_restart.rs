@@ -32,6 +32,24 @@ fn pattern(seed: u64) -> Vec<u8> {
     common::content(seed, BLOCK)
 }
 
+/// A 3-replica block volume `name`, created and staged; with its staging
+/// path and where to publish it.
+async fn staged(
+    csi: &mut Csi,
+    terna: &common::Standalone,
+    name: &str,
+) -> (String, PathBuf, PathBuf) {
+    let id = csi
+        .create(name, VOLUME as i64, &[("replicas", "3")], block_cap())
+        .await
+        .unwrap()
+        .volume_id;
+    let staging = terna.dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    csi.stage(&id, &staging, block_cap()).await;
+    (id, staging, terna.dir.path().join("dev"))
+}
+
 fn pid_in(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -99,20 +117,7 @@ async fn engine_killed_under_io_loses_no_write_and_fails_none() {
     }
     let terna = common::Standalone::start();
     let mut csi = Csi::connect(&terna.socket).await;
-    let id = csi
-        .create(
-            "restarted",
-            VOLUME as i64,
-            &[("replicas", "3")],
-            block_cap(),
-        )
-        .await
-        .unwrap()
-        .volume_id;
-    let staging = terna.dir.path().join("staging");
-    std::fs::create_dir_all(&staging).unwrap();
-    let target = terna.dir.path().join("dev");
-    csi.stage(&id, &staging, block_cap()).await;
+    let (id, staging, target) = staged(&mut csi, &terna, "restarted").await;
     csi.publish(&id, &staging, &target, block_cap()).await;
 
     let run_dir: PathBuf = terna.data_dir.join("run").join(&id);
@@ -284,20 +289,7 @@ async fn overlapping_writes_across_worker_kills_leave_every_replica_identical() 
     }
     let terna = common::Standalone::start();
     let mut csi = Csi::connect(&terna.socket).await;
-    let id = csi
-        .create(
-            "overlapped",
-            VOLUME as i64,
-            &[("replicas", "3")],
-            block_cap(),
-        )
-        .await
-        .unwrap()
-        .volume_id;
-    let staging = terna.dir.path().join("staging");
-    std::fs::create_dir_all(&staging).unwrap();
-    let target = terna.dir.path().join("dev");
-    csi.stage(&id, &staging, block_cap()).await;
+    let (id, staging, target) = staged(&mut csi, &terna, "overlapped").await;
     csi.publish(&id, &staging, &target, block_cap()).await;
     let worker_file = terna
         .data_dir
@@ -347,20 +339,7 @@ async fn an_engine_killed_whole_mid_write_leaves_replicas_made_identical_by_the_
     }
     let terna = common::Standalone::start();
     let mut csi = Csi::connect(&terna.socket).await;
-    let id = csi
-        .create(
-            "killed-whole",
-            VOLUME as i64,
-            &[("replicas", "3")],
-            block_cap(),
-        )
-        .await
-        .unwrap()
-        .volume_id;
-    let staging = terna.dir.path().join("staging");
-    std::fs::create_dir_all(&staging).unwrap();
-    let target = terna.dir.path().join("dev");
-    csi.stage(&id, &staging, block_cap()).await;
+    let (id, staging, target) = staged(&mut csi, &terna, "killed-whole").await;
     let run_dir = terna.data_dir.join("run").join(&id);
     // A kill leaves replicas different only when it lands between one
     // replica's write and another's: kill until that has happened twice.
